@@ -1,0 +1,28 @@
+"""leanopt: PyTorch optimizers that make LLM training cheaper.
+
+Each optimizer is a functional core over lists of tensors plus a thin
+``torch.optim.Optimizer`` subclass; all are built through one registry::
+
+    import leanopt
+    opt = leanopt.create_optimizer("adam-mini", model, lr=3e-4, weight_decay=0.1)
+"""
+
+from .adam_mini import AdamMini, adam_mini
+from .partition import PartitionRow, PartitionWarning
+from .registry import OptimizerInfo, create_optimizer, list_optimizers, optimizer_info
+from .sgd_sai import SGDSaI, sgd_sai
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamMini",
+    "SGDSaI",
+    "adam_mini",
+    "sgd_sai",
+    "create_optimizer",
+    "list_optimizers",
+    "optimizer_info",
+    "OptimizerInfo",
+    "PartitionRow",
+    "PartitionWarning",
+]

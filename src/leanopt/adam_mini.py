@@ -1,0 +1,327 @@
+"""Adam-mini: Adam with one second-moment scalar per parameter block.
+
+Paper: Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", arXiv:2406.16793
+(Algorithms 1-3, Principle 1). Contract: ``ALGORITHMS.md`` §1.
+
+For every block ``B`` of a parameter (see :mod:`leanopt.partition`)::
+
+    m   ← β1·m + (1−β1)·g
+    v_B ← β2·v_B + (1−β2)·mean_{i∈B} g_i²
+    p   ← p·(1 − lr·wd)                       (only where the rule decays)
+    p   ← p − lr · (m / (1−β1^t)) / (sqrt(v_B) / sqrt(1−β2^t) + eps)
+
+``eps`` sits outside the root, as in the released ``adam-mini`` 1.1.1, so that the two
+can be compared to rounding error.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, OneOf, ParamsT, acc_dtype, step_tensor
+from .partition import (
+    BlockLayout,
+    BlockRule,
+    PartitionRow,
+    PartitionWarning,
+    apply_overrides,
+    block_mean_sq,
+    expand_blocks,
+    name_rule,
+    partition_from_model,
+    partition_from_names,
+    partition_plain,
+    warn_fallbacks,
+)
+
+__all__ = ["AdamMini", "adam_mini"]
+
+
+def _sub_blockwise(p: Tensor, m: Tensor, lane_scale: Tensor, layout: BlockLayout) -> None:
+    """``p -= m * scale`` with one scale per lane, broadcast without a full-size temporary."""
+    if p.is_contiguous():
+        p.view(layout.view).addcmul_(m.view(layout.view), lane_scale, value=-1.0)
+    else:  # rare (a transposed view registered as a parameter): one temporary is unavoidable
+        p.sub_((m.view(layout.view) * lane_scale).view(p.shape))
+
+
+def adam_mini(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    layouts: list[BlockLayout],
+    decay: list[bool],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Functional Adam-mini step over lists of tensors (per-tensor reference path).
+
+    ``exp_avg_sqs[i]`` holds one value per block of ``layouts[i]``; ``decay[i]`` says
+    whether the decoupled weight decay applies to ``params[i]``.
+    """
+    for p, g, m, v, step_t, layout, dec in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay, strict=True):
+        if maximize:
+            g = -g
+        step_t += 1
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        acc = acc_dtype(p)
+
+        m.lerp_(g, 1 - beta1)
+        block_sq = block_mean_sq(g, layout, acc)
+        if v.dtype == acc:
+            v.mul_(beta2).add_(block_sq, alpha=1 - beta2)
+            v_acc = v
+        else:  # low-precision params: update in float32, store rounded, use what is stored
+            v.copy_(v.to(acc).mul_(beta2).add_(block_sq, alpha=1 - beta2))
+            v_acc = v.to(acc)
+        if dec and weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        scale = (lr / bias_correction1) / v_acc.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        _sub_blockwise(p, m, expand_blocks(scale, layout).to(p.dtype), layout)
+
+
+def _positive_int_or_none(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ValueError(f"AdamMini: Invalid {name}: {value!r}; {name} must be a positive int or None")
+
+
+class AdamMini(LeanOptimizer):
+    """Adam-mini (arXiv:2406.16793): Adam with one second moment per Hessian block.
+
+    The state is the first moment ``m`` (one value per element) plus one second-moment
+    value per block — about half of AdamW's. The update is in the module docstring.
+
+    Three ways to say how parameters split into blocks:
+
+    * **structure-aware** (recommended): ``AdamMini(model.parameters(), model=model)``
+      (or ``model.named_parameters()``, or param groups). The partition is read from the
+      module types and the model's config: token/position embeddings and the output
+      head get one block per row, query/key projections one per attention head
+      (``head_dim`` and the key-value head count of GQA/MQA come from the attention
+      modules or the config, overridable with ``n_heads``/``n_kv_heads``/``head_dim``),
+      values, attention outputs and MLP layers one per output neuron (a *column* of a
+      transformers ``Conv1D``), fused QKV weights (``c_attn``, ``qkv_proj``, ``Wqkv``,
+      interleaved ``query_key_value``, ``nn.MultiheadAttention.in_proj_weight``) are
+      split into their Q/K/V parts, LoRA ``lora_A``/``lora_B`` get one block per output
+      neuron, biases are plain Adam, norms and all else one block per tensor.
+    * **name-based, drop-in for adam-mini 1.1.1**: ``AdamMini(model.named_parameters(),
+      dim=..., n_heads=..., n_kv_heads=...)``: the substring rules of the released package,
+      giving the same partition and the same trajectory.
+    * **plain parameters** (no names, no model): one block per tensor, with a warning.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or param-group dicts.
+        lr: learning rate (read at every step, so schedulers work). Default 1e-3.
+        betas: ``(β1, β2)``, each in [0, 1). Default (0.9, 0.999).
+        eps: added to the bias-corrected root of ``v`` (outside the root). Default 1e-8.
+        weight_decay: decoupled weight decay; by default not applied to norms, biases and
+            other tensors of fewer than two dimensions. Default 0.
+        model: the module the parameters belong to; enables the structure-aware partition.
+        dim: hidden size, for the name-based partition (adam-mini's ``dim``).
+        n_heads: number of attention (query) heads.
+        n_kv_heads: number of key/value heads (GQA/MQA); must divide ``n_heads``.
+        head_dim: outputs per attention head, when it is not ``dim / n_heads``.
+        value_blocks: ``"neuron"`` (default) or ``"whole"`` — one block for the whole value
+            projection (the paper's App. C.5 finds it better for short runs).
+        overrides: ``{name pattern: rule}`` to force the rule of matching parameters
+            (``fnmatch`` patterns on parameter names); a rule is ``"element"``,
+            ``"neuron"``, ``"whole"`` or ``"head:N"`` (blocks of N output neurons).
+        decay_exclusions: if False, weight decay applies to every parameter. Default True.
+        maximize: maximize the objective instead of minimizing it. Default False.
+
+    Reductions run in float32 (float64 for float64 parameters); state tensors take the
+    parameter's dtype, as in ``torch.optim`` (a ``state_dict`` round trip casts them so).
+    Parameters added later with ``add_param_group`` are partitioned by their names when
+    given as ``(name, param)`` pairs, else one block per tensor.
+    """
+
+    _checks = {
+        "lr": NONNEG,
+        "betas": Betas(),
+        "eps": NONNEG,
+        "weight_decay": NONNEG,
+        "maximize": BOOL,
+    }
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        model: nn.Module | None = None,
+        dim: int | None = None,
+        n_heads: int | None = None,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        value_blocks: str = "neuron",
+        overrides: Mapping[str, str] | None = None,
+        decay_exclusions: bool = True,
+        maximize: bool = False,
+    ) -> None:
+        for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+            _positive_int_or_none(name, value)
+        if n_heads is not None and n_kv_heads is not None and n_heads % n_kv_heads:
+            raise ValueError(f"AdamMini: Invalid n_kv_heads: {n_kv_heads}; it must divide n_heads={n_heads}")
+        OneOf(("neuron", "whole")).check("value_blocks", value_blocks)
+        BOOL.check("decay_exclusions", decay_exclusions)
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(f"AdamMini: model must be an nn.Module, got {type(model).__name__}")
+        if dim is not None and n_heads is not None and head_dim is None and model is not None and dim % n_heads == 0:
+            head_dim = dim // n_heads
+
+        self._dim, self._n_heads = dim, n_heads
+        self._decay_exclusions = decay_exclusions
+        self._rules: dict[Tensor, BlockRule] = {}
+        self._model_rules: dict[Tensor, BlockRule] | None = None
+        self._model_names: dict[Tensor, str] = {}
+        self._fallbacks: list[str] = []
+        self._found_structure = False
+        if model is not None:
+            rules, names, fallbacks, found = partition_from_model(
+                model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, value_blocks=value_blocks
+            )
+            self._model_rules, self._model_names = rules, names
+            self._fallbacks, self._found_structure = fallbacks, found
+        self._warned_plain = False
+
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults)
+        # the model-wide table served construction; keeping it would pin (and deepcopy)
+        # every model tensor, also the frozen ones
+        self._model_rules = None
+        if overrides:
+            apply_overrides(self._rules, self._all_names(), overrides)
+        self._warn_structure()
+
+    # -- partition ------------------------------------------------------------------------
+    def _all_names(self) -> dict[Tensor, str]:
+        names = dict(self._model_names)
+        names.update(self._param_names)
+        return {p: names[p] for p in self._rules if p in names}
+
+    def _rule_for(self, p: Tensor) -> BlockRule:
+        if self._model_rules is not None and p in self._model_rules:
+            rule = self._model_rules[p]
+        elif p in self._param_names:
+            rule = name_rule(self._param_names[p], p.shape, self._dim, self._n_heads)
+            if any(k in rule.rule for k in ("query", "key", "embedding", "output")):
+                self._found_structure = True
+        else:
+            rule = partition_plain([p])[p]
+            if not self._warned_plain:
+                self._warned_plain = True
+                warnings.warn(
+                    "AdamMini got parameters without names and without model=, so it uses one "
+                    "block per tensor (PyTorch's default partition), which can be unstable for "
+                    "transformers. Pass model=model or model.named_parameters() for the "
+                    "Adam-mini partition.",
+                    PartitionWarning,
+                    stacklevel=4,
+                )
+        if not self._decay_exclusions and not rule.decay:
+            rule = BlockRule(rule.rule, rule.layout, decay=True)
+        return rule
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p not in self._rules:
+                self._rules[p] = self._rule_for(p)
+
+    def _warn_structure(self) -> None:
+        warn_fallbacks(self._fallbacks)
+        if (self._param_names or self._model_names) and not self._found_structure:
+            warnings.warn(
+                "AdamMini found no embedding, output head or attention projection among the "
+                "parameters; if this is a transformer, pass model=model (or dim= and n_heads= "
+                "with named parameters) so that blocks follow its heads and neurons.",
+                PartitionWarning,
+                stacklevel=3,
+            )
+
+    def describe_partition(self) -> list[PartitionRow]:
+        """One row per parameter: name, shape, rule, blocks and state elements (m + v)."""
+        names = self._all_names()
+        rows = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                rule = self._rules[p]
+                rows.append(
+                    PartitionRow(
+                        name=names.get(p) or self.param_name(p),
+                        shape=tuple(p.shape),
+                        rule=rule.rule,
+                        blocks=rule.layout.n_blocks,
+                        state_elements=p.numel() + rule.layout.n_blocks,
+                        weight_decay=rule.decay,
+                    )
+                )
+        return rows
+
+    # -- state ----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "exp_avg_sq" in st and st["exp_avg_sq"].numel() != self._rules[p].layout.n_blocks:
+                    raise ValueError(
+                        f"AdamMini.load_state_dict: parameter {self.param_name(p)!r} has "
+                        f"{st['exp_avg_sq'].numel()} second-moment blocks in the state_dict but "
+                        f"{self._rules[p].layout.n_blocks} in this optimizer's partition; build the "
+                        "optimizer the same way as the one that was saved"
+                    )
+
+    # -- step -----------------------------------------------------------------------------
+    def _update(self) -> None:
+        for group in self.param_groups:
+            params, grads = self._grads(group)
+            if not params:
+                continue
+            exp_avgs, exp_avg_sqs, steps, layouts, decay = [], [], [], [], []
+            for p in params:
+                rule = self._rules[p]
+                state = self.state[p]
+                if not state:
+                    state["step"] = step_tensor()
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros(rule.layout.n_blocks, dtype=p.dtype, device=p.device)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+                layouts.append(rule.layout)
+                decay.append(rule.decay)
+            beta1, beta2 = group["betas"]
+            adam_mini(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                layouts,
+                decay,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+            )

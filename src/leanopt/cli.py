@@ -1,0 +1,159 @@
+"""The ``leanopt`` command line.
+
+* ``leanopt list`` — every registered optimizer with its paper and its optimizer-state
+  size, measured by one real step on the built-in demo GPT.
+* ``leanopt partition [--demo | --hf-config PATH]`` — Adam-mini's partition table and the
+  optimizer-state memory of Adam-mini against AdamW, for the demo GPT or for a
+  transformers model built from a config JSON on the ``meta`` device (no weights are
+  loaded or allocated, nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adam_mini import AdamMini
+from .models import PRESETS, build_model
+from .partition import format_partition
+from .registry import create_optimizer, list_optimizers, optimizer_info
+
+__all__ = ["main", "build_hf_model", "measure_state_ratio"]
+
+
+class CLIError(Exception):
+    """A user error: printed without a traceback, exit status 2."""
+
+
+def build_hf_model(path: str | Path) -> nn.Module:
+    """A transformers model from a config JSON, on the meta device."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise CLIError(f"config file not found: {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise CLIError(f"{path} has no 'model_type'; it does not look like a transformers config")
+    try:
+        import transformers
+    except ImportError:
+        raise CLIError("--hf-config needs the transformers package: pip install transformers") from None
+    model_type = cfg.pop("model_type")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as e:
+        raise CLIError(f"transformers cannot build a config of model_type {model_type!r}: {e}") from None
+    archs = cfg.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cls is not None:
+            return cls(config)
+        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+            try:
+                return auto.from_config(config)
+            except ValueError:
+                continue
+    raise CLIError(f"transformers has no model class for model_type {model_type!r}")
+
+
+def measure_state_ratio(name: str, model: nn.Module) -> float:
+    """Optimizer-state bytes per parameter byte after one step with random gradients."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = create_optimizer(name, model)
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3
+    opt.step()
+    state_bytes = sum(
+        v.numel() * v.element_size()
+        for st in opt.state.values()
+        for k, v in st.items()
+        if isinstance(v, torch.Tensor) and k != "step"
+    )
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return state_bytes / param_bytes
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    model = build_model(args.model)
+    n = model.num_parameters()
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    print(f"optimizer state measured after one step on the '{args.model}' GPT ({n:,} parameters, float32)")
+    print(f"{'name':<11} {'state/params':>12}  {'state per parameter':<28} paper")
+    for name in list_optimizers():
+        info = optimizer_info(name)
+        model.load_state_dict(snapshot)
+        try:
+            ratio = f"{measure_state_ratio(name, model):.3f}x"
+        except RuntimeError as e:  # e.g. an optimizer this torch lacks
+            ratio = "n/a"
+            print(f"  ({name}: {e})", file=sys.stderr)
+        print(f"{name:<11} {ratio:>12}  {info.state:<28} {info.paper}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    if args.hf_config:
+        model = build_hf_model(args.hf_config)
+        title = f"transformers model from {args.hf_config} ({type(model).__name__}, meta device)"
+    else:
+        with torch.device("meta"):
+            model = build_model(args.preset)
+        title = f"built-in demo GPT, preset '{args.preset}' (meta device)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = AdamMini(model.named_parameters(), model=model, value_blocks=args.value_blocks)
+    rows = opt.describe_partition()
+    bytes_per_element = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    print(f"Adam-mini partition of the {title}")
+    print()
+    print(format_partition(rows, bytes_per_element=bytes_per_element, detail=not args.summary))
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leanopt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list the optimizers with their measured state size")
+    p.add_argument("--model", default="demo", choices=list(PRESETS), help="GPT preset to measure on (default: demo)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("partition", help="print Adam-mini's partition and its state memory against AdamW")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--demo", action="store_true", help="the built-in demo GPT (default)")
+    src.add_argument("--hf-config", metavar="PATH", help="a transformers config.json (or a folder holding one)")
+    p.add_argument("--preset", default="demo", choices=list(PRESETS), help="GPT preset for --demo (default: demo)")
+    p.add_argument("--value-blocks", default="neuron", choices=["neuron", "whole"], help="value projection blocks")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="bytes per element for the memory figures")
+    p.add_argument("--summary", action="store_true", help="print only the per-rule summary, not every parameter")
+    p.set_defaults(func=cmd_partition)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"leanopt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""One registry for every optimizer: ``create_optimizer(name, model_or_params, **kwargs)``.
+
+Entries are leanopt's own optimizers and the ``torch.optim`` baselines they are measured
+against. For the baselines the registry picks the implementation explicitly
+(``fused``/``foreach``): on the CPU torch's default is its slow per-tensor loop, which
+would make every comparison flatter than it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adam_mini import AdamMini
+from .sgd_sai import SGDSaI
+
+__all__ = ["OptimizerInfo", "create_optimizer", "list_optimizers", "optimizer_info", "register"]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """What the registry knows of one optimizer."""
+
+    name: str
+    factory: Callable[..., torch.optim.Optimizer]
+    paper: str
+    state: str  # optimizer state per parameter, in words
+    structure_aware: bool = False  # takes model= to read the model's structure
+    named: bool = False  # accepts (name, param) pairs
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, OptimizerInfo] = {}
+
+
+def register(info: OptimizerInfo) -> OptimizerInfo:
+    if info.name in _REGISTRY:
+        raise ValueError(f"optimizer {info.name!r} is already registered")
+    _REGISTRY[info.name] = info
+    return info
+
+
+def list_optimizers() -> list[str]:
+    """Names accepted by :func:`create_optimizer`, in registration order."""
+    return list(_REGISTRY)
+
+
+def optimizer_info(name: str) -> OptimizerInfo:
+    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(_REGISTRY)}")
+    return _REGISTRY[key]
+
+
+def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any], **kwargs: Any) -> torch.optim.Optimizer:
+    """Build the optimizer ``name`` for a model or for parameters.
+
+    Given an ``nn.Module``, its trainable parameters (``requires_grad``) are optimized and
+    structure-aware optimizers (Adam-mini) also read its modules and config. Given
+    parameters (tensors, ``(name, param)`` pairs or param-group dicts), they are passed on.
+    ``kwargs`` go to the optimizer and override the registry's defaults.
+    """
+    info = optimizer_info(name)
+    args = {**info.defaults, **kwargs}
+    if isinstance(model_or_params, nn.Module):
+        model = model_or_params
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+        if info.structure_aware:
+            return info.factory(named, model=model, **args)
+        return info.factory(named if info.named else [p for _, p in named], **args)
+    return info.factory(model_or_params, **args)
+
+
+def _adafactor(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    if not hasattr(torch.optim, "Adafactor"):
+        raise RuntimeError(f"adafactor needs torch >= 2.5 (this is torch {torch.__version__})")
+    return torch.optim.Adafactor(*args, **kwargs)
+
+
+register(OptimizerInfo(
+    "adamw", torch.optim.AdamW, "Loshchilov & Hutter 2019, arXiv:1711.05101 (torch.optim)",
+    "2 (m, v)", defaults={"fused": True},
+))
+register(OptimizerInfo(
+    "adam-mini", AdamMini, "Zhang et al. 2024, arXiv:2406.16793",
+    "~1 (m, one v per block)", structure_aware=True, named=True,
+))
+register(OptimizerInfo(
+    "sgd-sai", SGDSaI, "Xu et al. 2024, arXiv:2412.11768",
+    "1 (m, one scale per tensor)", named=True,
+))
+register(OptimizerInfo(
+    "sgd", torch.optim.SGD, "SGD with momentum 0.9 (torch.optim)",
+    "1 (momentum)", defaults={"lr": 1e-2, "momentum": 0.9, "foreach": True},
+))
+register(OptimizerInfo(
+    "adafactor", _adafactor, "Shazeer & Stern 2018, arXiv:1804.04235 (torch.optim)",
+    "~0 (factored row/column v)", defaults={"foreach": True},
+))

@@ -1,0 +1,215 @@
+"""SGD-SaI: SGD with momentum and learning rates scaled at initialization by g-SNR.
+
+Paper: Xu et al., "No More Adam: Learning Rate Scaling at Initialization is All You
+Need", arXiv:2412.11768 (Algorithm 1, Sec. 4.1). Contract: ``ALGORITHMS.md`` §2.
+
+Each parameter tensor is one block. At the first step in which a block has a gradient::
+
+    G_norm = ||g||₂ ;  G_var = mean((g − mean g)²) ;  snr = G_norm / sqrt(G_var + eps)
+    m ← g
+
+later ``m ← μ·m + (1−μ)·g``; every step ``p ← p·(1 − lr·wd)``, ``p ← p − lr·scale·m``,
+where ``scale = snr / max_k snr_k`` (``variant="paper"``) or the released package's
+``||g|| / (std_unbiased(g) + eps)`` (``variant="released"``). The scale is computed once
+and then kept as optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype
+
+__all__ = ["SGDSaI", "sgd_sai", "gsnr"]
+
+
+def sgd_sai(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    scales: list[Tensor],
+    fresh: list[bool],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Functional SGD-SaI step over lists of tensors.
+
+    ``momentum_buffers[i]`` is None when ``momentum == 0``; ``fresh[i]`` marks a buffer
+    created at this step, whose value already is the first gradient (``m ← g``).
+    """
+    for p, g, buf, scale, first in zip(params, grads, momentum_buffers, scales, fresh, strict=True):
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        if buf is None:
+            direction = g
+        else:
+            if not first:
+                buf.mul_(momentum).add_(g, alpha=1 - momentum)
+            direction = buf
+        p.addcmul_(direction, scale, value=-lr)
+
+
+def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
+    """g-SNR of one block's gradient, and whether the block is degenerate for ``"paper"``
+    (all elements equal, so its variance carries no noise information)."""
+    acc = acc_dtype(g)
+    x = g.detach().to(acc).reshape(-1)
+    norm = torch.linalg.vector_norm(x)
+    if variant == "released":
+        # sgd-sai 1.0.3: unbiased std, whose NaN for a single element is taken as 0; eps outside
+        std = x.std() if x.numel() > 1 else torch.zeros((), dtype=acc, device=x.device)
+        return norm / (std + eps), False
+    var = x.var(correction=0)
+    degenerate = bool(x.numel() < 2 or (x.amax() == x.amin()).item())
+    return norm / torch.sqrt(var + eps), degenerate
+
+
+class SGDSaI(LeanOptimizer):
+    """SGD-SaI (arXiv:2412.11768): momentum SGD, per-tensor lr scaled by first-step g-SNR.
+
+    The state is one momentum buffer per parameter (none with ``momentum=0``) and one
+    scalar ``scale`` per tensor — half of AdamW's.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or param-group dicts.
+        lr: learning rate (read at every step, so schedulers work). Default 1e-2.
+        momentum: μ in [0, 1); ``momentum=0`` is plain SGD with the scale. Default 0.9.
+        eps: added to the variance (``"paper"``) or the std (``"released"``). Default 1e-8.
+        weight_decay: decoupled weight decay, applied to every parameter. Default 1e-2.
+        variant: ``"paper"`` (default) or ``"released"`` (see below).
+        maximize: maximize the objective instead of minimizing it. Default False.
+
+    ``variant="paper"``: ``scale = snr / max_k snr_k`` with the biased variance of the
+    paper's Sec. 4.1, so every scale lies in (0, 1]. The maximum is taken over the
+    blocks (of all groups) that start at the first step and is stored; blocks whose
+    first gradient comes later are scaled by that stored maximum, **clipped to 1**, so
+    that no block ever steps with more than ``lr``. Degenerate blocks follow these rules:
+
+    * a block whose first gradient is constant (every element equal, e.g. a scalar
+      parameter) has zero variance, so its g-SNR is ``||g||/sqrt(eps)``, an artefact of
+      eps that would dominate the maximum and freeze every other block. Such a block is
+      left out of the maximum and gets ``scale = 1`` (its g-SNR is unbounded: the clip).
+    * a block whose gradient is exactly zero everywhere (e.g. LoRA's ``lora_A`` while
+      ``lora_B`` is still zero) has no g-SNR yet: it only receives weight decay, and its
+      scale and momentum start at its first non-zero gradient.
+    * if no block at the first step has a usable g-SNR, the maximum is fixed at the
+      first step at which one does.
+
+    ``variant="released"``: the math of the released ``sgd-sai`` 1.0.3 for exact
+    comparison: ``scale = ||g|| / (std_unbiased(g) + eps)`` with a NaN std taken as 0, no
+    normalization (an all-zero first gradient therefore gets scale 0, as there). Its bugs
+    are not reproduced: late gradients work, ``momentum=0`` works, the scale survives
+    ``state_dict`` round trips, and the closure is evaluated once.
+
+    State per parameter: ``scale`` (0-d, never recomputed after a resume),
+    ``momentum_buffer`` (if ``momentum > 0``) and, for ``"paper"``, ``snr_max``, the
+    stored maximum used to scale blocks that start late. Reductions run in float32
+    (float64 for float64 parameters).
+    """
+
+    _checks = {
+        "lr": NONNEG,
+        "momentum": Interval(0.0, 1.0, high_open=True),
+        "eps": NONNEG,
+        "weight_decay": NONNEG,
+        "variant": OneOf(("paper", "released")),
+        "maximize": BOOL,
+    }
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        momentum: float = 0.9,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        variant: str = "paper",
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, variant=variant, maximize=maximize)
+        super().__init__(params, defaults)
+
+    # -- scale at initialization ----------------------------------------------------------
+    def _stored_max(self) -> Tensor | None:
+        for state in self.state.values():
+            if "snr_max" in state:
+                return state["snr_max"]
+        return None
+
+    def _initialize(self, pending: list[tuple[dict[str, Any], Tensor, Tensor]]) -> list[Tensor]:
+        """Compute the scales of the blocks that have no scale yet; returns those started."""
+        stats = []
+        for group, p, g in pending:
+            g = -g if group["maximize"] else g  # the first momentum is the (signed) gradient
+            snr, degenerate = gsnr(g, group["eps"], group["variant"])
+            zero = not bool(g.any())
+            stats.append((group, p, g, snr, degenerate, zero))
+
+        snr_max = self._stored_max()
+        if snr_max is None:
+            usable = [snr for group, _, _, snr, deg, zero in stats if group["variant"] == "paper" and not deg and not zero]
+            if usable:
+                snr_max = torch.stack([s.to(torch.float64) for s in usable]).max()
+
+        started = []
+        for group, p, g, snr, degenerate, zero in stats:
+            if group["variant"] == "paper":
+                if zero or (snr_max is None and not degenerate):
+                    continue  # no g-SNR yet: weight decay only (see class docstring)
+                if degenerate:
+                    scale = torch.ones((), dtype=torch.float64)
+                else:
+                    scale = (snr.to(torch.float64) / snr_max).clamp(max=1.0)
+            else:
+                scale = snr
+            state = self.state[p]
+            state["scale"] = scale.to(dtype=p.dtype, device=p.device)
+            if group["variant"] == "paper" and snr_max is not None:
+                state["snr_max"] = snr_max.to(dtype=p.dtype, device=p.device)
+            if group["momentum"] != 0:
+                state["momentum_buffer"] = g.detach().clone(memory_format=torch.contiguous_format)
+            started.append(p)
+        return started
+
+    # -- step -----------------------------------------------------------------------------
+    def _update(self) -> None:
+        per_group = [(group, *self._grads(group)) for group in self.param_groups]
+        pending = [(group, p, g) for group, params, grads in per_group for p, g in zip(params, grads) if "scale" not in self.state[p]]
+        started = set(self._initialize(pending)) if pending else set()
+
+        for group, params, grads in per_group:
+            todo = [(p, g) for p, g in zip(params, grads) if "scale" in self.state[p]]
+            waiting = [p for p, g in zip(params, grads) if "scale" not in self.state[p]]
+            lr, wd = group["lr"], group["weight_decay"]
+            if waiting and wd != 0:
+                torch._foreach_mul_(waiting, 1 - lr * wd)
+            if not todo:
+                continue
+            ps = [p for p, _ in todo]
+            bufs = []
+            for p in ps:
+                buf = self.state[p].get("momentum_buffer")
+                if group["momentum"] != 0 and buf is None:
+                    # momentum switched on after the scales were fixed: start from zero
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                bufs.append(buf if group["momentum"] != 0 else None)
+            sgd_sai(
+                ps,
+                [g for _, g in todo],
+                bufs,
+                [self.state[p]["scale"] for p in ps],
+                [p in started for p in ps],
+                lr=lr,
+                momentum=group["momentum"],
+                weight_decay=wd,
+                maximize=group["maximize"],
+            )
