@@ -195,6 +195,12 @@ class LeanOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__} does not support complex parameters")
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; a subclass's own
+        # attributes (names, Adam-mini's partition) must survive deepcopy and pickling too.
+        # The hook dicts stay out, as in torch (they may hold unpicklable closures).
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+
     # -- names --------------------------------------------------------------------------
     def param_name(self, p: Tensor) -> str:
         """The name given for ``p`` (from named parameters or the model), else its position."""

@@ -357,9 +357,9 @@ class _Builder:
 
     def _embedding(self, module: nn.Embedding, prefix: str) -> None:
         w = module.weight
+        self.found_structure = True
         if module is self.input_embedding or module is self.output_embedding:
             label = "token-embedding"
-            self.found_structure = True
         elif any(k in prefix.lower() for k in ("pos", "wpe")):
             label = "position-embedding"
         else:

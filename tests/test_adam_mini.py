@@ -1,0 +1,412 @@
+"""Adam-mini: parity with the released package, the block math, and the partition of real
+transformers models (built from configs; no weights, no hub)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import leanopt
+from leanopt import AdamMini, PartitionWarning
+from leanopt.partition import BlockLayout, block_mean_sq, expand_blocks
+from helpers import max_rel_diff, tiny_model, train
+
+transformers = pytest.importorskip("transformers")
+adam_mini_pkg = pytest.importorskip("adam_mini")
+
+
+def quiet(fn, *args, **kwargs):
+    """Call the released adam-mini, which prints on construction and first step."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def llama(dtype=torch.float32, **overrides):
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=2, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(dtype)
+
+
+def lm_train(models_and_opts, steps):
+    x = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(7))
+    for _ in range(steps):
+        for model, opt in models_and_opts:
+            opt.zero_grad()
+            model(input_ids=x, labels=x).loss.backward()
+            quiet(opt.step)
+
+
+def rows_by_name(opt):
+    return {r.name: r for r in opt.describe_partition()}
+
+
+# --------------------------------------------------------------------------------------
+# the released adam-mini 1.1.1
+# --------------------------------------------------------------------------------------
+
+KW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("form", ["named", "structure"])
+def test_matches_released_adam_mini_over_20_steps(form):
+    # float64, so that the comparison measures the math and not how 20 steps of training
+    # amplify last-bit rounding differences (in float32 those grow to ~1e-5)
+    ref_model = llama(torch.float64)
+    ours_model = copy.deepcopy(ref_model)
+    ref = quiet(adam_mini_pkg.Adam_mini, ref_model.named_parameters(), dim=64, n_heads=8, n_kv_heads=2, **KW)
+    if form == "named":
+        ours = AdamMini(ours_model.named_parameters(), dim=64, n_heads=8, n_kv_heads=2, **KW)
+    else:
+        ours = AdamMini(ours_model.parameters(), model=ours_model, **KW)
+    lm_train([(ref_model, ref), (ours_model, ours)], 20)
+    assert max_rel_diff(ours_model, ref_model) <= 1e-6
+
+    # the same partition: one second moment per block, and the same weight-decay exclusions
+    ref_group = {id(g["params"][0]): g for g in ref.param_groups}
+    for (name, p_ref), p_ours, row in zip(ref_model.named_parameters(), ours_model.parameters(), ours.describe_partition(), strict=True):
+        v_ref = ref.state[p_ref].get("vmean", ref.state[p_ref].get("v"))
+        assert ours.state[p_ours]["exp_avg_sq"].numel() == v_ref.numel() == row.blocks, name
+        assert row.weight_decay == (ref_group[id(p_ref)]["weight_decay"] > 0), name
+
+
+def test_matches_released_adam_mini_first_step_float32():
+    ref_model = llama()
+    ours_model = copy.deepcopy(ref_model)
+    ref = quiet(adam_mini_pkg.Adam_mini, ref_model.named_parameters(), dim=64, n_heads=8, n_kv_heads=2, **KW)
+    ours = AdamMini(ours_model.named_parameters(), dim=64, n_heads=8, n_kv_heads=2, **KW)
+    lm_train([(ref_model, ref), (ours_model, ours)], 1)
+    assert max_rel_diff(ours_model, ref_model) <= 1e-6
+
+
+def test_state_is_m_plus_one_scalar_per_block():
+    model = llama()
+    opt = AdamMini(model.parameters(), model=model)
+    lm_train([(model, opt)], 1)
+    for p, row in zip(model.parameters(), opt.describe_partition()):
+        st = opt.state[p]
+        assert set(st) == {"step", "exp_avg", "exp_avg_sq"}
+        assert st["exp_avg"].shape == p.shape
+        assert st["exp_avg_sq"].numel() == row.blocks
+        assert row.state_elements == p.numel() + row.blocks
+
+
+# --------------------------------------------------------------------------------------
+# the block math, against an independent loop over blocks
+# --------------------------------------------------------------------------------------
+
+
+def block_slices(layout: BlockLayout):
+    """Yield, for every block, an index that selects its elements from the 2-D view."""
+    start = 0
+    for length, per in layout.segments:
+        for b in range(start, start + length, per):
+            lanes = slice(b, b + per)
+            yield (lanes, slice(None)) if layout.axis == 0 else (slice(None), lanes)
+        start += length
+
+
+LAYOUTS = [
+    BlockLayout.whole(12),
+    BlockLayout.element(7),
+    BlockLayout((6, 5), 0, ((6, 2),)),  # heads of 2 rows
+    BlockLayout((5, 12), 1, ((4, 2), (4, 2), (4, 1))),  # Conv1D c_attn: q, k heads by columns, v neurons
+    BlockLayout((18, 3), 0, ((2, 2), (2, 2), (2, 1)) * 3),  # interleaved query_key_value, 3 heads
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"{l.view}-axis{l.axis}-{len(l.segments)}seg")
+def test_block_mean_sq_and_expand_match_a_loop(layout):
+    g = torch.randn(layout.numel, dtype=torch.float64)
+    got = block_mean_sq(g, layout, torch.float64)
+    g2 = g.view(layout.view)
+    expected = torch.stack([g2[idx].square().mean() for idx in block_slices(layout)])
+    assert got.shape == (layout.n_blocks,)
+    torch.testing.assert_close(got, expected)
+
+    values = torch.arange(layout.n_blocks, dtype=torch.float64)
+    full = torch.empty(layout.view, dtype=torch.float64)
+    for b, idx in enumerate(block_slices(layout)):
+        full[idx] = b
+    assert torch.equal(torch.broadcast_to(expand_blocks(values, layout), layout.view), full)
+
+
+def test_first_step_is_lr_g_over_block_rms():
+    """At t=1 the bias-corrected update is lr·g / (sqrt(mean_B g²) + eps), per block."""
+    model = nn.ModuleDict({"q_proj": nn.Linear(8, 8, bias=True)}).double()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, eps = 0.1, 1e-8
+    opt = AdamMini(model.named_parameters(), lr=lr, eps=eps, dim=8, n_heads=2)
+    opt.step()
+    w, g = model["q_proj"].weight, model["q_proj"].weight.grad
+    for h in range(2):  # two heads of four rows each
+        rows = slice(4 * h, 4 * h + 4)
+        expected = start["q_proj.weight"][rows] - lr * g[rows] / (g[rows].square().mean().sqrt() + eps)
+        torch.testing.assert_close(w[rows], expected)
+    b, gb = model["q_proj"].bias, model["q_proj"].bias.grad  # bias: plain Adam, per element
+    torch.testing.assert_close(b, start["q_proj.bias"] - lr * gb / (gb.abs() + eps))
+
+
+def test_weight_decay_skips_norms_and_biases():
+    model = llama()
+    opt = AdamMini(model.parameters(), model=model, lr=0.1, weight_decay=0.5)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient signal: only the decay moves parameters
+    opt.step()
+    for n, p in model.named_parameters():
+        if "norm" in n or n.endswith("bias"):
+            assert torch.equal(p, start[n]), n
+        else:
+            torch.testing.assert_close(p, start[n] * (1 - 0.1 * 0.5)), n
+
+
+# --------------------------------------------------------------------------------------
+# partitions of real models
+# --------------------------------------------------------------------------------------
+
+
+def on_meta(cls, **cfg):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(**cfg) if not isinstance(cls, tuple) else cls[0](cls[1](**cfg))
+
+
+def partition(model, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)  # a real transformer must need no fallback
+        return rows_by_name(AdamMini(model.named_parameters(), model=model, **kwargs))
+
+
+def test_partition_gpt2_conv1d_fused_qkv_tied():
+    c = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32)
+    model = on_meta((transformers.GPT2LMHeadModel, transformers.GPT2Config), **c)
+    rows = partition(model)
+    assert rows["transformer.wte.weight"].blocks == 100  # one per token; lm_head is tied to it
+    assert "lm_head.weight" not in rows
+    assert rows["transformer.wpe.weight"].blocks == 32  # one per position
+    # c_attn (64 x 192, Conv1D: columns are outputs): 4 q heads + 4 k heads + 64 v neurons
+    assert rows["transformer.h.0.attn.c_attn.weight"].blocks == 4 + 4 + 64
+    assert rows["transformer.h.0.attn.c_proj.weight"].blocks == 64
+    assert rows["transformer.h.0.mlp.c_fc.weight"].blocks == 256  # columns, not the 64 rows
+    assert rows["transformer.h.0.mlp.c_proj.weight"].blocks == 64
+    assert rows["transformer.h.0.attn.c_attn.bias"].blocks == 192
+    assert rows["transformer.h.0.ln_1.weight"].blocks == 1 and not rows["transformer.h.0.ln_1.weight"].weight_decay
+
+
+def test_partition_gpt2_conv1d_blocks_are_columns():
+    """A q head of c_attn is a block of head_dim *columns*: the update must use them."""
+    cfg = transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=10, n_positions=4)
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    w = model.transformer.h[0].attn.c_attn.weight  # (8 in, 24 out)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    w0 = w.detach().clone()
+    opt = AdamMini(model.parameters(), model=model, lr=0.1, eps=0.0)
+    opt.step()
+    g = w.grad
+    for cols in [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 16)] + [slice(j, j + 1) for j in range(16, 24)]:
+        expected = w0[:, cols] - 0.1 * g[:, cols] / g[:, cols].square().mean().sqrt()
+        torch.testing.assert_close(w[:, cols], expected)
+
+
+@pytest.mark.parametrize("head_dim", [None, 32])
+def test_partition_llama_gqa(head_dim):
+    c = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=8,
+             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if head_dim:
+        c["head_dim"] = head_dim
+    model = on_meta((transformers.LlamaForCausalLM, transformers.LlamaConfig), **c)
+    hd = head_dim or 8
+    rows = partition(model)
+    assert rows["model.embed_tokens.weight"].blocks == 100
+    assert rows["lm_head.weight"].blocks == 100
+    assert rows["model.layers.0.self_attn.q_proj.weight"].blocks == 8
+    assert rows["model.layers.0.self_attn.k_proj.weight"].blocks == 2
+    assert rows["model.layers.0.self_attn.v_proj.weight"].blocks == 2 * hd
+    assert rows["model.layers.0.self_attn.o_proj.weight"].blocks == 64
+    assert rows["model.layers.0.mlp.gate_proj.weight"].blocks == 96
+    assert rows["model.layers.0.mlp.down_proj.weight"].blocks == 64
+    assert rows["model.norm.weight"].blocks == 1
+    whole_v = partition(model, value_blocks="whole")
+    assert whole_v["model.layers.0.self_attn.v_proj.weight"].blocks == 1
+
+
+def test_partition_qwen2_with_qkv_biases():
+    c = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    rows = partition(on_meta((transformers.Qwen2ForCausalLM, transformers.Qwen2Config), **c))
+    assert rows["model.layers.0.self_attn.q_proj.weight"].blocks == 4
+    assert rows["model.layers.0.self_attn.k_proj.weight"].blocks == 2
+    assert rows["model.layers.0.self_attn.v_proj.weight"].blocks == 32
+    assert rows["model.layers.0.self_attn.q_proj.bias"].blocks == 64  # plain Adam
+    assert rows["model.layers.0.self_attn.k_proj.bias"].blocks == 32
+
+
+def test_partition_bert_encoder():
+    c = dict(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+             max_position_embeddings=32, type_vocab_size=2)
+    rows = partition(on_meta((transformers.BertForMaskedLM, transformers.BertConfig), **c))
+    assert rows["bert.embeddings.word_embeddings.weight"].blocks == 100
+    assert rows["bert.embeddings.position_embeddings.weight"].blocks == 32
+    assert rows["bert.embeddings.token_type_embeddings.weight"].blocks == 2
+    layer = "bert.encoder.layer.0."
+    assert rows[layer + "attention.self.query.weight"].blocks == 4
+    assert rows[layer + "attention.self.key.weight"].blocks == 4
+    assert rows[layer + "attention.self.value.weight"].blocks == 64
+    assert rows[layer + "attention.output.dense.weight"].blocks == 64
+    assert rows[layer + "intermediate.dense.weight"].blocks == 128
+    assert rows[layer + "output.dense.weight"].blocks == 64
+    assert rows[layer + "output.LayerNorm.weight"].blocks == 1
+    assert rows["cls.predictions.bias"].blocks == 100
+
+
+def test_partition_gpt_neox_interleaved_query_key_value():
+    c = dict(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128)
+    model = on_meta((transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig), **c)
+    opt = AdamMini(model.named_parameters(), model=model)
+    w = model.gpt_neox.layers[0].attention.query_key_value.weight  # (4 heads × [q 16 | k 16 | v 16], 64)
+    layout = opt._rules[w].layout
+    assert layout.n_blocks == 4 + 4 + 64
+    # every q/k head block is 16 consecutive rows starting at a multiple of 48 (+16 for k)
+    marker = torch.full((layout.n_blocks,), -1.0)
+    lanes = torch.broadcast_to(expand_blocks(torch.arange(layout.n_blocks, dtype=torch.float32), layout), layout.view)[:, 0]
+    for h in range(4):
+        q, k, v = lanes[48 * h : 48 * h + 16], lanes[48 * h + 16 : 48 * h + 32], lanes[48 * h + 32 : 48 * h + 48]
+        assert q.unique().numel() == 1 and k.unique().numel() == 1 and v.unique().numel() == 16
+        marker[q.long()] = 1
+    assert marker.eq(1).sum() == 4
+
+
+def test_partition_phi3_concatenated_qkv_with_gqa():
+    c = dict(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2,
+             intermediate_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    rows = partition(on_meta((transformers.Phi3ForCausalLM, transformers.Phi3Config), **c))
+    assert rows["model.layers.0.self_attn.qkv_proj.weight"].blocks == 8 + 2 + 2 * 8
+
+
+def test_partition_torch_transformer_encoder():
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64)
+    model = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    rows = partition(model)
+    assert rows["layers.0.self_attn.in_proj_weight"].blocks == 4 + 4 + 32
+    assert rows["layers.0.self_attn.in_proj_bias"].blocks == 96
+    assert rows["layers.0.self_attn.out_proj.weight"].blocks == 32
+    assert rows["layers.0.linear1.weight"].blocks == 64
+    assert rows["layers.0.linear2.weight"].blocks == 32
+    assert rows["layers.1.norm2.weight"].blocks == 1
+
+
+def test_partition_lora_adapters():
+    peft = pytest.importorskip("peft")
+    base = llama(num_hidden_layers=1)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
+    rows = partition(model)
+    q = "base_model.model.model.layers.0.self_attn.q_proj."
+    assert rows[q + "base_layer.weight"].blocks == 8  # still one block per head
+    assert rows[q + "lora_A.default.weight"].blocks == 4  # (r x in): one per output neuron
+    assert rows[q + "lora_B.default.weight"].blocks == 64  # (out x r)
+    assert rows[q + "lora_A.default.weight"].rule == "lora"
+    # the registry optimizes only the trainable (adapter) parameters
+    opt = leanopt.create_optimizer("adam-mini", model)
+    assert {r.name for r in opt.describe_partition()} == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_tied_embeddings_are_one_parameter_with_token_blocks():
+    model = tiny_model(tie_embeddings=True)
+    rows = rows_by_name(AdamMini(model.named_parameters(), model=model))
+    assert rows["embed_tokens.weight"].blocks == 64 and rows["embed_tokens.weight"].rule == "token-embedding"
+    assert "lm_head.weight" not in rows
+
+
+def test_gpt2_small_state_is_at_most_1_01_params():
+    model = on_meta((transformers.GPT2LMHeadModel, transformers.GPT2Config))
+    rows = partition(model)
+    n = sum(math.prod(r.shape) for r in rows.values())
+    assert n == 124_439_808
+    assert sum(r.state_elements for r in rows.values()) / n <= 1.01
+
+
+# --------------------------------------------------------------------------------------
+# the other call forms, overrides, errors
+# --------------------------------------------------------------------------------------
+
+
+def test_plain_params_warn_once_and_use_one_block_per_tensor():
+    model = tiny_model()
+    with pytest.warns(PartitionWarning) as record:
+        opt = AdamMini(model.parameters())
+    assert sum(issubclass(w.category, PartitionWarning) for w in record) == 1
+    assert all(r.blocks == 1 for r in opt.describe_partition())
+
+
+def test_named_mode_needs_dim_for_query_key():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="dim= and n_heads="):
+        AdamMini(model.named_parameters())
+
+
+def test_no_structure_warns():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    with pytest.warns(PartitionWarning, match="no embedding"):
+        AdamMini(model.parameters(), model=model)
+
+
+def test_missing_head_geometry_falls_back_with_warning():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(16, 16)
+
+    model = nn.ModuleDict({"attn": Attn(), "embed_tokens": nn.Embedding(10, 16)})
+    with pytest.warns(PartitionWarning, match="head geometry"):
+        opt = AdamMini(model.named_parameters(), model=model)
+    assert rows_by_name(opt)["attn.q_proj.weight"].blocks == 16
+    opt = AdamMini(model.named_parameters(), model=model, n_heads=4, dim=16)
+    assert rows_by_name(opt)["attn.q_proj.weight"].blocks == 4
+
+
+def test_overrides():
+    model = tiny_model()
+    opt = AdamMini(model.parameters(), model=model, overrides={"*.v_proj.weight": "whole", "lm_head.weight": "head:16", "norm.weight": "element"})
+    rows = rows_by_name(opt)
+    assert rows["layers.0.self_attn.v_proj.weight"].blocks == 1
+    assert rows["lm_head.weight"].blocks == 4
+    assert rows["norm.weight"].blocks == 32
+    train(model, opt, 2)  # the overridden layouts step
+    with pytest.raises(ValueError, match="matched no parameter"):
+        AdamMini(model.parameters(), model=model, overrides={"nothing.*": "whole"})
+    with pytest.raises(ValueError, match="unknown partition override"):
+        AdamMini(model.parameters(), model=model, overrides={"norm.weight": "rows"})
+    with pytest.raises(ValueError, match="not a multiple"):
+        AdamMini(model.parameters(), model=model, overrides={"norm.weight": "head:5"})
+
+
+def test_load_state_dict_with_other_partition_is_rejected():
+    model = tiny_model()
+    opt = AdamMini(model.parameters(), model=model)
+    train(model, opt, 1)
+    other = AdamMini(model.parameters(), model=model, value_blocks="whole")
+    with pytest.raises(ValueError, match="second-moment blocks"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_added_param_group_is_partitioned_by_name():
+    model = tiny_model()
+    head = nn.Linear(32, 5)
+    opt = AdamMini(model.parameters(), model=model)
+    opt.add_param_group({"params": list(head.named_parameters(prefix="classifier.mlp")), "lr": 1e-3})
+    rows = rows_by_name(opt)
+    assert rows["classifier.mlp.weight"].blocks == 5
+    assert rows["classifier.mlp.bias"].blocks == 5

@@ -1,0 +1,274 @@
+"""The shared battery: every case runs against every entry of the registry.
+
+A new optimizer joins by adding one row to ``CASES`` (the first test fails until it does).
+``SKIPS`` lists the few (optimizer, case) pairs that do not apply, each with its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+import leanopt
+from leanopt._optimizer import LeanOptimizer
+from helpers import batch, loss_of, params_equal, state_equal, tiny_model, train
+
+
+@dataclass
+class Case:
+    lr: float  # a learning rate at which the toy problem trains
+    bad: list[tuple[dict, str]]  # hyperparameters that must raise ValueError, and the name it must mention
+    kwargs: dict = field(default_factory=dict)
+
+
+CASES: dict[str, Case] = {
+    "adamw": Case(
+        lr=1e-2,
+        bad=[({"lr": -1.0}, "learning rate"), ({"eps": -1.0}, "epsilon"), ({"betas": (1.0, 0.9)}, "beta parameter at index 0"),
+             ({"betas": (0.9, -0.1)}, "beta parameter at index 1"), ({"weight_decay": -0.1}, "weight_decay")],
+    ),
+    "adam-mini": Case(
+        lr=1e-2,
+        bad=[({"lr": -1.0}, r"\blr\b"), ({"eps": -1.0}, r"\beps\b"), ({"betas": (1.0, 0.9)}, r"betas\[0\]"),
+             ({"betas": (0.9, 1.5)}, r"betas\[1\]"), ({"betas": 0.9}, "betas"), ({"weight_decay": -0.1}, "weight_decay"),
+             ({"lr": float("nan")}, r"\blr\b"), ({"value_blocks": "row"}, "value_blocks"), ({"n_heads": 0}, "n_heads"),
+             ({"n_heads": 4, "n_kv_heads": 3}, "n_kv_heads"), ({"head_dim": -2}, "head_dim"), ({"maximize": 1}, "maximize"),
+             ({"decay_exclusions": "yes"}, "decay_exclusions")],
+    ),
+    "sgd-sai": Case(
+        lr=0.3,
+        bad=[({"lr": -1.0}, r"\blr\b"), ({"momentum": 1.0}, "momentum"), ({"momentum": -0.5}, "momentum"),
+             ({"eps": -1e-8}, r"\beps\b"), ({"weight_decay": -1.0}, "weight_decay"), ({"variant": "v2"}, "variant"),
+             ({"lr": float("inf")}, r"\blr\b"), ({"maximize": "no"}, "maximize")],
+    ),
+    "sgd": Case(
+        lr=0.1,
+        bad=[({"lr": -1.0}, "learning rate"), ({"momentum": -0.9}, "momentum"), ({"weight_decay": -0.1}, "weight_decay")],
+    ),
+    "adafactor": Case(
+        lr=5e-2,
+        bad=[({"lr": -1.0}, "[Ll]earning rate"), ({"beta2_decay": 0.5}, "beta2_decay"), ({"d": 0.5}, "[Cc]lipping threshold d"),
+             ({"weight_decay": -0.1}, "weight_decay"), ({"eps": (-1.0, 1e-3)}, "epsilon1")],
+    ),
+}
+
+SKIPS = {
+    ("sgd", "sparse"): "torch.optim.SGD supports sparse gradients by design",
+}
+
+NAMES = leanopt.list_optimizers()
+
+
+def make(name: str, model, *, owner: nn.Module | None = None, **kwargs) -> torch.optim.Optimizer:
+    """Build ``name`` for a model or params; ``owner`` is the model that params (or groups)
+    belong to, given to structure-aware optimizers as ``model=``."""
+    args = {"lr": CASES[name].lr, **CASES[name].kwargs, **kwargs}
+    if owner is not None and leanopt.optimizer_info(name).structure_aware:
+        args["model"] = owner
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return leanopt.create_optimizer(name, model, **args)
+
+
+def skip_if(name: str, case: str) -> None:
+    if (name, case) in SKIPS:
+        pytest.skip(SKIPS[(name, case)])
+
+
+def test_battery_covers_every_registry_entry():
+    assert set(CASES) == set(NAMES), "every registered optimizer needs a row in CASES"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_decreases(name):
+    model = tiny_model()
+    opt = make(name, model)
+    losses = train(model, opt, 40, fixed_batch=True)
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.85 * losses[0], f"{name}: {[round(x, 3) for x in losses]}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_hyperparameters_raise(name):
+    model = tiny_model()
+    for kwargs, pattern in CASES[name].bad:
+        with pytest.raises(ValueError, match=pattern):
+            make(name, model, **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_hyperparameter_in_param_group_raises(name):
+    if not isinstance(leanopt.optimizer_info(name).factory, type) or not issubclass(
+        leanopt.optimizer_info(name).factory, LeanOptimizer
+    ):
+        pytest.skip("torch.optim checks only the constructor's defaults, not param groups")
+    model = tiny_model()
+    params = list(model.parameters())
+    with pytest.raises(ValueError):
+        make(name, [{"params": params[:2]}, {"params": params[2:], "lr": -1.0}])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_exact_state_dict_resume(name):
+    reference = tiny_model()
+    opt = make(name, reference)
+    train(reference, opt, 6)
+
+    first = tiny_model()
+    opt1 = make(name, first)
+    train(first, opt1, 3)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optim": opt1.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    resumed = tiny_model(seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(saved["model"])
+    opt2 = make(name, resumed)
+    opt2.load_state_dict(saved["optim"])
+    train(resumed, opt2, range(3, 6))
+
+    assert params_equal(reference, resumed), f"{name}: resumed run differs from the uninterrupted one"
+    for p, q in zip(reference.parameters(), resumed.parameters()):
+        assert state_equal(opt.state[p], opt2.state[q])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_none_grads_leave_param_and_state_untouched(name):
+    model = tiny_model()
+    opt = make(name, model)
+    never = model.layers[1].mlp.up_proj.weight  # no gradient at any step
+    sometimes = model.layers[0].self_attn.v_proj.weight  # gradient at the first step only
+    for s in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, s).backward()
+        never.grad = None
+        if s > 0:
+            sometimes.grad = None
+            before_p = sometimes.detach().clone()
+            before_state = copy.deepcopy(opt.state[sometimes])
+        never_before = never.detach().clone()
+        opt.step()
+        assert torch.equal(never, never_before)
+        if s > 0:
+            assert torch.equal(sometimes, before_p)
+            assert state_equal(opt.state[sometimes], before_state)
+    assert len(opt.state[never]) == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sparse_grads_raise(name):
+    skip_if(name, "sparse")
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = make(name, [emb.weight])
+    emb(torch.tensor([1, 2, 3])).sum().backward()
+    assert emb.weight.grad.is_sparse
+    with pytest.raises((RuntimeError, ValueError), match="(?i)sparse"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_groups_use_their_own_lr(name):
+    # first step from identical starts: every update (and decoupled decay) is linear in lr
+    lr = CASES[name].lr / 10
+    single, grouped = tiny_model(), tiny_model()
+    p0 = [p.detach().clone() for p in single.parameters()]
+    opt1 = make(name, single, lr=lr)
+    gp = list(grouped.named_parameters())
+    half = len(gp) // 2
+    opt2 = make(name, [{"params": gp[:half]}, {"params": gp[half:], "lr": 2 * lr}], owner=grouped, lr=lr)
+    train(single, opt1, 1)
+    train(grouped, opt2, 1)
+    moved = 0
+    for i, (a, (_, b), start) in enumerate(zip(single.parameters(), gp, p0)):
+        da, db = a - start, b.detach() - start
+        factor = 1.0 if i < half else 2.0
+        # atol: one float32 ulp of a parameter of magnitude ~1 (norm weights)
+        torch.testing.assert_close(db, factor * da, rtol=1e-4, atol=5e-7)
+        moved += int(da.abs().max() > 0)
+    assert moved > half
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_scheduler_changes_the_step(name):
+    model = tiny_model()
+    opt = make(name, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    start = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 1)
+    assert any(not torch.equal(p, s) for p, s in zip(model.parameters(), start))
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    after_first = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, range(1, 3))
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), after_first)), "lr=0 must freeze the parameters"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_maximize_is_minimizing_the_negation(name):
+    minimized, maximized = tiny_model(), tiny_model()
+    o1 = make(name, minimized)
+    o2 = make(name, maximized, maximize=True)
+    for s in range(4):
+        for model, opt, sign in ((minimized, o1, 1.0), (maximized, o2, -1.0)):
+            opt.zero_grad()
+            loss_of(model, s, sign).backward()
+            opt.step()
+    assert params_equal(minimized, maximized)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_parameters(name):
+    model = tiny_model(dtype=torch.bfloat16)
+    opt = make(name, model)
+    losses = train(model, opt, 15, fixed_batch=True)
+    assert losses[-1] < losses[0]
+    for p in model.parameters():
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
+        for key, value in opt.state[p].items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "step":
+                assert value.dtype == torch.bfloat16, f"{name}: state {key!r} is {value.dtype}"
+                assert torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_closure_is_called_once_and_its_loss_returned(name):
+    with_closure, manual = tiny_model(), tiny_model()
+    o1, o2 = make(name, with_closure), make(name, manual)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        o1.zero_grad()
+        loss = loss_of(with_closure, 0)
+        loss.backward()
+        return loss
+
+    returned = o1.step(closure)
+    assert len(calls) == 1
+    o2.zero_grad()
+    expected = loss_of(manual, 0)
+    expected.backward()
+    o2.step()
+    assert returned.item() == expected.item()
+    assert params_equal(with_closure, manual)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deepcopy(name):
+    model = tiny_model()
+    opt = make(name, model)
+    train(model, opt, 2)
+    model2, opt2 = copy.deepcopy((model, opt))
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    train(model2, opt2, range(2, 4))
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), snapshot)), "the copy shares tensors with the original"
+    train(model, opt, range(2, 4))
+    assert params_equal(model, model2)
