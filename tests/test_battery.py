@@ -48,6 +48,36 @@ CASES: dict[str, Case] = {
              ({"eps": -1e-8}, r"\beps\b"), ({"weight_decay": -1.0}, "weight_decay"), ({"variant": "v2"}, "variant"),
              ({"lr": float("inf")}, r"\blr\b"), ({"maximize": "no"}, "maximize")],
     ),
+    "alpha-adam": Case(
+        lr=1e-2,
+        bad=[({"lr": -1.0}, r"\blr\b"), ({"eps": -1.0}, r"\beps\b"), ({"betas": (0.9, 1.0)}, r"betas\[1\]"),
+             ({"weight_decay": -1.0}, "weight_decay"), ({"mask": "random"}, r"\bmask\b"), ({"alpha": "cubed"}, r"\balpha\b"),
+             ({"count_scale": 1}, "count_scale"), ({"maximize": None}, "maximize")],
+    ),
+    "cadamw": Case(
+        lr=1e-2,
+        bad=[({"lr": -1.0}, r"\blr\b"), ({"eps": -1.0}, r"\beps\b"), ({"betas": (-0.1, 0.9)}, r"betas\[0\]"),
+             ({"weight_decay": -1.0}, "weight_decay")],
+    ),
+    "lion": Case(
+        lr=3e-3,
+        bad=[({"lr": -1.0}, r"\blr\b"), ({"betas": (1.1, 0.9)}, r"betas\[0\]"), ({"betas": (0.9, 1.0)}, r"betas\[1\]"),
+             ({"weight_decay": -1.0}, "weight_decay"), ({"mask": "always"}, r"\bmask\b"), ({"alpha": "x"}, r"\balpha\b")],
+    ),
+    # period 4: the resume case saves after step 3, in the middle of a period
+    "adamw-pma": Case(
+        lr=1e-2,
+        kwargs={"period": 4},
+        bad=[({"lr": -1.0}, r"\blr\b"), ({"period": 0}, "period"), ({"period": 2.0}, "period"), ({"variant": "v1"}, "variant"),
+             ({"betas": (0.9, 1.0)}, r"betas\[1\]"), ({"eps": -1.0}, r"\beps\b"), ({"weight_decay": -1.0}, "weight_decay"),
+             ({"mask": "yes"}, r"\bmask\b")],
+    ),
+    "lion-pma": Case(
+        lr=3e-3,
+        kwargs={"period": 4},
+        bad=[({"lr": -1.0}, r"\blr\b"), ({"period": -2}, "period"), ({"period": True}, "period"), ({"variant": "x"}, "variant"),
+             ({"betas": (1.0, 0.9)}, r"betas\[0\]"), ({"weight_decay": -1.0}, "weight_decay")],
+    ),
     "sgd": Case(
         lr=0.1,
         bad=[({"lr": -1.0}, "learning rate"), ({"momentum": -0.9}, "momentum"), ({"weight_decay": -0.1}, "weight_decay")],

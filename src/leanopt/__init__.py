@@ -8,7 +8,10 @@ Each optimizer is a functional core over lists of tensors plus a thin
 """
 
 from .adam_mini import AdamMini, adam_mini
+from .alpha_adam import AlphaAdam, CAdamW, alpha_adam
+from .lion import Lion, lion
 from .partition import PartitionRow, PartitionWarning
+from .pma import AdamWPMA, LionPMA
 from .registry import OptimizerInfo, create_optimizer, list_optimizers, optimizer_info
 from .sgd_sai import SGDSaI, sgd_sai
 
@@ -17,8 +20,15 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamMini",
     "SGDSaI",
+    "AlphaAdam",
+    "CAdamW",
+    "Lion",
+    "AdamWPMA",
+    "LionPMA",
     "adam_mini",
     "sgd_sai",
+    "alpha_adam",
+    "lion",
     "create_optimizer",
     "list_optimizers",
     "optimizer_info",

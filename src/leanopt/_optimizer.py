@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LeanOptimizer", "Interval", "OneOf", "Betas", "ParamsT"]
+__all__ = ["LeanOptimizer", "Interval", "IntAtLeast", "OneOf", "Betas", "ParamsT"]
 
 ParamsT = Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
 
@@ -90,6 +90,15 @@ class Betas:
             raise ValueError(f"Invalid {name}: {value!r}; {name} must be a pair of floats")
         for i, b in enumerate(value):
             self.interval.check(f"{name}[{i}]", b)
+
+
+@dataclass(frozen=True)
+class IntAtLeast:
+    low: int
+
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < self.low:
+            raise ValueError(f"Invalid {name}: {value!r}; {name} must be an int >= {self.low}")
 
 
 class _Bool:
@@ -256,3 +265,14 @@ def step_tensor() -> Tensor:
 def acc_dtype(t: Tensor) -> torch.dtype:
     """The dtype reductions are computed in: at least float32, float64 for float64 tensors."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def bias_corrections(beta1: float, beta2: float, step: float) -> tuple[float, float]:
+    """Adam's bias corrections at ``step``: ``1 − β1^t`` and ``sqrt(1 − β2^t)``."""
+    return 1 - beta1**step, math.sqrt(1 - beta2**step)
+
+
+def decoupled_decay_(p: Tensor, lr: float | Tensor, weight_decay: float) -> None:
+    """Decoupled weight decay (Loshchilov & Hutter): ``p ← p·(1 − lr·wd)``, before the update."""
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)

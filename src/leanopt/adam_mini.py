@@ -16,7 +16,6 @@ can be compared to rounding error.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +23,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, OneOf, ParamsT, acc_dtype, step_tensor
+from ._optimizer import (
+    BOOL,
+    NONNEG,
+    Betas,
+    LeanOptimizer,
+    OneOf,
+    ParamsT,
+    acc_dtype,
+    bias_corrections,
+    decoupled_decay_,
+    step_tensor,
+)
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
 from .partition import (
     BlockLayout,
     BlockRule,
@@ -66,22 +77,29 @@ def adam_mini(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    mask: str = "none",
+    alpha: str = "none",
+    count_scale: bool = False,
 ) -> None:
     """Functional Adam-mini step over lists of tensors (per-tensor reference path).
 
     ``exp_avg_sqs[i]`` holds one value per block of ``layouts[i]``; ``decay[i]`` says
-    whether the decoupled weight decay applies to ``params[i]``.
+    whether the decoupled weight decay applies to ``params[i]``. ``mask``, ``alpha``,
+    ``count_scale``: the AlphaAdam component (:mod:`leanopt.mask`), with
+    ``u = m̂ / (sqrt(v̂_B) + eps)``.
     """
+    masked = mask_active(mask, count_scale)
     for p, g, m, v, step_t, layout, dec in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay, strict=True):
         if maximize:
             g = -g
         step_t += 1
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        bias_correction1, bias_correction2_sqrt = bias_corrections(beta1, beta2, step_t.item())
         acc = acc_dtype(p)
 
+        phi = agreement(g, m) if mask == "async" else None
         m.lerp_(g, 1 - beta1)
+        if mask == "sync":
+            phi = agreement(g, m)
         block_sq = block_mean_sq(g, layout, acc)
         if v.dtype == acc:
             v.mul_(beta2).add_(block_sq, alpha=1 - beta2)
@@ -89,10 +107,14 @@ def adam_mini(
         else:  # low-precision params: update in float32, store rounded, use what is stored
             v.copy_(v.to(acc).mul_(beta2).add_(block_sq, alpha=1 - beta2))
             v_acc = v.to(acc)
-        if dec and weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        scale = (lr / bias_correction1) / v_acc.sqrt().div_(bias_correction2_sqrt).add_(eps)
-        _sub_blockwise(p, m, expand_blocks(scale, layout).to(p.dtype), layout)
+        if dec:
+            decoupled_decay_(p, lr, weight_decay)
+        denom = v_acc.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        if masked:
+            u = (m.view(layout.view) * expand_blocks(1 / (bias_correction1 * denom), layout).to(p.dtype)).view(p.shape)
+            masked_update_(p, u, phi, lr, alpha=alpha, count_scale=count_scale)
+        else:
+            _sub_blockwise(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout)
 
 
 def _positive_int_or_none(name: str, value: Any) -> None:
@@ -142,6 +164,10 @@ class AdamMini(LeanOptimizer):
             (``fnmatch`` patterns on parameter names); a rule is ``"element"``,
             ``"neuron"``, ``"whole"`` or ``"head:N"`` (blocks of N output neurons).
         decay_exclusions: if False, weight decay applies to every parameter. Default True.
+        mask, alpha, count_scale: the AlphaAdam mask component (:mod:`leanopt.mask`) with
+            ``u = m̂/(sqrt(v̂_B) + eps)``: ``mask="async"`` gives a memory-light AlphaAdam.
+            Default ``mask="none"``; with a mask on, ``alpha`` and ``count_scale`` default
+            to AlphaAdam's (``"squared"``, True).
         maximize: maximize the objective instead of minimizing it. Default False.
 
     Reductions run in float32 (float64 for float64 parameters); state tensors take the
@@ -156,6 +182,7 @@ class AdamMini(LeanOptimizer):
         "eps": NONNEG,
         "weight_decay": NONNEG,
         "maximize": BOOL,
+        **mask_checks(),
     }
 
     def __init__(
@@ -174,6 +201,9 @@ class AdamMini(LeanOptimizer):
         value_blocks: str = "neuron",
         overrides: Mapping[str, str] | None = None,
         decay_exclusions: bool = True,
+        mask: str = "none",
+        alpha: str | None = None,
+        count_scale: bool | None = None,
         maximize: bool = False,
     ) -> None:
         for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
@@ -202,7 +232,8 @@ class AdamMini(LeanOptimizer):
             self._fallbacks, self._found_structure = fallbacks, found
         self._warned_plain = False
 
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        **mask_defaults(mask, alpha, count_scale))
         super().__init__(params, defaults)
         # the model-wide table served construction; keeping it would pin (and deepcopy)
         # every model tensor, also the frozen ones
@@ -324,4 +355,7 @@ class AdamMini(LeanOptimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
+                mask=group["mask"],
+                alpha=group["alpha"],
+                count_scale=group["count_scale"],
             )

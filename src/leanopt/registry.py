@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 from .adam_mini import AdamMini
+from .alpha_adam import AlphaAdam, CAdamW
+from .lion import Lion
+from .pma import AdamWPMA, LionPMA
 from .sgd_sai import SGDSaI
 
 __all__ = ["OptimizerInfo", "create_optimizer", "list_optimizers", "optimizer_info", "register"]
@@ -94,6 +97,26 @@ register(OptimizerInfo(
 register(OptimizerInfo(
     "sgd-sai", SGDSaI, "Xu et al. 2024, arXiv:2412.11768",
     "1 (m, one scale per tensor)", named=True,
+))
+register(OptimizerInfo(
+    "alpha-adam", AlphaAdam, "Chang et al. 2025, arXiv:2501.18094",
+    "2 (m, v)", named=True,
+))
+register(OptimizerInfo(
+    "cadamw", CAdamW, "Liang et al. 2024, arXiv:2411.16085 (cautious AdamW)",
+    "2 (m, v)", named=True,
+))
+register(OptimizerInfo(
+    "lion", Lion, "Chen et al. 2023, arXiv:2302.06675",
+    "1 (m)", named=True,
+))
+register(OptimizerInfo(
+    "adamw-pma", AdamWPMA, "PMA paper, Algorithm 1 (AdamW with periodic moving average)",
+    "2 (m, v)", named=True,
+))
+register(OptimizerInfo(
+    "lion-pma", LionPMA, "PMA paper, Algorithm 2 (Lion with periodic moving average)",
+    "1 (m)", named=True,
 ))
 register(OptimizerInfo(
     "sgd", torch.optim.SGD, "SGD with momentum 0.9 (torch.optim)",

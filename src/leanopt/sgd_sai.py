@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype
+from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
 
 __all__ = ["SGDSaI", "sgd_sai", "gsnr"]
 
@@ -37,24 +38,36 @@ def sgd_sai(
     momentum: float,
     weight_decay: float,
     maximize: bool,
+    mask: str = "none",
+    alpha: str = "none",
+    count_scale: bool = False,
 ) -> None:
     """Functional SGD-SaI step over lists of tensors.
 
     ``momentum_buffers[i]`` is None when ``momentum == 0``; ``fresh[i]`` marks a buffer
     created at this step, whose value already is the first gradient (``m ← g``).
+    ``mask``, ``alpha``, ``count_scale``: the AlphaAdam component (:mod:`leanopt.mask`)
+    with ``u = scale·m``; a fresh buffer's ``m_{t−1}`` is zero (so the async mask
+    falls back to all ones at the first step).
     """
+    masked = mask_active(mask, count_scale)
     for p, g, buf, scale, first in zip(params, grads, momentum_buffers, scales, fresh, strict=True):
         if maximize:
             g = -g
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
+        phi = agreement(g, buf) if mask == "async" and not first else None
         if buf is None:
             direction = g
         else:
             if not first:
                 buf.mul_(momentum).add_(g, alpha=1 - momentum)
             direction = buf
-        p.addcmul_(direction, scale, value=-lr)
+        if mask == "sync":
+            phi = agreement(g, direction)
+        decoupled_decay_(p, lr, weight_decay)
+        if masked:
+            masked_update_(p, direction * scale, phi, lr, alpha=alpha, count_scale=count_scale)
+        else:
+            p.addcmul_(direction, scale, value=-lr)
 
 
 def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
@@ -85,6 +98,9 @@ class SGDSaI(LeanOptimizer):
         eps: added to the variance (``"paper"``) or the std (``"released"``). Default 1e-8.
         weight_decay: decoupled weight decay, applied to every parameter. Default 1e-2.
         variant: ``"paper"`` (default) or ``"released"`` (see below).
+        mask, alpha, count_scale: the AlphaAdam mask component (:mod:`leanopt.mask`) with
+            ``u = scale·m``; default ``mask="none"``. ``mask="async"`` needs momentum > 0
+            (without momentum there is no previous first moment).
         maximize: maximize the objective instead of minimizing it. Default False.
 
     ``variant="paper"``: ``scale = snr / max_k snr_k`` with the biased variance of the
@@ -122,6 +138,7 @@ class SGDSaI(LeanOptimizer):
         "weight_decay": NONNEG,
         "variant": OneOf(("paper", "released")),
         "maximize": BOOL,
+        **mask_checks(),
     }
 
     def __init__(
@@ -133,10 +150,21 @@ class SGDSaI(LeanOptimizer):
         weight_decay: float = 1e-2,
         *,
         variant: str = "paper",
+        mask: str = "none",
+        alpha: str | None = None,
+        count_scale: bool | None = None,
         maximize: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, variant=variant, maximize=maximize)
+        defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, variant=variant, maximize=maximize,
+                        **mask_defaults(mask, alpha, count_scale))
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["mask"] == "async" and group["momentum"] == 0:
+            self.param_groups.pop()
+            raise ValueError("SGDSaI: mask='async' needs momentum > 0: without momentum there is no m_{t-1} to compare with")
 
     # -- scale at initialization ----------------------------------------------------------
     def _stored_max(self) -> Tensor | None:
@@ -190,8 +218,8 @@ class SGDSaI(LeanOptimizer):
             todo = [(p, g) for p, g in zip(params, grads) if "scale" in self.state[p]]
             waiting = [p for p, g in zip(params, grads) if "scale" not in self.state[p]]
             lr, wd = group["lr"], group["weight_decay"]
-            if waiting and wd != 0:
-                torch._foreach_mul_(waiting, 1 - lr * wd)
+            for p in waiting:
+                decoupled_decay_(p, lr, wd)
             if not todo:
                 continue
             ps = [p for p, _ in todo]
@@ -212,4 +240,7 @@ class SGDSaI(LeanOptimizer):
                 momentum=group["momentum"],
                 weight_decay=wd,
                 maximize=group["maximize"],
+                mask=group["mask"],
+                alpha=group["alpha"],
+                count_scale=group["count_scale"],
             )

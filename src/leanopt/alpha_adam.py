@@ -1,0 +1,185 @@
+"""AlphaAdam and cautious AdamW (C-AdamW): AdamW with an intra-layer update mask.
+
+Paper: Chang, Yuan & Li, "AlphaAdam: Asynchronous Masked Optimization with Dynamic Alpha
+for Selective Updates", arXiv:2501.18094 (Algorithm 1). C-AdamW: Liang et al.,
+"Cautious Optimizers: Improving Training with One Line of Code", arXiv:2411.16085 (the
+AlphaAdam paper's "CAdam" baseline). Contract: ``ALGORITHMS.md`` §3.
+
+Per parameter tensor::
+
+    m ← β1·m + (1−β1)·g ;  v ← β2·v + (1−β2)·g²
+    u = (m / (1−β1^t)) / (sqrt(v / (1−β2^t)) + eps)
+    p ← p·(1 − lr·wd) ;  p ← p − η̂·α·(φ⊙u)       (φ, α, η̂: :mod:`leanopt.mask`)
+
+The functional core :func:`alpha_adam` takes per-parameter step coefficients
+(:class:`AdamStep`), so that AdamW-PMA (:mod:`leanopt.pma`) runs the same code with its
+period-dependent moment weights, learning rates and bias corrections.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decoupled_decay_, step_tensor
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
+
+__all__ = ["AdamStep", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
+
+
+class AdamStep(NamedTuple):
+    """The scalars of one Adam-family step for one parameter.
+
+    ``m ← m_keep·m + m_gain·g``; ``v ← v_keep·v + v_gain·g²``;
+    ``u = (m / m_div) / (sqrt(v) / v_div + eps·eps_mul)``; decay with ``decay_lr``; step
+    with ``lr``; afterwards ``m, v ← rescale·m, rescale·v``.
+    """
+
+    lr: float | Tensor
+    decay_lr: float | Tensor
+    m_keep: float
+    m_gain: float
+    v_keep: float
+    v_gain: float
+    m_div: float
+    v_div: float
+    eps_mul: float = 1.0
+    rescale: float = 1.0
+
+
+def adam_step(lr: float | Tensor, beta1: float, beta2: float, step: float) -> AdamStep:
+    """AdamW's coefficients at ``step`` (as ``torch.optim.AdamW``)."""
+    bc1, bc2_sqrt = bias_corrections(beta1, beta2, step)
+    return AdamStep(lr, lr, beta1, 1 - beta1, beta2, 1 - beta2, bc1, bc2_sqrt)
+
+
+def alpha_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    coeffs: list[AdamStep],
+    *,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    mask: str,
+    alpha: str,
+    count_scale: bool,
+) -> None:
+    """Functional AlphaAdam step over lists of tensors (per-tensor reference path).
+
+    With ``mask="none"`` and ``count_scale=False`` this is AdamW, operation for operation.
+    """
+    masked = mask_active(mask, count_scale)
+    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs, strict=True):
+        if maximize:
+            g = -g
+        phi = agreement(g, m) if mask == "async" else None  # m is still m_{t-1}
+        if c.m_keep + c.m_gain == 1:
+            m.lerp_(g, c.m_gain)
+        else:
+            m.mul_(c.m_keep).add_(g, alpha=c.m_gain)
+        v.mul_(c.v_keep).addcmul_(g, g, value=c.v_gain)
+        if mask == "sync":
+            phi = agreement(g, m)
+        decoupled_decay_(p, c.decay_lr, weight_decay)
+        denom = v.sqrt().div_(c.v_div).add_(eps * c.eps_mul)
+        if masked:
+            masked_update_(p, m.div(denom).div_(c.m_div), phi, c.lr, alpha=alpha, count_scale=count_scale)
+        else:
+            p.addcdiv_(m, denom, value=-(c.lr / c.m_div))
+        if c.rescale != 1:
+            m.mul_(c.rescale)
+            v.mul_(c.rescale)
+
+
+class AlphaAdam(LeanOptimizer):
+    """AlphaAdam (arXiv:2501.18094): AdamW that updates, per tensor, only the coordinates
+    whose gradient agrees in sign with the previous momentum, compensating the lost
+    magnitude with α and a count scale. State: as AdamW (``exp_avg``, ``exp_avg_sq``).
+
+    Readings of the paper (``ALGORITHMS.md`` §3): Algorithm 1 prints no bias correction
+    and ``sqrt(v + eps)``; we use AdamW's bias correction and ``sqrt(v̂) + eps``, so that
+    ``mask="none", alpha="none", count_scale=False`` is exactly ``torch.optim.AdamW``. The
+    mask uses strict agreement, ``g·m > 0`` (Algorithm 1), not the ``≥`` of Eqs. 5-6; when
+    it selects nothing (always at t = 1, where m_0 = 0) φ falls back to all ones and the
+    formulas apply literally (α = 1, η̂ = lr·n/(n+1)).
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or param-group dicts.
+        lr: learning rate. Default 1e-3.
+        betas: ``(β1, β2)``, each in [0, 1). Default (0.9, 0.999).
+        eps: added to ``sqrt(v̂)``. Default 1e-8.
+        weight_decay: decoupled weight decay. Default 1e-2 (as ``torch.optim.AdamW``).
+        mask: ``"async"`` (default: φ from ``g ⊙ m_{t−1}``), ``"sync"`` (``g ⊙ m_t``) or ``"none"``.
+        alpha: ``"squared"`` (default, Algorithm 1: ``||u||²/||φ⊙u||²``), ``"root"`` (Eq. 9) or ``"none"``.
+        count_scale: scale the step by ``n/(||φ||₀+1)`` (Algorithm 1). Default True.
+        maximize: maximize the objective instead of minimizing it. Default False.
+    """
+
+    _checks = {"lr": NONNEG, "betas": Betas(), "eps": NONNEG, "weight_decay": NONNEG, "maximize": BOOL, **mask_checks()}
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        mask: str = "async",
+        alpha: str | None = "squared",
+        count_scale: bool | None = True,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        **mask_defaults(mask, alpha, count_scale))
+        super().__init__(params, defaults)
+
+    def _coeffs(self, group: dict[str, Any], step: float) -> AdamStep:
+        beta1, beta2 = group["betas"]
+        return adam_step(group["lr"], beta1, beta2, step)
+
+    def _update(self) -> None:
+        for group in self.param_groups:
+            params, grads = self._grads(group)
+            if not params:
+                continue
+            exp_avgs, exp_avg_sqs, coeffs = [], [], []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = step_tensor()
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                coeffs.append(self._coeffs(group, state["step"].item()))
+            alpha_adam(
+                params, grads, exp_avgs, exp_avg_sqs, coeffs,
+                eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+                mask=group["mask"], alpha=group["alpha"], count_scale=group["count_scale"],
+            )
+
+
+class CAdamW(AlphaAdam):
+    """Cautious AdamW (Liang et al. 2024, arXiv:2411.16085; AlphaAdam's "CAdam" baseline):
+    AlphaAdam with the *synchronous* mask ``g ⊙ m_t > 0``, no α, and the count scale
+    ``n/(||φ||₀+1)`` (``ALGORITHMS.md`` §3). Arguments as :class:`AlphaAdam`, without the
+    mask ones."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, mask="sync", alpha="none", count_scale=True, maximize=maximize)

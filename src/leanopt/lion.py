@@ -1,0 +1,129 @@
+"""Lion: the sign of an interpolated momentum.
+
+Paper: Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675.
+Contract: ``ALGORITHMS.md`` §4-5::
+
+    c = β1·m + (1−β1)·g
+    p ← p·(1 − lr·wd) ;  p ← p − lr·sign(c)
+    m ← β2·m + (1−β2)·g
+
+The functional core :func:`lion` takes per-parameter step coefficients (:class:`LionStep`)
+so that Lion-PMA (:mod:`leanopt.pma`) runs the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, decoupled_decay_, step_tensor
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
+
+__all__ = ["Lion", "LionStep", "lion", "lion_step"]
+
+
+class LionStep(NamedTuple):
+    """``c = c_keep·m + c_gain·g``; ``m ← m_keep·m + m_gain·g``; decay with ``decay_lr``;
+    step ``lr·sign(c)``; afterwards ``m ← rescale·m``."""
+
+    lr: float | Tensor
+    decay_lr: float | Tensor
+    c_keep: float
+    c_gain: float
+    m_keep: float
+    m_gain: float
+    rescale: float = 1.0
+
+
+def lion_step(lr: float | Tensor, beta1: float, beta2: float) -> LionStep:
+    return LionStep(lr, lr, beta1, 1 - beta1, beta2, 1 - beta2)
+
+
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    coeffs: list[LionStep],
+    *,
+    weight_decay: float,
+    maximize: bool,
+    mask: str,
+    alpha: str,
+    count_scale: bool,
+) -> None:
+    """Functional Lion step over lists of tensors (per-tensor reference path)."""
+    masked = mask_active(mask, count_scale)
+    for p, g, m, c in zip(params, grads, exp_avgs, coeffs, strict=True):
+        if maximize:
+            g = -g
+        phi = agreement(g, m) if mask == "async" else None
+        update = m.mul(c.c_keep).add_(g, alpha=c.c_gain).sign_()
+        m.mul_(c.m_keep).add_(g, alpha=c.m_gain)
+        if mask == "sync":
+            phi = agreement(g, m)
+        decoupled_decay_(p, c.decay_lr, weight_decay)
+        if masked:
+            masked_update_(p, update, phi, c.lr, alpha=alpha, count_scale=count_scale)
+        else:
+            p.add_(update, alpha=-c.lr)
+        if c.rescale != 1:
+            m.mul_(c.rescale)
+
+
+class Lion(LeanOptimizer):
+    """Lion (arXiv:2302.06675): sign of the interpolated momentum; state is one momentum
+    buffer (``exp_avg``) per parameter.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or param-group dicts.
+        lr: learning rate (Lion's are typically 3-10x smaller than AdamW's). Default 1e-4.
+        betas: ``(β1, β2)``: interpolation and momentum coefficients. Default (0.9, 0.99).
+        weight_decay: decoupled weight decay ``p·(1 − lr·wd)`` (as ``lion-pytorch``). Default 0.
+        mask, alpha, count_scale: the AlphaAdam mask component (:mod:`leanopt.mask`) with
+            ``u = sign(c)`` and ``m`` Lion's momentum. Default ``mask="none"`` (plain Lion);
+            with a mask on, ``alpha`` and ``count_scale`` default to AlphaAdam's.
+        maximize: maximize the objective instead of minimizing it. Default False.
+    """
+
+    _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, **mask_checks()}
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        mask: str = "none",
+        alpha: str | None = None,
+        count_scale: bool | None = None,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                        **mask_defaults(mask, alpha, count_scale))
+        super().__init__(params, defaults)
+
+    def _coeffs(self, group: dict[str, Any], step: float) -> LionStep:
+        return lion_step(group["lr"], *group["betas"])
+
+    def _update(self) -> None:
+        for group in self.param_groups:
+            params, grads = self._grads(group)
+            if not params:
+                continue
+            exp_avgs, coeffs = [], []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = step_tensor()
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                exp_avgs.append(state["exp_avg"])
+                coeffs.append(self._coeffs(group, state["step"].item()))
+            lion(
+                params, grads, exp_avgs, coeffs,
+                weight_decay=group["weight_decay"], maximize=group["maximize"],
+                mask=group["mask"], alpha=group["alpha"], count_scale=group["count_scale"],
+            )

@@ -1,0 +1,92 @@
+"""AlphaAdam's intra-layer mask and α compensation, as a component of any momentum optimizer.
+
+Paper: Chang, Yuan & Li, "AlphaAdam: Asynchronous Masked Optimization with Dynamic Alpha
+for Selective Updates", arXiv:2501.18094 (Algorithm 1, Eqs. 5, 6, 9). Contract:
+``ALGORITHMS.md`` §3. The paper states the mechanism applies to most momentum-based
+optimizers; here it is one piece of code that AlphaAdam, C-AdamW, Adam-mini, SGD-SaI,
+Lion and the PMA optimizers all call, with ``u`` their own update direction and ``m``
+their own first moment. Per parameter tensor of ``n`` elements::
+
+    d  = g ⊙ m_{t−1}   (mask="async", Eq. 6)      d = g ⊙ m_t   (mask="sync", Eq. 5)
+    φ  = 1[d > 0]                                  (mask="none": φ = 1)
+    if sum(φ⊙u⊙u) == 0: φ = 1                      (nothing selected, e.g. t = 1 with m_0 = 0)
+    α  = ||u||² / ||φ⊙u||²                         (alpha="squared"; "root": its square root; "none": 1)
+    η̂  = lr · n / (||φ||₀ + 1)                     (count_scale=True; False: η̂ = lr)
+    p ← p − η̂ · α · (φ⊙u)
+
+The weight decay is the optimizer's own, applied before. When the mask is off
+(``mask="none"``, ``count_scale=False``) the component is skipped entirely, so each
+optimizer's default path is untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._optimizer import BOOL, OneOf, acc_dtype
+
+__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_"]
+
+MASKS = ("none", "async", "sync")
+ALPHAS = ("squared", "root", "none")
+
+
+def mask_checks() -> dict[str, Any]:
+    """Hyperparameter checks for the three mask arguments, to merge into ``_checks``."""
+    return {"mask": OneOf(MASKS), "alpha": OneOf(ALPHAS), "count_scale": BOOL}
+
+
+def mask_defaults(mask: str, alpha: str | None, count_scale: bool | None) -> dict[str, Any]:
+    """Resolve ``None``: with a mask on, AlphaAdam's defaults (α "squared", count scaling);
+    with ``mask="none"``, neither (so that the optimizer is exactly its unmasked self)."""
+    OneOf(MASKS).check("mask", mask)
+    on = mask != "none"
+    return {
+        "mask": mask,
+        "alpha": ("squared" if on else "none") if alpha is None else alpha,
+        "count_scale": on if count_scale is None else count_scale,
+    }
+
+
+def mask_active(mask: str, count_scale: bool) -> bool:
+    """Whether the component changes the update at all (with φ ≡ 1, α is always 1)."""
+    return mask != "none" or count_scale
+
+
+def agreement(g: Tensor, m: Tensor) -> Tensor:
+    """φ before the fallback: where the gradient and the momentum agree in sign (d > 0)."""
+    return (g * m) > 0
+
+
+def masked_update_(p: Tensor, u: Tensor, phi: Tensor | None, lr: float | Tensor, *, alpha: str, count_scale: bool) -> None:
+    """``p ← p − η̂·α·(φ⊙u)`` for one tensor; ``phi=None`` means φ ≡ 1.
+
+    Reductions run in float32 (float64 for float64 parameters). Branch-free, so it does
+    not synchronize with the device: the empty-mask fallback is a ``where``.
+    """
+    acc = acc_dtype(p)
+    n = u.numel()
+    uu = torch.linalg.vector_norm(u, dtype=acc).square()
+    if phi is None:
+        selected, su, count = u, uu, torch.tensor(float(n), dtype=acc, device=u.device)
+    else:
+        su_raw = torch.linalg.vector_norm(u * phi, dtype=acc).square()
+        empty = su_raw == 0
+        phi = phi | empty
+        selected = u * phi
+        su = torch.where(empty, uu, su_raw)
+        count = torch.where(empty, torch.tensor(float(n), dtype=acc, device=u.device), phi.sum(dtype=acc))
+    if alpha == "none":
+        a = torch.ones((), dtype=acc, device=u.device)
+    else:
+        # u ≡ 0 leaves nothing to compensate: α = 1 instead of 0/0
+        a = torch.where(su > 0, uu / torch.where(su > 0, su, 1.0), 1.0)
+        if alpha == "root":
+            a = a.sqrt()
+    step = lr * a
+    if count_scale:
+        step = step * (n / (count + 1))
+    p.addcmul_(selected, step.to(p.dtype), value=-1.0)
