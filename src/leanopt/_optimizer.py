@@ -18,6 +18,8 @@ This module holds what is common to all of them:
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -255,6 +257,19 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     def _update(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` that points at the first caller outside
+    leanopt and torch (the user's line), however deep the warning is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def step_tensor() -> Tensor:

@@ -34,6 +34,7 @@ from ._optimizer import (
     bias_corrections,
     decoupled_decay_,
     step_tensor,
+    user_stacklevel,
 )
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
 from .partition import (
@@ -265,7 +266,7 @@ class AdamMini(LeanOptimizer):
                     "transformers. Pass model=model or model.named_parameters() for the "
                     "Adam-mini partition.",
                     PartitionWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
         if not self._decay_exclusions and not rule.decay:
             rule = BlockRule(rule.rule, rule.layout, decay=True)
@@ -285,7 +286,7 @@ class AdamMini(LeanOptimizer):
                 "parameters; if this is a transformer, pass model=model (or dim= and n_heads= "
                 "with named parameters) so that blocks follow its heads and neurons.",
                 PartitionWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
     def describe_partition(self) -> list[PartitionRow]:

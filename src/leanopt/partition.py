@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._optimizer import user_stacklevel
+
 __all__ = [
     "BlockLayout",
     "BlockRule",
@@ -609,5 +611,5 @@ def warn_fallbacks(fallbacks: list[str]) -> None:
             + ("; ..." if len(fallbacks) > 3 else "")
             + ". Pass n_heads=, n_kv_heads= and/or head_dim= to fix.",
             PartitionWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
