@@ -9,8 +9,11 @@ import io
 import math
 import warnings
 
+import adam_mini as adam_mini_pkg
+import peft
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import leanopt
@@ -18,8 +21,6 @@ from leanopt import AdamMini, PartitionWarning
 from leanopt.partition import BlockLayout, block_mean_sq, expand_blocks
 from helpers import max_rel_diff, tiny_model, train
 
-transformers = pytest.importorskip("transformers")
-adam_mini_pkg = pytest.importorskip("adam_mini")
 
 
 def quiet(fn, *args, **kwargs):
@@ -309,7 +310,6 @@ def test_partition_torch_transformer_encoder():
 
 
 def test_partition_lora_adapters():
-    peft = pytest.importorskip("peft")
     base = llama(num_hidden_layers=1)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8))
     rows = partition(model)

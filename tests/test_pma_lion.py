@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 
+import lion_pytorch
 import pytest
 import torch
 from torch import nn
@@ -12,7 +13,6 @@ from torch import nn
 from leanopt import AdamWPMA, Lion, LionPMA
 from helpers import max_rel_diff, params_equal, tiny_model, train
 
-lion_pytorch = pytest.importorskip("lion_pytorch")
 
 
 def test_adamw_pma_period_one_is_torch_adamw():

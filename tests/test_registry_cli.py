@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 import leanopt
 from leanopt.cli import main
@@ -81,7 +82,6 @@ def test_cli_partition_demo(capsys):
 
 
 def test_cli_partition_hf_config(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
     path = tmp_path / "config.json"
     transformers.GPT2Config().to_json_file(path)
     assert main(["partition", "--hf-config", str(tmp_path), "--summary"]) == 0

@@ -8,13 +8,13 @@ import io
 import math
 
 import pytest
+import sgd_sai as sgd_sai_pkg
 import torch
 from torch import nn
 
 from leanopt import SGDSaI
 from helpers import max_rel_diff, tiny_model, train
 
-sgd_sai_pkg = pytest.importorskip("sgd_sai")
 
 
 def reference_snr(g: torch.Tensor, eps: float) -> float:
