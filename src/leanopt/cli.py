@@ -6,6 +6,10 @@
   optimizer-state memory of Adam-mini against AdamW, for the demo GPT or for a
   transformers model built from a config JSON on the ``meta`` device (no weights are
   loaded or allocated, nothing is downloaded).
+* ``leanopt prepare`` — the benchmark corpora and tokenizer (:mod:`leanopt.bench.data`).
+* ``leanopt bench PRESET`` — train and compare optimizers, write a report with the
+  papers' claims checked (:mod:`leanopt.bench.tasks`).
+* ``leanopt report RUN_DIR`` — regenerate a report from saved results.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ class CLIError(Exception):
     """A user error: printed without a traceback, exit status 2."""
 
 
-def build_hf_model(path: str | Path) -> nn.Module:
-    """A transformers model from a config JSON, on the meta device."""
+def load_hf_config(path: str | Path):
+    """A transformers config from a config JSON (or a folder holding ``config.json``)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -50,10 +54,17 @@ def build_hf_model(path: str | Path) -> nn.Module:
         raise CLIError("--hf-config needs the transformers package: pip install transformers") from None
     model_type = cfg.pop("model_type")
     try:
-        config = transformers.AutoConfig.for_model(model_type, **cfg)
+        return transformers.AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as e:
         raise CLIError(f"transformers cannot build a config of model_type {model_type!r}: {e}") from None
-    archs = cfg.get("architectures") or []
+
+
+def build_hf_model(path: str | Path) -> nn.Module:
+    """A transformers model from a config JSON, on the meta device."""
+    import transformers
+
+    config = load_hf_config(path)
+    archs = getattr(config, "architectures", None) or []
     cls = getattr(transformers, archs[0], None) if archs else None
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -64,7 +75,7 @@ def build_hf_model(path: str | Path) -> nn.Module:
                 return auto.from_config(config)
             except ValueError:
                 continue
-    raise CLIError(f"transformers has no model class for model_type {model_type!r}")
+    raise CLIError(f"transformers has no model class for model_type {config.model_type!r}")
 
 
 def measure_state_ratio(name: str, model: nn.Module) -> float:
@@ -126,6 +137,44 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .bench.data import DEFAULT_CORPORA, prepare
+
+    corpora = args.corpus if args.corpus is not None else (() if args.text else DEFAULT_CORPORA)
+    prepare(args.data_dir, corpora, texts=args.text or (), text_name=args.name, vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction, force=args.force)
+    return 0
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes integers separated by commas, got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.tasks import get_task, run_task
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task(args.preset, device=args.device, corpus=args.corpus, hf_config=args.hf_config,
+                    bf16=True if args.bf16 else None, seeds=args.seeds)
+    report = run_task(task, args.out, args.data_dir, progress=not args.no_progress)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .bench.report import write_report
+
+    try:
+        print(f"report: {write_report(args.run_dir)}")
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leanopt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -143,14 +192,46 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="bytes per element for the memory figures")
     p.add_argument("--summary", action="store_true", help="print only the per-rule summary, not every parameter")
     p.set_defaults(func=cmd_partition)
+
+    from .bench.tasks import PRESETS as TASKS
+
+    p = sub.add_parser("prepare", help="download and tokenize the benchmark corpora")
+    p.add_argument("--data-dir", default=None, help="where data is cached (default: $LEANOPT_DATA or ./data)")
+    p.add_argument("--corpus", nargs="*", default=None, metavar="NAME", help="built-in corpora to prepare (default: python shakespeare)")
+    p.add_argument("--text", nargs="+", metavar="PATH", help="your own text files or folders, prepared as corpus --name")
+    p.add_argument("--name", default="text", help="corpus name for --text (default: text)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: 4096)")
+    p.add_argument("--val-fraction", type=float, default=0.03, help="share of documents held out for validation")
+    p.add_argument("--force", action="store_true", help="rebuild the tokenizer and every corpus")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("bench", help="run a benchmark preset and write its report")
+    p.add_argument("preset", help=f"one of: {', '.join(TASKS)}")
+    p.add_argument("--data-dir", default=None, help="prepared data (default: $LEANOPT_DATA or ./data)")
+    p.add_argument("--out", default="runs", help="results folder (default: ./runs)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    p.add_argument("--corpus", default=None, help="train on this prepared corpus instead of the preset's")
+    p.add_argument("--hf-config", default=None, metavar="PATH", help="train a transformers model built from this config")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds for every run (default: the preset's)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="regenerate the report of a finished benchmark task")
+    p.add_argument("run_dir", help="a task folder, e.g. runs/quick")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    from .bench.config import ConfigError
+    from .bench.data import DataError
+
     try:
         return args.func(args)
-    except CLIError as e:
+    except (CLIError, ConfigError, DataError) as e:
         print(f"leanopt: error: {e}", file=sys.stderr)
         return 2
 

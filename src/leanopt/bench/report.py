@@ -1,0 +1,486 @@
+"""The benchmark report: claims table, tables, plots (``leanopt report RUN_DIR``).
+
+Everything here is computed from ``summary.json`` (and each run's summary), so a report
+can be regenerated at any time without training.
+
+Verdicts. Runs that differ only by seed form a group; a group's value is the mean over
+seeds and its *spread* the max − min. The noise level of a comparison is the larger
+spread of the two groups, and at least 0.5 % of the reference value (two seeds give a
+crude estimate; the floor keeps single-seed comparisons from claiming precision they do
+not have). A claim of *on par* holds when the difference is within the noise and does
+not hold beyond twice the noise; a claim of *better* holds when the gain exceeds the
+noise and does not hold when the result is worse by more than the noise; everything
+between is *inconclusive*.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import atomic_write, write_json
+
+__all__ = ["write_report", "Verdict", "evaluate_claims", "crossing_samples"]
+
+HOLDS, FAILS, INCONCLUSIVE, MISSING = "holds", "does not hold", "inconclusive", "not measured"
+NOISE_FLOOR = 0.005
+
+
+@dataclass
+class Verdict:
+    claim: str
+    paper: str
+    measured: str
+    verdict: str
+
+
+class Groups:
+    """Run summaries grouped by ``group`` (seeds of one configuration)."""
+
+    def __init__(self, runs: list[dict[str, Any]]) -> None:
+        self.by_group: dict[str, list[dict]] = defaultdict(list)
+        for r in runs:
+            self.by_group[r["group"]].append(r)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.by_group
+
+    def values(self, name: str, fn: Callable[[dict], float]) -> list[float]:
+        return [fn(r) for r in self.by_group[name]]
+
+    def mean(self, name: str, fn: Callable[[dict], float]) -> float:
+        return statistics.fmean(self.values(name, fn))
+
+    def spread(self, name: str, fn: Callable[[dict], float]) -> float:
+        v = self.values(name, fn)
+        return max(v) - min(v)
+
+
+def final(r: dict) -> float:
+    return r["final_val"]
+
+
+def val_at(fraction: float) -> Callable[[dict], float]:
+    """Validation loss at ``fraction`` of the run (the last validation at or before it)."""
+
+    def fn(r: dict) -> float:
+        limit = fraction * r["samples"]
+        points = [loss for samples, _, loss in r["val_curve"] if samples <= limit + 1e-9 and samples > 0]
+        return points[-1] if points else r["val_curve"][0][2]
+
+    return fn
+
+
+def noise(groups: Groups, a: str, b: str, fn: Callable[[dict], float]) -> float:
+    ref = abs(groups.mean(b, fn))
+    return max(groups.spread(a, fn), groups.spread(b, fn), NOISE_FLOOR * ref)
+
+
+def on_par(delta: float, tol: float) -> str:
+    """``delta`` = ours − reference for a lower-is-better metric."""
+    if delta <= tol:
+        return HOLDS
+    return FAILS if delta > 2 * tol else INCONCLUSIVE
+
+
+def better(delta: float, tol: float) -> str:
+    if delta < -tol:
+        return HOLDS
+    return FAILS if delta > tol else INCONCLUSIVE
+
+
+def _seeds(groups: Groups, name: str) -> str:
+    return f"{len(groups.by_group[name])} seed{'s' if len(groups.by_group[name]) > 1 else ''}"
+
+
+def crossing_samples(curve: list[list[float]], target: float) -> float | None:
+    """Samples at which a validation curve first reaches ``target`` (linear interpolation
+    between validations); None if it never does."""
+    prev = None
+    for samples, _, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return samples
+            s0, l0 = prev
+            return s0 + (samples - s0) * (l0 - target) / (l0 - loss)
+        prev = (samples, loss)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# claims
+# --------------------------------------------------------------------------------------
+
+
+def _loss_claim(groups: Groups, ours: str, claim: str, paper: str) -> Verdict:
+    if ours not in groups or "adamw" not in groups:
+        return Verdict(claim, paper, "needs runs of both optimizers", MISSING)
+    d = groups.mean(ours, final) - groups.mean("adamw", final)
+    tol = noise(groups, ours, "adamw", final)
+    return Verdict(
+        claim, paper,
+        f"final val loss {groups.mean(ours, final):.4f} vs AdamW {groups.mean('adamw', final):.4f} "
+        f"(Δ {d:+.4f}, noise ±{tol:.4f}; {_seeds(groups, ours)} / {_seeds(groups, 'adamw')})",
+        on_par(d, tol),
+    )
+
+
+def _memory_claim(groups: Groups, ours: str, claim: str, paper: str) -> Verdict:
+    if ours not in groups or "adamw" not in groups:
+        return Verdict(claim, paper, "needs runs of both optimizers", MISSING)
+    ratio = groups.mean(ours, lambda r: r["state_bytes"]) / groups.mean("adamw", lambda r: r["state_bytes"])
+    verdict = HOLDS if ratio <= 0.55 else (FAILS if ratio > 0.75 else INCONCLUSIVE)
+    return Verdict(claim, paper, f"optimizer state {ratio:.3f}x AdamW's ({1 - ratio:.1%} less)", verdict)
+
+
+def claim_adam_mini_loss(g, s):
+    return _loss_claim(g, "adam-mini", "Adam-mini: loss on par with or better than AdamW", "on par or better (GPT-2, Llama pre-training)")
+
+
+def claim_adam_mini_memory(g, s):
+    return _memory_claim(g, "adam-mini", "Adam-mini: ~50% less optimizer memory than AdamW", "~50% less (45-50%)")
+
+
+def claim_sgd_sai_loss(g, s):
+    return _loss_claim(g, "sgd-sai", "SGD-SaI: matches AdamW's final loss", "matches or beats AdamW (ViT, GPT-2)")
+
+
+def claim_sgd_sai_memory(g, s):
+    return _memory_claim(g, "sgd-sai", "SGD-SaI: half of AdamW's optimizer memory", "50% less")
+
+
+def claim_sgd_sai_speed(g, s):
+    claim, paper = "SGD-SaI: optimizer step much faster than Adam-mini's", "faster step than Adam-mini and AdamW (Tables 5-6)"
+    if "sgd-sai" not in g or "adam-mini" not in g:
+        return Verdict(claim, paper, "needs runs of both optimizers", MISSING)
+    a, b = g.mean("sgd-sai", lambda r: r["opt_step_ms"]), g.mean("adam-mini", lambda r: r["opt_step_ms"])
+    ratio = a / b
+    verdict = HOLDS if ratio < 0.8 else (FAILS if ratio >= 1.0 else INCONCLUSIVE)
+    return Verdict(claim, paper, f"median optimizer step {a:.2f} ms vs Adam-mini {b:.2f} ms ({ratio:.2f}x)", verdict)
+
+
+def claim_alpha_adam_early(g, s):
+    claim, paper = "AlphaAdam: faster early convergence than AdamW", "-2.4% val loss early (Table 3, GPT-2 125M)"
+    if "alpha-adam" not in g or "adamw" not in g:
+        return Verdict(claim, paper, "needs runs of both optimizers", MISSING)
+    parts, verdicts = [], []
+    for frac in (0.2, 0.4):
+        fn = val_at(frac)
+        a, b = g.mean("alpha-adam", fn), g.mean("adamw", fn)
+        tol = noise(g, "alpha-adam", "adamw", fn)
+        parts.append(f"{frac:.0%}: {a:.4f} vs {b:.4f} ({(a - b) / b:+.2%}, noise ±{tol / b:.2%})")
+        verdicts.append(better(a - b, tol))
+    verdict = verdicts[0] if verdicts[0] == verdicts[1] else INCONCLUSIVE
+    return Verdict(claim, paper, "val loss at " + "; ".join(parts), verdict)
+
+
+def claim_alpha_adam_async(g, s):
+    claim, paper = "AlphaAdam: asynchronous mask better than synchronous", "AM 3.554 vs SM 3.646 early val loss (Table 3)"
+    if "alpha-adam" not in g or "alpha-adam-sync" not in g:
+        return Verdict(claim, paper, "needs runs of both masks", MISSING)
+    parts, verdicts = [], []
+    for label, fn in (("20%", val_at(0.2)), ("final", final)):
+        a, b = g.mean("alpha-adam", fn), g.mean("alpha-adam-sync", fn)
+        tol = noise(g, "alpha-adam", "alpha-adam-sync", fn)
+        parts.append(f"{label}: async {a:.4f} vs sync {b:.4f} (Δ {a - b:+.4f}, noise ±{tol:.4f})")
+        verdicts.append(better(a - b, tol))
+    verdict = verdicts[0] if verdicts[0] == verdicts[1] else INCONCLUSIVE
+    return Verdict(claim, paper, "; ".join(parts), verdict)
+
+
+def claim_pma_k1(g, s):
+    claim, paper = "PMA: K = 1 is AdamW", "by construction (Sec. 3.2)"
+    if "adamw-pma-k1" not in g or "adamw" not in g:
+        return Verdict(claim, paper, "needs runs of both", MISSING)
+    # same seeds: the curves must coincide (AdamW-PMA(K=1) runs with AdamW's betas)
+    pairs = [(a, b) for a in g.by_group["adamw-pma-k1"] for b in g.by_group["adamw"] if a["seed"] == b["seed"]]
+    if not pairs:
+        return Verdict(claim, paper, "no common seed", MISSING)
+    diff = max(abs(x[2] - y[2]) for a, b in pairs for x, y in zip(a["val_curve"], b["val_curve"]))
+    return Verdict(claim, paper, f"max |Δ val loss| over the curve: {diff:.2e} ({len(pairs)} seed(s))", HOLDS if diff <= 1e-6 else FAILS)
+
+
+def claim_pma_speedup(g, s):
+    claim, paper = "PMA: ~2x fewer samples than AdamW/Lion with gradient accumulation", "≈2x (post-training, Figs. 3-4)"
+    rows, verdicts = [], []
+    for base in ("adamw", "lion"):
+        for name in sorted(n for n in g.by_group if n.startswith(f"{base}-accum")):
+            k = name.rsplit("accum", 1)[1]
+            target = g.mean(name, final)
+            base_samples = g.values(name, lambda r: r["samples"])[0]
+            for pma in sorted(n for n in g.by_group if n.startswith(f"{base}-pma{k}")):
+                speedups = []
+                for r in g.by_group[pma]:
+                    reached = crossing_samples(r["val_curve"], target)
+                    speedups.append(base_samples / reached if reached else 0.0)
+                sp = statistics.fmean(speedups)
+                spread = max(speedups) - min(speedups)
+                reached_all = all(x > 0 for x in speedups)
+                rows.append(f"{pma} vs {name}: {sp:.2f}x" + (f" (±{spread / 2:.2f})" if len(speedups) > 1 else "")
+                            + ("" if reached_all else " (some seeds never reach the baseline's final loss)"))
+                if not reached_all and sp < 1.0:
+                    verdicts.append(FAILS)
+                elif sp - spread / 2 >= 1.5:
+                    verdicts.append(HOLDS)
+                elif sp + spread / 2 < 1.2:
+                    verdicts.append(FAILS)
+                else:
+                    verdicts.append(INCONCLUSIVE)
+    if not rows:
+        return Verdict(claim, paper, "needs accumulation and PMA runs", MISSING)
+    verdict = verdicts[0] if len(set(verdicts)) == 1 else INCONCLUSIVE
+    return Verdict(claim, paper, "samples to reach the accumulation baseline's final val loss: " + "; ".join(rows), verdict)
+
+
+def claim_sgd_sai_robust(g, s):
+    claim, paper = "SGD-SaI: much more robust to the lr/wd choice", "higher mean over the lr x wd grid (ViT: 57.6 vs AdamW 37.2)"
+    names = [n for n in ("sgd-sai", "adamw", "sgd", "adam-mini") if n in g]
+    if "sgd-sai" not in names or len(names) < 2:
+        return Verdict(claim, paper, "needs the grid of several optimizers", MISSING)
+    capped = lambda r: min(r["final_val"], CAP) if math.isfinite(r["final_val"]) else CAP  # noqa: E731
+    means = {n: g.mean(n, capped) for n in names}
+    best = {n: min(g.values(n, capped)) for n in names}
+    others = [n for n in names if n != "sgd-sai"]
+    text = "; ".join(f"{n}: mean {means[n]:.3f}, best {best[n]:.3f}" for n in names)
+    margin = NOISE_FLOOR * means["adamw"] if "adamw" in means else 0.0
+    if all(means["sgd-sai"] < means[n] - margin for n in others):
+        verdict = HOLDS
+    elif "adamw" in means and means["sgd-sai"] > means["adamw"] + margin:
+        verdict = FAILS
+    else:
+        verdict = INCONCLUSIVE
+    return Verdict(claim, paper, f"final val loss over the grid (lower is better; diverged runs count as {CAP:g}): {text}", verdict)
+
+
+CAP = 10.0  # the loss a diverged run counts as, in grid means
+
+CLAIMS: dict[str, Callable[[Groups, dict], Verdict]] = {
+    "adam-mini-loss": claim_adam_mini_loss,
+    "adam-mini-memory": claim_adam_mini_memory,
+    "sgd-sai-loss": claim_sgd_sai_loss,
+    "sgd-sai-memory": claim_sgd_sai_memory,
+    "sgd-sai-speed": claim_sgd_sai_speed,
+    "alpha-adam-early": claim_alpha_adam_early,
+    "alpha-adam-async": claim_alpha_adam_async,
+    "pma-k1": claim_pma_k1,
+    "pma-speedup": claim_pma_speedup,
+    "sgd-sai-robust": claim_sgd_sai_robust,
+}
+
+
+def evaluate_claims(summary: dict) -> list[Verdict]:
+    groups = Groups(summary["runs"])
+    return [CLAIMS[c](groups, summary) for c in summary.get("claims", [])]
+
+
+# --------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(groups: Groups, path: Path, x_index: int, xlabel: str, title: str, names: list[str] | None = None) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in names or sorted(groups.by_group):
+        runs = groups.by_group[name]
+        xs = [p[x_index] for p in runs[0]["val_curve"]]
+        ys = [[r["val_curve"][i][2] for r in runs] for i in range(len(xs))]
+        mean = [statistics.fmean(y) for y in ys]
+        (line,) = ax.plot(xs, mean, label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        if len(runs) > 1:
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    finite = [r["final_val"] for rs in groups.by_group.values() for r in rs if math.isfinite(r["final_val"])]
+    if finite:
+        top = max(r["val_curve"][min(1, len(r["val_curve"]) - 1)][2] for rs in groups.by_group.values() for r in rs)
+        if math.isfinite(top):
+            ax.set_ylim(min(finite) - 0.05, top + 0.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(groups: Groups, path: Path, fn: Callable[[dict], float], ylabel: str, title: str) -> None:
+    plt = _plt()
+    names = sorted(groups.by_group)
+    vals = [groups.mean(n, fn) for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(range(len(names)), vals, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_grid(summary: dict, path: Path) -> None:
+    plt = _plt()
+    groups = Groups(summary["runs"])
+    names = list(groups.by_group)
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        runs = groups.by_group[name]
+        lrs = sorted({r["lr"] for r in runs})
+        wds = sorted({r["kwargs"].get("weight_decay", 0.0) for r in runs})
+        grid = [[CAP] * len(lrs) for _ in wds]
+        for r in runs:
+            v = r["final_val"] if math.isfinite(r["final_val"]) else CAP
+            grid[wds.index(r["kwargs"].get("weight_decay", 0.0))][lrs.index(r["lr"])] = min(v, CAP)
+        im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+        ax.set_xticks(range(len(lrs)), [f"{x:.2g}" for x in lrs], fontsize=7)
+        ax.set_yticks(range(len(wds)), [f"{w:g}" for w in wds], fontsize=7)
+        ax.set_xlabel("lr")
+        ax.set_ylabel("weight decay")
+        ax.set_title(name)
+        for i in range(len(wds)):
+            for j in range(len(lrs)):
+                ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle("final validation loss over the grid (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# markdown
+# --------------------------------------------------------------------------------------
+
+
+def _fmt(v: float, spread: float | None = None, digits: int = 4) -> str:
+    if not math.isfinite(v):
+        return "diverged"
+    return f"{v:.{digits}f}" + (f" ± {spread / 2:.{digits}f}" if spread else "")
+
+
+def _results_table(groups: Groups) -> list[str]:
+    lines = [
+        "| run | seeds | val loss 20% | 40% | 60% | final (100%) | optimizer state | state / AdamW | opt. step (median) | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    adamw_state = groups.mean("adamw", lambda r: r["state_bytes"]) if "adamw" in groups else None
+    for name in sorted(groups.by_group):
+        cells = [_fmt(groups.mean(name, val_at(f)), groups.spread(name, val_at(f))) for f in (0.2, 0.4, 0.6)]
+        cells.append(_fmt(groups.mean(name, final), groups.spread(name, final)))
+        sb = groups.mean(name, lambda r: r["state_bytes"])
+        ratio = f"{sb / adamw_state:.3f}x" if adamw_state else "-"
+        lines.append(
+            f"| {name} | {len(groups.by_group[name])} | " + " | ".join(cells)
+            + f" | {sb / 2**20:.2f} MiB | {ratio} | {groups.mean(name, lambda r: r['opt_step_ms']):.2f} ms"
+            f" | {groups.mean(name, lambda r: r['wall_s']):.0f} s |"
+        )
+    return lines
+
+
+def _sweep_table(summary: dict) -> list[str]:
+    from .tasks import LRS
+
+    groups = Groups(summary["runs"])
+    lines = ["| optimizer | lr → final val loss | best lr | lr in the presets |", "|---|---|---|---|"]
+    for name in groups.by_group:
+        runs = sorted(groups.by_group[name], key=lambda r: r["lr"])
+        cells = ", ".join(f"{r['lr']:.3g} → {_fmt(r['final_val'], digits=3)}" for r in runs)
+        finite = [r for r in runs if math.isfinite(r["final_val"])]
+        best = min(finite, key=lambda r: r["final_val"])["lr"] if finite else float("nan")
+        lines.append(f"| {name} | {cells} | {best:.3g} | {LRS.get(name, float('nan')):.3g} |")
+    return lines
+
+
+def write_report(task_dir: str | Path) -> Path:
+    """(Re)generate ``report.md`` and the plots of a finished task from its summaries."""
+    task_dir = Path(task_dir)
+    path = task_dir / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `leanopt bench PRESET` first (a report needs a finished task)")
+    summary = json.loads(path.read_text())
+    groups = Groups(summary["runs"])
+    kind = summary.get("kind", "pretrain")
+    verdicts = evaluate_claims(summary)
+    figures = []
+    x_index, xlabel = (0, "samples (sequences)") if kind == "finetune" else (1, "tokens")
+    if kind == "robustness":
+        plot_grid(summary, task_dir / "grid.png")
+        figures.append(("grid.png", "Final validation loss over the lr x weight-decay grid"))
+    elif kind == "finetune":
+        for k in sorted({r["kwargs"].get("period") or r["accum"] for r in summary["runs"] if (r["kwargs"].get("period") or r["accum"]) > 1}):
+            names = [n for n in groups.by_group if n.endswith(f"accum{k}") or f"-pma{k}" in n]
+            fname = f"loss_vs_samples_k{k}.png"
+            plot_curves(groups, task_dir / fname, 0, xlabel, f"{summary['task']}: K = {k}", names)
+            figures.append((fname, f"Validation loss vs samples, K = {k}"))
+    else:
+        plot_curves(groups, task_dir / "loss_vs_tokens.png", x_index, xlabel, f"{summary['task']}: validation loss")
+        figures.append(("loss_vs_tokens.png", "Validation loss vs tokens (mean over seeds, band: min-max)"))
+    if kind != "robustness" and kind != "sweep":
+        plot_bars(groups, task_dir / "memory.png", lambda r: r["state_bytes"] / 2**20, "MiB", "optimizer state")
+        plot_bars(groups, task_dir / "step_time.png", lambda r: r["opt_step_ms"], "ms", "median optimizer step")
+        figures += [("memory.png", "Optimizer-state memory"), ("step_time.png", "Median optimizer-step time")]
+
+    env = summary["environment"]
+    train = summary["train"]
+    lines = [f"# leanopt benchmark: `{summary['task']}`", "", summary["description"], ""]
+    if verdicts:
+        lines += ["## Claims", "", "| claim | paper | measured here | verdict |", "|---|---|---|---|"]
+        lines += [f"| {v.claim} | {v.paper} | {v.measured} | **{v.verdict}** |" for v in verdicts]
+        lines += ["", "Verdict rules: see `leanopt/bench/report.py` (noise = spread over seeds, at least 0.5% of the loss).", ""]
+    if kind == "sweep":
+        lines += ["## Learning-rate sweep", ""] + _sweep_table(summary) + [""]
+    lines += ["## Results", "", "Values are means over seeds; ± is half the spread (max - min).", ""]
+    lines += _results_table(groups) + [""]
+    lines += ["## Plots", ""] + [f"![{cap}]({f})" for f, cap in figures] + [""]
+    corpus = summary["corpus"]
+    lines += [
+        "## Setup",
+        "",
+        f"- data: corpus `{corpus['name']}` ({corpus['source']}; sha256 `{corpus['sha256'][:16]}…`, "
+        f"{corpus['train_tokens']:,} train / {corpus['val_tokens']:,} val tokens, vocabulary {corpus['vocab_size']})",
+        f"- model: {train['model']['preset']} {train['model']['overrides'] or ''}"
+        f"{' from ' + train['model']['hf_config'] if train['model']['hf_config'] else ''}, "
+        f"{summary['runs'][0]['n_params']:,} parameters",
+        f"- training: {train['micro_steps']} micro-batches of {train['micro_batch']} x {train['seq_len']} tokens, "
+        f"warm-up {train['warmup_frac']:.0%}, cosine to {train['min_lr_frac']:g} x lr, validation every "
+        f"{train['eval_every']} micro-batches on {train['eval_batches']} fixed batches, bf16 autocast: {train['bf16']}",
+    ]
+    if summary.get("base"):
+        b = summary["base"]
+        lines.append(f"- base model: pre-trained once on `{b['corpus']}` with {b['run']['optimizer']} "
+                     f"(lr {b['run']['lr']:g}) for {b['micro_steps']} micro-batches of {b['micro_batch']}")
+    lines.append("- runs (optimizer, lr, arguments, accumulation):")
+    seen = set()
+    for r in summary["runs"]:
+        if r["label"] in seen:
+            continue
+        seen.add(r["label"])
+        lines.append(f"  - `{r['label']}`: {r['optimizer']}, lr {r['lr']:.3g}, {json.dumps(r['kwargs'])}, accum {r['accum']}")
+    lines += [
+        f"- environment: leanopt {env['leanopt']}, Python {env['python']}, torch {env['torch']}, numpy {env['numpy']}, "
+        f"{env['platform']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, device {env['device']}"
+        + (f" ({env['gpu']})" if env.get("gpu") else ""),
+        f"- command: `{env['command']}`; total wall time of the invocation {summary['wall_s']:.0f} s",
+        "",
+    ]
+    report = task_dir / "report.md"
+    atomic_write(report, lambda f: f.write("\n".join(lines)), mode="w")
+    write_json(task_dir / "claims.json", [v.__dict__ for v in verdicts])
+    return report

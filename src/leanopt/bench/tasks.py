@@ -1,0 +1,320 @@
+"""Benchmark presets (``leanopt bench PRESET``) and the task runner.
+
+Learning rates are part of the presets and come from one documented sweep, itself a
+preset (``leanopt bench sweep``): every optimizer on the same short pre-training, its
+lr on a grid of factors of two around a family default, the best final validation loss
+wins. The table :data:`LRS` holds the winners; nothing is tuned by hand per optimizer.
+Fine-tuning uses the same rule for every optimizer: ``FINETUNE_LR_FACTOR`` × its
+pre-training lr, and the PMA optimizers use their baseline's lr (as the PMA paper, which
+runs PMA and accumulation with identical hyperparameters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from .config import ConfigError, ModelSpec, RunSpec, TrainConfig
+from .data import DataError, load_corpus, write_json
+from .train import train_run
+
+__all__ = ["TaskSpec", "PRESETS", "LRS", "get_task", "run_task", "environment"]
+
+# Winners of `leanopt bench sweep` (see README, "How the learning rates were chosen").
+LRS: dict[str, float] = {
+    "adamw": 4e-3,
+    "adam-mini": 4e-3,
+    "sgd-sai": 0.2,
+    "alpha-adam": 4e-3,
+    "cadamw": 4e-3,
+    "lion": 4e-4,
+    "sgd": 0.2,
+}
+# the sweep grid: factors of two around a family default
+SWEEP_CENTER = {"adamw": 4e-3, "adam-mini": 4e-3, "alpha-adam": 4e-3, "cadamw": 4e-3, "lion": 4e-4, "sgd-sai": 0.2, "sgd": 0.2}
+SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+FINETUNE_LR_FACTOR = 0.3
+WEIGHT_DECAY = 0.1
+
+QUICK_MODEL = ModelSpec("demo", {"dim": 96, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128})
+DEMO_MODEL = ModelSpec("demo")
+SMOKE_MODEL = ModelSpec("tiny", {"max_seq_len": 64})
+GPU_MODEL = ModelSpec("gpt2-small", {"max_seq_len": 512})
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    description: str
+    train: TrainConfig
+    runs: tuple[RunSpec, ...]
+    claims: tuple[str, ...] = ()
+    base: tuple[TrainConfig, RunSpec] | None = None  # pre-training whose model the runs start from
+    kind: str = "pretrain"  # pretrain | finetune | robustness | sweep
+
+    def validate(self) -> None:
+        self.train.validate()
+        keys = set()
+        for r in self.runs:
+            r.validate(self.train)
+            if r.key in keys:
+                raise ConfigError(f"task {self.name!r}: two runs share the key {r.key!r}")
+            keys.add(r.key)
+        if self.base is not None:
+            self.base[0].validate()
+            self.base[1].validate(self.base[0])
+        if not self.runs:
+            raise ConfigError(f"task {self.name!r} has no runs")
+
+
+def _opt_kwargs(name: str, wd: float = WEIGHT_DECAY) -> dict[str, Any]:
+    return {} if name == "sgd" else {"weight_decay": wd}
+
+
+def _seeded(runs: list[RunSpec], seeds: tuple[int, ...]) -> tuple[RunSpec, ...]:
+    return tuple(replace(r, seed=s) for r in runs for s in seeds)
+
+
+def _pretrain_runs(names: list[str]) -> list[RunSpec]:
+    runs = []
+    for n in names:
+        if n == "alpha-adam-sync":
+            runs.append(RunSpec("alpha-adam-sync", "alpha-adam", LRS["alpha-adam"], {**_opt_kwargs("alpha-adam"), "mask": "sync"}))
+        elif n == "adamw-pma-k1":
+            runs.append(RunSpec("adamw-pma-k1", "adamw-pma", LRS["adamw"], {**_opt_kwargs("adamw"), "period": 1, "betas": (0.9, 0.999)}))
+        else:
+            runs.append(RunSpec(n, n, LRS[n], _opt_kwargs(n)))
+    return runs
+
+
+def _pma_pair_runs(base: str, pma: str, k: int, lr: float, variants: tuple[str, ...] = ("paper",)) -> list[RunSpec]:
+    """The accumulation baseline (one step per K micro-batches) and PMA (a step per
+    micro-batch, period K) on the same micro-batches."""
+    betas = (0.9, 0.95) if base == "adamw" else (0.95, 0.98)  # the PMA paper's, for both sides
+    wd = {"weight_decay": WEIGHT_DECAY}
+    runs = [RunSpec(f"{base}-accum{k}", base, lr, {**wd, "betas": betas}, accum=k)]
+    for v in variants:
+        suffix = "" if v == "paper" else "-released"
+        runs.append(RunSpec(f"{pma}{k}{suffix}", pma, lr, {**wd, "betas": betas, "period": k, "variant": v}))
+    return runs
+
+
+def _robustness_runs() -> list[RunSpec]:
+    runs = []
+    for n in ("sgd-sai", "adamw", "sgd", "adam-mini"):
+        for f in (1 / 9, 1 / 3, 1.0, 3.0, 9.0):
+            for wd in (0.0, 0.1, 1.0):
+                kw = {"weight_decay": wd}
+                runs.append(RunSpec(f"{n}-lr{f:.3g}-wd{wd:g}", n, LRS[n] * f, kw, group=n))
+    return runs
+
+
+def _sweep_runs() -> list[RunSpec]:
+    return [
+        RunSpec(f"{n}-lr{SWEEP_CENTER[n] * f:.3g}", n, SWEEP_CENTER[n] * f, _opt_kwargs(n), group=n)
+        for n in SWEEP_CENTER
+        for f in SWEEP_FACTORS
+    ]
+
+
+def _base(train: TrainConfig, lr: float) -> tuple[TrainConfig, RunSpec]:
+    return train, RunSpec("base-adamw", "adamw", lr, {"weight_decay": WEIGHT_DECAY})
+
+
+def _finetune_task(name: str, model: ModelSpec, base_micro: int, micro: int, batch: int, seq: int, device: str = "cpu", bf16: bool = False) -> TaskSpec:
+    base_train = TrainConfig("python", model, seq_len=seq, micro_batch=16 if device == "cpu" else 32, micro_steps=base_micro,
+                             eval_every=base_micro // 10, device=device, bf16=bf16)
+    ft = TrainConfig("shakespeare", model, seq_len=seq, micro_batch=batch, micro_steps=micro, eval_every=16, eval_batches=16,
+                     warmup_frac=0.0, device=device, bf16=bf16, init_from="base")
+    runs = []
+    for k in (4, 8):
+        runs += _pma_pair_runs("adamw", "adamw-pma", k, LRS["adamw"] * FINETUNE_LR_FACTOR, ("paper", "released"))
+        runs += _pma_pair_runs("lion", "lion-pma", k, LRS["lion"] * FINETUNE_LR_FACTOR, ("paper", "released"))
+    return TaskSpec(name, "PMA's claim: fine-tune a model pre-trained on Python code on Shakespeare; K-step accumulation "
+                    "against PMA with period K, same micro-batches", ft, _seeded(runs, (0, 1)), ("pma-speedup",),
+                    base=_base(base_train, LRS["adamw"]), kind="finetune")
+
+
+PRESETS: dict[str, TaskSpec] = {}
+
+
+def _add(task: TaskSpec) -> None:
+    PRESETS[task.name] = task
+
+
+_add(TaskSpec(
+    "smoke", "a seconds-long run of every code path, for the tests",
+    TrainConfig("python", SMOKE_MODEL, seq_len=32, micro_batch=4, micro_steps=16, eval_every=4, eval_batches=2),
+    _seeded(_pretrain_runs(["adamw"]), (0, 1)) + tuple(_pretrain_runs(["adam-mini", "sgd-sai", "alpha-adam", "adamw-pma-k1"]))
+    + tuple(_pma_pair_runs("adamw", "adamw-pma", 2, LRS["adamw"])),
+    ("adam-mini-loss", "adam-mini-memory", "sgd-sai-loss", "sgd-sai-memory", "sgd-sai-speed", "alpha-adam-early",
+     "pma-k1", "pma-speedup"),
+))
+_add(TaskSpec(
+    "quick", "what `./run demo` runs: AdamW (2 seeds), Adam-mini, SGD-SaI, AlphaAdam and AdamW-PMA (K=1, and K=4 "
+    "against 4-step accumulation) on Python source, a 1.1M-parameter GPT, ~4 minutes on 2 cores",
+    TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=240, eval_every=20, eval_batches=8),
+    _seeded(_pretrain_runs(["adamw"]), (0, 1)) + tuple(_pretrain_runs(["adam-mini", "sgd-sai", "alpha-adam", "adamw-pma-k1"]))
+    + tuple(_pma_pair_runs("adamw", "adamw-pma", 4, LRS["adamw"])),
+    ("adam-mini-loss", "adam-mini-memory", "sgd-sai-loss", "sgd-sai-memory", "sgd-sai-speed", "alpha-adam-early",
+     "pma-k1", "pma-speedup"),
+))
+_add(TaskSpec(
+    "pretrain", "pre-training on Python source: AdamW, Adam-mini, SGD-SaI, AlphaAdam (async and sync mask), C-AdamW, "
+    "Lion and AdamW-PMA with K=1, 2 seeds each, the 1.8M-parameter demo GPT",
+    TrainConfig("python", DEMO_MODEL, seq_len=128, micro_batch=16, micro_steps=400, eval_every=20, eval_batches=8),
+    _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam", "alpha-adam-sync", "cadamw", "lion", "adamw-pma-k1"]), (0, 1)),
+    ("adam-mini-loss", "adam-mini-memory", "sgd-sai-loss", "sgd-sai-memory", "sgd-sai-speed", "alpha-adam-early",
+     "alpha-adam-async", "pma-k1"),
+))
+_add(_finetune_task("finetune", DEMO_MODEL, base_micro=400, micro=320, batch=8, seq=128))
+_add(TaskSpec(
+    "robustness", "SGD-SaI's claim: a learning-rate x weight-decay grid (lr x 1/9..9, wd 0, 0.1, 1) for SGD-SaI, "
+    "AdamW, SGD-momentum and Adam-mini on a short pre-training",
+    TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=100, eval_every=20, eval_batches=8),
+    tuple(_robustness_runs()), ("sgd-sai-robust",), kind="robustness",
+))
+_add(TaskSpec(
+    "sweep", "the learning-rate sweep behind every preset's lr: each optimizer at lr x 1/4..4 around its family "
+    "default, 100 steps of the quick pre-training; the best final val loss wins",
+    TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=100, eval_every=20, eval_batches=8),
+    tuple(_sweep_runs()), (), kind="sweep",
+))
+_add(TaskSpec(
+    "pretrain-gpu", "pretrain on a GPU: a GPT-2-small-sized model (124M), bf16 autocast, seq 512",
+    TrainConfig("python", GPU_MODEL, seq_len=512, micro_batch=32, micro_steps=2000, eval_every=100, eval_batches=16,
+                bf16=True, device="cuda"),
+    _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam", "alpha-adam-sync", "cadamw", "lion", "adamw-pma-k1"]), (0, 1)),
+    PRESETS["pretrain"].claims,
+))
+_add(replace(_finetune_task("finetune-gpu", GPU_MODEL, base_micro=2000, micro=640, batch=16, seq=512, device="cuda", bf16=True)))
+
+
+def get_task(
+    name: str,
+    *,
+    device: str | None = None,
+    corpus: str | None = None,
+    hf_config: str | None = None,
+    bf16: bool | None = None,
+    seeds: tuple[int, ...] | None = None,
+) -> TaskSpec:
+    """A preset, with the command line's overrides applied (to its base pre-training too)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    task = PRESETS[name]
+
+    def adjust(train: TrainConfig, is_base: bool) -> TrainConfig:
+        changes: dict[str, Any] = {}
+        if device is not None:
+            changes["device"] = device
+        if bf16 is not None:
+            changes["bf16"] = bf16
+        if hf_config is not None:
+            changes["model"] = ModelSpec(hf_config=hf_config)
+        if corpus is not None and not is_base:
+            changes["corpus"] = corpus
+        return replace(train, **changes)
+
+    runs = task.runs
+    if seeds is not None:
+        if not seeds:
+            raise ConfigError("--seeds needs at least one seed")
+        firsts = {r.label: r for r in task.runs}
+        runs = tuple(replace(r, seed=s) for r in firsts.values() for s in seeds)
+    base = (adjust(task.base[0], True), task.base[1]) if task.base else None
+    return replace(task, train=adjust(task.train, False), runs=runs, base=base)
+
+
+def environment(device: str) -> dict[str, Any]:
+    import numpy
+
+    env = {
+        "leanopt": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def run_task(
+    task: TaskSpec,
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    log=print,
+    stop_after: int | None = None,
+) -> Path:
+    """Run every run of ``task`` (finished runs are kept, interrupted ones resume), then
+    write ``summary.json`` and the report. All checks happen before any training."""
+    from .report import write_report
+
+    task.validate()
+    if task.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"preset {task.name!r} runs on {task.train.device}, but torch sees no CUDA device")
+    corpus = load_corpus(data_dir, task.train.corpus)
+    base_corpus = load_corpus(data_dir, task.base[0].corpus) if task.base else None
+    if base_corpus is not None and base_corpus.meta["tokenizer_sha256"] != corpus.meta["tokenizer_sha256"]:
+        raise DataError(f"corpora {base_corpus.name!r} and {corpus.name!r} were tokenized differently; run `leanopt prepare --force`")
+    task_dir = Path(out_dir) / task.name
+    task_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    init_state = None
+    if task.base is not None:
+        base_train, base_run = task.base
+        log(f"[{task.name}] pre-training the base model on {base_corpus.name!r} (cached after the first time)")
+        cache = Path(out_dir) / "_base" / f"{task.name}-{base_run.key}"
+        train_run(cache, base_train, base_run, base_corpus, save_model=True, progress=progress)
+        init_state = torch.load(cache / "model.pt", weights_only=True)
+
+    summaries = []
+    iterator = task.runs
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(task.runs), desc=f"{task.name}", unit="run", dynamic_ncols=True)
+    for run in iterator:
+        summaries.append(train_run(task_dir / "runs" / run.key, task.train, run, corpus, init_state=init_state,
+                                   progress=progress, stop_after=stop_after))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(last=f"{run.key} {summaries[-1]['final_val']:.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    summary = {
+        "task": task.name,
+        "description": task.description,
+        "kind": task.kind,
+        "claims": list(task.claims),
+        "train": asdict(task.train),
+        "corpus": corpus.meta,
+        "base": (asdict(task.base[0]) | {"run": asdict(task.base[1])}) if task.base else None,
+        "environment": environment(task.train.device),
+        "runs": summaries,
+        "wall_s": time.perf_counter() - t0,
+    }
+    write_json(task_dir / "summary.json", summary)
+    report = write_report(task_dir)
+    log(f"[{task.name}] report: {report}")
+    return report

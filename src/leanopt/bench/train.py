@@ -1,0 +1,299 @@
+"""The benchmark's training loop.
+
+One run = one optimizer on one model and corpus, for a fixed number of micro-batches:
+micro-batches with gradient accumulation (``accum``), warm-up + cosine lr schedule,
+periodic validation, optional bf16 autocast, and the same data order for every optimizer
+(micro-batch ``i`` of seed ``s`` is always the same windows). Metrics go to
+``results.jsonl``; checkpoints (model, optimizer, scheduler, metrics) make a run killed
+at any moment restart where it stopped and end with an identical result. Every file is
+written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import GPT, PRESETS
+from ..registry import create_optimizer
+from .config import RunSpec, TrainConfig, fingerprint
+from .data import Corpus, atomic_write, write_json
+
+__all__ = ["Batches", "train_run", "build_model", "lr_lambda", "Interrupted", "read_results"]
+
+
+class Interrupted(Exception):
+    """Raised by the ``stop_after`` test hook, as if the process had been killed there."""
+
+
+class Batches:
+    """Random windows of ``seq_len + 1`` tokens; micro-batch ``index`` depends only on
+    ``(seed, index)``, so every optimizer (and every restart) sees the same data."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, seed: int) -> None:
+        if tokens.size < seq_len + 2:
+            raise ValueError(f"corpus split has {tokens.size} tokens, fewer than one window of {seq_len + 1}")
+        self.tokens, self.seq_len, self.micro_batch, self.seed = tokens, seq_len, micro_batch, seed
+
+    def windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        x = torch.from_numpy(rows)
+        return x[:, :-1], x[:, 1:]
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, index])
+        return self.windows(rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.micro_batch))
+
+    def evenly_spaced(self, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A fixed validation set: windows spread evenly over the split."""
+        n = n_batches * self.micro_batch
+        starts = np.linspace(0, self.tokens.size - self.seq_len - 1, n).astype(np.int64)
+        return [self.windows(starts[i * self.micro_batch : (i + 1) * self.micro_batch]) for i in range(n_batches)]
+
+
+class _HFCausalLM(nn.Module):
+    """A transformers causal LM behind the ``(logits, loss)`` interface of :class:`GPT`;
+    ``config`` and the embeddings stay reachable for Adam-mini's partition."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def forward(self, idx, targets=None):
+        logits = self.model(input_ids=idx).logits
+        loss = None if targets is None else F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+
+def build_model(train: TrainConfig, vocab_size: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    spec = train.model
+    if spec.hf_config is not None:
+        from ..cli import load_hf_config
+
+        import transformers
+
+        config = load_hf_config(spec.hf_config)
+        config.vocab_size = vocab_size
+        for k, v in spec.overrides.items():
+            setattr(config, k, v)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _HFCausalLM(transformers.AutoModelForCausalLM.from_config(config))
+    return GPT(replace(PRESETS[spec.preset], vocab_size=vocab_size, **spec.overrides))
+
+
+def lr_lambda(steps: int, warmup_frac: float, min_lr_frac: float):
+    warmup = int(round(warmup_frac * steps))
+
+    def factor(s: int) -> float:  # s = optimizer steps taken so far
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = (s - warmup) / max(1, steps - warmup)
+        return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list, device: str, bf16: bool) -> float:
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.item()
+    model.train()
+    return total / len(batches)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for st in opt.state.values()
+        for k, v in st.items()
+        if isinstance(v, torch.Tensor) and k != "step"
+    )
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_results(path: Path, metrics: list[dict]) -> None:
+    import json
+
+    atomic_write(path, lambda f: f.write("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics)), mode="w")
+
+
+def train_run(
+    run_dir: Path,
+    train: TrainConfig,
+    run: RunSpec,
+    corpus: Corpus,
+    *,
+    init_state: dict[str, torch.Tensor] | None = None,
+    save_model: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train one run in ``run_dir`` (resuming its checkpoint if there is one) and return
+    its summary. A finished run (``summary.json`` with this configuration) is not redone.
+
+    ``stop_after``: raise :class:`Interrupted` once this many micro-batches are done and
+    checkpointed, as a kill at that moment would leave things (for tests).
+    """
+    import json
+
+    fp = fingerprint(train, run)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        done = json.loads(summary_path.read_text())
+        if done.get("fingerprint") == fp:
+            return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = train.device
+    steps = run.steps(train)
+
+    model = build_model(train, corpus.vocab_size, run.seed)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model.to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. Adam-mini's partition notes on exotic models
+        opt = create_optimizer(run.optimizer, model, lr=run.lr, **run.kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, train.warmup_frac, train.min_lr_frac))
+
+    data = Batches(corpus.train, train.seq_len, train.micro_batch, run.seed)
+    val = Batches(corpus.val, train.seq_len, train.micro_batch, 0).evenly_spaced(train.eval_batches)
+    metrics: list[dict[str, Any]] = []
+    step, wall_before = 0, 0.0
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt.get("fingerprint") == fp:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optim"])
+            sched.load_state_dict(ckpt["sched"])
+            step, metrics, wall_before = ckpt["step"], ckpt["metrics"], ckpt["wall_s"]
+        else:
+            warnings.warn(f"{ckpt_path} belongs to another configuration; starting {run.key} afresh")
+
+    def checkpoint(wall: float) -> None:
+        blob = {"fingerprint": fp, "step": step, "model": model.state_dict(), "optim": opt.state_dict(),
+                "sched": sched.state_dict(), "metrics": metrics, "wall_s": wall}
+        atomic_write(ckpt_path, lambda f: torch.save(blob, f))
+        _write_results(run_dir / "results.jsonl", metrics)
+
+    def record_val() -> None:
+        micro = step * run.accum
+        loss = evaluate(model, val, device, train.bf16)
+        metrics.append({"kind": "val", "step": step, "micro": micro, "samples": micro * train.micro_batch,
+                        "tokens": micro * train.micro_batch * train.seq_len, "loss": loss})
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc=run.key, unit="step", leave=False, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    if step == 0:
+        record_val()
+    ckpt_every = train.checkpoint_every or train.eval_every
+    model.train()
+    while step < steps:
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for k in range(run.accum):
+            x, y = data.get(step * run.accum + k)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=train.bf16):
+                _, loss = model(x.to(device), y.to(device))
+            (loss / run.accum).backward()
+            loss_sum += loss.item()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        opt_ms = (time.perf_counter() - t0) * 1000
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        step += 1
+        micro = step * run.accum
+        metrics.append({"kind": "train", "step": step, "micro": micro, "samples": micro * train.micro_batch,
+                        "tokens": micro * train.micro_batch * train.seq_len, "lr": lr, "loss": loss_sum / run.accum,
+                        "opt_ms": opt_ms})
+        if not math.isfinite(loss_sum):
+            metrics[-1]["diverged"] = True
+        if micro % train.eval_every == 0 or step == steps:
+            record_val()
+        if micro % ckpt_every == 0 or step == steps:
+            checkpoint(wall_before + time.perf_counter() - t_start)
+            if stop_after is not None and micro >= stop_after and step < steps:
+                raise Interrupted(f"stopped after {micro} micro-batches")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / run.accum:.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    wall = wall_before + time.perf_counter() - t_start
+
+    vals = [m for m in metrics if m["kind"] == "val"]
+    times = [m["opt_ms"] for m in metrics if m["kind"] == "train"][3:] or [m["opt_ms"] for m in metrics if m["kind"] == "train"]
+    n_params = sum(p.numel() for p in model.parameters())
+    summary = {
+        "fingerprint": fp,
+        "key": run.key,
+        "label": run.label,
+        "group": run.group_name,
+        "optimizer": run.optimizer,
+        "kwargs": run.kwargs,
+        "lr": run.lr,
+        "accum": run.accum,
+        "seed": run.seed,
+        "steps": steps,
+        "micro_steps": train.micro_steps,
+        "samples": train.micro_steps * train.micro_batch,
+        "tokens": train.micro_steps * train.micro_batch * train.seq_len,
+        "final_val": vals[-1]["loss"],
+        "best_val": min(v["loss"] for v in vals),
+        "val_curve": [[v["samples"], v["tokens"], v["loss"]] for v in vals],
+        "diverged": any(m.get("diverged") for m in metrics) or not math.isfinite(vals[-1]["loss"]),
+        "n_params": n_params,
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "state_bytes": state_bytes(opt),
+        "opt_step_ms": statistics.median(times),
+        "opt_step_ms_p10": float(np.percentile(times, 10)),
+        "opt_step_ms_p90": float(np.percentile(times, 90)),
+        "wall_s": wall,
+        "train": asdict(train),
+    }
+    if save_model:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_write(run_dir / "model.pt", lambda f: torch.save(state, f))
+    _write_results(run_dir / "results.jsonl", metrics)
+    write_json(summary_path, summary)
+    ckpt_path.unlink(missing_ok=True)
+    return summary
