@@ -26,7 +26,7 @@ from torch import nn
 from .adam_mini import AdamMini
 from .models import PRESETS, build_model
 from .partition import format_partition
-from .registry import create_optimizer, list_optimizers, optimizer_info
+from .registry import create_optimizer, list_optimizers, optimizer_info, state_bytes
 
 __all__ = ["main", "build_hf_model", "measure_state_ratio"]
 
@@ -87,14 +87,8 @@ def measure_state_ratio(name: str, model: nn.Module) -> float:
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3
     opt.step()
-    state_bytes = sum(
-        v.numel() * v.element_size()
-        for st in opt.state.values()
-        for k, v in st.items()
-        if isinstance(v, torch.Tensor) and k != "step"
-    )
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return state_bytes / param_bytes
+    return state_bytes(opt) / param_bytes
 
 
 def cmd_list(args: argparse.Namespace) -> int:

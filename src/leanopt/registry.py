@@ -21,7 +21,7 @@ from .lion import Lion
 from .pma import AdamWPMA, LionPMA
 from .sgd_sai import SGDSaI
 
-__all__ = ["OptimizerInfo", "create_optimizer", "list_optimizers", "optimizer_info", "register"]
+__all__ = ["OptimizerInfo", "create_optimizer", "list_optimizers", "optimizer_info", "register", "state_bytes"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,16 @@ def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any], **kw
             return info.factory(named, model=model, **args)
         return info.factory(named if info.named else [p for _, p in named], **args)
     return info.factory(model_or_params, **args)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of an optimizer's state tensors (the step counters left out)."""
+    return sum(
+        v.numel() * v.element_size()
+        for st in opt.state.values()
+        for k, v in st.items()
+        if isinstance(v, torch.Tensor) and k != "step"
+    )
 
 
 def _adafactor(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:

@@ -272,8 +272,8 @@ def _split(n_docs: int, lengths: list[int], val_fraction: float) -> list[bool]:
     order = np.random.default_rng(20240601).permutation(n_docs)
     is_val = [False] * n_docs
     target, got = val_fraction * sum(lengths), 0
-    for i in order[::-1]:
-        if got >= target or sum(is_val) >= n_docs - 1:
+    for taken, i in enumerate(order[::-1]):
+        if got >= target or taken >= n_docs - 1:
             break
         is_val[i] = True
         got += lengths[i]

@@ -7,6 +7,13 @@ wins. The table :data:`LRS` holds the winners; nothing is tuned by hand per opti
 Fine-tuning uses the same rule for every optimizer: ``FINETUNE_LR_FACTOR`` × its
 pre-training lr, and the PMA optimizers use their baseline's lr (as the PMA paper, which
 runs PMA and accumulation with identical hyperparameters).
+
+Weight decay is decoupled (``p ← p·(1 − lr·wd)``), so its strength is ``lr·wd``; the
+optimizers' learning rates differ by 100x (SGD-SaI ~1, Lion ~1e-3), and one fixed
+``wd`` would decay some 100x harder than others. Every optimizer therefore gets the same
+strength, ``wd = DECAY / lr`` (AdamW's usual 0.1 at lr 2e-3; the Lion paper's own advice
+of keeping ``lr·wd`` constant). torch's SGD decays through the gradient (L2), so the
+plain-SGD baseline runs without decay except in the robustness grid.
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ LRS: dict[str, float] = {
     "lion": 4e-4,
     "sgd": 0.2,
 }
-# the sweep grid: factors of two around a family default
-SWEEP_CENTER = {"adamw": 4e-3, "adam-mini": 4e-3, "alpha-adam": 4e-3, "cadamw": 4e-3, "lion": 4e-4, "sgd-sai": 0.2, "sgd": 0.2}
+# the sweep grid: factors of two around a family default (SGD-SaI's momentum is an EMA,
+# so its lr is ~1/(1-μ) = 10x that of torch's undampened SGD momentum)
+SWEEP_CENTER = {"adamw": 4e-3, "adam-mini": 4e-3, "alpha-adam": 4e-3, "cadamw": 4e-3, "lion": 1.6e-3, "sgd-sai": 1.0, "sgd": 0.2}
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 FINETUNE_LR_FACTOR = 0.3
-WEIGHT_DECAY = 0.1
+DECAY = 2e-4  # lr·wd: the decoupled weight decay's strength per step at peak lr, for every optimizer
 
 QUICK_MODEL = ModelSpec("demo", {"dim": 96, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128})
 DEMO_MODEL = ModelSpec("demo")
@@ -76,8 +84,8 @@ class TaskSpec:
             raise ConfigError(f"task {self.name!r} has no runs")
 
 
-def _opt_kwargs(name: str, wd: float = WEIGHT_DECAY) -> dict[str, Any]:
-    return {} if name == "sgd" else {"weight_decay": wd}
+def _opt_kwargs(name: str, lr: float) -> dict[str, Any]:
+    return {} if name == "sgd" else {"weight_decay": DECAY / lr}
 
 
 def _seeded(runs: list[RunSpec], seeds: tuple[int, ...]) -> tuple[RunSpec, ...]:
@@ -88,11 +96,13 @@ def _pretrain_runs(names: list[str]) -> list[RunSpec]:
     runs = []
     for n in names:
         if n == "alpha-adam-sync":
-            runs.append(RunSpec("alpha-adam-sync", "alpha-adam", LRS["alpha-adam"], {**_opt_kwargs("alpha-adam"), "mask": "sync"}))
+            lr = LRS["alpha-adam"]
+            runs.append(RunSpec("alpha-adam-sync", "alpha-adam", lr, {**_opt_kwargs("alpha-adam", lr), "mask": "sync"}))
         elif n == "adamw-pma-k1":
-            runs.append(RunSpec("adamw-pma-k1", "adamw-pma", LRS["adamw"], {**_opt_kwargs("adamw"), "period": 1, "betas": (0.9, 0.999)}))
+            lr = LRS["adamw"]
+            runs.append(RunSpec("adamw-pma-k1", "adamw-pma", lr, {**_opt_kwargs("adamw", lr), "period": 1, "betas": (0.9, 0.999)}))
         else:
-            runs.append(RunSpec(n, n, LRS[n], _opt_kwargs(n)))
+            runs.append(RunSpec(n, n, LRS[n], _opt_kwargs(n, LRS[n])))
     return runs
 
 
@@ -100,7 +110,7 @@ def _pma_pair_runs(base: str, pma: str, k: int, lr: float, variants: tuple[str, 
     """The accumulation baseline (one step per K micro-batches) and PMA (a step per
     micro-batch, period K) on the same micro-batches."""
     betas = (0.9, 0.95) if base == "adamw" else (0.95, 0.98)  # the PMA paper's, for both sides
-    wd = {"weight_decay": WEIGHT_DECAY}
+    wd = {"weight_decay": DECAY / lr}
     runs = [RunSpec(f"{base}-accum{k}", base, lr, {**wd, "betas": betas}, accum=k)]
     for v in variants:
         suffix = "" if v == "paper" else "-released"
@@ -109,25 +119,27 @@ def _pma_pair_runs(base: str, pma: str, k: int, lr: float, variants: tuple[str, 
 
 
 def _robustness_runs() -> list[RunSpec]:
+    """lr × {1/9 … 9} around each optimizer's preset lr, weight decay × {0, 1, 10} around
+    the common strength (``DECAY / lr`` at the preset lr)."""
     runs = []
     for n in ("sgd-sai", "adamw", "sgd", "adam-mini"):
+        base_wd = DECAY / LRS[n]
         for f in (1 / 9, 1 / 3, 1.0, 3.0, 9.0):
-            for wd in (0.0, 0.1, 1.0):
-                kw = {"weight_decay": wd}
-                runs.append(RunSpec(f"{n}-lr{f:.3g}-wd{wd:g}", n, LRS[n] * f, kw, group=n))
+            for w in (0.0, 1.0, 10.0):
+                runs.append(RunSpec(f"{n}-lr{f:.3g}-wd{w:g}", n, LRS[n] * f, {"weight_decay": base_wd * w}, group=n))
     return runs
 
 
 def _sweep_runs() -> list[RunSpec]:
     return [
-        RunSpec(f"{n}-lr{SWEEP_CENTER[n] * f:.3g}", n, SWEEP_CENTER[n] * f, _opt_kwargs(n), group=n)
+        RunSpec(f"{n}-lr{SWEEP_CENTER[n] * f:.3g}", n, SWEEP_CENTER[n] * f, _opt_kwargs(n, SWEEP_CENTER[n] * f), group=n)
         for n in SWEEP_CENTER
         for f in SWEEP_FACTORS
     ]
 
 
 def _base(train: TrainConfig, lr: float) -> tuple[TrainConfig, RunSpec]:
-    return train, RunSpec("base-adamw", "adamw", lr, {"weight_decay": WEIGHT_DECAY})
+    return train, RunSpec("base-adamw", "adamw", lr, {"weight_decay": DECAY / lr})
 
 
 def _finetune_task(name: str, model: ModelSpec, base_micro: int, micro: int, batch: int, seq: int, device: str = "cpu", bf16: bool = False) -> TaskSpec:
@@ -178,7 +190,7 @@ _add(TaskSpec(
 ))
 _add(_finetune_task("finetune", DEMO_MODEL, base_micro=400, micro=320, batch=8, seq=128))
 _add(TaskSpec(
-    "robustness", "SGD-SaI's claim: a learning-rate x weight-decay grid (lr x 1/9..9, wd 0, 0.1, 1) for SGD-SaI, "
+    "robustness", "SGD-SaI's claim: a learning-rate x weight-decay grid (lr x 1/9..9, weight decay x 0, 1, 10) for SGD-SaI, "
     "AdamW, SGD-momentum and Adam-mini on a short pre-training",
     TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=100, eval_every=20, eval_batches=8),
     tuple(_robustness_runs()), ("sgd-sai-robust",), kind="robustness",
@@ -196,7 +208,7 @@ _add(TaskSpec(
     _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam", "alpha-adam-sync", "cadamw", "lion", "adamw-pma-k1"]), (0, 1)),
     PRESETS["pretrain"].claims,
 ))
-_add(replace(_finetune_task("finetune-gpu", GPU_MODEL, base_micro=2000, micro=640, batch=16, seq=512, device="cuda", bf16=True)))
+_add(_finetune_task("finetune-gpu", GPU_MODEL, base_micro=2000, micro=640, batch=16, seq=512, device="cuda", bf16=True))
 
 
 def get_task(

@@ -11,6 +11,7 @@ written atomically.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -25,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import GPT, PRESETS
-from ..registry import create_optimizer
+from ..registry import create_optimizer, state_bytes
 from .config import RunSpec, TrainConfig, fingerprint
 from .data import Corpus, atomic_write, write_json
 
-__all__ = ["Batches", "train_run", "build_model", "lr_lambda", "Interrupted", "read_results"]
+__all__ = ["Batches", "train_run", "build_model", "lr_lambda", "Interrupted", "read_results", "evaluate"]
 
 
 class Interrupted(Exception):
@@ -124,26 +125,13 @@ def evaluate(model: nn.Module, batches: list, device: str, bf16: bool) -> float:
     return total / len(batches)
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(
-        v.numel() * v.element_size()
-        for st in opt.state.values()
-        for k, v in st.items()
-        if isinstance(v, torch.Tensor) and k != "step"
-    )
-
-
 def read_results(path: Path) -> list[dict[str, Any]]:
-    import json
-
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _write_results(path: Path, metrics: list[dict]) -> None:
-    import json
-
     atomic_write(path, lambda f: f.write("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics)), mode="w")
 
 
@@ -164,8 +152,6 @@ def train_run(
     ``stop_after``: raise :class:`Interrupted` once this many micro-batches are done and
     checkpointed, as a kill at that moment would leave things (for tests).
     """
-    import json
-
     fp = fingerprint(train, run)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():

@@ -1,0 +1,225 @@
+"""The benchmark: data format, bad input, exact restart, report (on a tiny user corpus)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import leanopt
+from leanopt.bench import data as bdata
+from leanopt.bench.config import ConfigError, RunSpec
+from leanopt.bench.report import crossing_samples, evaluate_claims, write_report
+from leanopt.bench.tasks import PRESETS, get_task, run_task
+from leanopt.bench.train import Batches, Interrupted, lr_lambda, read_results
+from leanopt.cli import main
+
+SOURCE = Path(leanopt.__file__).parent  # real text to train on: leanopt's own sources
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    bdata.prepare(d, (), texts=[SOURCE], text_name="src", vocab_size=320, val_fraction=0.2, log=lambda s: None)
+    return d
+
+
+def smoke(**overrides):
+    return get_task("smoke", corpus="src", **overrides)
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+def test_shard_roundtrip_and_corruption(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) % 500
+    path = tmp_path / "x.bin"
+    bdata.write_shard(path, tokens, vocab_size=500)
+    got, vocab = bdata.read_shard(path)
+    assert vocab == 500 and np.array_equal(np.asarray(got), tokens)
+
+    raw = path.read_bytes()
+    (tmp_path / "short.bin").write_bytes(raw[:-10])
+    with pytest.raises(bdata.DataError, match="corrupt.*leanopt prepare --force"):
+        bdata.read_shard(tmp_path / "short.bin")
+    (tmp_path / "magic.bin").write_bytes(b"NOTATOKS" + raw[8:])
+    with pytest.raises(bdata.DataError, match="not a leanopt token shard"):
+        bdata.read_shard(tmp_path / "magic.bin")
+    (tmp_path / "tiny.bin").write_bytes(raw[:5])
+    with pytest.raises(bdata.DataError, match="truncated"):
+        bdata.read_shard(tmp_path / "tiny.bin")
+    with pytest.raises(bdata.DataError, match="vocabulary"):
+        bdata.write_shard(tmp_path / "big.bin", tokens, vocab_size=100)
+
+
+def test_prepared_corpus(data_dir):
+    corpus = bdata.load_corpus(data_dir, "src")
+    meta = corpus.meta
+    assert meta["vocab_size"] == 320 and corpus.train.dtype == np.dtype("<u2")
+    assert corpus.train.size == meta["train_tokens"] > 0 and corpus.val.size == meta["val_tokens"] > 0
+    assert 0 < meta["val_documents"] < meta["documents"]
+    assert int(np.max(corpus.train)) < 320
+    # a second prepare recognises the unchanged source and rebuilds nothing
+    before = (data_dir / "src" / "train.bin").stat().st_mtime_ns
+    bdata.prepare(data_dir, (), texts=[SOURCE], text_name="src", vocab_size=320, val_fraction=0.2, log=lambda s: None)
+    assert (data_dir / "src" / "train.bin").stat().st_mtime_ns == before
+
+
+def test_corrupt_shard_is_reported_before_training(data_dir, tmp_path):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for f in ("meta.json", "train.bin", "val.bin"):
+        (bad / "src").mkdir(exist_ok=True)
+        (bad / "src" / f).write_bytes((data_dir / "src" / f).read_bytes())
+    with open(bad / "src" / "train.bin", "ab") as f:
+        f.write(b"\x00\x01")  # size no longer matches the header
+    with pytest.raises(bdata.DataError, match="corrupt"):
+        run_task(smoke(), tmp_path / "runs", bad, progress=False, log=lambda s: None)
+    assert not (tmp_path / "runs" / "smoke").exists()
+
+
+def test_missing_data_names_the_prepare_command(tmp_path, capsys):
+    assert main(["bench", "smoke", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "runs"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "leanopt prepare" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_batches_are_a_function_of_seed_and_index(data_dir):
+    corpus = bdata.load_corpus(data_dir, "src")
+    a, b = Batches(corpus.train, 16, 4, seed=3), Batches(corpus.train, 16, 4, seed=3)
+    assert torch.equal(a.get(7)[0], b.get(7)[0]) and not torch.equal(a.get(7)[0], a.get(8)[0])
+    assert not torch.equal(a.get(7)[0], Batches(corpus.train, 16, 4, seed=4).get(7)[0])
+    x, y = a.get(0)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+
+
+# -- configuration errors ----------------------------------------------------------------
+
+
+def test_unknown_preset_and_optimizer(capsys, tmp_path):
+    with pytest.raises(ConfigError, match="valid presets: .*quick"):
+        get_task("fast")
+    task = smoke()
+    bad = replace(task, runs=(RunSpec("x", "adamm", 1e-3),))
+    with pytest.raises(ConfigError, match="unknown optimizer 'adamm'.*adam-mini"):
+        bad.validate()
+    with pytest.raises(ConfigError, match="multiple of accum"):
+        replace(task, runs=(RunSpec("x", "adamw", 1e-3, accum=3),)).validate()
+    with pytest.raises(ConfigError, match="micro_batch"):
+        replace(task, train=replace(task.train, micro_batch=0)).validate()
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        replace(task, train=replace(task.train, seq_len=4096)).validate()
+    assert main(["bench", "nonsense", "--out", str(tmp_path)]) == 2
+    assert "valid presets" in capsys.readouterr().err
+
+
+def test_every_preset_is_valid():
+    for name, task in PRESETS.items():
+        task.validate()
+        assert task.runs, name
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+def test_smoke_end_to_end_and_report_regeneration(data_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["bench", "smoke", "--data-dir", str(data_dir), "--corpus", "src", "--out", str(out), "--no-progress"]) == 0
+    task_dir = out / "smoke"
+    summary = json.loads((task_dir / "summary.json").read_text())
+    assert {r["key"] for r in summary["runs"]} == {r.key for r in smoke().runs}
+    for r in summary["runs"]:
+        assert math.isfinite(r["final_val"]) and r["state_bytes"] > 0
+        rows = read_results(task_dir / "runs" / r["key"] / "results.jsonl")
+        assert [m["step"] for m in rows if m["kind"] == "train"] == list(range(1, r["steps"] + 1))
+    report = (task_dir / "report.md").read_text()
+    assert "## Claims" in report and "Adam-mini: ~50% less optimizer memory" in report
+    for png in ("loss_vs_tokens.png", "memory.png", "step_time.png"):
+        assert (task_dir / png).read_bytes()[:4] == b"\x89PNG"
+    claims = json.loads((task_dir / "claims.json").read_text())
+    memory = next(c for c in claims if c["claim"].startswith("Adam-mini: ~50%"))
+    assert memory["verdict"] == "holds"  # a real measurement: m plus one scalar per block
+    (task_dir / "report.md").unlink()
+    assert main(["report", str(task_dir)]) == 0
+    # the same report, up to the environment lines (the command differs)
+    assert (task_dir / "report.md").read_text().split("## Setup")[0] == report.split("## Setup")[0]
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("opt_ms",)} for r in rows]
+
+
+def test_killed_run_restarts_with_an_identical_result(data_dir, tmp_path):
+    task = replace(smoke(), runs=(RunSpec("adam-mini", "adam-mini", 4e-3, {"weight_decay": 0.1}),
+                                   RunSpec("pma", "adamw-pma", 4e-3, {"period": 3})),
+                   train=replace(smoke().train, micro_steps=24, eval_every=4, checkpoint_every=2))
+    run_task(task, tmp_path / "straight", data_dir, progress=False, log=lambda s: None)
+    for stop in (6, 10):  # the second stop is in the middle of a PMA period (10 = 3·3 + 1)
+        with pytest.raises(Interrupted):
+            run_task(task, tmp_path / "killed", data_dir, progress=False, log=lambda s: None, stop_after=stop)
+        assert not list((tmp_path / "killed").rglob("*.tmp"))
+    run_task(task, tmp_path / "killed", data_dir, progress=False, log=lambda s: None)
+    for run in task.runs:
+        a = tmp_path / "straight" / "smoke" / "runs" / run.key
+        b = tmp_path / "killed" / "smoke" / "runs" / run.key
+        assert strip_timing(read_results(a / "results.jsonl")) == strip_timing(read_results(b / "results.jsonl"))
+        assert not (b / "checkpoint.pt").exists()
+
+
+def test_finished_runs_are_not_redone(data_dir, tmp_path):
+    task = replace(smoke(), runs=smoke().runs[:1])
+    run_task(task, tmp_path, data_dir, progress=False, log=lambda s: None)
+    path = tmp_path / "smoke" / "runs" / task.runs[0].key / "summary.json"
+    before = path.stat().st_mtime_ns
+    run_task(task, tmp_path, data_dir, progress=False, log=lambda s: None)
+    assert path.stat().st_mtime_ns == before
+
+
+# -- schedule and claims logic ----------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_lambda(100, 0.1, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
+
+
+def test_crossing_samples_interpolates():
+    curve = [[0, 0, 5.0], [10, 0, 4.0], [20, 0, 3.0]]
+    assert crossing_samples(curve, 3.5) == pytest.approx(15.0)
+    assert crossing_samples(curve, 4.0) == pytest.approx(10.0)
+    assert crossing_samples(curve, 2.0) is None
+
+
+def fake_run(group, seed, final, samples=100, state=1.0, ms=1.0, curve=None, **kw):
+    curve = curve or [[0, 0, 5.0], [samples / 2, 0, (5.0 + final) / 2], [samples, 0, final]]
+    return {"group": group, "seed": seed, "final_val": final, "samples": samples, "state_bytes": state,
+            "opt_step_ms": ms, "val_curve": curve, "kwargs": {}, "accum": 1, **kw}
+
+
+def test_claim_verdicts_follow_the_noise_rules():
+    base = [fake_run("adamw", 0, 3.00, state=2.0), fake_run("adamw", 1, 3.04, state=2.0)]  # spread 0.04
+    on_par = base + [fake_run("adam-mini", 0, 3.05, state=1.01)]
+    worse = base + [fake_run("adam-mini", 0, 3.20, state=1.01)]
+    between = base + [fake_run("adam-mini", 0, 3.09, state=1.01)]
+    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": on_par})[0].verdict == "holds"
+    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": worse})[0].verdict == "does not hold"
+    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": between})[0].verdict == "inconclusive"
+    assert evaluate_claims({"claims": ["adam-mini-memory"], "runs": on_par})[0].verdict == "holds"
+    assert evaluate_claims({"claims": ["sgd-sai-loss"], "runs": base})[0].verdict == "not measured"
+
+
+def test_pma_speedup_claim():
+    curve_base = [[0, 0, 5.0], [50, 0, 4.0], [100, 0, 3.0]]
+    curve_fast = [[0, 0, 5.0], [50, 0, 3.0], [100, 0, 2.5]]  # reaches 3.0 at half the samples
+    runs = [fake_run("adamw-accum4", 0, 3.0, curve=curve_base), fake_run("adamw-pma4", 0, 2.5, curve=curve_fast)]
+    v = evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0]
+    assert v.verdict == "holds" and "2.00x" in v.measured
+    runs[1] = fake_run("adamw-pma4", 0, 3.5, curve=[[0, 0, 5.0], [50, 0, 4.5], [100, 0, 3.5]])
+    assert evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0].verdict == "does not hold"
