@@ -223,3 +223,20 @@ def test_pma_speedup_claim():
     assert v.verdict == "holds" and "2.00x" in v.measured
     runs[1] = fake_run("adamw-pma4", 0, 3.5, curve=[[0, 0, 5.0], [50, 0, 4.5], [100, 0, 3.5]])
     assert evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0].verdict == "does not hold"
+
+
+def test_train_a_transformers_model_from_its_config(data_dir, tmp_path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg.to_json_file(tmp_path / "config.json")
+    task = get_task("smoke", corpus="src", hf_config=str(tmp_path / "config.json"))
+    task = replace(task, runs=(RunSpec("adam-mini", "adam-mini", 4e-3), RunSpec("adamw", "adamw", 4e-3)))
+    run_task(task, tmp_path / "runs", data_dir, progress=False, log=lambda s: None)
+    summary = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    runs = {r["label"]: r for r in summary["runs"]}
+    assert all(math.isfinite(r["final_val"]) and r["final_val"] < r["val_curve"][0][2] for r in runs.values())
+    # the vocabulary comes from the corpus, not the config; Adam-mini keeps ~half of AdamW's state
+    assert runs["adamw"]["n_params"] > 320 * 32
+    assert 0.45 < runs["adam-mini"]["state_bytes"] / runs["adamw"]["state_bytes"] < 0.55

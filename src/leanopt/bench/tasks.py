@@ -38,13 +38,13 @@ __all__ = ["TaskSpec", "PRESETS", "LRS", "get_task", "run_task", "environment"]
 
 # Winners of `leanopt bench sweep` (see README, "How the learning rates were chosen").
 LRS: dict[str, float] = {
-    "adamw": 4e-3,
-    "adam-mini": 4e-3,
-    "sgd-sai": 0.2,
+    "adamw": 2e-3,
+    "adam-mini": 2e-3,
+    "sgd-sai": 2.0,
     "alpha-adam": 4e-3,
     "cadamw": 4e-3,
-    "lion": 4e-4,
-    "sgd": 0.2,
+    "lion": 1.6e-3,
+    "sgd": 0.1,
 }
 # the sweep grid: factors of two around a family default (SGD-SaI's momentum is an EMA,
 # so its lr is ~1/(1-μ) = 10x that of torch's undampened SGD momentum)
