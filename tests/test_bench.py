@@ -240,3 +240,14 @@ def test_train_a_transformers_model_from_its_config(data_dir, tmp_path):
     # the vocabulary comes from the corpus, not the config; Adam-mini keeps ~half of AdamW's state
     assert runs["adamw"]["n_params"] > 320 * 32
     assert 0.45 < runs["adam-mini"]["state_bytes"] / runs["adamw"]["state_bytes"] < 0.55
+
+
+def test_a_diverging_run_stops_and_is_reported_as_diverged(data_dir, tmp_path):
+    task = replace(smoke(), runs=(RunSpec("sgd-huge-lr", "sgd", 1e6),))
+    run_task(task, tmp_path, data_dir, progress=False, log=lambda s: None)
+    summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
+    run = summary["runs"][0]
+    assert run["diverged"] and math.isnan(run["final_val"])
+    trained = [m for m in read_results(tmp_path / "smoke" / "runs" / run["key"] / "results.jsonl") if m["kind"] == "train"]
+    assert len(trained) < run["steps"]  # stopped early
+    assert "diverged" in (tmp_path / "smoke" / "report.md").read_text()

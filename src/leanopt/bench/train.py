@@ -232,7 +232,9 @@ def train_run(
                         "tokens": micro * train.micro_batch * train.seq_len, "lr": lr, "loss": loss_sum / run.accum,
                         "opt_ms": opt_ms})
         if not math.isfinite(loss_sum):
+            # diverged: nothing more to learn from this run (a grid has many such)
             metrics[-1]["diverged"] = True
+            break
         if micro % train.eval_every == 0 or step == steps:
             record_val()
         if micro % ckpt_every == 0 or step == steps:
@@ -247,6 +249,7 @@ def train_run(
     wall = wall_before + time.perf_counter() - t_start
 
     vals = [m for m in metrics if m["kind"] == "val"]
+    diverged = any(m.get("diverged") for m in metrics) or not math.isfinite(vals[-1]["loss"])
     times = [m["opt_ms"] for m in metrics if m["kind"] == "train"][3:] or [m["opt_ms"] for m in metrics if m["kind"] == "train"]
     n_params = sum(p.numel() for p in model.parameters())
     summary = {
@@ -263,10 +266,10 @@ def train_run(
         "micro_steps": train.micro_steps,
         "samples": train.micro_steps * train.micro_batch,
         "tokens": train.micro_steps * train.micro_batch * train.seq_len,
-        "final_val": vals[-1]["loss"],
+        "final_val": float("nan") if diverged else vals[-1]["loss"],
         "best_val": min(v["loss"] for v in vals),
         "val_curve": [[v["samples"], v["tokens"], v["loss"]] for v in vals],
-        "diverged": any(m.get("diverged") for m in metrics) or not math.isfinite(vals[-1]["loss"]),
+        "diverged": diverged,
         "n_params": n_params,
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "state_bytes": state_bytes(opt),
