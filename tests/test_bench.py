@@ -218,10 +218,11 @@ def test_claim_verdicts_follow_the_noise_rules():
 def test_pma_speedup_claim():
     curve_base = [[0, 0, 5.0], [50, 0, 4.0], [100, 0, 3.0]]
     curve_fast = [[0, 0, 5.0], [50, 0, 3.0], [100, 0, 2.5]]  # reaches 3.0 at half the samples
-    runs = [fake_run("adamw-accum4", 0, 3.0, curve=curve_base), fake_run("adamw-pma4", 0, 2.5, curve=curve_fast)]
+    runs = [fake_run("adamw-accum4", 0, 3.0, curve=curve_base, wall_s=10.0),
+            fake_run("adamw-pma4", 0, 2.5, curve=curve_fast, wall_s=12.5)]  # PMA: slower per sample (more steps)
     v = evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0]
-    assert v.verdict == "holds" and "2.00x" in v.measured
-    runs[1] = fake_run("adamw-pma4", 0, 3.5, curve=[[0, 0, 5.0], [50, 0, 4.5], [100, 0, 3.5]])
+    assert v.verdict == "holds" and "2.00x in samples, 1.60x in wall time" in v.measured
+    runs[1] = fake_run("adamw-pma4", 0, 3.5, curve=[[0, 0, 5.0], [50, 0, 4.5], [100, 0, 3.5]], wall_s=12.5)
     assert evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0].verdict == "does not hold"
 
 

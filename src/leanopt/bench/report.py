@@ -214,15 +214,19 @@ def claim_pma_speedup(g, s):
             k = name.rsplit("accum", 1)[1]
             target = g.mean(name, final)
             base_samples = g.values(name, lambda r: r["samples"])[0]
+            base_wall = g.mean(name, lambda r: r["wall_s"])
             for pma in sorted(n for n in g.by_group if n.startswith(f"{base}-pma{k}")):
-                speedups = []
+                speedups, time_speedups = [], []
                 for r in g.by_group[pma]:
                     reached = crossing_samples(r["val_curve"], target)
                     speedups.append(base_samples / reached if reached else 0.0)
+                    # wall time to the target, at the run's own (constant) throughput
+                    time_speedups.append(base_wall / (r["wall_s"] * reached / r["samples"]) if reached else 0.0)
                 sp = statistics.fmean(speedups)
                 spread = max(speedups) - min(speedups)
                 reached_all = all(x > 0 for x in speedups)
                 rows.append(f"{pma} vs {name}: {sp:.2f}x" + (f" (±{spread / 2:.2f})" if len(speedups) > 1 else "")
+                            + f" in samples, {statistics.fmean(time_speedups):.2f}x in wall time"
                             + ("" if reached_all else " (some seeds never reach the baseline's final loss)"))
                 if not reached_all and sp < 1.0:
                     verdicts.append(FAILS)
