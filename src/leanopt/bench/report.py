@@ -239,7 +239,8 @@ def claim_pma_speedup(g, s):
     if not rows:
         return Verdict(claim, paper, "needs accumulation and PMA runs", MISSING)
     verdict = verdicts[0] if len(set(verdicts)) == 1 else INCONCLUSIVE
-    return Verdict(claim, paper, "samples to reach the accumulation baseline's final val loss: " + "; ".join(rows), verdict)
+    setting = "" if s.get("kind") == "finetune" else " — measured in pre-training from scratch, not the paper's post-training setting (see the finetune preset)"
+    return Verdict(claim, paper, "samples to reach the accumulation baseline's final val loss: " + "; ".join(rows) + setting, verdict)
 
 
 def claim_sgd_sai_robust(g, s):
