@@ -10,6 +10,8 @@
 * ``leanopt bench PRESET`` — train and compare optimizers, write a report with the
   papers' claims checked (:mod:`leanopt.bench.tasks`).
 * ``leanopt report RUN_DIR`` — regenerate a report from saved results.
+* ``leanopt speed`` — optimizer-step time against the memory-bandwidth floor
+  (:mod:`leanopt.bench.speed`).
 """
 
 from __future__ import annotations
@@ -212,6 +214,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("speed", help="optimizer-step time against the memory-bandwidth floor (leanopt speed --help)",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("report", help="regenerate the report of a finished benchmark task")
     p.add_argument("run_dir", help="a task folder, e.g. runs/quick")
     p.set_defaults(func=cmd_report)
@@ -219,6 +225,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["speed"]:  # its own parser (argparse cannot pass options through a subcommand)
+        from .bench.speed import main as speed_main
+
+        return speed_main(argv[1:])
     args = make_parser().parse_args(argv)
     from .bench.config import ConfigError
     from .bench.data import DataError

@@ -1,0 +1,368 @@
+"""``leanopt speed``: optimizer-step time against the memory-bandwidth floor.
+
+An optimizer step is memory-bound: it must read the parameters, the gradients and the
+state once and write the parameters and the state once. Its *floor* is those bytes
+divided by the best bandwidth a streaming kernel reaches on the same machine, measured
+in the same process. Every configuration (model, dtype, optimizer implementation) runs
+in a fresh worker process, configurations are interleaved over repeats, and each
+reports: step time (median and min-max over the timed steps), optimizer-state bytes per
+parameter, the peak *extra* memory during a step (temporaries), and the floor.
+
+Peak extra memory on the CPU is read from the kernel: the worker resets its peak-RSS
+counter (``/proc/self/clear_refs``) right before a step and reads ``VmHWM`` after it;
+glibc is told to serve large blocks with ``mmap`` so that freed temporaries leave the
+resident set (otherwise RSS would keep them). On CUDA it is
+``torch.cuda.max_memory_allocated`` around the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MODELS", "implementations", "run_speed", "main_worker"]
+
+# GPT-2-shaped parameter sets with Llama-style names (so Adam-mini's partition applies);
+# tied embeddings as GPT-2; SwiGLU widths chosen to match GPT-2's MLP parameter count.
+MODELS: dict[str, dict[str, Any]] = {
+    "gpt2-30m": dict(vocab_size=32000, dim=512, n_layers=6, n_heads=8, mlp_hidden=1408, tie_embeddings=True),
+    "gpt2-124m": dict(vocab_size=50304, dim=768, n_layers=12, n_heads=12, mlp_hidden=2048, tie_embeddings=True),
+    "llama-1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, mlp_hidden=5632),
+    "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, mlp_hidden=192, tie_embeddings=True),
+}
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    family: str  # the algorithm, for grouping in the table
+    build: str  # how the worker builds it (see _build)
+
+
+def implementations() -> list[Impl]:
+    """Every leanopt optimizer and the peers that are installed."""
+    impls = [
+        Impl("torch AdamW (for-loop)", "AdamW", "torch-adamw-loop"),
+        Impl("torch AdamW (foreach)", "AdamW", "torch-adamw-foreach"),
+        Impl("torch AdamW (fused)", "AdamW", "torch-adamw-fused"),
+        Impl("torch SGD-momentum (foreach)", "SGD-momentum", "torch-sgd-foreach"),
+        Impl("leanopt adam-mini", "Adam-mini", "leanopt:adam-mini"),
+        Impl("leanopt sgd-sai", "SGD-SaI", "leanopt:sgd-sai"),
+        Impl("leanopt lion", "Lion", "leanopt:lion"),
+        Impl("leanopt alpha-adam", "AlphaAdam", "leanopt:alpha-adam"),
+        Impl("leanopt cadamw", "C-AdamW", "leanopt:cadamw"),
+        Impl("leanopt adamw-pma", "AdamW-PMA", "leanopt:adamw-pma"),
+        Impl("leanopt lion-pma", "Lion-PMA", "leanopt:lion-pma"),
+    ]
+    peers = [
+        ("adam_mini", Impl("adam-mini 1.1.1 (released)", "Adam-mini", "adam_mini")),
+        ("sgd_sai", Impl("sgd-sai 1.0.3 (released)", "SGD-SaI", "sgd_sai")),
+        ("lion_pytorch", Impl("lion-pytorch", "Lion", "lion_pytorch")),
+        ("pytorch_optimizer", Impl("pytorch_optimizer AdamMini", "Adam-mini", "po:AdamMini")),
+        ("pytorch_optimizer", Impl("pytorch_optimizer SGDSaI", "SGD-SaI", "po:SGDSaI")),
+        ("pytorch_optimizer", Impl("pytorch_optimizer Lion", "Lion", "po:Lion")),
+    ]
+    import importlib.util
+
+    impls += [impl for module, impl in peers if importlib.util.find_spec(module) is not None]
+    return impls
+
+
+# --------------------------------------------------------------------------------------
+# the worker (one configuration, one process)
+# --------------------------------------------------------------------------------------
+
+
+def _build(spec: str, model):
+    import torch
+
+    named = [(n, p) for n, p in model.named_parameters()]
+    params = [p for _, p in named]
+    cfg = model.config
+    if spec == "torch-adamw-loop":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=False, fused=False)
+    if spec == "torch-adamw-foreach":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    if spec == "torch-adamw-fused":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if spec == "torch-sgd-foreach":
+        return torch.optim.SGD(params, lr=1e-4, momentum=0.9, foreach=True)
+    if spec.startswith("leanopt:"):
+        import leanopt
+
+        return leanopt.create_optimizer(spec.split(":", 1)[1], model, lr=1e-4)
+    if spec == "adam_mini":
+        import contextlib
+        import io
+
+        from adam_mini import Adam_mini
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            return Adam_mini(named, lr=1e-4, dim=cfg.dim, n_heads=cfg.n_heads, n_kv_heads=cfg.resolved_kv_heads, verbose=False)
+    if spec == "sgd_sai":
+        from sgd_sai import SGD_sai
+
+        return SGD_sai(params, lr=1e-4)
+    if spec == "lion_pytorch":
+        from lion_pytorch import Lion
+
+        return Lion(params, lr=1e-4)
+    if spec.startswith("po:"):
+        import pytorch_optimizer as po
+
+        cls = getattr(po, spec[3:])
+        if spec == "po:AdamMini":
+            return cls(model, lr=1e-4, num_embeds=cfg.dim, num_heads=cfg.n_heads, num_query_groups=cfg.resolved_kv_heads)
+        return cls(params, lr=1e-4)
+    raise ValueError(f"unknown implementation {spec!r}")
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _bandwidth(device: str, dtype, nbytes: int = 256 * 2**20) -> dict[str, float]:
+    """Achieved bandwidth (bytes/s) of a copy and of the best of a few streaming kernels."""
+    import torch
+
+    n = nbytes // torch.tensor([], dtype=dtype).element_size()
+    a = torch.randn(n, device=device).to(dtype)
+    b = torch.randn(n, device=device).to(dtype)
+    c = torch.empty_like(a)
+    kernels = {
+        "copy": (lambda: c.copy_(a), 2),
+        "scale (in place)": (lambda: a.mul_(1.0000001), 2),
+        "add": (lambda: torch.add(a, b, out=c), 3),
+        "axpy (in place)": (lambda: a.add_(b, alpha=1e-7), 3),
+    }
+    result = {}
+    for name, (fn, passes) in kernels.items():
+        best = float("inf")
+        for _ in range(7):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        result[name] = passes * nbytes / best
+    return result
+
+
+def main_worker(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from ..models import GPT, GPTConfig
+
+    torch.set_num_threads(args["threads"])
+    device, dtype = args["device"], getattr(torch, args["dtype"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(GPTConfig(max_seq_len=8, **MODELS[args["model"]])).to(dtype)
+    params = list(model.parameters())
+    gen = torch.Generator(device=device).manual_seed(1)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen, device=device) * 1e-3).to(dtype)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    bandwidth = _bandwidth(device, dtype)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        opt = _build(args["build"], model)
+        opt.step()  # creates the state (and, for compiled paths, compiles)
+        first_step_s = time.perf_counter() - t0
+    from ..registry import state_bytes
+
+    sb = state_bytes(opt)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(args["warmup"]):
+        opt.step()
+    sync()
+    # peak extra memory of one step
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        opt.step()
+        sync()
+        extra = torch.cuda.max_memory_allocated() - before
+    else:
+        base = _rss_kb("VmRSS")
+        extra = None
+        if _reset_peak():
+            opt.step()
+            extra = max(0, _rss_kb("VmHWM") - base) * 1024
+    times = []
+    for _ in range(args["steps"]):
+        sync()
+        t0 = time.perf_counter()
+        opt.step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    floor_bytes = 2 * param_bytes + param_bytes + 2 * sb  # read+write p, read g, read+write state
+    return {
+        "n_params": sum(p.numel() for p in params),
+        "param_bytes": param_bytes,
+        "state_bytes": sb,
+        "floor_bytes": floor_bytes,
+        "bandwidth": bandwidth,
+        "times_s": times,
+        "first_step_s": first_step_s,
+        "peak_extra_bytes": extra,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# the driver
+# --------------------------------------------------------------------------------------
+
+
+def _spawn(args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = dict(os.environ)
+    # large blocks straight from mmap, so that freed temporaries leave the resident set
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env["OMP_NUM_THREADS"] = str(args["threads"])
+    proc = subprocess.run([sys.executable, "-m", "leanopt.bench.speed", json.dumps(args)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_speed(
+    model: str = "gpt2-124m",
+    dtype: str = "float32",
+    device: str = "cpu",
+    only: list[str] | None = None,
+    steps: int = 10,
+    warmup: int = 2,
+    repeats: int = 3,
+    threads: int = 2,
+    timeout: float = 600.0,
+    log=print,
+) -> dict[str, Any]:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    impls = implementations()
+    if only:
+        impls = [i for i in impls if any(o.lower() in i.name.lower() or o == i.build for o in only)]
+        if not impls:
+            raise ValueError(f"no implementation matches {only}")
+    results: dict[str, list[dict]] = {i.name: [] for i in impls}
+    for r in range(repeats):  # interleaved: every configuration once per round
+        for impl in impls:
+            args = {"model": model, "dtype": dtype, "device": device, "build": impl.build, "steps": steps,
+                    "warmup": warmup, "threads": threads}
+            out = _spawn(args, timeout)
+            results[impl.name].append(out)
+            log(f"  round {r + 1}/{repeats} {impl.name}: " + (out["error"] if "error" in out else f"{statistics.median(out['times_s']) * 1e3:.1f} ms"))
+    rows = []
+    for impl in impls:
+        runs = [x for x in results[impl.name] if "error" not in x]
+        if not runs:
+            rows.append({"name": impl.name, "family": impl.family, "error": results[impl.name][0]["error"]})
+            continue
+        times = [t for x in runs for t in x["times_s"]]
+        bw_best = statistics.median(max(x["bandwidth"].values()) for x in runs)
+        bw_copy = statistics.median(x["bandwidth"]["copy"] for x in runs)
+        floor_s = runs[0]["floor_bytes"] / bw_best
+        extras = [x["peak_extra_bytes"] for x in runs if x["peak_extra_bytes"] is not None]
+        rows.append({
+            "name": impl.name,
+            "family": impl.family,
+            "median_ms": statistics.median(times) * 1e3,
+            "min_ms": min(times) * 1e3,
+            "max_ms": max(times) * 1e3,
+            "floor_ms": floor_s * 1e3,
+            "floor_bytes_per_param": runs[0]["floor_bytes"] / runs[0]["n_params"],
+            "ratio_to_floor": statistics.median(times) / floor_s,
+            "state_bytes_per_param_byte": runs[0]["state_bytes"] / runs[0]["param_bytes"],
+            "peak_extra_frac": (statistics.median(extras) / runs[0]["param_bytes"]) if extras else None,
+            "first_step_s": statistics.median(x["first_step_s"] for x in runs),
+            "bandwidth_copy_gbs": bw_copy / 1e9,
+            "bandwidth_best_gbs": bw_best / 1e9,
+            "n_params": runs[0]["n_params"],
+        })
+    fused = next((r for r in rows if r["name"] == "torch AdamW (fused)" and "median_ms" in r), None)
+    for r in rows:
+        if fused and "median_ms" in r:
+            r["ratio_to_fused_adamw"] = r["median_ms"] / fused["median_ms"]
+    return {"model": model, "dtype": dtype, "device": device, "threads": threads, "steps": steps, "repeats": repeats,
+            "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    ok = [r for r in rows if "median_ms" in r]
+    head = (f"optimizer step, {result['model']} ({ok[0]['n_params'] / 1e6:.1f}M params), {result['dtype']}, "
+            f"{result['device']}, {result['threads']} threads; bandwidth: copy {statistics.median(r['bandwidth_copy_gbs'] for r in ok):.1f} GB/s, "
+            f"best streaming kernel {statistics.median(r['bandwidth_best_gbs'] for r in ok):.1f} GB/s") if ok else "no results"
+    lines = [head, "",
+             f"{'implementation':<32} {'median ms':>10} {'min-max ms':>17} {'floor ms':>9} {'x floor':>8} {'x fused AdamW':>14} "
+             f"{'state/param':>12} {'peak extra':>11} {'1st step s':>10}"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["name"])):
+        if "median_ms" not in r:
+            lines.append(f"{r['name']:<32} error: {r['error']}")
+            continue
+        extra = f"{r['peak_extra_frac']:.1%}" if r["peak_extra_frac"] is not None else "n/a"
+        lines.append(
+            f"{r['name']:<32} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f}-{r['max_ms']:<8.1f} {r['floor_ms']:>9.1f} "
+            f"{r['ratio_to_floor']:>7.2f}x {r.get('ratio_to_fused_adamw', float('nan')):>13.2f}x "
+            f"{r['state_bytes_per_param_byte']:>11.3f}x {extra:>11} {r['first_step_s']:>10.2f}"
+        )
+    lines.append("")
+    lines.append("floor = (read+write params, read grads, read+write state) bytes / best streaming bandwidth; "
+                 "peak extra = memory above the resident set during one step, as a share of parameter bytes")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="leanopt speed")
+    p.add_argument("--model", default="gpt2-124m", choices=list(MODELS))
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", nargs="*", help="implementations whose name contains one of these")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    result = run_speed(args.model, args.dtype, args.device, args.only, args.steps, args.warmup, args.repeats, args.threads)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    # worker mode: one JSON argument, one JSON line out
+    print(json.dumps(main_worker(json.loads(sys.argv[1]))))
