@@ -410,3 +410,19 @@ def test_added_param_group_is_partitioned_by_name():
     rows = rows_by_name(opt)
     assert rows["classifier.mlp.weight"].blocks == 5
     assert rows["classifier.mlp.bias"].blocks == 5
+
+
+@pytest.mark.parametrize("new_arch,kv,expected", [(True, 2, 8 + 2 + 2 * 8), (False, 1, 8 + 1 + 8)], ids=["gqa", "multi-query"])
+def test_partition_falcon_fused_query_key_value(new_arch, kv, expected):
+    c = dict(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=8, new_decoder_architecture=new_arch)
+    c.update(num_kv_heads=kv) if new_arch else c.update(multi_query=True)
+    rows = partition(on_meta((transformers.FalconForCausalLM, transformers.FalconConfig), **c))
+    assert rows["transformer.h.0.self_attention.query_key_value.weight"].blocks == expected
+
+
+def test_partition_t5_head_dim_from_d_kv():
+    c = dict(vocab_size=100, d_model=64, d_kv=32, d_ff=128, num_layers=1, num_heads=4)  # heads of 32, not 64/4
+    rows = partition(on_meta((transformers.T5ForConditionalGeneration, transformers.T5Config), **c))
+    assert rows["encoder.block.0.layer.0.SelfAttention.q.weight"].blocks == 4
+    assert rows["encoder.block.0.layer.0.SelfAttention.v.weight"].blocks == 128
+    assert rows["shared.weight"].blocks == 100
