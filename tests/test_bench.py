@@ -25,7 +25,8 @@ SOURCE = Path(leanopt.__file__).parent  # real text to train on: leanopt's own s
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    bdata.prepare(d, (), texts=[SOURCE], text_name="src", vocab_size=320, val_fraction=0.2, log=lambda s: None)
+    bdata.prepare(d, (), texts=[SOURCE], text_name="src", tokenizer_from=["src"], vocab_size=320, val_fraction=0.2,
+                  log=lambda s: None)
     return d
 
 
@@ -66,7 +67,8 @@ def test_prepared_corpus(data_dir):
     assert int(np.max(corpus.train)) < 320
     # a second prepare recognises the unchanged source and rebuilds nothing
     before = (data_dir / "src" / "train.bin").stat().st_mtime_ns
-    bdata.prepare(data_dir, (), texts=[SOURCE], text_name="src", vocab_size=320, val_fraction=0.2, log=lambda s: None)
+    bdata.prepare(data_dir, (), texts=[SOURCE], text_name="src", tokenizer_from=["src"], vocab_size=320, val_fraction=0.2,
+                  log=lambda s: None)
     assert (data_dir / "src" / "train.bin").stat().st_mtime_ns == before
 
 
@@ -252,3 +254,15 @@ def test_a_diverging_run_stops_and_is_reported_as_diverged(data_dir, tmp_path):
     trained = [m for m in read_results(tmp_path / "smoke" / "runs" / run["key"] / "results.jsonl") if m["kind"] == "train"]
     assert len(trained) < run["steps"]  # stopped early
     assert "diverged" in (tmp_path / "smoke" / "report.md").read_text()
+
+
+def test_tokenizer_follows_its_training_set(tmp_path):
+    quiet = dict(vocab_size=300, val_fraction=0.2, log=lambda s: None)
+    first = bdata.prepare(tmp_path, (), texts=[SOURCE], text_name="t", tokenizer_from=["t"], **quiet)["t"]
+    again = bdata.prepare(tmp_path, (), texts=[SOURCE], text_name="t", tokenizer_from=["t"], **quiet)["t"]
+    assert again["tokenizer_sha256"] == first["tokenizer_sha256"]
+    # other training text: the tokenizer is retrained and the corpus re-encoded with it
+    other = bdata.prepare(tmp_path, (), texts=[SOURCE / "bench"], text_name="t", tokenizer_from=["t"], **quiet)["t"]
+    assert other["tokenizer_sha256"] != first["tokenizer_sha256"]
+    assert other["tokenizer_trained_on"] != first["tokenizer_trained_on"]
+    assert bdata.load_corpus(tmp_path, "t").meta["tokenizer_sha256"] == other["tokenizer_sha256"]

