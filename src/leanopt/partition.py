@@ -232,6 +232,14 @@ def _first_int(obj: Any, keys: Iterable[str]) -> int | None:
     return None
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper, else the model itself."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
 def _model_config(model: nn.Module) -> Any:
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "get_text_config"):
@@ -460,7 +468,7 @@ def partition_from_model(
     (they fall back to one block per output neuron), and whether any embedding, output
     head or attention structure was found.
     """
-    b = _Builder(model, HeadGeometry(n_heads, n_kv_heads, head_dim), value_blocks)
+    b = _Builder(unwrap_model(model), HeadGeometry(n_heads, n_kv_heads, head_dim), value_blocks)
     b.build()
     return b.rules, b.names, b.fallbacks, b.found_structure
 

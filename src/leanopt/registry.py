@@ -18,6 +18,7 @@ from torch import nn
 from .adam_mini import AdamMini
 from .alpha_adam import AlphaAdam, CAdamW
 from .lion import Lion
+from .partition import unwrap_model
 from .pma import AdamWPMA, LionPMA
 from .sgd_sai import SGDSaI
 
@@ -62,15 +63,16 @@ def optimizer_info(name: str) -> OptimizerInfo:
 def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any], **kwargs: Any) -> torch.optim.Optimizer:
     """Build the optimizer ``name`` for a model or for parameters.
 
-    Given an ``nn.Module``, its trainable parameters (``requires_grad``) are optimized and
-    structure-aware optimizers (Adam-mini) also read its modules and config. Given
+    Given an ``nn.Module`` (or a ``DistributedDataParallel``/``DataParallel`` wrapper of
+    one), its trainable parameters (``requires_grad``) are optimized and structure-aware
+    optimizers (Adam-mini) also read its modules and config. Given
     parameters (tensors, ``(name, param)`` pairs or param-group dicts), they are passed on.
     ``kwargs`` go to the optimizer and override the registry's defaults.
     """
     info = optimizer_info(name)
     args = {**info.defaults, **kwargs}
     if isinstance(model_or_params, nn.Module):
-        model = model_or_params
+        model = unwrap_model(model_or_params)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(f"model {type(model).__name__} has no trainable parameters")
