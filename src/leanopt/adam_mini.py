@@ -36,6 +36,7 @@ from ._optimizer import (
     step_tensor,
     user_stacklevel,
 )
+from ._compile import Kernel, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
 from .partition import (
     BlockLayout,
@@ -45,6 +46,7 @@ from .partition import (
     apply_overrides,
     block_mean_sq,
     expand_blocks,
+    lane_to_block,
     name_rule,
     partition_from_model,
     partition_from_names,
@@ -118,6 +120,91 @@ def adam_mini(
             _sub_blockwise(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout)
 
 
+def _mini_update(p2: Tensor, g2: Tensor, m2: Tensor, v: Tensor, ids: Tensor, counts: Tensor, h: Tensor, axis: int) -> None:
+    # h = [sign, 1-β1, β2, 1-β2, sqrt(1-β2^t), eps, decay, lr/(1-β1^t)]; on the 2-D view of
+    # the layout: pass 1 updates m and sums g² per lane, pass 2 updates p; in between only
+    # vectors of one value per lane or per block
+    g2 = g2 * h[0]
+    m2.lerp_(g2, h[1])
+    acc = counts.dtype
+    lane_sq = (g2.to(acc) * g2.to(acc)).sum(dim=1 - axis)
+    block = torch.zeros(v.shape, dtype=acc, device=v.device).index_add_(0, ids, lane_sq) / counts
+    v.copy_(v.to(acc) * h[2] + block * h[3])
+    lane = (h[7] / (v.to(acc).sqrt() / h[4] + h[5])).index_select(0, ids).to(p2.dtype)
+    lane = lane.view(-1, 1) if axis == 0 else lane.view(1, -1)
+    p2.mul_(h[6]).sub_(m2 * lane)
+
+
+# One compiled function per layout kind: each has its own recompilation budget, and none
+# sees a dimension of size 1 (which dynamo would specialise on).
+def _mini_rows(p2: Tensor, g2: Tensor, m2: Tensor, v: Tensor, ids: Tensor, counts: Tensor, h: Tensor) -> None:
+    _mini_update(p2, g2, m2, v, ids, counts, h, 0)
+
+
+def _mini_columns(p2: Tensor, g2: Tensor, m2: Tensor, v: Tensor, ids: Tensor, counts: Tensor, h: Tensor) -> None:
+    _mini_update(p2, g2, m2, v, ids, counts, h, 1)
+
+
+def _mini_elements(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
+    # one block per element: Adam (biases); flattened tensors
+    g = g * h[0]
+    m.lerp_(g, h[1])
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    v.copy_(v.to(acc) * h[2] + g.to(acc) * g.to(acc) * h[3])
+    p.mul_(h[6]).sub_(m * (h[7] / (v.to(acc).sqrt() / h[4] + h[5])).to(p.dtype))
+
+
+def _mini_whole(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
+    # one block for the tensor (norms, scalars); flattened tensors
+    g = g * h[0]
+    m.lerp_(g, h[1])
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    v.copy_(v.to(acc) * h[2] + (g.to(acc) * g.to(acc)).mean() * h[3])
+    p.mul_(h[6]).sub_(m * (h[7] / (v.to(acc).sqrt() / h[4] + h[5])).to(p.dtype))
+
+
+_KERNELS = {name: Kernel(fn) for name, fn in (("rows", _mini_rows), ("columns", _mini_columns), ("elements", _mini_elements), ("whole", _mini_whole))}
+
+
+def adam_mini_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    layouts: list[BlockLayout],
+    decay: list[bool],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """:func:`adam_mini` (mask off) as one compiled function per tensor: two passes over
+    its memory, no full-size temporaries (:mod:`leanopt._compile`)."""
+    lr = float(lr)
+    for p, g, m, v, step_t, layout, dec in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay, strict=True):
+        if not p.is_contiguous():
+            adam_mini([p], [g], [m], [v], [step_t], [layout], [dec], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      weight_decay=weight_decay, maximize=maximize)
+            continue
+        step_t += 1
+        bias_correction1, bias_correction2_sqrt = bias_corrections(beta1, beta2, step_t.item())
+        acc = acc_dtype(p)
+        h = hyper([-1.0 if maximize else 1.0, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps,
+                   1 - lr * weight_decay if dec else 1.0, lr / bias_correction1], p.device, p.dtype)
+        if layout.n_blocks == layout.numel:
+            _KERNELS["elements"](p.view(-1), g.reshape(-1), m.view(-1), v, h)
+        elif layout.n_blocks == 1:
+            _KERNELS["whole"](p.view(-1), g.reshape(-1), m.view(-1), v, h)
+        else:
+            ids, counts = lane_to_block(layout, p.device, acc)
+            kernel = _KERNELS["rows" if layout.axis == 0 else "columns"]
+            kernel(p.view(layout.view), g.reshape(layout.view), m.view(layout.view), v, ids, counts, h)
+
+
 def _positive_int_or_none(name: str, value: Any) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise ValueError(f"AdamMini: Invalid {name}: {value!r}; {name} must be a positive int or None")
@@ -170,6 +257,9 @@ class AdamMini(LeanOptimizer):
             Default ``mask="none"``; with a mask on, ``alpha`` and ``count_scale`` default
             to AlphaAdam's (``"squared"``, True).
         maximize: maximize the objective instead of minimizing it. Default False.
+        fused: run each step as one compiled function per tensor (``torch.compile``: two
+            passes over memory, no full-size temporaries; the first step compiles, which
+            takes seconds). Default False. The masked step runs eagerly.
 
     Reductions run in float32 (float64 for float64 parameters); state tensors take the
     parameter's dtype, as in ``torch.optim`` (a ``state_dict`` round trip casts them so).
@@ -183,6 +273,7 @@ class AdamMini(LeanOptimizer):
         "eps": NONNEG,
         "weight_decay": NONNEG,
         "maximize": BOOL,
+        "fused": BOOL,
         **mask_checks(),
     }
 
@@ -206,6 +297,7 @@ class AdamMini(LeanOptimizer):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
+        fused: bool = False,
     ) -> None:
         for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
             _positive_int_or_none(name, value)
@@ -233,7 +325,7 @@ class AdamMini(LeanOptimizer):
             self._fallbacks, self._found_structure = fallbacks, found
         self._warned_plain = False
 
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
                         **mask_defaults(mask, alpha, count_scale))
         super().__init__(params, defaults)
         # the model-wide table served construction; keeping it would pin (and deepcopy)
@@ -342,6 +434,10 @@ class AdamMini(LeanOptimizer):
                 layouts.append(rule.layout)
                 decay.append(rule.decay)
             beta1, beta2 = group["betas"]
+            if group["fused"] and not mask_active(group["mask"], group["count_scale"]):
+                adam_mini_fused(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, decay, lr=group["lr"], beta1=beta1,
+                                beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+                continue
             adam_mini(
                 params,
                 grads,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decoupled_decay_, step_tensor
+from ._compile import Kernel, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
 
 __all__ = ["AdamStep", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
@@ -96,6 +97,83 @@ def alpha_adam(
             v.mul_(c.rescale)
 
 
+def _adam_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
+    # h = [sign, m_keep, m_gain, v_keep, v_gain, v_div, eps·eps_mul, decay, -lr/m_div, rescale]; one pass
+    g = g * h[0]
+    m.mul_(h[1]).add_(g * h[2])
+    v.mul_(h[3]).add_(g * g * h[4])
+    p.mul_(h[7]).add_(m / (v.sqrt() / h[5] + h[6]) * h[8])
+    m.mul_(h[9])
+    v.mul_(h[9])
+
+
+def _adam_masked_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
+    # as _adam_kernel, with h[8] = 1/m_div, h[10] = lr and the options as numbers, so one
+    # graph serves them all: h[11] mask (0 none, 1 async, 2 sync), h[12] alpha (0 none,
+    # 1 squared, 2 root), h[13] count_scale (0/1). Two passes: the sums, then the update.
+    g = g * h[0]
+    agree_prev = g * m > 0
+    m.mul_(h[1]).add_(g * h[2])
+    v.mul_(h[3]).add_(g * g * h[4])
+    phi = torch.where(h[11] == 1, agree_prev, torch.where(h[11] == 2, g * m > 0, torch.ones_like(agree_prev)))
+    u = m / (v.sqrt() / h[5] + h[6]) * h[8]
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u2 = u.to(acc) * u.to(acc)
+    uu = u2.sum()
+    su_raw = (u2 * phi).sum()
+    empty = su_raw == 0
+    phi = phi | empty
+    su = torch.where(empty, uu, su_raw)
+    count = phi.sum(dtype=acc)
+    ratio = torch.where(su > 0, uu / torch.where(su > 0, su, 1.0), 1.0)
+    a = torch.where(h[12] == 0, 1.0, torch.where(h[12] == 2, ratio.sqrt(), ratio))
+    scale = torch.where(h[13] == 1, u.numel() / (count + 1), 1.0)
+    p.mul_(h[7]).sub_(u * phi * (h[10] * a * scale).to(p.dtype))
+    m.mul_(h[9])
+    v.mul_(h[9])
+
+
+_FUSED = Kernel(_adam_kernel)
+_FUSED_MASKED = Kernel(_adam_masked_kernel)
+_MASK_CODES = {"none": 0.0, "async": 1.0, "sync": 2.0}
+_ALPHA_CODES = {"none": 0.0, "squared": 1.0, "root": 2.0}
+
+
+def alpha_adam_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    coeffs: list[AdamStep],
+    *,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    mask: str,
+    alpha: str,
+    count_scale: bool,
+) -> None:
+    """:func:`alpha_adam` as compiled kernels (:mod:`leanopt._compile`): one pass per
+    tensor without the mask, two with it (the per-tensor sums, then the update).
+    Tensors are flattened (the math is elementwise plus whole-tensor sums), so one
+    compilation serves every shape."""
+    masked = mask_active(mask, count_scale)
+    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs, strict=True):
+        if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+            alpha_adam([p], [g], [m], [v], [c], eps=eps, weight_decay=weight_decay, maximize=maximize, mask=mask,
+                       alpha=alpha, count_scale=count_scale)
+            continue
+        lr = float(c.lr)
+        values = [-1.0 if maximize else 1.0, c.m_keep, c.m_gain, c.v_keep, c.v_gain, c.v_div, eps * c.eps_mul,
+                  1 - float(c.decay_lr) * weight_decay, (1 / c.m_div) if masked else -lr / c.m_div, c.rescale]
+        flat = (p.view(-1), g.reshape(-1), m.view(-1), v.view(-1))
+        if masked:
+            values += [lr, _MASK_CODES[mask], _ALPHA_CODES[alpha], float(count_scale)]
+            _FUSED_MASKED(*flat, hyper(values, p.device, p.dtype))
+        else:
+            _FUSED(*flat, hyper(values, p.device, p.dtype))
+
+
 class AlphaAdam(LeanOptimizer):
     """AlphaAdam (arXiv:2501.18094): AdamW that updates, per tensor, only the coordinates
     whose gradient agrees in sign with the previous momentum, compensating the lost
@@ -118,9 +196,13 @@ class AlphaAdam(LeanOptimizer):
         alpha: ``"squared"`` (default, Algorithm 1: ``||u||²/||φ⊙u||²``), ``"root"`` (Eq. 9) or ``"none"``.
         count_scale: scale the step by ``n/(||φ||₀+1)`` (Algorithm 1). Default True.
         maximize: maximize the objective instead of minimizing it. Default False.
+        fused: run each step as compiled kernels (``torch.compile``; one pass per tensor
+            without a mask, two with one; the first step compiles, which takes seconds).
+            Default False.
     """
 
-    _checks = {"lr": NONNEG, "betas": Betas(), "eps": NONNEG, "weight_decay": NONNEG, "maximize": BOOL, **mask_checks()}
+    _checks = {"lr": NONNEG, "betas": Betas(), "eps": NONNEG, "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL,
+               **mask_checks()}
 
     def __init__(
         self,
@@ -134,8 +216,9 @@ class AlphaAdam(LeanOptimizer):
         alpha: str | None = "squared",
         count_scale: bool | None = True,
         maximize: bool = False,
+        fused: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
                         **mask_defaults(mask, alpha, count_scale))
         super().__init__(params, defaults)
 
@@ -159,7 +242,8 @@ class AlphaAdam(LeanOptimizer):
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 coeffs.append(self._coeffs(group, state["step"].item()))
-            alpha_adam(
+            step = alpha_adam_fused if group["fused"] else alpha_adam
+            step(
                 params, grads, exp_avgs, exp_avg_sqs, coeffs,
                 eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
                 mask=group["mask"], alpha=group["alpha"], count_scale=group["count_scale"],
@@ -181,5 +265,7 @@ class CAdamW(AlphaAdam):
         weight_decay: float = 1e-2,
         *,
         maximize: bool = False,
+        fused: bool = False,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, mask="sync", alpha="none", count_scale=True, maximize=maximize)
+        super().__init__(params, lr, betas, eps, weight_decay, mask="sync", alpha="none", count_scale=True, maximize=maximize,
+                         fused=fused)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, decoupled_decay_, step_tensor
+from ._compile import Kernel, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
 
 __all__ = ["Lion", "LionStep", "lion", "lion_step"]
@@ -72,6 +73,36 @@ def lion(
             m.mul_(c.rescale)
 
 
+def _lion_kernel(p: Tensor, g: Tensor, m: Tensor, h: Tensor) -> None:
+    # h = [sign, c_keep, c_gain, m_keep·rescale, m_gain·rescale, decay, -lr]; one pass
+    g = g * h[0]
+    update = (m * h[1] + g * h[2]).sign()
+    m.mul_(h[3]).add_(g * h[4])
+    p.mul_(h[5]).add_(update * h[6])
+
+
+_FUSED = Kernel(_lion_kernel)
+
+
+def lion_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    coeffs: list[LionStep],
+    *,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """:func:`lion` (mask off) as one compiled pass per tensor (:mod:`leanopt._compile`)."""
+    for p, g, m, c in zip(params, grads, exp_avgs, coeffs, strict=True):
+        h = hyper([-1.0 if maximize else 1.0, c.c_keep, c.c_gain, c.m_keep * c.rescale, c.m_gain * c.rescale,
+                   1 - float(c.decay_lr) * weight_decay, -float(c.lr)], p.device, p.dtype)
+        if p.is_contiguous() and m.is_contiguous():  # flattened: one compilation for every shape
+            _FUSED(p.view(-1), g.reshape(-1), m.view(-1), h)
+        else:
+            _FUSED(p, g, m, h)
+
+
 class Lion(LeanOptimizer):
     """Lion (arXiv:2302.06675): sign of the interpolated momentum; state is one momentum
     buffer (``exp_avg``) per parameter.
@@ -85,9 +116,11 @@ class Lion(LeanOptimizer):
             ``u = sign(c)`` and ``m`` Lion's momentum. Default ``mask="none"`` (plain Lion);
             with a mask on, ``alpha`` and ``count_scale`` default to AlphaAdam's.
         maximize: maximize the objective instead of minimizing it. Default False.
+        fused: run each step as one compiled pass per tensor (``torch.compile``; the first
+            step compiles, which takes seconds). Default False. The masked step runs eagerly.
     """
 
-    _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, **mask_checks()}
+    _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL, **mask_checks()}
 
     def __init__(
         self,
@@ -100,8 +133,9 @@ class Lion(LeanOptimizer):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
+        fused: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused,
                         **mask_defaults(mask, alpha, count_scale))
         super().__init__(params, defaults)
 
@@ -122,6 +156,9 @@ class Lion(LeanOptimizer):
                 state["step"] += 1
                 exp_avgs.append(state["exp_avg"])
                 coeffs.append(self._coeffs(group, state["step"].item()))
+            if group["fused"] and not mask_active(group["mask"], group["count_scale"]):
+                lion_fused(params, grads, exp_avgs, coeffs, weight_decay=group["weight_decay"], maximize=group["maximize"])
+                continue
             lion(
                 params, grads, exp_avgs, coeffs,
                 weight_decay=group["weight_decay"], maximize=group["maximize"],

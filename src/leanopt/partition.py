@@ -143,7 +143,9 @@ def _lane_to_block(layout: BlockLayout) -> tuple[Tensor, Tensor]:
     return torch.cat(ids), torch.cat(counts)
 
 
+@functools.lru_cache(maxsize=4096)
 def lane_to_block(layout: BlockLayout, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`_lane_to_block` on ``device`` (cached: no copy per step)."""
     ids, counts = _lane_to_block(layout)
     return ids.to(device), counts.to(device=device, dtype=dtype)
 

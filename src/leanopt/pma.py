@@ -115,6 +115,7 @@ class AdamWPMA(AlphaAdam):
         mask, alpha, count_scale: the AlphaAdam mask component (:mod:`leanopt.mask`);
             default ``mask="none"``.
         maximize: maximize the objective instead of minimizing it. Default False.
+        fused: compiled kernels, as :class:`AlphaAdam`. Default False.
     """
 
     _checks = {**AlphaAdam._checks, **_PMA_CHECKS}
@@ -133,8 +134,9 @@ class AdamWPMA(AlphaAdam):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
+        fused: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
                         period=period, variant=variant, **mask_defaults(mask, alpha, count_scale))
         LeanOptimizer.__init__(self, params, defaults)
 
@@ -156,6 +158,7 @@ class LionPMA(Lion):
         variant: ``"paper"`` (default) or ``"released"`` (small steps decay with the full lr).
         mask, alpha, count_scale: the AlphaAdam mask component; default ``mask="none"``.
         maximize: maximize the objective instead of minimizing it. Default False.
+        fused: one compiled pass per tensor, as :class:`Lion`. Default False.
     """
 
     _checks = {**Lion._checks, **_PMA_CHECKS}
@@ -173,8 +176,9 @@ class LionPMA(Lion):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
+        fused: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused,
                         period=period, variant=variant, **mask_defaults(mask, alpha, count_scale))
         LeanOptimizer.__init__(self, params, defaults)
 

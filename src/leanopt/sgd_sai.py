@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_
+from ._compile import Kernel, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
 
 __all__ = ["SGDSaI", "sgd_sai", "gsnr"]
@@ -70,6 +71,46 @@ def sgd_sai(
             p.addcmul_(direction, scale, value=-lr)
 
 
+def _sgd_sai_kernel(p: Tensor, g: Tensor, buf: Tensor, scale: Tensor, h: Tensor) -> None:
+    # h = [sign, keep, gain, decay, -lr]: one pass reading p, g, m and writing p, m
+    g = g * h[0]
+    buf.mul_(h[1]).add_(g * h[2])
+    p.mul_(h[3]).add_(buf * (scale * h[4]))
+
+
+def _sgd_kernel(p: Tensor, g: Tensor, scale: Tensor, h: Tensor) -> None:
+    p.mul_(h[3]).add_(g * (h[0] * scale * h[4]))
+
+
+_FUSED = Kernel(_sgd_sai_kernel)
+_FUSED_NO_MOMENTUM = Kernel(_sgd_kernel)
+
+
+def sgd_sai_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    scales: list[Tensor],
+    fresh: list[bool],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """:func:`sgd_sai` (mask off) as one compiled pass per tensor (:mod:`leanopt._compile`)."""
+    lr = float(lr)
+    for p, g, buf, scale, first in zip(params, grads, momentum_buffers, scales, fresh, strict=True):
+        keep, gain = (1.0, 0.0) if first else (momentum, 1 - momentum)  # a fresh buffer already is g
+        h = hyper([-1.0 if maximize else 1.0, keep, gain, 1 - lr * weight_decay, -lr], p.device, p.dtype)
+        if not p.is_contiguous():
+            sgd_sai([p], [g], [buf], [scale], [first], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+        elif buf is None:  # flattened: one compilation for every shape
+            _FUSED_NO_MOMENTUM(p.view(-1), g.reshape(-1), scale, h)
+        else:
+            _FUSED(p.view(-1), g.reshape(-1), buf.view(-1), scale, h)
+
+
 def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
     """g-SNR of one block's gradient, and whether the block is degenerate for ``"paper"``
     (all elements equal, so its variance carries no noise information)."""
@@ -101,6 +142,8 @@ class SGDSaI(LeanOptimizer):
         mask, alpha, count_scale: the AlphaAdam mask component (:mod:`leanopt.mask`) with
             ``u = scale·m``; default ``mask="none"``. ``mask="async"`` needs momentum > 0
             (without momentum there is no previous first moment).
+        fused: run each step as one compiled pass per tensor (``torch.compile``; the first
+            step compiles, which takes seconds). Default False. The masked step runs eagerly.
         maximize: maximize the objective instead of minimizing it. Default False.
 
     ``variant="paper"``: ``scale = snr / max_k snr_k`` with the biased variance of the
@@ -138,6 +181,7 @@ class SGDSaI(LeanOptimizer):
         "weight_decay": NONNEG,
         "variant": OneOf(("paper", "released")),
         "maximize": BOOL,
+        "fused": BOOL,
         **mask_checks(),
     }
 
@@ -154,9 +198,10 @@ class SGDSaI(LeanOptimizer):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
+        fused: bool = False,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, variant=variant, maximize=maximize,
-                        **mask_defaults(mask, alpha, count_scale))
+                        fused=fused, **mask_defaults(mask, alpha, count_scale))
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -230,6 +275,19 @@ class SGDSaI(LeanOptimizer):
                     # momentum switched on after the scales were fixed: start from zero
                     buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 bufs.append(buf if group["momentum"] != 0 else None)
+            if group["fused"] and not mask_active(group["mask"], group["count_scale"]):
+                sgd_sai_fused(
+                    ps,
+                    [g for _, g in todo],
+                    bufs,
+                    [self.state[p]["scale"] for p in ps],
+                    [p in started for p in ps],
+                    lr=lr,
+                    momentum=group["momentum"],
+                    weight_decay=wd,
+                    maximize=group["maximize"],
+                )
+                continue
             sgd_sai(
                 ps,
                 [g for _, g in todo],
