@@ -54,14 +54,11 @@ def implementations() -> list[Impl]:
         Impl("torch AdamW (foreach)", "AdamW", "torch-adamw-foreach"),
         Impl("torch AdamW (fused)", "AdamW", "torch-adamw-fused"),
         Impl("torch SGD-momentum (foreach)", "SGD-momentum", "torch-sgd-foreach"),
-        Impl("leanopt adam-mini", "Adam-mini", "leanopt:adam-mini"),
-        Impl("leanopt sgd-sai", "SGD-SaI", "leanopt:sgd-sai"),
-        Impl("leanopt lion", "Lion", "leanopt:lion"),
-        Impl("leanopt alpha-adam", "AlphaAdam", "leanopt:alpha-adam"),
-        Impl("leanopt cadamw", "C-AdamW", "leanopt:cadamw"),
-        Impl("leanopt adamw-pma", "AdamW-PMA", "leanopt:adamw-pma"),
-        Impl("leanopt lion-pma", "Lion-PMA", "leanopt:lion-pma"),
     ]
+    for name, family in (("adam-mini", "Adam-mini"), ("sgd-sai", "SGD-SaI"), ("lion", "Lion"), ("alpha-adam", "AlphaAdam"),
+                         ("cadamw", "C-AdamW"), ("adamw-pma", "AdamW-PMA"), ("lion-pma", "Lion-PMA")):
+        impls.append(Impl(f"leanopt {name}", family, f"leanopt:{name}"))
+        impls.append(Impl(f"leanopt {name} (fused)", family, f"leanopt:{name}:fused"))
     peers = [
         ("adam_mini", Impl("adam-mini 1.1.1 (released)", "Adam-mini", "adam_mini")),
         ("sgd_sai", Impl("sgd-sai 1.0.3 (released)", "SGD-SaI", "sgd_sai")),
@@ -98,7 +95,8 @@ def _build(spec: str, model):
     if spec.startswith("leanopt:"):
         import leanopt
 
-        return leanopt.create_optimizer(spec.split(":", 1)[1], model, lr=1e-4)
+        _, name, *flags = spec.split(":")
+        return leanopt.create_optimizer(name, model, lr=1e-4, **({"fused": True} if "fused" in flags else {}))
     if spec == "adam_mini":
         import contextlib
         import io
