@@ -223,9 +223,13 @@ def test_pma_speedup_claim():
     runs = [fake_run("adamw-accum4", 0, 3.0, curve=curve_base, wall_s=10.0),
             fake_run("adamw-pma4", 0, 2.5, curve=curve_fast, wall_s=12.5)]  # PMA: slower per sample (more steps)
     v = evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0]
-    assert v.verdict == "holds" and "2.00x in samples, 1.60x in wall time" in v.measured
+    assert v.claim.startswith("AdamW-PMA") and v.verdict == "holds" and "2.00x in samples, 1.60x in wall time" in v.measured
     runs[1] = fake_run("adamw-pma4", 0, 3.5, curve=[[0, 0, 5.0], [50, 0, 4.5], [100, 0, 3.5]], wall_s=12.5)
     assert evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0].verdict == "does not hold"
+    # one verdict per optimizer
+    lion = [fake_run("lion-accum4", 0, 3.0, curve=curve_base, wall_s=10.0), fake_run("lion-pma4", 0, 2.5, curve=curve_fast, wall_s=11.0)]
+    verdicts = evaluate_claims({"claims": ["pma-speedup"], "runs": runs + lion})
+    assert [(v.claim.split(":")[0], v.verdict) for v in verdicts] == [("AdamW-PMA", "does not hold"), ("Lion-PMA", "holds")]
 
 
 def test_train_a_transformers_model_from_its_config(data_dir, tmp_path):
