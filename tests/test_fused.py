@@ -27,8 +27,13 @@ VARIANTS = [(n, {}) for n in KW] + [
     ("alpha-adam", {"mask": "sync", "alpha": "root"}),
     ("alpha-adam", {"mask": "none", "alpha": "none", "count_scale": False}),
     ("adamw-pma", {"variant": "released", "mask": "async"}),
-    ("adam-mini", {"mask": "async"}),  # the masked step runs eagerly: exactly equal
+    ("adam-mini", {"mask": "async"}),
+    ("adam-mini", {"mask": "sync", "alpha": "root"}),
     ("adam-mini", {"value_blocks": "whole"}),
+    ("sgd-sai", {"mask": "async"}),
+    ("sgd-sai", {"momentum": 0.0, "mask": "sync", "count_scale": False}),
+    ("lion", {"mask": "async"}),
+    ("lion-pma", {"mask": "sync", "alpha": "none"}),
 ]
 
 

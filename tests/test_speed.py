@@ -18,7 +18,8 @@ def test_speed_rows_floor_and_ratios():
     assert adamw["ratio_to_fused_adamw"] == pytest.approx(1.0)
     for r in (adamw, sai):
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
-        assert r["ratio_to_floor"] == pytest.approx(r["median_ms"] / r["floor_ms"])
+        # the median of per-step ratios (each step against the bandwidth measured before it)
+        assert r["ratio_to_floor"] == pytest.approx(r["median_ms"] / r["floor_ms"], rel=0.5)
         assert r["bandwidth_best_gbs"] >= r["bandwidth_copy_gbs"] > 0
         assert r["peak_extra_frac"] is not None and r["peak_extra_frac"] >= 0
     table = format_table(result)

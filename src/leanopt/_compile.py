@@ -1,23 +1,32 @@
 """Compiled fast paths (``fused=True``): one ``torch.compile``d kernel per optimizer.
 
-Each optimizer's fast path is a small function over *one* parameter's tensors, written
-with in-place tensor ops, whose hyperparameters arrive as one small tensor: inductor
-fuses it into one or two passes over memory (vectorised C++ on the CPU, Triton on the
-GPU) without full-size temporaries, and a scheduler changing ``lr`` never triggers a
-recompilation. It is compiled with dynamic shapes on first use, so one compilation
-serves tensors of every size. Where compilation is unavailable or fails, the kernel
-warns once and runs eagerly: results are the same, only slower.
+Each optimizer's fast path is a small function over *lists* of tensors, written with
+tensor ops, whose scalars arrive as one ``[n_tensors, k]`` tensor of per-tensor rows.
+Inductor turns it into one C++ (CPU) or Triton (GPU) loop per tensor and pass — one pass
+for an elementwise step, two where a per-tensor or per-block sum is needed first —
+without full-size temporaries, all called from one generated wrapper. A step makes a few
+such calls (:func:`fusable_groups`), not one per tensor, and a scheduler changing ``lr``
+never triggers a recompilation. Shapes are dynamic, so a compiled graph serves tensors of
+every size.
+
+Where compilation is unavailable or fails, the kernel warns once and runs eagerly:
+results are the same, only slower.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
-__all__ = ["Kernel", "hyper"]
+__all__ = ["Kernel", "hyper", "fusable_groups", "flat"]
+
+# every parameter set (model) is one more compiled variant of a kernel; dynamo's default
+# of 8 per function would send the ninth model to the slow eager path
+_RECOMPILE_LIMIT = 64
 
 
 class Kernel:
@@ -32,9 +41,13 @@ class Kernel:
         if self._failed:
             return self.fn(*args, **kwargs)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True)
+            # dynamic_threads: the parallel loops are chosen at run time, not from the sizes
+            # of the first call (a graph first compiled for small tensors would otherwise
+            # run single-threaded on large ones)
+            self._compiled = torch.compile(self.fn, dynamic=True, options={"cpp.dynamic_threads": True})
         try:
-            return self._compiled(*args, **kwargs)
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                return self._compiled(*args, **kwargs)
         except Exception as e:  # no compiler, unsupported backend, ...
             self._failed = True
             warnings.warn(
@@ -46,6 +59,52 @@ class Kernel:
             return self.fn(*args, **kwargs)
 
 
-def hyper(values: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The step's scalars as one tensor (``float64`` for ``float64`` parameters)."""
-    return torch.tensor(values, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    def step(self, *tensors: Any, H: Tensor, mask: str, alpha: str, count_scale: bool) -> None:
+        """One optimizer step through a kernel ``fn(*tensors, H, sums, phase, mask, alpha,
+        count_scale)``: with the mask component on, a ``"sums"`` call first returns the
+        per-tensor sums of :func:`leanopt.mask.mask_sums`, then the ``"apply"`` call
+        recomputes the update and writes it (two passes, no stored full-size tensors)."""
+        sums = self(*tensors, H, None, "sums", mask, alpha, count_scale) if mask != "none" else None
+        self(*tensors, H, sums, "apply", mask, alpha, count_scale)
+
+
+def hyper(rows: Sequence[Sequence[float]], like: Tensor) -> Tensor:
+    """The step's scalars, one row per tensor (``float64`` for ``float64`` parameters)."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.tensor(rows, dtype=dtype, device=like.device)
+
+
+# list lengths of one call: every call is one of these few shapes of graph, so a handful of
+# compilations per kernel serve every model (and tests and benchmarks share them)
+_CHUNKS = (16, 8, 4, 2, 1)
+
+
+def fusable_groups(*lists: Sequence[Tensor | None], key: Callable[[int], Any] | None = None) -> tuple[list[list[int]], list[int]]:
+    """Index lists for the calls of a kernel, and the indices it cannot take.
+
+    A call gets tensors of one device, dtype and size (plus ``key(i)``, e.g. a layout),
+    at most 16 and a power-of-two count of them: with dynamic shapes, one compiled graph
+    then serves every call of that count, whatever the size, so a model costs a few
+    compilations instead of one graph as large as the model, and the Python cost per step
+    is a few calls. Kernels work on flattened views, so every tensor at an index must be
+    contiguous (a transposed view registered as a parameter is not; it runs eagerly).
+    """
+    groups: dict[Any, list[int]] = {}
+    rest = []
+    for i, p in enumerate(lists[0]):
+        if all(t is None or t.is_contiguous() for t in (lst[i] for lst in lists)):
+            groups.setdefault((p.device, p.dtype, p.numel(), key(i) if key else None), []).append(i)
+        else:
+            rest.append(i)
+    calls = []
+    for idx in groups.values():
+        start = 0
+        for size in _CHUNKS:
+            while len(idx) - start >= size:
+                calls.append(idx[start:start + size])
+                start += size
+    return calls, rest
+
+
+def flat(t: Tensor) -> Tensor:
+    return t.view(-1) if t.is_contiguous() else t.reshape(-1)

@@ -36,8 +36,8 @@ from ._optimizer import (
     step_tensor,
     user_stacklevel,
 )
-from ._compile import Kernel, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
+from ._compile import Kernel, flat, fusable_groups, hyper
+from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
 from .partition import (
     BlockLayout,
     BlockRule,
@@ -120,50 +120,53 @@ def adam_mini(
             _sub_blockwise(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout)
 
 
-def _mini_update(p2: Tensor, g2: Tensor, m2: Tensor, v: Tensor, ids: Tensor, counts: Tensor, h: Tensor, axis: int) -> None:
-    # h = [sign, 1-β1, β2, 1-β2, sqrt(1-β2^t), eps, decay, lr/(1-β1^t)]; on the 2-D view of
-    # the layout: pass 1 updates m and sums g² per lane, pass 2 updates p; in between only
-    # vectors of one value per lane or per block
-    g2 = g2 * h[0]
-    m2.lerp_(g2, h[1])
-    acc = counts.dtype
-    lane_sq = (g2.to(acc) * g2.to(acc)).sum(dim=1 - axis)
-    block = torch.zeros(v.shape, dtype=acc, device=v.device).index_add_(0, ids, lane_sq) / counts
-    v.copy_(v.to(acc) * h[2] + block * h[3])
-    lane = (h[7] / (v.to(acc).sqrt() / h[4] + h[5])).index_select(0, ids).to(p2.dtype)
-    lane = lane.view(-1, 1) if axis == 0 else lane.view(1, -1)
-    p2.mul_(h[6]).sub_(m2 * lane)
+def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], lanes: list[Tensor] | None,
+                 counts: list[Tensor] | None, kind: str, H: Tensor, sums: Tensor | None, phase: str, mask: str, alpha: str,
+                 count_scale: bool) -> Tensor | None:
+    # H rows: [sign, 1-β1, β2, 1-β2, sqrt(1-β2^t), eps, decay, 1-β1^t, lr]. kind "rows"/"columns": the
+    # 2-D views of the layouts, lanes[i] the block of every lane; "elements": flat, one block
+    # per element; "whole": flat, one block. One pass takes the block means of g² and updates
+    # v (only vectors of one value per lane or block are written), the next updates p and m.
+    # With the mask, the "sums" call updates v and the "apply" call uses it.
+    out = []
+    for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
+        h = H[i]
+        g = g * h[0]
+        m_new = m.lerp(g, h[1])
+        acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if phase == "sums" or mask == "none":
+            g2 = g.to(acc) * g.to(acc)
+            if kind == "elements":
+                block = g2
+            elif kind == "whole":
+                block = g2.mean()
+            else:
+                block = torch.zeros(v.shape, dtype=acc, device=v.device).index_add_(0, lanes[i], g2.sum(dim=1 if kind == "rows" else 0))
+                block = block / counts[i]
+            v.copy_(v.to(acc) * h[2] + block * h[3])
+        scale = 1 / (h[7] * (v.to(acc).sqrt() / h[4] + h[5]))  # low-precision v: what is stored is used
+        if kind in ("rows", "columns"):
+            scale = scale.index_select(0, lanes[i])
+            scale = scale.view(-1, 1) if kind == "rows" else scale.view(1, -1)
+        u = m_new * scale.to(p.dtype)
+        if phase == "sums":
+            out.append(mask_sums(u, phi_of(mask, g, m, m_new)))
+            continue
+        p.mul_(h[6])
+        step_(p, u, h[8], g, m, m_new, None if sums is None else sums[i], mask=mask, alpha=alpha, count_scale=count_scale)
+        m.copy_(m_new)
+    return torch.stack(out) if out else None
 
 
-# One compiled function per layout kind: each has its own recompilation budget, and none
-# sees a dimension of size 1 (which dynamo would specialise on).
-def _mini_rows(p2: Tensor, g2: Tensor, m2: Tensor, v: Tensor, ids: Tensor, counts: Tensor, h: Tensor) -> None:
-    _mini_update(p2, g2, m2, v, ids, counts, h, 0)
+_FUSED = Kernel(_mini_kernel)
 
 
-def _mini_columns(p2: Tensor, g2: Tensor, m2: Tensor, v: Tensor, ids: Tensor, counts: Tensor, h: Tensor) -> None:
-    _mini_update(p2, g2, m2, v, ids, counts, h, 1)
-
-
-def _mini_elements(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
-    # one block per element: Adam (biases); flattened tensors
-    g = g * h[0]
-    m.lerp_(g, h[1])
-    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-    v.copy_(v.to(acc) * h[2] + g.to(acc) * g.to(acc) * h[3])
-    p.mul_(h[6]).sub_(m * (h[7] / (v.to(acc).sqrt() / h[4] + h[5])).to(p.dtype))
-
-
-def _mini_whole(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
-    # one block for the tensor (norms, scalars); flattened tensors
-    g = g * h[0]
-    m.lerp_(g, h[1])
-    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-    v.copy_(v.to(acc) * h[2] + (g.to(acc) * g.to(acc)).mean() * h[3])
-    p.mul_(h[6]).sub_(m * (h[7] / (v.to(acc).sqrt() / h[4] + h[5])).to(p.dtype))
-
-
-_KERNELS = {name: Kernel(fn) for name, fn in (("rows", _mini_rows), ("columns", _mini_columns), ("elements", _mini_elements), ("whole", _mini_whole))}
+def _kind(layout: BlockLayout) -> str:
+    if layout.n_blocks == layout.numel:
+        return "elements"
+    if layout.n_blocks == 1:
+        return "whole"
+    return "rows" if layout.axis == 0 else "columns"
 
 
 def adam_mini_fused(
@@ -181,28 +184,39 @@ def adam_mini_fused(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    mask: str = "none",
+    alpha: str = "none",
+    count_scale: bool = False,
 ) -> None:
-    """:func:`adam_mini` (mask off) as one compiled function per tensor: two passes over
-    its memory, no full-size temporaries (:mod:`leanopt._compile`)."""
+    """:func:`adam_mini` as compiled kernels (:mod:`leanopt._compile`): two passes over
+    each tensor's memory, no full-size temporaries, and no Python work per block (block
+    sums are one ``index_add`` over the lanes)."""
     lr = float(lr)
-    for p, g, m, v, step_t, layout, dec in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay, strict=True):
-        if not p.is_contiguous():
-            adam_mini([p], [g], [m], [v], [step_t], [layout], [dec], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                      weight_decay=weight_decay, maximize=maximize)
-            continue
-        step_t += 1
-        bias_correction1, bias_correction2_sqrt = bias_corrections(beta1, beta2, step_t.item())
-        acc = acc_dtype(p)
-        h = hyper([-1.0 if maximize else 1.0, 1 - beta1, beta2, 1 - beta2, bias_correction2_sqrt, eps,
-                   1 - lr * weight_decay if dec else 1.0, lr / bias_correction1], p.device, p.dtype)
-        if layout.n_blocks == layout.numel:
-            _KERNELS["elements"](p.view(-1), g.reshape(-1), m.view(-1), v, h)
-        elif layout.n_blocks == 1:
-            _KERNELS["whole"](p.view(-1), g.reshape(-1), m.view(-1), v, h)
+    calls, rest = fusable_groups(params, exp_avgs, key=lambda i: (_kind(layouts[i]), layouts[i].view, layouts[i].n_blocks))
+    for ids in calls:
+        kind = _kind(layouts[ids[0]])
+        rows = []
+        for i in ids:
+            state_steps[i] += 1
+            bc1, bc2_sqrt = bias_corrections(beta1, beta2, state_steps[i].item())
+            rows.append([-1.0 if maximize else 1.0, 1 - beta1, beta2, 1 - beta2, bc2_sqrt, eps,
+                         1 - lr * weight_decay if decay[i] else 1.0, bc1, lr])
+        p0 = params[ids[0]]
+        if kind in ("rows", "columns"):
+            views = [layouts[i].view for i in ids]
+            maps = [lane_to_block(layouts[i], p0.device, acc_dtype(p0)) for i in ids]
+            tensors = ([params[i].view(vw) for i, vw in zip(ids, views)], [grads[i].reshape(vw) for i, vw in zip(ids, views)],
+                       [exp_avgs[i].view(vw) for i, vw in zip(ids, views)])
+            lanes, counts = [mp[0] for mp in maps], [mp[1] for mp in maps]
         else:
-            ids, counts = lane_to_block(layout, p.device, acc)
-            kernel = _KERNELS["rows" if layout.axis == 0 else "columns"]
-            kernel(p.view(layout.view), g.reshape(layout.view), m.view(layout.view), v, ids, counts, h)
+            tensors = ([params[i].view(-1) for i in ids], [flat(grads[i]) for i in ids], [exp_avgs[i].view(-1) for i in ids])
+            lanes = counts = None
+        _FUSED.step(*tensors, [exp_avg_sqs[i] for i in ids], lanes, counts, kind, H=hyper(rows, p0), mask=mask, alpha=alpha,
+                    count_scale=count_scale)
+    if rest:
+        adam_mini(*([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay)),
+                  lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, mask=mask,
+                  alpha=alpha, count_scale=count_scale)
 
 
 def _positive_int_or_none(name: str, value: Any) -> None:
@@ -257,9 +271,9 @@ class AdamMini(LeanOptimizer):
             Default ``mask="none"``; with a mask on, ``alpha`` and ``count_scale`` default
             to AlphaAdam's (``"squared"``, True).
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: run each step as one compiled function per tensor (``torch.compile``: two
-            passes over memory, no full-size temporaries; the first step compiles, which
-            takes seconds). Default False. The masked step runs eagerly.
+        fused: run each step as compiled kernels (``torch.compile``: two passes over
+            memory per tensor, no full-size temporaries; the first step compiles, which
+            takes seconds up to a minute for a large model). Default False.
 
     Reductions run in float32 (float64 for float64 parameters); state tensors take the
     parameter's dtype, as in ``torch.optim`` (a ``state_dict`` round trip casts them so).
@@ -434,11 +448,7 @@ class AdamMini(LeanOptimizer):
                 layouts.append(rule.layout)
                 decay.append(rule.decay)
             beta1, beta2 = group["betas"]
-            if group["fused"] and not mask_active(group["mask"], group["count_scale"]):
-                adam_mini_fused(params, grads, exp_avgs, exp_avg_sqs, steps, layouts, decay, lr=group["lr"], beta1=beta1,
-                                beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-                continue
-            adam_mini(
+            (adam_mini_fused if group["fused"] else adam_mini)(
                 params,
                 grads,
                 exp_avgs,

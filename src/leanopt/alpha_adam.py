@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decoupled_decay_, step_tensor
-from ._compile import Kernel, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
+from ._compile import Kernel, flat, fusable_groups, hyper
+from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
 
 __all__ = ["AdamStep", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
 
@@ -97,46 +97,28 @@ def alpha_adam(
             v.mul_(c.rescale)
 
 
-def _adam_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
-    # h = [sign, m_keep, m_gain, v_keep, v_gain, v_div, eps·eps_mul, decay, -lr/m_div, rescale]; one pass
-    g = g * h[0]
-    m.mul_(h[1]).add_(g * h[2])
-    v.mul_(h[3]).add_(g * g * h[4])
-    p.mul_(h[7]).add_(m / (v.sqrt() / h[5] + h[6]) * h[8])
-    m.mul_(h[9])
-    v.mul_(h[9])
-
-
-def _adam_masked_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> None:
-    # as _adam_kernel, with h[8] = 1/m_div, h[10] = lr and the options as numbers, so one
-    # graph serves them all: h[11] mask (0 none, 1 async, 2 sync), h[12] alpha (0 none,
-    # 1 squared, 2 root), h[13] count_scale (0/1). Two passes: the sums, then the update.
-    g = g * h[0]
-    agree_prev = g * m > 0
-    m.mul_(h[1]).add_(g * h[2])
-    v.mul_(h[3]).add_(g * g * h[4])
-    phi = torch.where(h[11] == 1, agree_prev, torch.where(h[11] == 2, g * m > 0, torch.ones_like(agree_prev)))
-    u = m / (v.sqrt() / h[5] + h[6]) * h[8]
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u2 = u.to(acc) * u.to(acc)
-    uu = u2.sum()
-    su_raw = (u2 * phi).sum()
-    empty = su_raw == 0
-    phi = phi | empty
-    su = torch.where(empty, uu, su_raw)
-    count = phi.sum(dtype=acc)
-    ratio = torch.where(su > 0, uu / torch.where(su > 0, su, 1.0), 1.0)
-    a = torch.where(h[12] == 0, 1.0, torch.where(h[12] == 2, ratio.sqrt(), ratio))
-    scale = torch.where(h[13] == 1, u.numel() / (count + 1), 1.0)
-    p.mul_(h[7]).sub_(u * phi * (h[10] * a * scale).to(p.dtype))
-    m.mul_(h[9])
-    v.mul_(h[9])
+def _adam_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], H: Tensor, sums: Tensor | None,
+                 phase: str, mask: str, alpha: str, count_scale: bool) -> Tensor | None:
+    # H rows: [sign, m_keep, m_gain, v_keep, v_gain, 1/v_div, eps·eps_mul, decay, 1/m_div, lr, rescale]: one pass
+    # per tensor reading p, g, m, v and writing them (plus the sums pass with the mask)
+    out = []
+    for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
+        h = H[i]
+        g = g * h[0]
+        m_new = m * h[1] + g * h[2]
+        v_new = v * h[3] + g * g * h[4]
+        u = m_new / (v_new.sqrt() * h[5] + h[6]) * h[8]  # one division per element: the step is compute-heavy
+        if phase == "sums":
+            out.append(mask_sums(u, phi_of(mask, g, m, m_new)))
+            continue
+        p.mul_(h[7])
+        step_(p, u, h[9], g, m, m_new, None if sums is None else sums[i], mask=mask, alpha=alpha, count_scale=count_scale)
+        m.copy_(m_new * h[10])
+        v.copy_(v_new * h[10])
+    return torch.stack(out) if out else None
 
 
 _FUSED = Kernel(_adam_kernel)
-_FUSED_MASKED = Kernel(_adam_masked_kernel)
-_MASK_CODES = {"none": 0.0, "async": 1.0, "sync": 2.0}
-_ALPHA_CODES = {"none": 0.0, "squared": 1.0, "root": 2.0}
 
 
 def alpha_adam_fused(
@@ -153,25 +135,19 @@ def alpha_adam_fused(
     alpha: str,
     count_scale: bool,
 ) -> None:
-    """:func:`alpha_adam` as compiled kernels (:mod:`leanopt._compile`): one pass per
-    tensor without the mask, two with it (the per-tensor sums, then the update).
-    Tensors are flattened (the math is elementwise plus whole-tensor sums), so one
-    compilation serves every shape."""
-    masked = mask_active(mask, count_scale)
-    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs, strict=True):
-        if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
-            alpha_adam([p], [g], [m], [v], [c], eps=eps, weight_decay=weight_decay, maximize=maximize, mask=mask,
-                       alpha=alpha, count_scale=count_scale)
-            continue
-        lr = float(c.lr)
-        values = [-1.0 if maximize else 1.0, c.m_keep, c.m_gain, c.v_keep, c.v_gain, c.v_div, eps * c.eps_mul,
-                  1 - float(c.decay_lr) * weight_decay, (1 / c.m_div) if masked else -lr / c.m_div, c.rescale]
-        flat = (p.view(-1), g.reshape(-1), m.view(-1), v.view(-1))
-        if masked:
-            values += [lr, _MASK_CODES[mask], _ALPHA_CODES[alpha], float(count_scale)]
-            _FUSED_MASKED(*flat, hyper(values, p.device, p.dtype))
-        else:
-            _FUSED(*flat, hyper(values, p.device, p.dtype))
+    """:func:`alpha_adam` as one compiled kernel per group of tensors (:mod:`leanopt._compile`):
+    one pass over each tensor's memory without the mask, two with it (the per-tensor sums,
+    then the update, recomputed rather than stored)."""
+    calls, rest = fusable_groups(params, exp_avgs, exp_avg_sqs)
+    for idx in calls:
+        rows = [[-1.0 if maximize else 1.0, c.m_keep, c.m_gain, c.v_keep, c.v_gain, 1 / c.v_div, eps * c.eps_mul,
+                 1 - float(c.decay_lr) * weight_decay, 1 / c.m_div, float(c.lr), c.rescale] for c in (coeffs[i] for i in idx)]
+        _FUSED.step([params[i].view(-1) for i in idx], [flat(grads[i]) for i in idx], [exp_avgs[i].view(-1) for i in idx],
+                    [exp_avg_sqs[i].view(-1) for i in idx], H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha,
+                    count_scale=count_scale)
+    if rest:
+        alpha_adam(*([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, coeffs)), eps=eps,
+                   weight_decay=weight_decay, maximize=maximize, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 class AlphaAdam(LeanOptimizer):

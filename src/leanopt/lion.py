@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, decoupled_decay_, step_tensor
-from ._compile import Kernel, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
+from ._compile import Kernel, flat, fusable_groups, hyper
+from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
 
 __all__ = ["Lion", "LionStep", "lion", "lion_step"]
 
@@ -73,12 +73,23 @@ def lion(
             m.mul_(c.rescale)
 
 
-def _lion_kernel(p: Tensor, g: Tensor, m: Tensor, h: Tensor) -> None:
-    # h = [sign, c_keep, c_gain, m_keep·rescale, m_gain·rescale, decay, -lr]; one pass
-    g = g * h[0]
-    update = (m * h[1] + g * h[2]).sign()
-    m.mul_(h[3]).add_(g * h[4])
-    p.mul_(h[5]).add_(update * h[6])
+def _lion_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], H: Tensor, sums: Tensor | None, phase: str,
+                 mask: str, alpha: str, count_scale: bool) -> Tensor | None:
+    # H rows: [sign, c_keep, c_gain, m_keep, m_gain, decay, lr, rescale]; one pass per tensor
+    # (plus the sums pass with the mask; Kernel.step)
+    out = []
+    for i, (p, g, m) in enumerate(zip(ps, gs, ms)):
+        h = H[i]
+        g = g * h[0]
+        m_new = m * h[3] + g * h[4]
+        u = (m * h[1] + g * h[2]).sign()
+        if phase == "sums":
+            out.append(mask_sums(u, phi_of(mask, g, m, m_new)))
+            continue
+        p.mul_(h[5])
+        step_(p, u, h[6], g, m, m_new, None if sums is None else sums[i], mask=mask, alpha=alpha, count_scale=count_scale)
+        m.copy_(m_new * h[7])
+    return torch.stack(out) if out else None
 
 
 _FUSED = Kernel(_lion_kernel)
@@ -92,15 +103,20 @@ def lion_fused(
     *,
     weight_decay: float,
     maximize: bool,
+    mask: str,
+    alpha: str,
+    count_scale: bool,
 ) -> None:
-    """:func:`lion` (mask off) as one compiled pass per tensor (:mod:`leanopt._compile`)."""
-    for p, g, m, c in zip(params, grads, exp_avgs, coeffs, strict=True):
-        h = hyper([-1.0 if maximize else 1.0, c.c_keep, c.c_gain, c.m_keep * c.rescale, c.m_gain * c.rescale,
-                   1 - float(c.decay_lr) * weight_decay, -float(c.lr)], p.device, p.dtype)
-        if p.is_contiguous() and m.is_contiguous():  # flattened: one compilation for every shape
-            _FUSED(p.view(-1), g.reshape(-1), m.view(-1), h)
-        else:
-            _FUSED(p, g, m, h)
+    """:func:`lion` as one compiled kernel per group of tensors (:mod:`leanopt._compile`)."""
+    calls, rest = fusable_groups(params, exp_avgs)
+    for idx in calls:
+        rows = [[-1.0 if maximize else 1.0, c.c_keep, c.c_gain, c.m_keep, c.m_gain, 1 - float(c.decay_lr) * weight_decay,
+                 float(c.lr), c.rescale] for c in (coeffs[i] for i in idx)]
+        _FUSED.step([params[i].view(-1) for i in idx], [flat(grads[i]) for i in idx], [exp_avgs[i].view(-1) for i in idx],
+                    H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
+    if rest:
+        lion(*([x[i] for i in rest] for x in (params, grads, exp_avgs, coeffs)), weight_decay=weight_decay,
+             maximize=maximize, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 class Lion(LeanOptimizer):
@@ -116,8 +132,9 @@ class Lion(LeanOptimizer):
             ``u = sign(c)`` and ``m`` Lion's momentum. Default ``mask="none"`` (plain Lion);
             with a mask on, ``alpha`` and ``count_scale`` default to AlphaAdam's.
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: run each step as one compiled pass per tensor (``torch.compile``; the first
-            step compiles, which takes seconds). Default False. The masked step runs eagerly.
+        fused: run each step as compiled kernels (``torch.compile``: one pass over memory
+            per tensor, two with a mask; the first step compiles, which takes seconds up
+            to a minute for a large model). Default False.
     """
 
     _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL, **mask_checks()}
@@ -156,10 +173,7 @@ class Lion(LeanOptimizer):
                 state["step"] += 1
                 exp_avgs.append(state["exp_avg"])
                 coeffs.append(self._coeffs(group, state["step"].item()))
-            if group["fused"] and not mask_active(group["mask"], group["count_scale"]):
-                lion_fused(params, grads, exp_avgs, coeffs, weight_decay=group["weight_decay"], maximize=group["maximize"])
-                continue
-            lion(
+            (lion_fused if group["fused"] else lion)(
                 params, grads, exp_avgs, coeffs,
                 weight_decay=group["weight_decay"], maximize=group["maximize"],
                 mask=group["mask"], alpha=group["alpha"], count_scale=group["count_scale"],

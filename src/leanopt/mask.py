@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._optimizer import BOOL, OneOf, acc_dtype
 
-__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_"]
+__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_"]
 
 MASKS = ("none", "async", "sync")
 ALPHAS = ("squared", "root", "none")
@@ -61,32 +61,69 @@ def agreement(g: Tensor, m: Tensor) -> Tensor:
     return (g * m) > 0
 
 
-def masked_update_(p: Tensor, u: Tensor, phi: Tensor | None, lr: float | Tensor, *, alpha: str, count_scale: bool) -> None:
-    """``p ← p − η̂·α·(φ⊙u)`` for one tensor; ``phi=None`` means φ ≡ 1.
+def mask_sums(u: Tensor, phi: Tensor) -> Tensor:
+    """``[||u||², ||φ⊙u||², ||φ||₀]`` of one tensor, before the empty-mask fallback (so
+    that one pass over memory computes all three), in float32 (float64 for float64)."""
+    acc = acc_dtype(u)
+    return torch.stack([torch.linalg.vector_norm(u, dtype=acc).square(),
+                        torch.linalg.vector_norm(u * phi, dtype=acc).square(), phi.sum(dtype=acc)])
 
-    Reductions run in float32 (float64 for float64 parameters). Branch-free, so it does
-    not synchronize with the device: the empty-mask fallback is a ``where``.
+
+def apply_mask_(p: Tensor, u: Tensor, phi: Tensor | None, sums: Tensor | None, lr: float | Tensor, *, alpha: str,
+                count_scale: bool) -> None:
+    """``p ← p − η̂·α·(φ⊙u)`` given :func:`mask_sums` (``phi=None``: φ ≡ 1, no sums needed).
+
+    Branch-free, so it does not synchronize with the device (the empty-mask fallback is a
+    ``where``) and it can be traced by ``torch.compile``.
     """
-    acc = acc_dtype(p)
     n = u.numel()
-    uu = torch.linalg.vector_norm(u, dtype=acc).square()
-    if phi is None:
-        selected, su, count = u, uu, torch.tensor(float(n), dtype=acc, device=u.device)
+    if phi is None:  # φ ≡ 1: α = 1 exactly
+        selected, count, a = u, n, None
     else:
-        su_raw = torch.linalg.vector_norm(u * phi, dtype=acc).square()
+        uu, su_raw, count_raw = sums.unbind(0)
         empty = su_raw == 0
-        phi = phi | empty
-        selected = u * phi
+        selected = u * (phi | empty)
         su = torch.where(empty, uu, su_raw)
-        count = torch.where(empty, torch.tensor(float(n), dtype=acc, device=u.device), phi.sum(dtype=acc))
-    if alpha == "none":
-        a = torch.ones((), dtype=acc, device=u.device)
-    else:
+        count = torch.where(empty, n, count_raw)  # after the fallback φ ≡ 1 holds n ones
         # u ≡ 0 leaves nothing to compensate: α = 1 instead of 0/0
         a = torch.where(su > 0, uu / torch.where(su > 0, su, 1.0), 1.0)
-        if alpha == "root":
-            a = a.sqrt()
-    step = lr * a
+    step = lr
+    if a is not None and alpha != "none":
+        step = step * (a.sqrt() if alpha == "root" else a)
     if count_scale:
         step = step * (n / (count + 1))
-    p.addcmul_(selected, step.to(p.dtype), value=-1.0)
+    if isinstance(step, Tensor):
+        p.addcmul_(selected, step.to(p.dtype), value=-1.0)
+    else:
+        p.add_(selected, alpha=-step)
+
+
+def masked_update_(p: Tensor, u: Tensor, phi: Tensor | None, lr: float | Tensor, *, alpha: str, count_scale: bool) -> None:
+    """``p ← p − η̂·α·(φ⊙u)`` for one tensor; ``phi=None`` means φ ≡ 1."""
+    apply_mask_(p, u, phi, None if phi is None else mask_sums(u, phi), lr, alpha=alpha, count_scale=count_scale)
+
+
+# -- for the compiled steps (leanopt._compile), whose kernels make two calls when the mask
+# -- is on: first the sums of every tensor, then the update, recomputed rather than stored
+
+
+def phi_of(mask: str, g: Tensor, m_prev: Tensor | None, m_new: Tensor) -> Tensor | None:
+    """φ before the fallback from the old (async) or new (sync) first moment."""
+    return None if mask == "none" else agreement(g, m_prev if mask == "async" else m_new)
+
+
+def needs_sums(mask: str) -> bool:
+    """Whether the masked step needs a first pass for :func:`mask_sums`."""
+    return mask != "none"
+
+
+def step_(
+    p: Tensor, u: Tensor, lr: float | Tensor, g: Tensor, m_prev: Tensor | None, m_new: Tensor, sums: Tensor | None, *,
+    mask: str, alpha: str, count_scale: bool,
+) -> None:
+    """``p ← p − lr·u``, or with the mask component on, the masked step given the sums of
+    the first pass (:func:`phi_of`, :func:`apply_mask_`)."""
+    if not mask_active(mask, count_scale):
+        p.sub_(u * lr)
+    else:
+        apply_mask_(p, u, phi_of(mask, g, m_prev, m_new), sums, lr, alpha=alpha, count_scale=count_scale)

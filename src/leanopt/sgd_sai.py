@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_
-from ._compile import Kernel, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_
+from ._compile import Kernel, flat, fusable_groups, hyper
+from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
 
 __all__ = ["SGDSaI", "sgd_sai", "gsnr"]
 
@@ -71,19 +71,29 @@ def sgd_sai(
             p.addcmul_(direction, scale, value=-lr)
 
 
-def _sgd_sai_kernel(p: Tensor, g: Tensor, buf: Tensor, scale: Tensor, h: Tensor) -> None:
-    # h = [sign, keep, gain, decay, -lr]: one pass reading p, g, m and writing p, m
-    g = g * h[0]
-    buf.mul_(h[1]).add_(g * h[2])
-    p.mul_(h[3]).add_(buf * (scale * h[4]))
-
-
-def _sgd_kernel(p: Tensor, g: Tensor, scale: Tensor, h: Tensor) -> None:
-    p.mul_(h[3]).add_(g * (h[0] * scale * h[4]))
+def _sgd_sai_kernel(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor] | None, scales: list[Tensor], H: Tensor,
+                    sums: Tensor | None, phase: str, mask: str, alpha: str, count_scale: bool) -> Tensor | None:
+    # H rows: [sign, keep, gain, decay, lr, prev]: one pass reading p, g, m and writing p, m
+    # (plus the sums pass with the mask). prev = 0 for a fresh buffer, whose m_{t-1} is zero.
+    out = []
+    for i, (p, g, scale) in enumerate(zip(ps, gs, scales)):
+        h = H[i]
+        g = g * h[0]
+        m = None if bufs is None else bufs[i]  # momentum = 0: the direction is g
+        m_new = g if m is None else m * h[1] + g * h[2]
+        m_prev = None if m is None else m * h[5]
+        if phase == "sums":
+            out.append(mask_sums(m_new * scale, phi_of(mask, g, m_prev, m_new)))
+            continue
+        p.mul_(h[3])
+        step_(p, m_new * scale, h[4], g, m_prev, m_new, None if sums is None else sums[i], mask=mask, alpha=alpha,
+              count_scale=count_scale)
+        if m is not None:
+            m.copy_(m_new)
+    return torch.stack(out) if out else None
 
 
 _FUSED = Kernel(_sgd_sai_kernel)
-_FUSED_NO_MOMENTUM = Kernel(_sgd_kernel)
 
 
 def sgd_sai_fused(
@@ -97,18 +107,25 @@ def sgd_sai_fused(
     momentum: float,
     weight_decay: float,
     maximize: bool,
+    mask: str = "none",
+    alpha: str = "none",
+    count_scale: bool = False,
 ) -> None:
-    """:func:`sgd_sai` (mask off) as one compiled pass per tensor (:mod:`leanopt._compile`)."""
+    """:func:`sgd_sai` as one compiled kernel per group of tensors (:mod:`leanopt._compile`)."""
     lr = float(lr)
-    for p, g, buf, scale, first in zip(params, grads, momentum_buffers, scales, fresh, strict=True):
-        keep, gain = (1.0, 0.0) if first else (momentum, 1 - momentum)  # a fresh buffer already is g
-        h = hyper([-1.0 if maximize else 1.0, keep, gain, 1 - lr * weight_decay, -lr], p.device, p.dtype)
-        if not p.is_contiguous():
-            sgd_sai([p], [g], [buf], [scale], [first], lr=lr, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
-        elif buf is None:  # flattened: one compilation for every shape
-            _FUSED_NO_MOMENTUM(p.view(-1), g.reshape(-1), scale, h)
-        else:
-            _FUSED(p.view(-1), g.reshape(-1), buf.view(-1), scale, h)
+    calls, rest = fusable_groups(params, momentum_buffers)
+    for idx in calls:
+        rows = []
+        for i in idx:
+            keep, gain = (1.0, 0.0) if fresh[i] else (momentum, 1 - momentum)  # a fresh buffer already is g
+            rows.append([-1.0 if maximize else 1.0, keep, gain, 1 - lr * weight_decay, lr, 0.0 if fresh[i] else 1.0])
+        bufs = None if momentum_buffers[idx[0]] is None else [momentum_buffers[i].view(-1) for i in idx]
+        _FUSED.step([params[i].view(-1) for i in idx], [flat(grads[i]) for i in idx], bufs, [scales[i] for i in idx],
+                    H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
+    if rest:
+        sgd_sai(*([x[i] for i in rest] for x in (params, grads, momentum_buffers, scales, fresh)), lr=lr,
+                momentum=momentum, weight_decay=weight_decay, maximize=maximize, mask=mask, alpha=alpha,
+                count_scale=count_scale)
 
 
 def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
@@ -142,8 +159,9 @@ class SGDSaI(LeanOptimizer):
         mask, alpha, count_scale: the AlphaAdam mask component (:mod:`leanopt.mask`) with
             ``u = scale·m``; default ``mask="none"``. ``mask="async"`` needs momentum > 0
             (without momentum there is no previous first moment).
-        fused: run each step as one compiled pass per tensor (``torch.compile``; the first
-            step compiles, which takes seconds). Default False. The masked step runs eagerly.
+        fused: run each step as compiled kernels (``torch.compile``: one pass over memory
+            per tensor, two with a mask; the first step compiles, which takes seconds up
+            to a minute for a large model). Default False.
         maximize: maximize the objective instead of minimizing it. Default False.
 
     ``variant="paper"``: ``scale = snr / max_k snr_k`` with the biased variance of the
@@ -275,20 +293,7 @@ class SGDSaI(LeanOptimizer):
                     # momentum switched on after the scales were fixed: start from zero
                     buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 bufs.append(buf if group["momentum"] != 0 else None)
-            if group["fused"] and not mask_active(group["mask"], group["count_scale"]):
-                sgd_sai_fused(
-                    ps,
-                    [g for _, g in todo],
-                    bufs,
-                    [self.state[p]["scale"] for p in ps],
-                    [p in started for p in ps],
-                    lr=lr,
-                    momentum=group["momentum"],
-                    weight_decay=wd,
-                    maximize=group["maximize"],
-                )
-                continue
-            sgd_sai(
+            (sgd_sai_fused if group["fused"] else sgd_sai)(
                 ps,
                 [g for _, g in todo],
                 bufs,
