@@ -1,10 +1,18 @@
-"""One rank of the 2-process DDP test (run by tests/test_distributed.py, not by pytest).
+"""One rank of the 2-process tests (run by tests/test_distributed.py, not by pytest).
 
-Usage: python distributed_worker.py RANK WORLD_SIZE INIT_FILE OUT_DIR
-Trains every registry optimizer for STEPS steps on its share of each global batch under
-DistributedDataParallel (gloo), and rank 0 saves the final parameters per optimizer.
+Usage: python distributed_worker.py MODE RANK WORLD_SIZE INIT_FILE OUT_DIR [CKPT_IN] [CKPT_OUT]
+
+``ddp``: every registry optimizer trains STEPS steps on its share of each global batch
+under DistributedDataParallel (gloo); rank 0 saves the final parameters per optimizer.
+``fsdp``: the same under FSDP2 (``fully_shard`` per block and at the root), on a model
+whose attention heads and norm blocks straddle the two shards; rank 0 saves the full
+parameters and every rank the bytes of its optimizer state.
+``dcp``: FSDP2 with a ``torch.distributed.checkpoint`` round trip: load CKPT_IN (or, if
+empty, train the first STEPS // 2 steps), save CKPT_OUT (if given), train the remaining
+steps; rank 0 saves the final parameters. World sizes 2 -> 1 -> 2 test resharding.
 """
 
+import json
 import os
 import sys
 import warnings
@@ -21,31 +29,108 @@ from test_battery import CASES  # noqa: E402
 
 STEPS = 10
 GLOBAL_BATCH = 8
+# 3 heads of 8 rows and 24-element norms: split 12/12 over two ranks, the middle head
+# and every norm block straddle the shards. float64, so that comparisons see the math and
+# not the order of float32 gradient reductions (torch's own AdamW differs by 1.7e-5 after
+# 10 float32 steps under FSDP2)
+STRADDLING = dict(dim=24, n_heads=3, n_kv_heads=3, dtype=torch.float64)
+DCP_OPTIMIZERS = ["adam-mini", "sgd-sai", "alpha-adam", "adamw-pma", "lion-pma"]
+FSDP_UNSUPPORTED = {"adafactor"}  # torch.optim.Adafactor itself fails on DTensor parameters
 
 
-def train(name: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    model = tiny_model()
-    wrapped = DDP(model) if world > 1 else model
+def build(name: str, wrap: str, world: int, **overrides):
+    model = tiny_model(**overrides)
+    if wrap == "ddp" and world > 1:
+        wrapped = DDP(model)
+    elif wrap == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
+    else:
+        wrapped = model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = leanopt.create_optimizer(name, wrapped, lr=CASES[name].lr, **CASES[name].kwargs)
+    return model, wrapped, opt
+
+
+def run_steps(wrapped, opt, steps, rank, world, first=0):
     share = GLOBAL_BATCH // world
-    for step in range(STEPS):
+    for step in range(first, first + steps):
         x, y = batch(step, size=GLOBAL_BATCH)
         opt.zero_grad(set_to_none=True)
         wrapped(x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])[1].backward()
         opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(name: str, rank: int = 0, world: int = 1, wrap: str = "ddp", **overrides) -> dict[str, torch.Tensor]:
+    model, wrapped, opt = build(name, wrap, world, **overrides)
+    run_steps(wrapped, opt, STEPS, rank, world)
+    return full_state(model)
+
+
+def local_state_bytes(opt) -> int:
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                v = v.to_local() if hasattr(v, "to_local") else v
+                total += v.numel() * v.element_size()
+    return total
+
+
+def dcp_round(name, rank, world, ckpt_in, ckpt_out, out):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
+
+    model, wrapped, opt = build(name, "fsdp", world, **STRADDLING)
+    if ckpt_in:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=os.path.join(ckpt_in, name))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+    else:
+        run_steps(wrapped, opt, STEPS // 2, rank, world)
+    if ckpt_out:
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=os.path.join(ckpt_out, name))
+    run_steps(wrapped, opt, STEPS - STEPS // 2, rank, world, first=STEPS // 2)
+    state = full_state(model)
+    if rank == 0:
+        torch.save(state, os.path.join(out, f"{name}.pt"))
 
 
 if __name__ == "__main__":
-    rank, world, init_file, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    mode, rank, world, init_file, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for name in leanopt.list_optimizers():
-            state = train(name, rank, world)
-            if rank == 0:
-                torch.save(state, os.path.join(out, f"{name}.pt"))
+        if mode == "dcp":
+            ckpt_in, ckpt_out = (sys.argv[6] or None), (sys.argv[7] or None)
+            for name in DCP_OPTIMIZERS:
+                dcp_round(name, rank, world, ckpt_in, ckpt_out, out)
+        else:
+            sizes = {}
+            for name in leanopt.list_optimizers():
+                if mode == "fsdp" and name in FSDP_UNSUPPORTED:
+                    continue
+                model, wrapped, opt = build(name, mode, world, **(STRADDLING if mode == "fsdp" else {}))
+                run_steps(wrapped, opt, STEPS, rank, world)
+                state = full_state(model)
+                sizes[name] = local_state_bytes(opt)
+                if rank == 0:
+                    torch.save(state, os.path.join(out, f"{name}.pt"))
+            with open(os.path.join(out, f"state_bytes_rank{rank}.json"), "w") as f:
+                json.dump(sizes, f)
+        dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._distributed import is_dtensor
+
 __all__ = ["Kernel", "hyper", "fusable_groups", "flat"]
 
 # every parameter set (model) is one more compiled variant of a kernel; dynamo's default
@@ -87,12 +89,13 @@ def fusable_groups(*lists: Sequence[Tensor | None], key: Callable[[int], Any] | 
     then serves every call of that count, whatever the size, so a model costs a few
     compilations instead of one graph as large as the model, and the Python cost per step
     is a few calls. Kernels work on flattened views, so every tensor at an index must be
-    contiguous (a transposed view registered as a parameter is not; it runs eagerly).
+    contiguous (a transposed view registered as a parameter is not) and not sharded (DTensor
+    parameters of FSDP2 take the eager path, which reduces statistics across ranks).
     """
     groups: dict[Any, list[int]] = {}
     rest = []
     for i, p in enumerate(lists[0]):
-        if all(t is None or t.is_contiguous() for t in (lst[i] for lst in lists)):
+        if all(t is None or (t.is_contiguous() and not is_dtensor(t)) for t in (lst[i] for lst in lists)):
             groups.setdefault((p.device, p.dtype, p.numel(), key(i) if key else None), []).append(i)
         else:
             rest.append(i)

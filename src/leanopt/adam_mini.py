@@ -37,6 +37,7 @@ from ._optimizer import (
     user_stacklevel,
 )
 from ._compile import Kernel, flat, fusable_groups, hyper
+from ._distributed import all_reduce_sums, row_shard
 from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
 from .partition import (
     BlockLayout,
@@ -44,7 +45,9 @@ from .partition import (
     PartitionRow,
     PartitionWarning,
     apply_overrides,
-    block_mean_sq,
+    block_elements,
+    block_sums,
+    partial_lane_sq,
     expand_blocks,
     lane_to_block,
     name_rule,
@@ -92,7 +95,26 @@ def adam_mini(
     ``u = m̂ / (sqrt(v̂_B) + eps)``.
     """
     masked = mask_active(mask, count_scale)
-    for p, g, m, v, step_t, layout, dec in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay, strict=True):
+    # pass 1: the block sums of g² (for a sharded parameter, this rank's part, summed over
+    # the ranks by one collective for all tensors)
+    shards = [row_shard(p) for p in params]
+    sums, groups = [], []
+    for p, g, layout, shard in zip(params, grads, layouts, shards, strict=True):
+        acc = acc_dtype(p)
+        if shard is None:
+            sums.append(block_sums(partial_lane_sq(g, layout, acc), layout))
+            groups.append(None)
+        else:
+            sums.append(block_sums(partial_lane_sq(g.to_local(), layout, acc, shard.flat_offset), layout))
+            groups.append(shard.group)
+    all_reduce_sums(sums, groups)
+
+    for p, g, m, v, step_t, layout, dec, block_sum, shard in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts,
+                                                                  decay, sums, shards, strict=True):
+        if shard is not None:
+            if masked:
+                raise NotImplementedError("AdamMini: the mask component is not supported with sharded (FSDP2) parameters yet")
+            p, g, m, v = shard.local, g.to_local(), m.to_local(), v.to_local() if hasattr(v, "to_local") else v
         if maximize:
             g = -g
         step_t += 1
@@ -103,7 +125,7 @@ def adam_mini(
         m.lerp_(g, 1 - beta1)
         if mask == "sync":
             phi = agreement(g, m)
-        block_sq = block_mean_sq(g, layout, acc)
+        block_sq = block_sum / block_elements(layout, p.device, acc)
         if v.dtype == acc:
             v.mul_(beta2).add_(block_sq, alpha=1 - beta2)
             v_acc = v
@@ -116,8 +138,24 @@ def adam_mini(
         if masked:
             u = (m.view(layout.view) * expand_blocks(1 / (bias_correction1 * denom), layout).to(p.dtype)).view(p.shape)
             masked_update_(p, u, phi, lr, alpha=alpha, count_scale=count_scale)
-        else:
+        elif shard is None:
             _sub_blockwise(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout)
+        else:
+            _sub_blockwise_shard(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout,
+                                 shard.flat_offset)
+
+
+def _sub_blockwise_shard(p: Tensor, m: Tensor, lane_scale: Tensor, layout: BlockLayout, flat_offset: int) -> None:
+    """:func:`_sub_blockwise` on one rank's shard (rows ``flat_offset / cols`` onwards of the view)."""
+    rows, cols = layout.view
+    if layout.axis == 0 and rows == 1:  # one block: a single scale
+        p.addcmul_(m, lane_scale.reshape(()), value=-1.0)
+        return
+    p2, m2 = p.view(-1, cols), m.view(-1, cols)
+    if layout.axis == 0:
+        start = flat_offset // cols
+        lane_scale = lane_scale[start:start + p2.shape[0]]
+    p2.addcmul_(m2, lane_scale, value=-1.0)
 
 
 def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], lanes: list[Tensor] | None,

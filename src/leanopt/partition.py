@@ -152,17 +152,53 @@ def lane_to_block(layout: BlockLayout, device: torch.device, dtype: torch.dtype)
 
 def block_mean_sq(g: Tensor, layout: BlockLayout, dtype: torch.dtype) -> Tensor:
     """``mean(g²)`` over every block, as a ``(n_blocks,)`` tensor of ``dtype``."""
-    g2 = g.reshape(layout.view)
-    if layout.lane_size == 1:
-        lane_sq = g2.reshape(-1).to(dtype).square()
-    else:
-        lane_sq = torch.linalg.vector_norm(g2, dim=1 - layout.axis, dtype=dtype).square_()
+    return block_sums(partial_lane_sq(g, layout, dtype), layout) / block_elements(layout, g.device, dtype)
+
+
+def partial_lane_sq(g: Tensor, layout: BlockLayout, dtype: torch.dtype, flat_offset: int = 0) -> Tensor:
+    """Sum of g² per lane of ``layout`` over the elements ``g`` holds: the whole tensor
+    (``flat_offset=0``), or one rank's contiguous shard starting at ``flat_offset`` (whose
+    lanes outside the shard get 0, so the ranks' results add up to the full sums)."""
+    rows, cols = layout.view
+    if flat_offset == 0 and g.numel() == layout.numel:
+        return block_lane_sq(g.reshape(layout.view), layout.axis, dtype)
+    out = torch.zeros(layout.lanes, dtype=dtype, device=g.device)
+    if layout.axis == 0 and rows == 1:  # one lane, the whole tensor
+        out[0] = g.to(dtype).square().sum()
+        return out
+    if flat_offset % cols or g.numel() % cols:
+        raise ValueError(f"a shard starting at element {flat_offset} with {g.numel()} elements does not hold whole rows "
+                         f"of the {layout.view} block view; shard parameters along dim 0")
+    part = block_lane_sq(g.reshape(-1, cols), layout.axis, dtype)
+    if layout.axis == 1:  # every row holds a part of every lane (column)
+        return part
+    start = flat_offset // cols
+    out[start:start + part.numel()] = part
+    return out
+
+
+def block_lane_sq(g2d: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
+    """Sum of squares per lane of a 2-D view (rows for axis 0, columns for axis 1)."""
+    if g2d.shape[1 - axis] == 1:
+        return g2d.reshape(-1).to(dtype).square()
+    return torch.linalg.vector_norm(g2d, dim=1 - axis, dtype=dtype).square_()
+
+
+def block_sums(lane_sq: Tensor, layout: BlockLayout) -> Tensor:
+    """Per-lane sums → per-block sums."""
     k = layout.uniform
     if k is not None:  # contiguous equal blocks: a reshape, no index arithmetic
-        sums = lane_sq.view(-1, k).sum(1) if k > 1 else lane_sq
-        return sums.div_(k * layout.lane_size) if sums is not lane_sq else sums / layout.lane_size
-    ids, counts = lane_to_block(layout, g.device, dtype)
-    return torch.zeros(layout.n_blocks, device=g.device, dtype=dtype).index_add_(0, ids, lane_sq).div_(counts)
+        return lane_sq.view(-1, k).sum(1) if k > 1 else lane_sq
+    ids, _ = lane_to_block(layout, lane_sq.device, lane_sq.dtype)
+    return torch.zeros(layout.n_blocks, device=lane_sq.device, dtype=lane_sq.dtype).index_add_(0, ids, lane_sq)
+
+
+def block_elements(layout: BlockLayout, device: torch.device, dtype: torch.dtype) -> Tensor | float:
+    """Elements per block (a number when all blocks are equal)."""
+    k = layout.uniform
+    if k is not None:
+        return float(k * layout.lane_size)
+    return lane_to_block(layout, device, dtype)[1]
 
 
 def expand_blocks(block_values: Tensor, layout: BlockLayout) -> Tensor:

@@ -143,6 +143,11 @@ def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
     return norm / torch.sqrt(var + eps), degenerate
 
 
+def _started(state: dict[str, Any]) -> bool:
+    # "started" is absent from states saved before it existed: those had a scale only once started
+    return "scale" in state and state.get("started", True)
+
+
 class SGDSaI(LeanOptimizer):
     """SGD-SaI (arXiv:2412.11768): momentum SGD, per-tensor lr scaled by first-step g-SNR.
 
@@ -188,7 +193,9 @@ class SGDSaI(LeanOptimizer):
 
     State per parameter: ``scale`` (0-d, never recomputed after a resume),
     ``momentum_buffer`` (if ``momentum > 0``) and, for ``"paper"``, ``snr_max``, the
-    stored maximum used to scale blocks that start late. Reductions run in float32
+    stored maximum used to scale blocks that start late. A block that has not started yet
+    holds placeholders (``started=False``, NaN scale, zero momentum), so that its state has
+    the same entries before and after it starts. Reductions run in float32
     (float64 for float64 parameters).
     """
 
@@ -232,9 +239,23 @@ class SGDSaI(LeanOptimizer):
     # -- scale at initialization ----------------------------------------------------------
     def _stored_max(self) -> Tensor | None:
         for state in self.state.values():
-            if "snr_max" in state:
+            if _started(state) and "snr_max" in state:
                 return state["snr_max"]
         return None
+
+    def _placeholder(self, group: dict[str, Any], p: Tensor) -> None:
+        """State entries of a block that has not started, with the shapes of a started one:
+        checkpoint tools that build a template by stepping on zero gradients (DCP's
+        ``get_optimizer_state_dict``) then find every entry to load into."""
+        state = self.state[p]
+        if "scale" in state:
+            return
+        state["started"] = False
+        state["scale"] = torch.full((), float("nan"), dtype=p.dtype, device=p.device)
+        if group["variant"] == "paper":
+            state["snr_max"] = torch.full((), float("nan"), dtype=p.dtype, device=p.device)
+        if group["momentum"] != 0:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
     def _initialize(self, pending: list[tuple[dict[str, Any], Tensor, Tensor]]) -> list[Tensor]:
         """Compute the scales of the blocks that have no scale yet; returns those started."""
@@ -263,6 +284,7 @@ class SGDSaI(LeanOptimizer):
             else:
                 scale = snr
             state = self.state[p]
+            state["started"] = True
             state["scale"] = scale.to(dtype=p.dtype, device=p.device)
             if group["variant"] == "paper" and snr_max is not None:
                 state["snr_max"] = snr_max.to(dtype=p.dtype, device=p.device)
@@ -274,14 +296,15 @@ class SGDSaI(LeanOptimizer):
     # -- step -----------------------------------------------------------------------------
     def _update(self) -> None:
         per_group = [(group, *self._grads(group)) for group in self.param_groups]
-        pending = [(group, p, g) for group, params, grads in per_group for p, g in zip(params, grads) if "scale" not in self.state[p]]
+        pending = [(group, p, g) for group, params, grads in per_group for p, g in zip(params, grads) if not _started(self.state[p])]
         started = set(self._initialize(pending)) if pending else set()
 
         for group, params, grads in per_group:
-            todo = [(p, g) for p, g in zip(params, grads) if "scale" in self.state[p]]
-            waiting = [p for p, g in zip(params, grads) if "scale" not in self.state[p]]
+            todo = [(p, g) for p, g in zip(params, grads) if _started(self.state[p])]
+            waiting = [p for p, g in zip(params, grads) if not _started(self.state[p])]
             lr, wd = group["lr"], group["weight_decay"]
             for p in waiting:
+                self._placeholder(group, p)
                 decoupled_decay_(p, lr, wd)
             if not todo:
                 continue
