@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ._distributed import is_dtensor
+from .mask import needs_sums
 
-__all__ = ["Kernel", "hyper", "fusable_groups", "flat"]
+__all__ = ["Kernel", "hyper", "fusable_groups"]
 
 # every parameter set (model) is one more compiled variant of a kernel; dynamo's default
 # of 8 per function would send the ninth model to the slow eager path
@@ -66,7 +67,7 @@ class Kernel:
         count_scale)``: with the mask component on, a ``"sums"`` call first returns the
         per-tensor sums of :func:`leanopt.mask.mask_sums`, then the ``"apply"`` call
         recomputes the update and writes it (two passes, no stored full-size tensors)."""
-        sums = self(*tensors, H, None, "sums", mask, alpha, count_scale) if mask != "none" else None
+        sums = self(*tensors, H, None, "sums", mask, alpha, count_scale) if needs_sums(mask) else None
         self(*tensors, H, sums, "apply", mask, alpha, count_scale)
 
 
@@ -107,7 +108,3 @@ def fusable_groups(*lists: Sequence[Tensor | None], key: Callable[[int], Any] | 
                 calls.append(idx[start:start + size])
                 start += size
     return calls, rest
-
-
-def flat(t: Tensor) -> Tensor:
-    return t.view(-1) if t.is_contiguous() else t.reshape(-1)

@@ -36,9 +36,9 @@ from ._optimizer import (
     step_tensor,
     user_stacklevel,
 )
-from ._compile import Kernel, flat, fusable_groups, hyper
+from ._compile import Kernel, fusable_groups, hyper
 from ._distributed import all_reduce_sums, row_shard
-from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
+from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, needs_sums, phi_of, step_
 from .partition import (
     BlockLayout,
     BlockRule,
@@ -60,12 +60,25 @@ from .partition import (
 __all__ = ["AdamMini", "adam_mini"]
 
 
-def _sub_blockwise(p: Tensor, m: Tensor, lane_scale: Tensor, layout: BlockLayout) -> None:
-    """``p -= m * scale`` with one scale per lane, broadcast without a full-size temporary."""
-    if p.is_contiguous():
-        p.view(layout.view).addcmul_(m.view(layout.view), lane_scale, value=-1.0)
-    else:  # rare (a transposed view registered as a parameter): one temporary is unavoidable
+def _sub_blockwise(p: Tensor, m: Tensor, lane_scale: Tensor, layout: BlockLayout, flat_offset: int = 0) -> None:
+    """``p -= m * scale`` with one scale per lane, broadcast without a full-size temporary.
+
+    ``p`` and ``m`` are the whole tensor, or one rank's shard of it: the elements from
+    ``flat_offset`` on, which are whole rows of the layout's view (see ``partial_lane_sq``).
+    """
+    if not p.is_contiguous():  # rare (a transposed view registered as a parameter): one temporary is unavoidable
         p.sub_((m.view(layout.view) * lane_scale).view(p.shape))
+        return
+    rows, cols = layout.view
+    if flat_offset == 0 and p.numel() == layout.numel:
+        p.view(layout.view).addcmul_(m.view(layout.view), lane_scale, value=-1.0)
+    elif layout.axis == 0 and rows == 1:  # a shard of a one-block tensor: a single scale
+        p.addcmul_(m, lane_scale.reshape(()), value=-1.0)
+    else:
+        start = flat_offset // cols
+        if layout.axis == 0:  # the shard's lanes are its rows
+            lane_scale = lane_scale[start:start + p.numel() // cols]
+        p.view(-1, cols).addcmul_(m.view(-1, cols), lane_scale, value=-1.0)
 
 
 def adam_mini(
@@ -100,13 +113,9 @@ def adam_mini(
     shards = [row_shard(p) for p in params]
     sums, groups = [], []
     for p, g, layout, shard in zip(params, grads, layouts, shards, strict=True):
-        acc = acc_dtype(p)
-        if shard is None:
-            sums.append(block_sums(partial_lane_sq(g, layout, acc), layout))
-            groups.append(None)
-        else:
-            sums.append(block_sums(partial_lane_sq(g.to_local(), layout, acc, shard.flat_offset), layout))
-            groups.append(shard.group)
+        local, offset = (g, 0) if shard is None else (g.to_local(), shard.flat_offset)
+        sums.append(block_sums(partial_lane_sq(local, layout, acc_dtype(p), offset), layout))
+        groups.append(None if shard is None else shard.group)
     all_reduce_sums(sums, groups)
 
     for p, g, m, v, step_t, layout, dec, block_sum, shard in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts,
@@ -138,24 +147,9 @@ def adam_mini(
         if masked:
             u = (m.view(layout.view) * expand_blocks(1 / (bias_correction1 * denom), layout).to(p.dtype)).view(p.shape)
             masked_update_(p, u, phi, lr, alpha=alpha, count_scale=count_scale)
-        elif shard is None:
-            _sub_blockwise(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout)
         else:
-            _sub_blockwise_shard(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout,
-                                 shard.flat_offset)
-
-
-def _sub_blockwise_shard(p: Tensor, m: Tensor, lane_scale: Tensor, layout: BlockLayout, flat_offset: int) -> None:
-    """:func:`_sub_blockwise` on one rank's shard (rows ``flat_offset / cols`` onwards of the view)."""
-    rows, cols = layout.view
-    if layout.axis == 0 and rows == 1:  # one block: a single scale
-        p.addcmul_(m, lane_scale.reshape(()), value=-1.0)
-        return
-    p2, m2 = p.view(-1, cols), m.view(-1, cols)
-    if layout.axis == 0:
-        start = flat_offset // cols
-        lane_scale = lane_scale[start:start + p2.shape[0]]
-    p2.addcmul_(m2, lane_scale, value=-1.0)
+            _sub_blockwise(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout,
+                           0 if shard is None else shard.flat_offset)
 
 
 def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], lanes: list[Tensor] | None,
@@ -172,7 +166,7 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         g = g * h[0]
         m_new = m.lerp(g, h[1])
         acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-        if phase == "sums" or mask == "none":
+        if phase == "sums" or not needs_sums(mask):  # updated once: by the sums call when there is one
             g2 = g.to(acc) * g.to(acc)
             if kind == "elements":
                 block = g2
@@ -247,7 +241,7 @@ def adam_mini_fused(
                        [exp_avgs[i].view(vw) for i, vw in zip(ids, views)])
             lanes, counts = [mp[0] for mp in maps], [mp[1] for mp in maps]
         else:
-            tensors = ([params[i].view(-1) for i in ids], [flat(grads[i]) for i in ids], [exp_avgs[i].view(-1) for i in ids])
+            tensors = ([params[i].view(-1) for i in ids], [grads[i].reshape(-1) for i in ids], [exp_avgs[i].view(-1) for i in ids])
             lanes = counts = None
         _FUSED.step(*tensors, [exp_avg_sqs[i] for i in ids], lanes, counts, kind, H=hyper(rows, p0), mask=mask, alpha=alpha,
                     count_scale=count_scale)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, decoupled_decay_, step_tensor
-from ._compile import Kernel, flat, fusable_groups, hyper
+from ._compile import Kernel, fusable_groups, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
 
 __all__ = ["Lion", "LionStep", "lion", "lion_step"]
@@ -112,7 +112,7 @@ def lion_fused(
     for idx in calls:
         rows = [[-1.0 if maximize else 1.0, c.c_keep, c.c_gain, c.m_keep, c.m_gain, 1 - float(c.decay_lr) * weight_decay,
                  float(c.lr), c.rescale] for c in (coeffs[i] for i in idx)]
-        _FUSED.step([params[i].view(-1) for i in idx], [flat(grads[i]) for i in idx], [exp_avgs[i].view(-1) for i in idx],
+        _FUSED.step([params[i].view(-1) for i in idx], [grads[i].reshape(-1) for i in idx], [exp_avgs[i].view(-1) for i in idx],
                     H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
     if rest:
         lion(*([x[i] for i in rest] for x in (params, grads, exp_avgs, coeffs)), weight_decay=weight_decay,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_
-from ._compile import Kernel, flat, fusable_groups, hyper
+from ._compile import Kernel, fusable_groups, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
 
 __all__ = ["SGDSaI", "sgd_sai", "gsnr"]
@@ -120,7 +120,7 @@ def sgd_sai_fused(
             keep, gain = (1.0, 0.0) if fresh[i] else (momentum, 1 - momentum)  # a fresh buffer already is g
             rows.append([-1.0 if maximize else 1.0, keep, gain, 1 - lr * weight_decay, lr, 0.0 if fresh[i] else 1.0])
         bufs = None if momentum_buffers[idx[0]] is None else [momentum_buffers[i].view(-1) for i in idx]
-        _FUSED.step([params[i].view(-1) for i in idx], [flat(grads[i]) for i in idx], bufs, [scales[i] for i in idx],
+        _FUSED.step([params[i].view(-1) for i in idx], [grads[i].reshape(-1) for i in idx], bufs, [scales[i] for i in idx],
                     H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
     if rest:
         sgd_sai(*([x[i] for i in rest] for x in (params, grads, momentum_buffers, scales, fresh)), lr=lr,
