@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.dirname(__file__))
 
 import leanopt  # noqa: E402
+from leanopt.registry import state_bytes  # noqa: E402
 from helpers import batch, tiny_model  # noqa: E402
 from test_battery import CASES  # noqa: E402
 
@@ -36,9 +37,14 @@ GLOBAL_BATCH = 8
 STRADDLING = dict(dim=24, n_heads=3, n_kv_heads=3, dtype=torch.float64)
 DCP_OPTIMIZERS = ["adam-mini", "sgd-sai", "alpha-adam", "adamw-pma", "lion-pma"]
 FSDP_UNSUPPORTED = {"adafactor"}  # torch.optim.Adafactor itself fails on DTensor parameters
+# the mask component (whole-tensor sums) on optimizers whose default leaves it off
+VARIANTS = {"adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}), "sgd-sai+mask": ("sgd-sai", {"mask": "async"}),
+            "lion+mask": ("lion", {"mask": "sync"})}
+RUNS = leanopt.list_optimizers() + list(VARIANTS)
 
 
-def build(name: str, wrap: str, world: int, **overrides):
+def build(run: str, wrap: str, world: int, **overrides):
+    name, extra = VARIANTS.get(run, (run, {}))
     model = tiny_model(**overrides)
     if wrap == "ddp" and world > 1:
         wrapped = DDP(model)
@@ -54,17 +60,22 @@ def build(name: str, wrap: str, world: int, **overrides):
         wrapped = model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = leanopt.create_optimizer(name, wrapped, lr=CASES[name].lr, **CASES[name].kwargs)
+        opt = leanopt.create_optimizer(name, wrapped, lr=CASES[name].lr, **CASES[name].kwargs, **extra)
     return model, wrapped, opt
 
 
-def run_steps(wrapped, opt, steps, rank, world, first=0):
+def run_steps(wrapped, opt, steps, rank, world, first=0) -> int:
+    """Train; returns the number of collectives of the last ``opt.step()``."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
     share = GLOBAL_BATCH // world
     for step in range(first, first + steps):
         x, y = batch(step, size=GLOBAL_BATCH)
         opt.zero_grad(set_to_none=True)
         wrapped(x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])[1].backward()
-        opt.step()
+        with CommDebugMode() as comm:
+            opt.step()
+    return comm.get_total_counts()
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -75,16 +86,6 @@ def train(name: str, rank: int = 0, world: int = 1, wrap: str = "ddp", **overrid
     model, wrapped, opt = build(name, wrap, world, **overrides)
     run_steps(wrapped, opt, STEPS, rank, world)
     return full_state(model)
-
-
-def local_state_bytes(opt) -> int:
-    total = 0
-    for state in opt.state.values():
-        for v in state.values():
-            if torch.is_tensor(v):
-                v = v.to_local() if hasattr(v, "to_local") else v
-                total += v.numel() * v.element_size()
-    return total
 
 
 def dcp_round(name, rank, world, ckpt_in, ckpt_out, out):
@@ -119,18 +120,20 @@ if __name__ == "__main__":
             for name in DCP_OPTIMIZERS:
                 dcp_round(name, rank, world, ckpt_in, ckpt_out, out)
         else:
-            sizes = {}
-            for name in leanopt.list_optimizers():
+            sizes, collectives = {}, {}
+            for name in RUNS:
                 if mode == "fsdp" and name in FSDP_UNSUPPORTED:
                     continue
                 model, wrapped, opt = build(name, mode, world, **(STRADDLING if mode == "fsdp" else {}))
-                run_steps(wrapped, opt, STEPS, rank, world)
+                collectives[name] = run_steps(wrapped, opt, STEPS, rank, world)
                 state = full_state(model)
-                sizes[name] = local_state_bytes(opt)
+                sizes[name] = state_bytes(opt)  # this rank's shards
                 if rank == 0:
                     torch.save(state, os.path.join(out, f"{name}.pt"))
             with open(os.path.join(out, f"state_bytes_rank{rank}.json"), "w") as f:
                 json.dump(sizes, f)
+            with open(os.path.join(out, f"collectives_rank{rank}.json"), "w") as f:
+                json.dump(collectives, f)
         dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import leanopt
-from distributed_worker import DCP_OPTIMIZERS, FSDP_UNSUPPORTED, STRADDLING, train
+from distributed_worker import DCP_OPTIMIZERS, FSDP_UNSUPPORTED, RUNS, STRADDLING, train
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
@@ -48,14 +48,14 @@ def fsdp_results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", leanopt.list_optimizers())
+@pytest.mark.parametrize("name", RUNS)
 def test_ddp_two_processes_equal_one(ddp_results, name):
     distributed = torch.load(ddp_results / f"{name}.pt", weights_only=True)
     diff, key = rel(distributed, train(name))
     assert diff <= 1e-5, f"{name}: {key} differs by {diff:.2e}"
 
 
-@pytest.mark.parametrize("name", [n for n in leanopt.list_optimizers() if n not in FSDP_UNSUPPORTED])
+@pytest.mark.parametrize("name", [n for n in RUNS if n not in FSDP_UNSUPPORTED])
 def test_fsdp2_two_processes_equal_one(fsdp_results, name):
     # heads and norm blocks straddle the shards: Adam-mini's block means, SGD-SaI's g-SNR
     # and AlphaAdam's mask sums must be taken over the whole block
@@ -75,6 +75,17 @@ def test_fsdp2_state_is_sharded(fsdp_results):
         assert max(per_rank) <= 0.56 * total, f"{name}: per-rank state bytes {per_rank}"
 
 
+def test_fsdp2_statistics_cross_ranks_in_one_collective_per_step(fsdp_results):
+    # a step after the first: Adam-mini's block sums, and the mask sums of AlphaAdam, C-AdamW,
+    # masked Lion, ... of every tensor each cross the ranks in one all_reduce, not one per
+    # block or tensor (masked Adam-mini needs both, one after the other); SGD-SaI takes its
+    # g-SNR at the first step only
+    counts = json.loads((fsdp_results / "collectives_rank0.json").read_text())
+    expected = {"adam-mini": 1, "alpha-adam": 1, "cadamw": 1, "lion+mask": 1, "sgd-sai+mask": 1, "adam-mini+mask": 2, "adamw": 0}
+    assert {k: counts[k] for k in expected} == expected
+    assert all(n <= 1 for k, n in counts.items() if k != "adam-mini+mask"), counts
+
+
 def test_dcp_checkpoint_resumes_exactly_and_reshards(tmp_path):
     # 2 ranks: 5 steps, save, 5 more (A) | 1 rank: load, save again, 5 more (B) | 2 ranks: load that, 5 more (C)
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
@@ -86,3 +97,57 @@ def test_dcp_checkpoint_resumes_exactly_and_reshards(tmp_path):
         for d in (b, c):
             diff, key = rel(torch.load(d / f"{name}.pt", weights_only=True), ref)
             assert diff <= 1e-5, f"{name} ({d.name}): {key} differs by {diff:.2e}"
+
+
+# -- torchrun: the benchmark, data-parallel --------------------------------------------------
+
+BENCH_WORKER = os.path.join(os.path.dirname(__file__), "parallel_bench_worker.py")
+
+
+def torchrun(mode: str, data_dir, out, world: int = 2) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", BENCH_WORKER, mode,
+           str(data_dir), str(out)]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory):
+    from leanopt.bench import data as bdata
+
+    d = tmp_path_factory.mktemp("data")
+    bdata.prepare(d, (), texts=[os.path.dirname(leanopt.__file__)], text_name="src", tokenizer_from=["src"], vocab_size=320,
+                  val_fraction=0.2, log=lambda s: None)
+    return d
+
+
+def test_torchrun_bench_equals_one_process(bench_data, tmp_path):
+    from leanopt.bench.train import Interrupted, read_results
+    from leanopt.bench.tasks import run_task
+    from parallel_bench_worker import task
+
+    quiet = dict(progress=False, log=lambda *a: None)
+    run_task(task(), tmp_path / "one", bench_data, **quiet)
+    # FSDP2 resumes a checkpoint a single process left when it was killed (full state dicts:
+    # any world size reads them), DDP starts afresh
+    with pytest.raises(Interrupted):
+        run_task(task(), tmp_path / "fsdp", bench_data, stop_after=6, **quiet)
+    torchrun("fsdp", bench_data, tmp_path / "fsdp")
+    torchrun("ddp", bench_data, tmp_path / "ddp")
+    for run in task().runs:
+        one = tmp_path / "one" / "smoke" / "runs" / run.key
+        ref = read_results(one / "results.jsonl")
+        ref_summary = json.loads((one / "summary.json").read_text())
+        for mode in ("ddp", "fsdp"):
+            path = tmp_path / mode / "smoke" / "runs" / run.key
+            got = read_results(path / "results.jsonl")  # written once, by rank 0
+            assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in ref]
+            for a, b in zip(got, ref):
+                assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), f"{mode} {run.key} {a} vs {b}"
+            summary = json.loads((path / "summary.json").read_text())
+            assert (summary["world_size"], summary["parallel"]) == (2, mode)
+            if mode == "ddp":  # every rank holds the whole state
+                assert summary["state_bytes"] == ref_summary["state_bytes"]
+            else:  # each rank holds about half (its shards, plus small replicated parts such as Adam-mini's v)
+                assert summary["state_bytes_rank0"] <= 0.56 * ref_summary["state_bytes"], summary
+    assert (tmp_path / "fsdp" / "smoke" / "report.md").is_file()

@@ -15,8 +15,9 @@ results are the same, only slower.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +31,36 @@ __all__ = ["Kernel", "hyper", "fusable_groups"]
 # every parameter set (model) is one more compiled variant of a kernel; dynamo's default
 # of 8 per function would send the ninth model to the slow eager path
 _RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
+def _outer_loop_fusion_fix() -> Iterator[None]:
+    """Work around a bug of inductor's CPU outer-loop fusion, while our kernels compile.
+
+    That fusion puts a per-row reduction and the update of the same row in one loop (so
+    Adam-mini's block sums and its update read memory once). Deciding which buffers can
+    live per row, it asks every user of a buffer for the index it reads, including users
+    that only order a later in-place write and read nothing: ``KeyError`` (torch 2.13).
+    Such a user reads nothing, so "not a row-local buffer" (None) is the right answer.
+    """
+    try:
+        from torch._inductor.loop_body import LoopBody
+    except ImportError:  # no inductor: nothing to fix
+        yield
+        return
+    original = LoopBody.get_read_expr
+
+    def get_read_expr(self: Any, buffer_name: str) -> Any:
+        try:
+            return original(self, buffer_name)
+        except KeyError:
+            return None
+
+    LoopBody.get_read_expr = get_read_expr
+    try:
+        yield
+    finally:
+        LoopBody.get_read_expr = original
 
 
 class Kernel:
@@ -49,7 +80,7 @@ class Kernel:
             # run single-threaded on large ones)
             self._compiled = torch.compile(self.fn, dynamic=True, options={"cpp.dynamic_threads": True})
         try:
-            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), _outer_loop_fusion_fix():
                 return self._compiled(*args, **kwargs)
         except Exception as e:  # no compiler, unsupported backend, ...
             self._failed = True

@@ -248,11 +248,14 @@ class LeanOptimizer(torch.optim.Optimizer):
             closure: optional callable that re-evaluates the model and returns the loss;
                 it is called exactly once, with gradients enabled, before the update.
         """
+        from .mask import sharded_mask_sums  # (mask.py builds on this module)
+
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._update()
+        with sharded_mask_sums():
+            self._update()
         return loss
 
     def _update(self) -> None:  # pragma: no cover - abstract

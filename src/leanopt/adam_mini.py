@@ -60,25 +60,29 @@ from .partition import (
 __all__ = ["AdamMini", "adam_mini"]
 
 
-def _sub_blockwise(p: Tensor, m: Tensor, lane_scale: Tensor, layout: BlockLayout, flat_offset: int = 0) -> None:
-    """``p -= m * scale`` with one scale per lane, broadcast without a full-size temporary.
+def _blockwise(t: Tensor, lane_scale: Tensor, layout: BlockLayout, flat_offset: int = 0) -> tuple[Tensor, Tensor]:
+    """A contiguous ``t`` as a 2-D view and the lane scales (``expand_blocks``) that
+    broadcast against it. ``t`` is the whole tensor, or one rank's shard of it: the
+    elements from ``flat_offset`` on, which are whole rows of the layout's view (see
+    ``partial_lane_sq``)."""
+    rows, cols = layout.view
+    if flat_offset == 0 and t.numel() == layout.numel:
+        return t.view(layout.view), lane_scale
+    if layout.axis == 0 and rows == 1:  # a shard of a one-block tensor: a single scale
+        return t.view(1, -1), lane_scale.reshape(1, 1)
+    if layout.axis == 0:  # the shard's lanes are its rows
+        start = flat_offset // cols
+        lane_scale = lane_scale[start:start + t.numel() // cols]
+    return t.view(-1, cols), lane_scale
 
-    ``p`` and ``m`` are the whole tensor, or one rank's shard of it: the elements from
-    ``flat_offset`` on, which are whole rows of the layout's view (see ``partial_lane_sq``).
-    """
+
+def _sub_blockwise(p: Tensor, m: Tensor, lane_scale: Tensor, layout: BlockLayout, flat_offset: int = 0) -> None:
+    """``p -= m * scale`` with one scale per lane, broadcast without a full-size temporary."""
     if not p.is_contiguous():  # rare (a transposed view registered as a parameter): one temporary is unavoidable
         p.sub_((m.view(layout.view) * lane_scale).view(p.shape))
         return
-    rows, cols = layout.view
-    if flat_offset == 0 and p.numel() == layout.numel:
-        p.view(layout.view).addcmul_(m.view(layout.view), lane_scale, value=-1.0)
-    elif layout.axis == 0 and rows == 1:  # a shard of a one-block tensor: a single scale
-        p.addcmul_(m, lane_scale.reshape(()), value=-1.0)
-    else:
-        start = flat_offset // cols
-        if layout.axis == 0:  # the shard's lanes are its rows
-            lane_scale = lane_scale[start:start + p.numel() // cols]
-        p.view(-1, cols).addcmul_(m.view(-1, cols), lane_scale, value=-1.0)
+    m2, scale = _blockwise(m, lane_scale, layout, flat_offset)
+    _blockwise(p, lane_scale, layout, flat_offset)[0].addcmul_(m2, scale, value=-1.0)
 
 
 def adam_mini(
@@ -120,10 +124,10 @@ def adam_mini(
 
     for p, g, m, v, step_t, layout, dec, block_sum, shard in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts,
                                                                   decay, sums, shards, strict=True):
+        offset = 0
         if shard is not None:
-            if masked:
-                raise NotImplementedError("AdamMini: the mask component is not supported with sharded (FSDP2) parameters yet")
             p, g, m, v = shard.local, g.to_local(), m.to_local(), v.to_local() if hasattr(v, "to_local") else v
+            offset = shard.flat_offset
         if maximize:
             g = -g
         step_t += 1
@@ -145,41 +149,55 @@ def adam_mini(
             decoupled_decay_(p, lr, weight_decay)
         denom = v_acc.sqrt().div_(bias_correction2_sqrt).add_(eps)
         if masked:
-            u = (m.view(layout.view) * expand_blocks(1 / (bias_correction1 * denom), layout).to(p.dtype)).view(p.shape)
-            masked_update_(p, u, phi, lr, alpha=alpha, count_scale=count_scale)
+            m2, scale = _blockwise(m.contiguous(), expand_blocks(1 / (bias_correction1 * denom), layout).to(p.dtype), layout, offset)
+            masked_update_(p, (m2 * scale).view(p.shape), phi, lr, alpha=alpha, count_scale=count_scale,
+                           shard_of=None if shard is None else (layout.numel, shard.group))
         else:
-            _sub_blockwise(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout,
-                           0 if shard is None else shard.flat_offset)
+            _sub_blockwise(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout, offset)
 
 
 def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], lanes: list[Tensor] | None,
                  counts: list[Tensor] | None, kind: str, H: Tensor, sums: Tensor | None, phase: str, mask: str, alpha: str,
-                 count_scale: bool) -> Tensor | None:
-    # H rows: [sign, 1-β1, β2, 1-β2, sqrt(1-β2^t), eps, decay, 1-β1^t, lr]. kind "rows"/"columns": the
-    # 2-D views of the layouts, lanes[i] the block of every lane; "elements": flat, one block
-    # per element; "whole": flat, one block. One pass takes the block means of g² and updates
-    # v (only vectors of one value per lane or block are written), the next updates p and m.
-    # With the mask, the "sums" call updates v and the "apply" call uses it.
-    out = []
+                 count_scale: bool) -> tuple[Tensor | None, list[Tensor]]:
+    # H rows: [sign, 1-β1, β2, 1-β2, sqrt(1-β2^t), eps, decay, 1-β1^t, lr, (1-β2)/block size]. kind "blocks": the
+    # tensor viewed as (n_blocks, block size), each row one block of consecutive elements; "rows"/"columns":
+    # the 2-D views of other layouts, lanes[i] the block of every lane; "elements": flat, one block per
+    # element; "whole": flat, one block.
+    # "blocks" makes one pass: inductor fuses the sum of a row's g² with the update of that row into one
+    # loop over rows, so g, p and m stream once. That holds only while the graph writes nothing of
+    # another shape, so v is not written here: the new v is used inline and the row sums are returned
+    # for _update_v_ (which computes the same float ops, so what is stored is what was used).
+    # The other kinds take the block sums in one pass and update v, p and m in the next. With the mask,
+    # the "sums" call updates v (or returns the row sums for it) and the "apply" call uses the stored v.
+    out, row_sums = [], []
     for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
         h = H[i]
         g = g * h[0]
         m_new = m.lerp(g, h[1])
         acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-        if phase == "sums" or not needs_sums(mask):  # updated once: by the sums call when there is one
+        v_used = v.to(acc)
+        if phase == "sums" or not needs_sums(mask):  # v moves once: in the sums call when there is one
             g2 = g.to(acc) * g.to(acc)
-            if kind == "elements":
-                block = g2
-            elif kind == "whole":
-                block = g2.mean()
+            if kind == "blocks":
+                row_sums.append(g2.sum(dim=1))
+                v_used = (v_used * h[2] + row_sums[-1] * h[9]).to(v.dtype).to(acc)
             else:
-                block = torch.zeros(v.shape, dtype=acc, device=v.device).index_add_(0, lanes[i], g2.sum(dim=1 if kind == "rows" else 0))
-                block = block / counts[i]
-            v.copy_(v.to(acc) * h[2] + block * h[3])
-        scale = 1 / (h[7] * (v.to(acc).sqrt() / h[4] + h[5]))  # low-precision v: what is stored is used
+                if kind == "elements":
+                    block = g2
+                elif kind == "whole":
+                    block = g2.mean()
+                else:
+                    block = torch.zeros(v.shape, dtype=acc, device=v.device).index_add_(0, lanes[i], g2.sum(dim=1 if kind == "rows" else 0))
+                    block = block / counts[i]
+                v.copy_(v_used * h[2] + block * h[3])
+                v_used = v.to(acc)  # low-precision v: what is stored is used
+        scale = 1 / (h[7] * (v_used.sqrt() / h[4] + h[5]))
         if kind in ("rows", "columns"):
             scale = scale.index_select(0, lanes[i])
-            scale = scale.view(-1, 1) if kind == "rows" else scale.view(1, -1)
+        if kind in ("blocks", "rows"):
+            scale = scale.view(-1, 1)
+        elif kind == "columns":
+            scale = scale.view(1, -1)
         u = m_new * scale.to(p.dtype)
         if phase == "sums":
             out.append(mask_sums(u, phi_of(mask, g, m, m_new)))
@@ -187,10 +205,20 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         p.mul_(h[6])
         step_(p, u, h[8], g, m, m_new, None if sums is None else sums[i], mask=mask, alpha=alpha, count_scale=count_scale)
         m.copy_(m_new)
-    return torch.stack(out) if out else None
+    return (torch.stack(out) if out else None), row_sums
 
 
 _FUSED = Kernel(_mini_kernel)
+
+
+def _update_v_(vs: list[Tensor], row_sums: list[Tensor], beta2: float, coefs: list[float]) -> None:
+    """``v ← β2·v + (1−β2)·mean(g²)`` from the block sums of the "blocks" kernel, in its float ops."""
+    v_acc = [v.to(s.dtype) for v, s in zip(vs, row_sums)]  # v itself unless v is low-precision
+    torch._foreach_mul_(v_acc, beta2)
+    torch._foreach_add_(v_acc, torch._foreach_mul(row_sums, coefs))
+    for v, new in zip(vs, v_acc):
+        if new is not v:
+            v.copy_(new)
 
 
 def _kind(layout: BlockLayout) -> str:
@@ -198,6 +226,8 @@ def _kind(layout: BlockLayout) -> str:
         return "elements"
     if layout.n_blocks == 1:
         return "whole"
+    if layout.axis == 0 and layout.uniform is not None:
+        return "blocks"
     return "rows" if layout.axis == 0 else "columns"
 
 
@@ -220,31 +250,42 @@ def adam_mini_fused(
     alpha: str = "none",
     count_scale: bool = False,
 ) -> None:
-    """:func:`adam_mini` as compiled kernels (:mod:`leanopt._compile`): two passes over
-    each tensor's memory, no full-size temporaries, and no Python work per block (block
-    sums are one ``index_add`` over the lanes)."""
+    """:func:`adam_mini` as compiled kernels (:mod:`leanopt._compile`), with no full-size
+    temporaries and no Python work per block. Where every block is a run of consecutive
+    rows (embeddings, heads, neurons of an ``nn.Linear``), one pass over each tensor's
+    memory; otherwise (column blocks, blocks of unequal sizes) two, the block sums being
+    one ``index_add`` over the lanes."""
     lr = float(lr)
     calls, rest = fusable_groups(params, exp_avgs, key=lambda i: (_kind(layouts[i]), layouts[i].view, layouts[i].n_blocks))
     for ids in calls:
         kind = _kind(layouts[ids[0]])
-        rows = []
-        for i in ids:
+        rows, coefs = [], [(1 - beta2) / (layouts[i].numel // layouts[i].n_blocks) for i in ids]
+        for i, coef in zip(ids, coefs):
             state_steps[i] += 1
             bc1, bc2_sqrt = bias_corrections(beta1, beta2, state_steps[i].item())
             rows.append([-1.0 if maximize else 1.0, 1 - beta1, beta2, 1 - beta2, bc2_sqrt, eps,
-                         1 - lr * weight_decay if decay[i] else 1.0, bc1, lr])
+                         1 - lr * weight_decay if decay[i] else 1.0, bc1, lr, coef])
         p0 = params[ids[0]]
-        if kind in ("rows", "columns"):
+        lanes = counts = None
+        if kind == "blocks":
+            views = [(layouts[i].n_blocks, -1) for i in ids]
+        elif kind in ("rows", "columns"):
             views = [layouts[i].view for i in ids]
             maps = [lane_to_block(layouts[i], p0.device, acc_dtype(p0)) for i in ids]
-            tensors = ([params[i].view(vw) for i, vw in zip(ids, views)], [grads[i].reshape(vw) for i, vw in zip(ids, views)],
-                       [exp_avgs[i].view(vw) for i, vw in zip(ids, views)])
             lanes, counts = [mp[0] for mp in maps], [mp[1] for mp in maps]
         else:
-            tensors = ([params[i].view(-1) for i in ids], [grads[i].reshape(-1) for i in ids], [exp_avgs[i].view(-1) for i in ids])
-            lanes = counts = None
-        _FUSED.step(*tensors, [exp_avg_sqs[i] for i in ids], lanes, counts, kind, H=hyper(rows, p0), mask=mask, alpha=alpha,
-                    count_scale=count_scale)
+            views = [(-1,)] * len(ids)
+        tensors = ([params[i].view(vw) for i, vw in zip(ids, views)], [grads[i].reshape(vw) for i, vw in zip(ids, views)],
+                   [exp_avgs[i].view(vw) for i, vw in zip(ids, views)], [exp_avg_sqs[i] for i in ids], lanes, counts, kind,
+                   hyper(rows, p0))
+        sums = None
+        if needs_sums(mask):
+            sums, row_sums = _FUSED(*tensors, None, "sums", mask, alpha, count_scale)
+            if row_sums:
+                _update_v_(tensors[3], row_sums, beta2, coefs)
+        _, row_sums = _FUSED(*tensors, sums, "apply", mask, alpha, count_scale)
+        if row_sums:
+            _update_v_(tensors[3], row_sums, beta2, coefs)
     if rest:
         adam_mini(*([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay)),
                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, mask=mask,

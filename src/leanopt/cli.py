@@ -8,7 +8,8 @@
   loaded or allocated, nothing is downloaded).
 * ``leanopt prepare`` — the benchmark corpora and tokenizer (:mod:`leanopt.bench.data`).
 * ``leanopt bench PRESET`` — train and compare optimizers, write a report with the
-  papers' claims checked (:mod:`leanopt.bench.tasks`).
+  papers' claims checked (:mod:`leanopt.bench.tasks`); data-parallel under
+  ``torchrun --nproc_per_node=N -m leanopt bench PRESET [--parallel fsdp]``.
 * ``leanopt report RUN_DIR`` — regenerate a report from saved results.
 * ``leanopt speed`` — optimizer-step time against the memory-bandwidth floor
   (:mod:`leanopt.bench.speed`).
@@ -150,14 +151,24 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.parallel import init_data_parallel
     from .bench.tasks import get_task, run_task
 
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.preset, device=args.device, corpus=args.corpus, hf_config=args.hf_config,
                     bf16=True if args.bf16 else None, seeds=args.seeds)
-    report = run_task(task, args.out, args.data_dir, progress=not args.no_progress)
-    print(f"report: {report}")
+    task.validate()  # before joining a process group: a bad option fails fast on every rank
+    dp = init_data_parallel(args.parallel, task.train.device)
+    if args.parallel and not dp.active:
+        print(f"leanopt: --parallel {args.parallel} without torchrun (WORLD_SIZE unset or 1): one process", file=sys.stderr)
+    try:
+        report = run_task(task, args.out, args.data_dir, progress=not args.no_progress, dp=dp)
+    finally:
+        if dp.active:
+            torch.distributed.destroy_process_group()
+    if dp.is_main:
+        print(f"report: {report}")
     return 0
 
 
@@ -215,6 +226,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds for every run (default: the preset's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
+                   help="under torchrun: DistributedDataParallel (default) or FSDP2 sharding; each rank reads its "
+                        "slice of every micro-batch")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("speed", help="optimizer-step time against the memory-bandwidth floor (leanopt speed --help)",

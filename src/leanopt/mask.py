@@ -21,14 +21,19 @@ optimizer's default path is untouched.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from ._distributed import all_reduce_sums, is_dtensor
 from ._optimizer import BOOL, OneOf, acc_dtype
 
-__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_"]
+__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_",
+           "sharded_mask_sums"]
 
 MASKS = ("none", "async", "sync")
 ALPHAS = ("squared", "root", "none")
@@ -70,13 +75,14 @@ def mask_sums(u: Tensor, phi: Tensor) -> Tensor:
 
 
 def apply_mask_(p: Tensor, u: Tensor, phi: Tensor | None, sums: Tensor | None, lr: float | Tensor, *, alpha: str,
-                count_scale: bool) -> None:
+                count_scale: bool, numel: int | None = None) -> None:
     """``p ← p − η̂·α·(φ⊙u)`` given :func:`mask_sums` (``phi=None``: φ ≡ 1, no sums needed).
+    ``numel``: the whole tensor's size when ``p`` and ``u`` are one rank's shards.
 
     Branch-free, so it does not synchronize with the device (the empty-mask fallback is a
     ``where``) and it can be traced by ``torch.compile``.
     """
-    n = u.numel()
+    n = u.numel() if numel is None else numel
     if phi is None:  # φ ≡ 1: α = 1 exactly
         selected, count, a = u, n, None
     else:
@@ -98,9 +104,79 @@ def apply_mask_(p: Tensor, u: Tensor, phi: Tensor | None, sums: Tensor | None, l
         p.add_(selected, alpha=-step)
 
 
-def masked_update_(p: Tensor, u: Tensor, phi: Tensor | None, lr: float | Tensor, *, alpha: str, count_scale: bool) -> None:
-    """``p ← p − η̂·α·(φ⊙u)`` for one tensor; ``phi=None`` means φ ≡ 1."""
-    apply_mask_(p, u, phi, None if phi is None else mask_sums(u, phi), lr, alpha=alpha, count_scale=count_scale)
+def masked_update_(p: Tensor, u: Tensor, phi: Tensor | None, lr: float | Tensor, *, alpha: str, count_scale: bool,
+                   shard_of: tuple[int, object] | None = None) -> None:
+    """``p ← p − η̂·α·(φ⊙u)`` for one tensor; ``phi=None`` means φ ≡ 1.
+
+    Sharded tensors: DTensors (FSDP2), or ``shard_of=(numel, group)`` when ``p``, ``u`` and
+    ``phi`` are this rank's parts of a tensor of ``numel`` elements sharded over ``group``.
+    The whole-tensor sums then need a collective: inside :func:`sharded_mask_sums` (every
+    optimizer step) the update waits for the end of the step, when the sums of all such
+    tensors cross the ranks together."""
+    if phi is not None and shard_of is None and _same_shards(p, u, phi):
+        shard_of = (p.numel(), p.device_mesh.get_group())
+        p, u, phi = p.to_local(), u.to_local(), phi.to_local()
+    if phi is None or shard_of is None:
+        apply_mask_(p, u, phi, None if phi is None else mask_sums(u, phi), lr, alpha=alpha, count_scale=count_scale)
+        return
+    item = _Pending(p, u, phi, mask_sums(u, phi), lr, alpha, count_scale, *shard_of)
+    pending = _PENDING.get()
+    if pending is not None:
+        pending.append(item)
+    else:  # called outside an optimizer step: reduce this tensor's sums now
+        _apply_pending([item])
+
+
+class _Pending(NamedTuple):
+    p: Tensor  # this rank's shards
+    u: Tensor
+    phi: Tensor
+    sums: Tensor  # this rank's part of mask_sums
+    lr: float | Tensor
+    alpha: str
+    count_scale: bool
+    numel: int  # of the whole tensor
+    group: object
+
+
+_PENDING: ContextVar[list[_Pending] | None] = ContextVar("leanopt_pending_masked_updates", default=None)
+
+
+def _same_shards(p: Tensor, u: Tensor, phi: Tensor) -> bool:
+    """All three are DTensors sharded alike on a 1-D mesh (their local parts line up)."""
+    if not is_dtensor(p):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return (p.device_mesh.ndim == 1 and isinstance(p.placements[0], Shard) and is_dtensor(u) and is_dtensor(phi)
+            and u.placements == p.placements and phi.placements == p.placements)
+
+
+@contextlib.contextmanager
+def sharded_mask_sums() -> Iterator[None]:
+    """A step's masked updates of sharded parameters, with one collective for all their sums.
+
+    Each tensor's mask needs whole-tensor sums (:func:`mask_sums`). Sharded, each rank has
+    a part of them; rather than a collective per tensor, the updates wait (holding this
+    rank's shard of ``u``: at most the local parameter bytes, until the end of the step),
+    then one ``all_reduce`` per process group sums every tensor's parts and the updates
+    are applied. Without DTensor parameters nothing waits and nothing is collective.
+    """
+    pending: list[_Pending] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+    _apply_pending(pending)
+
+
+def _apply_pending(pending: list[_Pending]) -> None:
+    sums = [item.sums for item in pending]
+    all_reduce_sums(sums, [item.group for item in pending])
+    for item, total in zip(pending, sums):
+        apply_mask_(item.p, item.u, item.phi, total, item.lr, alpha=item.alpha, count_scale=item.count_scale,
+                    numel=item.numel)
 
 
 # -- for the compiled steps (leanopt._compile), whose kernels make two calls when the mask

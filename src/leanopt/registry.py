@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._distributed import is_dtensor
 from .adam_mini import AdamMini
 from .alpha_adam import AlphaAdam, CAdamW
 from .lion import Lion
@@ -83,9 +84,10 @@ def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any], **kw
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of an optimizer's state tensors (the step counters left out)."""
+    """Bytes of an optimizer's state tensors held by this process (the step counters left
+    out): under FSDP2, this rank's shards."""
     return sum(
-        v.numel() * v.element_size()
+        (v.to_local() if is_dtensor(v) else v).numel() * v.element_size()
         for st in opt.state.values()
         for k, v in st.items()
         if isinstance(v, torch.Tensor) and k != "step"

@@ -497,7 +497,10 @@ def write_report(task_dir: str | Path) -> Path:
     lines += [
         f"- environment: leanopt {env['leanopt']}, Python {env['python']}, torch {env['torch']}, numpy {env['numpy']}, "
         f"{env['platform']}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, device {env['device']}"
-        + (f" ({env['gpu']})" if env.get("gpu") else ""),
+        + (f" ({env['gpu']})" if env.get("gpu") else "")
+        + (f"; data-parallel over {env['world_size']} processes ({env['parallel'].upper()}: each rank reads its slice of "
+           f"every micro-batch{', optimizer state sharded: the table gives the sum over ranks' if env['parallel'] == 'fsdp' else ''})"
+           if env.get("world_size", 1) > 1 else ""),
         f"- command: `{env['command']}`; total wall time of the invocation {summary['wall_s']:.0f} s",
         "",
     ]

@@ -32,6 +32,7 @@ import torch
 from .. import __version__
 from .config import ConfigError, ModelSpec, RunSpec, TrainConfig
 from .data import DataError, load_corpus, write_json
+from .parallel import DataParallel
 from .train import train_run
 
 __all__ = ["TaskSpec", "PRESETS", "LRS", "get_task", "run_task", "environment"]
@@ -275,12 +276,19 @@ def run_task(
     progress: bool = True,
     log=print,
     stop_after: int | None = None,
+    dp: DataParallel = DataParallel(),
 ) -> Path:
     """Run every run of ``task`` (finished runs are kept, interrupted ones resume), then
-    write ``summary.json`` and the report. All checks happen before any training."""
+    write ``summary.json`` and the report. All checks happen before any training.
+    ``dp``: this rank of a data-parallel run; rank 0 writes and logs."""
     from .report import write_report
 
     task.validate()
+    dp.check(task.train.micro_batch)
+    if task.base is not None:
+        dp.check(task.base[0].micro_batch)
+    if not dp.is_main:
+        progress, log = False, lambda *a, **k: None
     if task.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"preset {task.name!r} runs on {task.train.device}, but torch sees no CUDA device")
     corpus = load_corpus(data_dir, task.train.corpus)
@@ -296,7 +304,7 @@ def run_task(
         base_train, base_run = task.base
         log(f"[{task.name}] pre-training the base model on {base_corpus.name!r} (cached after the first time)")
         cache = Path(out_dir) / "_base" / f"{task.name}-{base_run.key}"
-        train_run(cache, base_train, base_run, base_corpus, save_model=True, progress=progress)
+        train_run(cache, base_train, base_run, base_corpus, save_model=True, progress=progress, dp=dp)
         init_state = torch.load(cache / "model.pt", weights_only=True)
 
     summaries = []
@@ -308,7 +316,7 @@ def run_task(
         bar = tqdm(total=len(task.runs), desc=f"{task.name}", unit="run", dynamic_ncols=True)
     for run in iterator:
         summaries.append(train_run(task_dir / "runs" / run.key, task.train, run, corpus, init_state=init_state,
-                                   progress=progress, stop_after=stop_after))
+                                   progress=progress, stop_after=stop_after, dp=dp))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(last=f"{run.key} {summaries[-1]['final_val']:.3f}", refresh=False)
@@ -322,10 +330,12 @@ def run_task(
         "train": asdict(task.train),
         "corpus": corpus.meta,
         "base": (asdict(task.base[0]) | {"run": asdict(task.base[1])}) if task.base else None,
-        "environment": environment(task.train.device),
+        "environment": environment(task.train.device) | {"world_size": dp.world, "parallel": dp.mode},
         "runs": summaries,
         "wall_s": time.perf_counter() - t0,
     }
+    if not dp.is_main:
+        return task_dir / "report.md"
     write_json(task_dir / "summary.json", summary)
     report = write_report(task_dir)
     log(f"[{task.name}] report: {report}")

@@ -24,13 +24,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..models import GPT, PRESETS
 from ..registry import create_optimizer, state_bytes
 from .config import RunSpec, TrainConfig, fingerprint
 from .data import Corpus, atomic_write, write_json
+from .parallel import DataParallel
 
 __all__ = ["Batches", "train_run", "build_model", "lr_lambda", "Interrupted", "read_results", "evaluate"]
+
+# checkpoints hold full state dicts keyed by parameter name (torch.distributed.checkpoint's
+# get_model_state_dict / get_optimizer_state_dict): one file serves any world size
+_CHECKPOINT_FORMAT = 2
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class Interrupted(Exception):
@@ -51,9 +64,10 @@ class Batches:
         x = torch.from_numpy(rows)
         return x[:, :-1], x[:, 1:]
 
-    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, index: int, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch ``index``, or only its rows ``part`` (a data-parallel rank's slice)."""
         rng = np.random.default_rng([self.seed, index])
-        return self.windows(rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.micro_batch))
+        return self.windows(rng.integers(0, self.tokens.size - self.seq_len - 1, size=self.micro_batch)[part])
 
     def evenly_spaced(self, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A fixed validation set: windows spread evenly over the split."""
@@ -114,15 +128,17 @@ def lr_lambda(steps: int, warmup_frac: float, min_lr_frac: float):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list, device: str, bf16: bool) -> float:
+def evaluate(model: nn.Module, batches: list, device: str, bf16: bool, dp: DataParallel = DataParallel()) -> float:
+    """Mean validation loss; under data parallelism each rank takes its rows of every batch."""
     model.eval()
     total = 0.0
     for x, y in batches:
+        rows = dp.part(x.shape[0])
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x[rows].to(device), y[rows].to(device))
         total += loss.item()
     model.train()
-    return total / len(batches)
+    return dp.mean(total / len(batches))
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -145,12 +161,15 @@ def train_run(
     save_model: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    dp: DataParallel = DataParallel(),
 ) -> dict[str, Any]:
     """Train one run in ``run_dir`` (resuming its checkpoint if there is one) and return
     its summary. A finished run (``summary.json`` with this configuration) is not redone.
 
     ``stop_after``: raise :class:`Interrupted` once this many micro-batches are done and
     checkpointed, as a kill at that moment would leave things (for tests).
+    ``dp``: this process's rank in a data-parallel run (:mod:`leanopt.bench.parallel`);
+    every rank calls this, rank 0 alone writes.
     """
     fp = fingerprint(train, run)
     summary_path = run_dir / "summary.json"
@@ -159,13 +178,16 @@ def train_run(
         if done.get("fingerprint") == fp:
             return done
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = train.device
+    device = dp.device or train.device
     steps = run.steps(train)
+    dp.check(train.micro_batch)
+    rows = dp.part(train.micro_batch)
 
     model = build_model(train, corpus.vocab_size, run.seed)
     if init_state is not None:
         model.load_state_dict(init_state)
     model.to(device)
+    net = dp.wrap(model, device)  # FSDP2 shards model's parameters in place: the optimizer comes after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. Adam-mini's partition notes on exotic models
         opt = create_optimizer(run.optimizer, model, lr=run.lr, **run.kwargs)
@@ -177,29 +199,33 @@ def train_run(
     step, wall_before = 0, 0.0
     ckpt_path = run_dir / "checkpoint.pt"
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt.get("fingerprint") == fp:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optim"])
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("fingerprint") == fp and ckpt.get("format") == _CHECKPOINT_FORMAT:
+            set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, opt, ckpt["optim"], options=StateDictOptions(full_state_dict=True))
             sched.load_state_dict(ckpt["sched"])
             step, metrics, wall_before = ckpt["step"], ckpt["metrics"], ckpt["wall_s"]
         else:
-            warnings.warn(f"{ckpt_path} belongs to another configuration; starting {run.key} afresh")
+            if dp.is_main:
+                warnings.warn(f"{ckpt_path} belongs to another configuration (or leanopt version); starting {run.key} afresh")
 
     def checkpoint(wall: float) -> None:
-        blob = {"fingerprint": fp, "step": step, "model": model.state_dict(), "optim": opt.state_dict(),
-                "sched": sched.state_dict(), "metrics": metrics, "wall_s": wall}
-        atomic_write(ckpt_path, lambda f: torch.save(blob, f))
-        _write_results(run_dir / "results.jsonl", metrics)
+        # full state dicts, keyed by parameter name: the same file for any world size
+        model_state, optim_state = get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, opt, options=_FULL)
+        if dp.is_main:
+            blob = {"fingerprint": fp, "format": _CHECKPOINT_FORMAT, "step": step, "model": model_state, "optim": optim_state,
+                    "sched": sched.state_dict(), "metrics": metrics, "wall_s": wall}
+            atomic_write(ckpt_path, lambda f: torch.save(blob, f))
+            _write_results(run_dir / "results.jsonl", metrics)
 
     def record_val() -> None:
         micro = step * run.accum
-        loss = evaluate(model, val, device, train.bf16)
+        loss = evaluate(net, val, device, train.bf16, dp)
         metrics.append({"kind": "val", "step": step, "micro": micro, "samples": micro * train.micro_batch,
                         "tokens": micro * train.micro_batch * train.seq_len, "loss": loss})
 
     bar = None
-    if progress:
+    if progress and dp.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=step, desc=run.key, unit="step", leave=False, dynamic_ncols=True)
@@ -212,11 +238,13 @@ def train_run(
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for k in range(run.accum):
-            x, y = data.get(step * run.accum + k)
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=train.bf16):
-                _, loss = model(x.to(device), y.to(device))
-            (loss / run.accum).backward()
+            x, y = data.get(step * run.accum + k, rows)
+            with dp.accumulating(net, sync=k == run.accum - 1):
+                with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=train.bf16):
+                    _, loss = net(x.to(device), y.to(device))
+                (loss / run.accum).backward()
             loss_sum += loss.item()
+        loss_sum = dp.mean(loss_sum)  # every rank sees the same loss: they stop (diverged) together
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -272,17 +300,22 @@ def train_run(
         "diverged": diverged,
         "n_params": n_params,
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "state_bytes": state_bytes(opt),
+        "state_bytes": dp.whole(state_bytes(opt)),
+        "state_bytes_rank0": state_bytes(opt),  # FSDP2 shards the state: about state_bytes / world_size
+        "world_size": dp.world,
+        "parallel": dp.mode,
         "opt_step_ms": statistics.median(times),
         "opt_step_ms_p10": float(np.percentile(times, 10)),
         "opt_step_ms_p90": float(np.percentile(times, 90)),
         "wall_s": wall,
         "train": asdict(train),
     }
-    if save_model:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_write(run_dir / "model.pt", lambda f: torch.save(state, f))
-    _write_results(run_dir / "results.jsonl", metrics)
-    write_json(summary_path, summary)
-    ckpt_path.unlink(missing_ok=True)
+    state = get_model_state_dict(model, options=_FULL) if save_model else None
+    if dp.is_main:
+        if state is not None:
+            atomic_write(run_dir / "model.pt", lambda f: torch.save(state, f))
+        _write_results(run_dir / "results.jsonl", metrics)
+        write_json(summary_path, summary)
+        ckpt_path.unlink(missing_ok=True)
+    dp.barrier()  # the other ranks may read what rank 0 wrote (a base model, a summary)
     return summary
