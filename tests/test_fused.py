@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -118,3 +121,33 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         warnings.simplefilter("error")  # warned once, not at every call
         assert kernel(4) == 8
     assert calls == [3, 4]
+
+
+ONE_PASS = """
+import warnings, torch, leanopt
+from torch._inductor import metrics
+from torch._inductor.loop_body import LoopBody
+from helpers import tiny_model
+torch._inductor.config.force_disable_caches = True  # generate the code here, not from the disk cache
+original = LoopBody.get_read_expr
+model = tiny_model(vocab_size=64)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("error", message="leanopt: compiling")  # no fallback to the eager path
+    opt = leanopt.create_optimizer("adam-mini", model, lr=1e-3, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+assert LoopBody.get_read_expr is original, "the inductor fix leaked out of leanopt's compilations"
+print(len(metrics.cpp_outer_loop_fused_inner_counts))
+"""
+
+
+def test_adam_mini_row_blocks_compile_to_one_pass():
+    # embeddings, heads and neurons: each block's sum of g² and its update share one loop
+    # over the blocks (inductor's outer-loop fusion), so g, p and m stream from memory once;
+    # the fix that makes the fusion compile is undone after every compilation
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    done = subprocess.run([sys.executable, "-c", ONE_PASS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) >= 1

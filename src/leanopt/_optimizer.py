@@ -176,6 +176,9 @@ class LeanOptimizer(torch.optim.Optimizer):
     """
 
     _checks: dict[str, Any] = {}
+    # hyperparameters a variant adds to its parent's (PMA's period and variant): set by the
+    # variant's __init__ before it calls the parent's, which puts them into the defaults
+    _extra_defaults: dict[str, Any] = {}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         groups, names = normalize_params(params)

@@ -257,12 +257,16 @@ def adam_mini_fused(
     one ``index_add`` over the lanes."""
     lr = float(lr)
     calls, rest = fusable_groups(params, exp_avgs, key=lambda i: (_kind(layouts[i]), layouts[i].view, layouts[i].n_blocks))
+    fused_steps = [state_steps[i] for ids in calls for i in ids]
+    if fused_steps:  # two calls for all counters, not two per tensor
+        torch._foreach_add_(fused_steps, 1)
+        steps = dict(zip((i for ids in calls for i in ids), torch.stack(fused_steps).tolist()))
+    v_later: tuple[list[Tensor], list[Tensor], list[float]] = ([], [], [])  # one v update for all calls
     for ids in calls:
         kind = _kind(layouts[ids[0]])
         rows, coefs = [], [(1 - beta2) / (layouts[i].numel // layouts[i].n_blocks) for i in ids]
         for i, coef in zip(ids, coefs):
-            state_steps[i] += 1
-            bc1, bc2_sqrt = bias_corrections(beta1, beta2, state_steps[i].item())
+            bc1, bc2_sqrt = bias_corrections(beta1, beta2, steps[i])
             rows.append([-1.0 if maximize else 1.0, 1 - beta1, beta2, 1 - beta2, bc2_sqrt, eps,
                          1 - lr * weight_decay if decay[i] else 1.0, bc1, lr, coef])
         p0 = params[ids[0]]
@@ -281,11 +285,15 @@ def adam_mini_fused(
         sums = None
         if needs_sums(mask):
             sums, row_sums = _FUSED(*tensors, None, "sums", mask, alpha, count_scale)
-            if row_sums:
+            if row_sums:  # the apply call reads the stored v
                 _update_v_(tensors[3], row_sums, beta2, coefs)
         _, row_sums = _FUSED(*tensors, sums, "apply", mask, alpha, count_scale)
         if row_sums:
-            _update_v_(tensors[3], row_sums, beta2, coefs)
+            v_later[0].extend(tensors[3])
+            v_later[1].extend(row_sums)
+            v_later[2].extend(coefs)
+    if v_later[0]:
+        _update_v_(*v_later[:2], beta2, v_later[2])
     if rest:
         adam_mini(*([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay)),
                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, mask=mask,

@@ -195,7 +195,7 @@ class AlphaAdam(LeanOptimizer):
         fused: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
-                        **mask_defaults(mask, alpha, count_scale))
+                        **mask_defaults(mask, alpha, count_scale), **self._extra_defaults)
         super().__init__(params, defaults)
 
     def _coeffs(self, group: dict[str, Any], step: float) -> AdamStep:

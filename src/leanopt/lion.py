@@ -153,7 +153,7 @@ class Lion(LeanOptimizer):
         fused: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused,
-                        **mask_defaults(mask, alpha, count_scale))
+                        **mask_defaults(mask, alpha, count_scale), **self._extra_defaults)
         super().__init__(params, defaults)
 
     def _coeffs(self, group: dict[str, Any], step: float) -> LionStep:

@@ -32,8 +32,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from ._optimizer import IntAtLeast, LeanOptimizer, OneOf, ParamsT
-from .mask import mask_defaults
+from ._optimizer import IntAtLeast, OneOf, ParamsT
 from .alpha_adam import AdamStep, AlphaAdam
 from .lion import Lion, LionStep
 
@@ -136,9 +135,9 @@ class AdamWPMA(AlphaAdam):
         maximize: bool = False,
         fused: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
-                        period=period, variant=variant, **mask_defaults(mask, alpha, count_scale))
-        LeanOptimizer.__init__(self, params, defaults)
+        self._extra_defaults = dict(period=period, variant=variant)
+        super().__init__(params, lr, betas, eps, weight_decay, mask=mask, alpha=alpha, count_scale=count_scale,
+                         maximize=maximize, fused=fused)
 
     def _coeffs(self, group: dict[str, Any], step: float) -> AdamStep:
         beta1, beta2 = group["betas"]
@@ -178,9 +177,9 @@ class LionPMA(Lion):
         maximize: bool = False,
         fused: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused,
-                        period=period, variant=variant, **mask_defaults(mask, alpha, count_scale))
-        LeanOptimizer.__init__(self, params, defaults)
+        self._extra_defaults = dict(period=period, variant=variant)
+        super().__init__(params, lr, betas, weight_decay, mask=mask, alpha=alpha, count_scale=count_scale,
+                         maximize=maximize, fused=fused)
 
     def _coeffs(self, group: dict[str, Any], step: float) -> LionStep:
         beta1, beta2 = group["betas"]
