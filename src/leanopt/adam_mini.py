@@ -38,7 +38,7 @@ from ._optimizer import (
 )
 from ._compile import Kernel, fusable_groups, hyper
 from ._distributed import all_reduce_sums, row_shard
-from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, needs_sums, phi_of, step_
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, needs_sums, step_
 from .partition import (
     BlockLayout,
     BlockRule,
@@ -199,11 +199,11 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         elif kind == "columns":
             scale = scale.view(1, -1)
         u = m_new * scale.to(p.dtype)
-        if phase == "sums":
-            out.append(mask_sums(u, phi_of(mask, g, m, m_new)))
+        part = step_(p, u, h[6], h[8], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
+                     count_scale=count_scale)
+        if part is not None:  # the sums call writes nothing
+            out.append(part)
             continue
-        p.mul_(h[6])
-        step_(p, u, h[8], g, m, m_new, None if sums is None else sums[i], mask=mask, alpha=alpha, count_scale=count_scale)
         m.copy_(m_new)
     return (torch.stack(out) if out else None), row_sums
 

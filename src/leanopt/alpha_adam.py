@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decoupled_decay_, step_tensor
 from ._compile import Kernel, fusable_groups, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
 
 __all__ = ["AdamStep", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
 
@@ -108,11 +108,11 @@ def _adam_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         m_new = m * h[1] + g * h[2]
         v_new = v * h[3] + g * g * h[4]
         u = m_new / (v_new.sqrt() * h[5] + h[6]) * h[8]  # one division per element: the step is compute-heavy
-        if phase == "sums":
-            out.append(mask_sums(u, phi_of(mask, g, m, m_new)))
+        part = step_(p, u, h[7], h[9], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
+                     count_scale=count_scale)
+        if part is not None:  # the sums call writes nothing
+            out.append(part)
             continue
-        p.mul_(h[7])
-        step_(p, u, h[9], g, m, m_new, None if sums is None else sums[i], mask=mask, alpha=alpha, count_scale=count_scale)
         m.copy_(m_new * h[10])
         v.copy_(v_new * h[10])
     return torch.stack(out) if out else None

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, decoupled_decay_, step_tensor
 from ._compile import Kernel, fusable_groups, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
 
 __all__ = ["Lion", "LionStep", "lion", "lion_step"]
 
@@ -83,11 +83,11 @@ def _lion_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], H: Tensor
         g = g * h[0]
         m_new = m * h[3] + g * h[4]
         u = (m * h[1] + g * h[2]).sign()
-        if phase == "sums":
-            out.append(mask_sums(u, phi_of(mask, g, m, m_new)))
+        part = step_(p, u, h[5], h[6], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
+                     count_scale=count_scale)
+        if part is not None:  # the sums call writes nothing
+            out.append(part)
             continue
-        p.mul_(h[5])
-        step_(p, u, h[6], g, m, m_new, None if sums is None else sums[i], mask=mask, alpha=alpha, count_scale=count_scale)
         m.copy_(m_new * h[7])
     return torch.stack(out) if out else None
 

@@ -194,12 +194,18 @@ def needs_sums(mask: str) -> bool:
 
 
 def step_(
-    p: Tensor, u: Tensor, lr: float | Tensor, g: Tensor, m_prev: Tensor | None, m_new: Tensor, sums: Tensor | None, *,
-    mask: str, alpha: str, count_scale: bool,
-) -> None:
-    """``p ← p − lr·u``, or with the mask component on, the masked step given the sums of
-    the first pass (:func:`phi_of`, :func:`apply_mask_`)."""
+    p: Tensor, u: Tensor, decay: float | Tensor, lr: float | Tensor, g: Tensor, m_prev: Tensor | None, m_new: Tensor,
+    sums: Tensor | None, *, phase: str, mask: str, alpha: str, count_scale: bool,
+) -> Tensor | None:
+    """One tensor of a compiled kernel's call. In the ``"sums"`` phase, return its
+    :func:`mask_sums` and write nothing (the caller then skips its state writes too).
+    Otherwise ``p ← decay·p``, then ``p − lr·u`` or, with the mask component on, the masked
+    step given ``sums``, this tensor's row of the sums call (:func:`phi_of`, :func:`apply_mask_`)."""
+    if phase == "sums":
+        return mask_sums(u, phi_of(mask, g, m_prev, m_new))
+    p.mul_(decay)
     if not mask_active(mask, count_scale):
         p.sub_(u * lr)
     else:
         apply_mask_(p, u, phi_of(mask, g, m_prev, m_new), sums, lr, alpha=alpha, count_scale=count_scale)
+    return None

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_
 from ._compile import Kernel, fusable_groups, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, mask_sums, masked_update_, phi_of, step_
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
 
 __all__ = ["SGDSaI", "sgd_sai", "gsnr"]
 
@@ -82,12 +82,11 @@ def _sgd_sai_kernel(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor] | Non
         m = None if bufs is None else bufs[i]  # momentum = 0: the direction is g
         m_new = g if m is None else m * h[1] + g * h[2]
         m_prev = None if m is None else m * h[5]
-        if phase == "sums":
-            out.append(mask_sums(m_new * scale, phi_of(mask, g, m_prev, m_new)))
+        part = step_(p, m_new * scale, h[3], h[4], g, m_prev, m_new, None if sums is None else sums[i], phase=phase, mask=mask,
+                     alpha=alpha, count_scale=count_scale)
+        if part is not None:  # the sums call writes nothing
+            out.append(part)
             continue
-        p.mul_(h[3])
-        step_(p, m_new * scale, h[4], g, m_prev, m_new, None if sums is None else sums[i], mask=mask, alpha=alpha,
-              count_scale=count_scale)
         if m is not None:
             m.copy_(m_new)
     return torch.stack(out) if out else None
