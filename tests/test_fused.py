@@ -72,6 +72,29 @@ def test_fused_equals_eager_float32(name, kw):
     assert rel(run(name, True, torch.float32, **kw), run(name, False, torch.float32, **kw)) <= 1e-6
 
 
+# on the CPU, the fused steps of these run hand-written C kernels (leanopt._native, tested in
+# test_native.py) where they can; their compiled (torch.compile) kernels, which serve the GPU,
+# float64 and the layouts and masks the C kernels do not take, are tested here with them off
+NATIVE = {"adam-mini", "alpha-adam", "cadamw", "adamw-pma", "lion", "lion-pma", "sgd-sai"}
+COMPILED_ONLY = [(n, kw) for n, kw in VARIANTS if n in NATIVE and (n in ("alpha-adam", "cadamw", "adamw-pma")
+                                                                   or kw.get("mask", "none") == "none")]
+
+
+@pytest.mark.parametrize("name,kw", COMPILED_ONLY,
+                         ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for n, kw in COMPILED_ONLY])
+def test_compiled_kernels_equal_eager_float32(name, kw, monkeypatch):
+    monkeypatch.setenv("LEANOPT_NATIVE", "0")
+    assert rel(run(name, True, torch.float32, **kw), run(name, False, torch.float32, **kw)) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["adam-mini", "adamw-pma", "sgd-sai", "lion"])
+def test_compiled_kernels_bfloat16_agree_to_rounding(name, monkeypatch):
+    monkeypatch.setenv("LEANOPT_NATIVE", "0")
+    fused, eager = run(name, True, torch.bfloat16, steps=10), run(name, False, torch.bfloat16, steps=10)
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in fused)
+    assert rel(fused, eager) <= 3e-2
+
+
 @pytest.mark.parametrize("name", ["adam-mini", "alpha-adam", "sgd-sai", "lion"])
 def test_fused_maximize(name):
     assert rel(run(name, True, torch.float32, maximize=True, steps=5), run(name, False, torch.float32, maximize=True, steps=5)) <= 1e-6
@@ -147,7 +170,7 @@ def test_adam_mini_row_blocks_compile_to_one_pass():
     # embeddings, heads and neurons: each block's sum of g² and its update share one loop
     # over the blocks (inductor's outer-loop fusion), so g, p and m stream from memory once;
     # the fix that makes the fusion compile is undone after every compilation
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "LEANOPT_NATIVE": "0"}  # the compiled kernel
     done = subprocess.run([sys.executable, "-c", ONE_PASS], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert int(done.stdout.split()[-1]) >= 1

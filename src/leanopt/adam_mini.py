@@ -36,6 +36,7 @@ from ._optimizer import (
     step_tensor,
     user_stacklevel,
 )
+from . import _native
 from ._compile import Kernel, fusable_groups, hyper
 from ._distributed import all_reduce_sums, row_shard
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, needs_sums, step_
@@ -250,12 +251,21 @@ def adam_mini_fused(
     alpha: str = "none",
     count_scale: bool = False,
 ) -> None:
-    """:func:`adam_mini` as compiled kernels (:mod:`leanopt._compile`), with no full-size
-    temporaries and no Python work per block. Where every block is a run of consecutive
-    rows (embeddings, heads, neurons of an ``nn.Linear``), one pass over each tensor's
-    memory; otherwise (column blocks, blocks of unequal sizes) two, the block sums being
-    one ``index_add`` over the lanes."""
+    """:func:`adam_mini` as fast kernels, with no full-size temporaries and no Python work
+    per block. Where every block is a run of consecutive rows (embeddings, heads, neurons
+    of an ``nn.Linear``), one pass over each tensor's memory; otherwise (column blocks,
+    blocks of unequal sizes) two, the block sums being one ``index_add`` over the lanes.
+    Unmasked row layouts of float32 and bfloat16 CPU tensors go to the C kernel
+    (:mod:`leanopt._native`), all in one call; the rest to compiled kernels
+    (:mod:`leanopt._compile`)."""
     lr = float(lr)
+    native, others = _native.split(len(params), lambda i: not mask_active(mask, count_scale) and _kind(
+        layouts[i]) in _NATIVE_KINDS and _native.supports(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]))
+    if native:
+        _adam_mini_native(*([x[i] for i in native] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay)),
+                          lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay = (
+            [x[i] for i in others] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay))
     calls, rest = fusable_groups(params, exp_avgs, key=lambda i: (_kind(layouts[i]), layouts[i].view, layouts[i].n_blocks))
     fused_steps = [state_steps[i] for ids in calls for i in ids]
     if fused_steps:  # two calls for all counters, not two per tensor
@@ -298,6 +308,26 @@ def adam_mini_fused(
         adam_mini(*([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay)),
                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, mask=mask,
                   alpha=alpha, count_scale=count_scale)
+
+
+# the layouts the C kernel takes: blocks that are the rows of a 2-D view (one row for "whole",
+# one element per row for "elements")
+_NATIVE_KINDS = ("blocks", "whole", "elements")
+
+
+def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                      state_steps: list[Tensor], layouts: list[BlockLayout], decay: list[bool], *, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, maximize: bool) -> None:
+    """The step by the C kernel (:mod:`leanopt._native`): unmasked, row layouts."""
+    torch._foreach_add_(state_steps, 1)
+    rows, cols, hypers = [], [], []
+    for layout, dec, step in zip(layouts, decay, torch.stack(state_steps).tolist()):
+        bc1, bc2_sqrt = bias_corrections(beta1, beta2, step)
+        rows.append(layout.n_blocks)
+        cols.append(layout.numel // layout.n_blocks)
+        hypers.append((-1.0 if maximize else 1.0, 1 - beta1, beta2, 1 - beta2, cols[-1], bc2_sqrt, eps,
+                       1 - lr * weight_decay if dec else 1.0, lr / bc1))
+    _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, cols, hypers)
 
 
 def _positive_int_or_none(name: str, value: Any) -> None:
@@ -352,9 +382,12 @@ class AdamMini(LeanOptimizer):
             Default ``mask="none"``; with a mask on, ``alpha`` and ``count_scale`` default
             to AlphaAdam's (``"squared"``, True).
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: run each step as compiled kernels (``torch.compile``: two passes over
-            memory per tensor, no full-size temporaries; the first step compiles, which
-            takes seconds up to a minute for a large model). Default False.
+        fused: run each step as fast kernels with no full-size temporaries: one pass over
+            memory per tensor for blocks of consecutive rows (embeddings, heads, neurons of
+            ``nn.Linear``), two for column blocks. Without the mask, float32 and bfloat16
+            tensors on the CPU take a hand-written C kernel (:mod:`leanopt._native`, built
+            once per machine in seconds), everything else ``torch.compile``d ones (the
+            first step compiles, seconds up to a minute for a large model). Default False.
 
     Reductions run in float32 (float64 for float64 parameters); state tensors take the
     parameter's dtype, as in ``torch.optim`` (a ``state_dict`` round trip casts them so).

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decoupled_decay_, step_tensor
+from . import _native
 from ._compile import Kernel, fusable_groups, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
 
@@ -135,9 +136,38 @@ def alpha_adam_fused(
     alpha: str,
     count_scale: bool,
 ) -> None:
-    """:func:`alpha_adam` as one compiled kernel per group of tensors (:mod:`leanopt._compile`):
-    one pass over each tensor's memory without the mask, two with it (the per-tensor sums,
-    then the update, recomputed rather than stored)."""
+    """:func:`alpha_adam` as fast kernels: one pass over each tensor's memory without the
+    mask, two with it (the per-tensor sums, then the update, recomputed rather than stored).
+    On the CPU, float32 and bfloat16 tensors go to the C kernel (:mod:`leanopt._native`), all
+    of them in one call; the rest to one compiled kernel per group of tensors
+    (:mod:`leanopt._compile`)."""
+    native, others = _native.split(len(params), lambda i: _native.supports(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]))
+    if native:
+        _adam_native(*([x[i] for i in native] for x in (params, grads, exp_avgs, exp_avg_sqs, coeffs)), eps=eps,
+                     weight_decay=weight_decay, maximize=maximize, mask=mask, alpha=alpha, count_scale=count_scale)
+    if others:
+        _alpha_adam_compiled(*([x[i] for i in others] for x in (params, grads, exp_avgs, exp_avg_sqs, coeffs)), eps=eps,
+                             weight_decay=weight_decay, maximize=maximize, mask=mask, alpha=alpha, count_scale=count_scale)
+
+
+def _adam_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 coeffs: list[AdamStep], *, eps: float, weight_decay: float, maximize: bool, mask: str, alpha: str,
+                 count_scale: bool) -> None:
+    """The step by the C kernel (:mod:`leanopt._native`)."""
+    rows = []
+    for p, c in zip(params, coeffs):
+        lr = float(c.lr)
+        if mask == "none" and count_scale:  # φ ≡ 1: the count scale is n/(n+1), a constant of the step
+            lr *= p.numel() / (p.numel() + 1)
+        rows.append((-1.0 if maximize else 1.0, c.m_keep, c.m_gain, float(c.m_keep + c.m_gain == 1), c.v_keep, c.v_gain,
+                     c.v_div, eps * c.eps_mul, c.m_div, 1 - float(c.decay_lr) * weight_decay, lr, c.rescale))
+    _native.adam(params, grads, exp_avgs, exp_avg_sqs, rows, mask=mask, alpha=alpha, count_scale=count_scale)
+
+
+def _alpha_adam_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                         coeffs: list[AdamStep], *, eps: float, weight_decay: float, maximize: bool, mask: str, alpha: str,
+                         count_scale: bool) -> None:
+    """The step by compiled kernels (:mod:`leanopt._compile`), a few tensors per call."""
     calls, rest = fusable_groups(params, exp_avgs, exp_avg_sqs)
     for idx in calls:
         rows = [[-1.0 if maximize else 1.0, c.m_keep, c.m_gain, c.v_keep, c.v_gain, 1 / c.v_div, eps * c.eps_mul,
@@ -172,9 +202,11 @@ class AlphaAdam(LeanOptimizer):
         alpha: ``"squared"`` (default, Algorithm 1: ``||u||²/||φ⊙u||²``), ``"root"`` (Eq. 9) or ``"none"``.
         count_scale: scale the step by ``n/(||φ||₀+1)`` (Algorithm 1). Default True.
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: run each step as compiled kernels (``torch.compile``; one pass per tensor
-            without a mask, two with one; the first step compiles, which takes seconds).
-            Default False.
+        fused: run each step as fast kernels, one pass over memory per tensor without a
+            mask, two with one, no full-size temporaries. float32 and bfloat16 tensors on
+            the CPU take hand-written C kernels (:mod:`leanopt._native`, built once per
+            machine in seconds), everything else ``torch.compile``d ones (the first step
+            compiles). Default False.
     """
 
     _checks = {"lr": NONNEG, "betas": Betas(), "eps": NONNEG, "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL,

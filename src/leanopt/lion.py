@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, decoupled_decay_, step_tensor
+from . import _native
 from ._compile import Kernel, fusable_groups, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
 
@@ -95,6 +96,12 @@ def _lion_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], H: Tensor
 _FUSED = Kernel(_lion_kernel)
 
 
+def _rows(c: LionStep, maximize: bool, weight_decay: float) -> list[float]:
+    """A tensor's scalars for both fast kernels: [sign, c_keep, c_gain, m_keep, m_gain, decay, lr, rescale]."""
+    return [-1.0 if maximize else 1.0, c.c_keep, c.c_gain, c.m_keep, c.m_gain, 1 - float(c.decay_lr) * weight_decay,
+            float(c.lr), c.rescale]
+
+
 def lion_fused(
     params: list[Tensor],
     grads: list[Tensor],
@@ -107,11 +114,18 @@ def lion_fused(
     alpha: str,
     count_scale: bool,
 ) -> None:
-    """:func:`lion` as one compiled kernel per group of tensors (:mod:`leanopt._compile`)."""
+    """:func:`lion` as fast kernels: without the mask, float32 and bfloat16 tensors on the CPU
+    go to the C kernel (:mod:`leanopt._native`), all in one call; the rest to one compiled
+    kernel per group of tensors (:mod:`leanopt._compile`)."""
+    native, others = _native.split(len(params), lambda i: not mask_active(mask, count_scale) and _native.supports(
+        params[i], grads[i], exp_avgs[i]))
+    if native:
+        _native.lion([params[i] for i in native], [grads[i] for i in native], [exp_avgs[i] for i in native],
+                     [_rows(coeffs[i], maximize, weight_decay) for i in native])
+        params, grads, exp_avgs, coeffs = ([x[i] for i in others] for x in (params, grads, exp_avgs, coeffs))
     calls, rest = fusable_groups(params, exp_avgs)
     for idx in calls:
-        rows = [[-1.0 if maximize else 1.0, c.c_keep, c.c_gain, c.m_keep, c.m_gain, 1 - float(c.decay_lr) * weight_decay,
-                 float(c.lr), c.rescale] for c in (coeffs[i] for i in idx)]
+        rows = [_rows(coeffs[i], maximize, weight_decay) for i in idx]
         _FUSED.step([params[i].view(-1) for i in idx], [grads[i].reshape(-1) for i in idx], [exp_avgs[i].view(-1) for i in idx],
                     H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
     if rest:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_
+from . import _native
 from ._compile import Kernel, fusable_groups, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
 
@@ -110,14 +111,26 @@ def sgd_sai_fused(
     alpha: str = "none",
     count_scale: bool = False,
 ) -> None:
-    """:func:`sgd_sai` as one compiled kernel per group of tensors (:mod:`leanopt._compile`)."""
+    """:func:`sgd_sai` as fast kernels: without the mask, float32 and bfloat16 tensors on the
+    CPU go to the C kernel (:mod:`leanopt._native`), all in one call; the rest to one
+    compiled kernel per group of tensors (:mod:`leanopt._compile`)."""
     lr = float(lr)
+
+    def coefficients(i: int) -> tuple[float, float]:
+        return (1.0, 0.0) if fresh[i] else (momentum, 1 - momentum)  # a fresh buffer already is g
+
+    native, others = _native.split(len(params), lambda i: not mask_active(mask, count_scale) and _native.supports(
+        *(t for t in (params[i], grads[i], momentum_buffers[i], scales[i]) if t is not None)))
+    if native:
+        rows = [[-1.0 if maximize else 1.0, *coefficients(i), float(fresh[i]), float(momentum_buffers[i] is not None),
+                 1 - lr * weight_decay, lr, s] for i, s in zip(native, torch.stack([scales[i] for i in native]).tolist())]
+        _native.sgd_sai([params[i] for i in native], [grads[i] for i in native], [momentum_buffers[i] for i in native], rows)
+        params, grads, momentum_buffers, scales, fresh = (
+            [x[i] for i in others] for x in (params, grads, momentum_buffers, scales, fresh))
     calls, rest = fusable_groups(params, momentum_buffers)
     for idx in calls:
-        rows = []
-        for i in idx:
-            keep, gain = (1.0, 0.0) if fresh[i] else (momentum, 1 - momentum)  # a fresh buffer already is g
-            rows.append([-1.0 if maximize else 1.0, keep, gain, 1 - lr * weight_decay, lr, 0.0 if fresh[i] else 1.0])
+        rows = [[-1.0 if maximize else 1.0, *coefficients(i), 1 - lr * weight_decay, lr, 0.0 if fresh[i] else 1.0]
+                for i in idx]
         bufs = None if momentum_buffers[idx[0]] is None else [momentum_buffers[i].view(-1) for i in idx]
         _FUSED.step([params[i].view(-1) for i in idx], [grads[i].reshape(-1) for i in idx], bufs, [scales[i] for i in idx],
                     H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)

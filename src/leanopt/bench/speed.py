@@ -47,8 +47,13 @@ class Impl:
     build: str  # how the worker builds it (see _build)
 
 
-def implementations() -> list[Impl]:
-    """Every leanopt optimizer and the peers that are installed."""
+# the optimizers whose fused step on the CPU runs leanopt's C kernels (leanopt._native)
+NATIVE = ("adam-mini", "sgd-sai", "lion", "alpha-adam", "cadamw", "adamw-pma", "lion-pma")
+
+
+def implementations(device: str = "cpu") -> list[Impl]:
+    """Every leanopt optimizer and the peers that are installed. On the CPU, the optimizers
+    with C kernels also appear with them turned off ("fused, compiled": torch.compile)."""
     impls = [
         Impl("torch AdamW (for-loop)", "AdamW", "torch-adamw-loop"),
         Impl("torch AdamW (foreach)", "AdamW", "torch-adamw-foreach"),
@@ -59,6 +64,8 @@ def implementations() -> list[Impl]:
                          ("cadamw", "C-AdamW"), ("adamw-pma", "AdamW-PMA"), ("lion-pma", "Lion-PMA")):
         impls.append(Impl(f"leanopt {name}", family, f"leanopt:{name}"))
         impls.append(Impl(f"leanopt {name} (fused)", family, f"leanopt:{name}:fused"))
+        if name in NATIVE and device == "cpu":
+            impls.append(Impl(f"leanopt {name} (fused, compiled)", family, f"leanopt:{name}:fused:compiled"))
     peers = [
         ("adam_mini", Impl("adam-mini 1.1.1 (released)", "Adam-mini", "adam_mini")),
         ("sgd_sai", Impl("sgd-sai 1.0.3 (released)", "SGD-SaI", "sgd_sai")),
@@ -233,6 +240,86 @@ def main_worker(args: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------
+# memory-traffic patterns (--patterns): what a step's passes cost with no arithmetic
+# --------------------------------------------------------------------------------------
+
+# name -> (passes as (tensors read, tensors written) over p, g, m, v; the byte floor per float32
+# element of the optimizers it bounds, as the table's "floor" counts it)
+PATTERNS: dict[str, tuple[tuple[tuple[str, str], ...], int]] = {
+    "AdamW; Adam family without mask: pgmv->pmv": ((("pgmv", "pmv"),), 28),
+    "Adam-mini, Lion, SGD-SaI: pgm->pm": ((("pgm", "pm"),), 20),
+    "Adam family with mask, C kernel: gmv->mv, pmv->pv": ((("gmv", "mv"), ("pmv", "pv")), 28),
+    "Adam family with mask, compiled: gmv->, pgmv->pmv": ((("gmv", ""), ("pgmv", "pmv")), 28),
+    "Lion, SGD-SaI with mask, compiled: gm->, pgm->pm": ((("gm", ""), ("pgm", "pm")), 20),
+    "read only: gmv->": ((("gmv", ""),), 12),
+}
+
+
+def patterns_worker(args: dict[str, Any]) -> dict[str, Any]:
+    """Times every pattern of :data:`PATTERNS` with the C stream kernel on float32 arrays,
+    each paired with the streaming bandwidth measured right before it."""
+    import torch
+
+    from .. import _native
+
+    torch.set_num_threads(args["threads"])
+    if _native.library() is None:
+        raise RuntimeError("the C kernels are not available here (see leanopt._native)")
+    nbytes = 256 * 2**20
+    n = nbytes // 4
+    arrays = {k: torch.randn(n) * 1e-3 for k in "pgmv"}
+    kernels = _bandwidth_kernels("cpu", torch.float32, nbytes)
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    out: dict[str, Any] = {name: {"times_s": [], "best_bandwidth": []} for name in PATTERNS}
+    for _ in range(args["steps"]):
+        for name, (passes, _) in PATTERNS.items():
+            best = max(moved / min(timed(fn) for _ in range(2)) for fn, moved in kernels.values())
+            run = lambda passes=passes: [_native.stream([arrays[k] for k in r], [arrays[k] for k in w]) for r, w in passes]
+            run()  # warm
+            out[name]["times_s"].append(timed(run))
+            out[name]["best_bandwidth"].append(best)
+    return {"n": n, "patterns": out}
+
+
+def run_patterns(steps: int = 5, threads: int = 2, timeout: float = 600.0) -> dict[str, Any]:
+    """Each pattern's time per float32 element, its bytes moved, and its time against the
+    byte floor of the optimizers it bounds (their floor bytes / best streaming bandwidth)."""
+    raw = _spawn({"patterns": True, "steps": steps, "threads": threads, "build": "patterns"}, timeout)
+    if "error" in raw:
+        raise RuntimeError(raw["error"])
+    rows = []
+    for name, (passes, floor_per_elem) in PATTERNS.items():
+        m = raw["patterns"][name]
+        moved = 4 * sum(len(set(r)) + len(w) for r, w in passes)
+        ratios = [t * bw / (floor_per_elem * raw["n"]) for t, bw in zip(m["times_s"], m["best_bandwidth"])]
+        rows.append({"pattern": name, "passes": len(passes), "bytes_per_elem": moved, "floor_bytes_per_elem": floor_per_elem,
+                     "ns_per_elem": statistics.median(m["times_s"]) / raw["n"] * 1e9,
+                     "gbs": moved * raw["n"] / statistics.median(m["times_s"]) / 1e9,
+                     "ratio_to_floor": statistics.median(ratios),
+                     "best_bandwidth_gbs": statistics.median(m["best_bandwidth"]) / 1e9})
+    return {"threads": threads, "steps": steps, "n": raw["n"], "rows": rows}
+
+
+def format_patterns(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    lines = [f"memory-traffic patterns, float32, {result['n'] * 4 / 2**20:.0f} MiB per tensor, cpu, {result['threads']} "
+             f"threads; best streaming kernel {statistics.median(r['best_bandwidth_gbs'] for r in rows):.1f} GB/s", "",
+             f"{'pattern':<56} {'passes':>6} {'B/elem':>7} {'ns/elem':>8} {'GB/s':>6} {'floor B':>8} {'x floor':>8}"]
+    for r in rows:
+        lines.append(f"{r['pattern']:<56} {r['passes']:>6} {r['bytes_per_elem']:>7} {r['ns_per_elem']:>8.3f} {r['gbs']:>6.1f} "
+                     f"{r['floor_bytes_per_elem']:>8} {r['ratio_to_floor']:>7.2f}x")
+    lines += ["", "each pass reads the tensors left of -> and writes those right of it, with next to no arithmetic; x floor = "
+              "its time / (floor B per element / best streaming bandwidth), the floor of the optimizers it bounds as the "
+              "step table counts it: no implementation with these passes can be closer to that floor on this machine"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
 # the driver
 # --------------------------------------------------------------------------------------
 
@@ -242,6 +329,8 @@ def _spawn(args: dict[str, Any], timeout: float) -> dict[str, Any]:
     # large blocks straight from mmap, so that freed temporaries leave the resident set
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env["OMP_NUM_THREADS"] = str(args["threads"])
+    if args["build"].endswith(":compiled"):
+        env["LEANOPT_NATIVE"] = "0"
     proc = subprocess.run([sys.executable, "-m", "leanopt.bench.speed", json.dumps(args)], capture_output=True,
                           text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -263,7 +352,7 @@ def run_speed(
 ) -> dict[str, Any]:
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
-    impls = implementations()
+    impls = implementations(device)
     if only:
         impls = [i for i in impls if any(o.lower() in i.name.lower() or o == i.build for o in only)]
         if not impls:
@@ -353,7 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--patterns", action="store_true",
+                   help="instead: time the memory-traffic patterns of the optimizers' passes (float32, CPU)")
     args = p.parse_args(argv)
+    if args.patterns:
+        result = run_patterns(args.steps, args.threads)
+        print(format_patterns(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     result = run_speed(args.model, args.dtype, args.device, args.only, args.steps, args.warmup, args.repeats, args.threads)
     print(format_table(result))
     if args.json:
@@ -363,4 +460,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # worker mode: one JSON argument, one JSON line out
-    print(json.dumps(main_worker(json.loads(sys.argv[1]))))
+    worker_args = json.loads(sys.argv[1])
+    print(json.dumps((patterns_worker if worker_args.get("patterns") else main_worker)(worker_args)))

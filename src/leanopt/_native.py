@@ -1,0 +1,241 @@
+"""Hand-written CPU kernels (``csrc/cpu_kernels.c``) for the fused steps, where they beat inductor.
+
+Inductor's code for a row-blocked step (Adam-mini: one second moment per row) recomputes
+the row's scalar step (a square root and two divisions) for every vector of 16 elements,
+because its stores might alias the loads it would hoist; and every compiled call pays
+dynamo's guards. The C kernels compute each row's step once, take the next row's sum of g²
+inside the loop that updates the current row (so a step is one pass over memory), and
+cover every tensor of a step with one call.
+
+The library is built on first use with the system C compiler (``$CC``, else ``cc``,
+``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``) into a cache directory
+(``$LEANOPT_CACHE_DIR``, else ``~/.cache/leanopt``), keyed by the sources, the compiler,
+its flags and the CPU, and loaded with :mod:`ctypes`. Where that fails (no compiler, no
+OpenMP, not Linux/x86-like), :func:`library` warns once and returns ``None``, and the
+callers use their compiled (inductor) or eager paths; ``LEANOPT_NATIVE=0`` turns the
+kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._distributed import is_dtensor
+
+__all__ = ["library", "enabled", "supports", "split", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream", "AM_FIELDS",
+           "AD_FIELDS", "LI_FIELDS", "SG_FIELDS"]
+
+_SOURCES = ("cpu_kernels.c", "cpu_kernels_body.h")
+# -ffp-contract=off: every operation rounds, as the eager path's tensor operations do
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+# the per-tensor hyperparameter row of leanopt_adam_mini_rows (the enum AM_* of cpu_kernels.c)
+AM_FIELDS = ("sign", "w", "beta2", "gain2", "count", "bc2_sqrt", "eps", "decay", "lr_bc1")
+# ... and of leanopt_adam (AD_*)
+AD_FIELDS = ("sign", "m_keep", "m_gain", "lerp", "v_keep", "v_gain", "v_div", "eps", "m_div", "decay", "lr", "rescale")
+# ... of leanopt_elementwise for Lion (LI_*) and SGD-SaI (SG_*)
+LI_FIELDS = ("sign", "c_keep", "c_gain", "m_keep", "m_gain", "decay", "lr", "rescale")
+SG_FIELDS = ("sign", "keep", "gain", "fresh", "has_m", "decay", "lr", "scale")
+_MASKS = {"none": 0, "async": 1, "sync": 2}
+_ALPHAS = {"squared": 0, "root": 1, "none": 2}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def enabled() -> bool:
+    """Whether the kernels may be used at all (``LEANOPT_NATIVE=0`` turns them off)."""
+    return os.environ.get("LEANOPT_NATIVE", "1") != "0" and sys.platform.startswith("linux")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    # -march=native: a library built on one CPU must not be loaded on another
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(sorted({line for line in f if line.startswith(("flags", "model name"))}))
+    except OSError:
+        return ""
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("LEANOPT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "leanopt")
+    return Path(base)
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    src_dir = Path(__file__).parent / "csrc"
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256()
+    for part in [*(src_dir.joinpath(s).read_bytes() for s in _SOURCES), cc.encode(), version.encode(),
+                 " ".join(_FLAGS).encode(), _cpu_signature().encode()]:
+        key.update(part)
+        key.update(b"\0")
+    out_dir = _cache_dir()
+    out = out_dir / f"cpu_kernels-{key.hexdigest()[:20]}.so"
+    if out.exists():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: processes building at once (ranks, test workers)
+    # never load a half-written file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(src_dir / "cpu_kernels.c"), "-lm"], capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; ``None`` where unavailable (warned once)."""
+    global _lib, _tried
+    if _tried or not enabled():
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                ints, ptr = [ctypes.c_int] * 3, ctypes.c_void_p
+                for name, argtypes in (("leanopt_adam_mini_rows", ints + [ptr] * 7), ("leanopt_adam", ints + [ptr] * 6 + ints),
+                                       ("leanopt_elementwise", ints + [ptr] * 5 + [ctypes.c_int]),
+                                       ("leanopt_stream", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr])):
+                    fn = getattr(lib, name)
+                    fn.restype, fn.argtypes = ctypes.c_int, argtypes
+                _lib = lib
+            except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
+                warnings.warn(f"leanopt: the CPU kernels could not be built, the fused steps use torch.compile "
+                              f"instead ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=3)
+            _tried = True
+    return _lib
+
+
+def supports(*tensors: Tensor) -> bool:
+    """Whether the kernels can take these tensors: CPU, float32 or bfloat16 (all alike),
+    contiguous, not sharded."""
+    dtype = tensors[0].dtype
+    return all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and not is_dtensor(t)
+               for t in tensors) and dtype in _DTYPES
+
+
+def split(n: int, takes: Callable[[int], bool]) -> tuple[list[int], list[int]]:
+    """Indices ``0..n-1`` for the C kernels (those ``takes``, where the kernels are available)
+    and the others, for the compiled or eager paths."""
+    mine = [i for i in range(n) if takes(i)] if enabled() else []
+    if not mine or library() is None:
+        return [], list(range(n))
+    taken = set(mine)
+    return mine, [i for i in range(n) if i not in taken]
+
+
+def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _call(name: str, tensors: Sequence[Sequence[Tensor]], per_tensor: Sequence[Sequence[Any]], *args: Any) -> None:
+    """``name(threads, n, dtype, pointers of each list..., per-tensor arrays..., *args)`` once
+    per dtype among the tensors; ``per_tensor``: ctypes array builders with one entry per
+    tensor. Then the tensors it wrote (every list but the gradients, the second) are marked
+    as modified."""
+    lib = library()
+    assert lib is not None
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors[0]):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for dtype, idx in by_dtype.items():
+        lists = [[ts[i] for i in idx] for ts in tensors]
+        arrays = [build([values[i] for i in idx]) for build, values in per_tensor]
+        rc = getattr(lib, name)(torch.get_num_threads(), len(idx), _DTYPES[dtype], *(_pointers(ts) for ts in lists), *arrays,
+                                *args)
+        if rc != 0:
+            raise RuntimeError(f"{name} failed ({rc})")
+    # the kernel wrote through raw pointers: tell autograd, so that a tensor saved for a
+    # backward pass and changed here is caught as torch's own in-place ops are
+    torch.autograd.graph.increment_version([t for i, ts in enumerate(tensors) if i != 1 for t in ts])
+
+
+def _doubles(rows: Sequence[Sequence[float]]) -> ctypes.Array:
+    flat = [float(x) for row in rows for x in row]
+    return (ctypes.c_double * len(flat))(*flat)
+
+
+def _int64s(values: Sequence[int]) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def adam_mini_rows(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                   exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
+                   hypers: Sequence[Sequence[float]]) -> None:
+    """Adam-mini's step for tensors viewed as ``rows[i] × cols[i]``, one block per row;
+    ``hypers[i]`` as :data:`AM_FIELDS`. The caller checked :func:`supports`."""
+    _call("leanopt_adam_mini_rows", (params, grads, exp_avgs, exp_avg_sqs),
+          ((_int64s, rows), (_int64s, cols), (_doubles, hypers)))
+
+
+def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
+         hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool) -> None:
+    """The Adam family's step (:func:`leanopt.alpha_adam.alpha_adam`); ``hypers[i]`` as
+    :data:`AD_FIELDS`. With ``mask="none"`` and ``count_scale``, the caller puts the count
+    scale ``n/(n+1)`` into ``lr``. The caller checked :func:`supports`."""
+    _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs),
+          ((_int64s, [p.numel() for p in params]), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale))
+
+
+
+def lion(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+         hypers: Sequence[Sequence[float]]) -> None:
+    """Lion's step without a mask (:func:`leanopt.lion.lion`); ``hypers[i]`` as :data:`LI_FIELDS`."""
+    _call("leanopt_elementwise", (params, grads, exp_avgs), ((_int64s, [p.numel() for p in params]), (_doubles, hypers)), 0)
+
+
+def sgd_sai(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor | None],
+            hypers: Sequence[Sequence[float]]) -> None:
+    """SGD-SaI's step without a mask (:func:`leanopt.sgd_sai.sgd_sai`); ``hypers[i]`` as
+    :data:`SG_FIELDS` (``has_m`` 0 where ``buffers[i]`` is None)."""
+    _call("leanopt_elementwise", (params, grads, [g if b is None else b for g, b in zip(grads, buffers)]),
+          ((_int64s, [p.numel() for p in params]), (_doubles, hypers)), 1)
+
+
+def stream(reads: Sequence[Tensor], writes: Sequence[Tensor]) -> None:
+    """One pass over equal-size contiguous float32 CPU tensors that reads ``reads`` (1-4) and
+    writes ``writes`` (0-3; in place where a tensor is in both), with next to no arithmetic:
+    a memory-traffic probe for ``leanopt speed --patterns``."""
+    lib = library()
+    assert lib is not None
+    n = reads[0].numel()
+    if not all(t.numel() == n and t.dtype == torch.float32 and t.is_contiguous() for t in (*reads, *writes)):
+        raise ValueError("stream: equal-size contiguous float32 tensors")
+    rc = lib.leanopt_stream(torch.get_num_threads(), n, len(reads), len(writes), _pointers(reads), _pointers(writes or reads))
+    if rc != 0:
+        raise ValueError(f"stream: {len(reads)} reads and {len(writes)} writes; at most 4 and 3")

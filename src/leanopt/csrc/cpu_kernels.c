@@ -1,0 +1,272 @@
+/* leanopt's hand-written CPU kernels; leanopt/_native.py builds this file with the system C
+ * compiler on first use and calls it through ctypes. The optimizer math is the functional
+ * cores' (leanopt/adam_mini.py ...), which stay the reference: the tests compare the two.
+ *
+ * Each kernel is one optimizer step over a list of contiguous tensors, float32 or bfloat16,
+ * on `nt` OpenMP threads. It computes in float32, rounds what it stores to the tensor's dtype
+ * and uses what it stored, as the eager path does. The per-dtype bodies are in
+ * cpu_kernels_body.h, included once per dtype.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* round to nearest even, NaN kept (quiet), as c10::BFloat16 */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* per-tensor hyperparameters, one row of doubles per tensor, in these orders (_native.py
+ * names them) */
+enum { AM_SIGN, AM_W, AM_BETA2, AM_GAIN2, AM_COUNT, AM_BC2_SQRT, AM_EPS, AM_DECAY, AM_LR_BC1, AM_N };
+enum { AD_SIGN, AD_M_KEEP, AD_M_GAIN, AD_LERP, AD_V_KEEP, AD_V_GAIN, AD_V_DIV, AD_EPS, AD_M_DIV, AD_DECAY, AD_LR,
+       AD_RESCALE, AD_N };
+enum { LI_SIGN, LI_C_KEEP, LI_C_GAIN, LI_M_KEEP, LI_M_GAIN, LI_DECAY, LI_LR, LI_RESCALE, LI_N };
+enum { SG_SIGN, SG_KEEP, SG_GAIN, SG_FRESH, SG_HAS_M, SG_DECAY, SG_LR, SG_SCALE, SG_N };
+enum { MASK_NONE, MASK_ASYNC, MASK_SYNC };
+enum { ALPHA_SQUARED, ALPHA_ROOT, ALPHA_NONE };
+
+static inline uint32_t f32_bits(float f) {
+    union { float f; uint32_t u; } c = {.f = f};
+    return c.u;
+}
+static inline float f32_of_bits(uint32_t u) {
+    union { uint32_t u; float f; } c = {.u = u};
+    return c.f;
+}
+
+/* per dtype: T the storage type, UINT_T its bits, LOAD/STORE to and from float32, ROUND a
+ * float32 rounded to T and back, ENCODE/DECODE a float32 to and from T's bits, RAW_LOAD/
+ * RAW_STORE T's bits */
+#define T float
+#define UINT_T uint32_t
+#define SFX(name) name##_f32
+#define LOAD(x, i) ((x)[i])
+#define STORE(x, i, val) ((x)[i] = (val))
+#define ROUND(x) (x)
+#define ENCODE(x) f32_bits(x)
+#define DECODE(b) f32_of_bits(b)
+#define RAW_LOAD(x, i) f32_bits((x)[i])
+#define RAW_STORE(x, i, b) ((x)[i] = f32_of_bits(b))
+#include "cpu_kernels_body.h"
+#undef T
+#undef UINT_T
+#undef SFX
+#undef LOAD
+#undef STORE
+#undef ROUND
+#undef ENCODE
+#undef DECODE
+#undef RAW_LOAD
+#undef RAW_STORE
+
+#define T uint16_t
+#define UINT_T uint16_t
+#define SFX(name) name##_bf16
+#define LOAD(x, i) bf16_to_f32((x)[i])
+#define STORE(x, i, val) ((x)[i] = f32_to_bf16(val))
+#define ROUND(x) bf16_to_f32(f32_to_bf16(x))
+#define ENCODE(x) f32_to_bf16(x)
+#define DECODE(b) bf16_to_f32(b)
+#define RAW_LOAD(x, i) ((x)[i])
+#define RAW_STORE(x, i, b) ((x)[i] = (b))
+#include "cpu_kernels_body.h"
+
+/* a tensor with fewer rows than this many per thread (and enough elements) splits its rows */
+#define WIDE(R, C, nt) ((R) < 2 * (nt) && (R) * (C) >= 65536)
+/* below this many elements a tensor is not worth a parallel split */
+#define SMALL 32768
+
+/* Adam-mini over T tensors viewed as R[t] x C[t], one block per row (leanopt.adam_mini:
+ * the "blocks", "whole" and "elements" layouts). dtype 0: float32, 1: bfloat16. h: T rows
+ * of AM_N doubles. Returns 0, or 1 for a bad thread count. */
+int leanopt_adam_mini_rows(int nt, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *R,
+                           const int64_t *C, const double *h) {
+    if (nt < 1 || nt > 1024) return 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        for (int t = 0; t < T_; ++t) {
+            if (WIDE(R[t], C[t], nt)) continue;
+            int64_t r0, r1;
+            if (R[t] * C[t] < SMALL) {
+                if (tid != t % n) continue;
+                r0 = 0, r1 = R[t];
+            } else {
+                r0 = R[t] * tid / n, r1 = R[t] * (tid + 1) / n;
+            }
+            const double *ht = h + (int64_t)t * AM_N;
+            if (dtype == 0)
+                am_rows_f32(P[t], G[t], M[t], V[t], C[t], r0, r1, ht);
+            else
+                am_rows_bf16(P[t], G[t], M[t], V[t], C[t], r0, r1, ht);
+        }
+    }
+    for (int t = 0; t < T_; ++t) {
+        if (!WIDE(R[t], C[t], nt)) continue;
+        const double *ht = h + (int64_t)t * AM_N;
+        for (int64_t r = 0; r < R[t]; ++r) {
+            if (dtype == 0)
+                am_wide_row_f32(P[t], G[t], M[t], V[t], r, C[t], ht, nt);
+            else
+                am_wide_row_bf16(P[t], G[t], M[t], V[t], r, C[t], ht, nt);
+        }
+    }
+    return 0;
+}
+
+/* the masked step's scale from the whole tensor's sums (leanopt.mask.apply_mask_, in its float32
+ * operations: the norms are rooted and squared again, as vector_norm(u).square() does); *all:
+ * the mask selected nothing, so it falls back to phi = 1 */
+static float mask_step(const double *sums, int64_t n, double lr, int alpha, int count_scale, int *all) {
+    float uu = sqrtf((float)sums[0]), su = sqrtf((float)sums[1]), count = (float)sums[2];
+    uu *= uu, su *= su;
+    *all = su == 0.0f;
+    if (*all) su = uu, count = (float)n;
+    float a = su > 0.0f ? uu / su : 1.0f, step = (float)lr;
+    if (alpha == ALPHA_SQUARED) step *= a;
+    if (alpha == ALPHA_ROOT) step *= sqrtf(a);
+    if (count_scale) step *= (float)n / (count + 1.0f);
+    return step;
+}
+
+/* [j0, j1): thread tid's share of n elements, in whole cache lines */
+static void share(int64_t n, int tid, int nt, int64_t *j0, int64_t *j1) {
+    *j0 = tid == 0 ? 0 : (n * tid / nt) & ~(int64_t)63;
+    *j1 = tid + 1 == nt ? n : (n * (tid + 1) / nt) & ~(int64_t)63;
+}
+
+/* The Adam family over T tensors of N[t] elements (leanopt.alpha_adam): dtype 0 float32,
+ * 1 bfloat16; h: T rows of AD_N doubles; mask, alpha: the enums above; count_scale 0/1 (with
+ * mask "none" the caller folds n/(n+1) into the lr). Returns 0, 1 for a bad thread count, 2 if out of memory. */
+int leanopt_adam(int nt, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *N, const double *h,
+                 int mask, int alpha, int count_scale) {
+    if (nt < 1 || nt > 1024) return 1;
+    /* each thread's part of the sums, for two tensors in turn: a thread may start the next
+     * shared tensor while others still read this one's (it cannot get a third one ahead,
+     * that needs the next barrier) */
+    double(*partial)[3] = malloc(2 * (size_t)nt * sizeof *partial);
+    if (!partial) return 2;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        int64_t shared = 0; /* shared (not small) masked tensors so far: the same count on every thread */
+        for (int t = 0; t < T_; ++t) {
+            const double *ht = h + (int64_t)t * AD_N;
+            int small = N[t] < SMALL;
+            int64_t j0 = 0, j1 = N[t];
+            if (small) {
+                if (tid != t % n) continue;
+            } else {
+                share(N[t], tid, n, &j0, &j1);
+            }
+            if (mask == MASK_NONE) {
+                if (dtype == 0)
+                    ad_plain_f32(P[t], G[t], M[t], V[t], j0, j1, ht, count_scale);
+                else
+                    ad_plain_bf16(P[t], G[t], M[t], V[t], j0, j1, ht, count_scale);
+                continue;
+            }
+            double sums[3] = {0.0, 0.0, 0.0};
+            if (dtype == 0)
+                ad_sums_f32(G[t], M[t], V[t], j0, j1, ht, mask == MASK_SYNC, sums);
+            else
+                ad_sums_bf16(G[t], M[t], V[t], j0, j1, ht, mask == MASK_SYNC, sums);
+            if (!small) {
+                double(*part)[3] = partial + (shared++ % 2) * nt;
+                for (int k = 0; k < 3; ++k) part[tid][k] = sums[k];
+#pragma omp barrier
+                for (int k = 0; k < 3; ++k) {
+                    sums[k] = 0.0;
+                    for (int q = 0; q < n; ++q) sums[k] += part[q][k];
+                }
+            }
+            int all;
+            float step = mask_step(sums, N[t], ht[AD_LR], alpha, count_scale, &all);
+            if (dtype == 0)
+                ad_apply_f32(P[t], M[t], V[t], j0, j1, ht, step, all);
+            else
+                ad_apply_bf16(P[t], M[t], V[t], j0, j1, ht, bf16_to_f32(f32_to_bf16(step)), all);
+        }
+    }
+    free(partial);
+    return 0;
+}
+
+/* Lion (kind 0: h rows of LI_N) or SGD-SaI (kind 1: SG_N; M[t] may be G[t] when there is no
+ * momentum buffer) over T tensors of N[t] elements, one pass each, no mask. Returns 0, or 1 for
+ * a bad thread count or kind. */
+int leanopt_elementwise(int nt, int T_, int dtype, void **P, void **G, void **M, const int64_t *N, const double *h,
+                        int kind) {
+    if (nt < 1 || nt > 1024 || kind < 0 || kind > 1) return 1;
+    const int width = kind == 0 ? LI_N : SG_N;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        for (int t = 0; t < T_; ++t) {
+            int64_t j0 = 0, j1 = N[t];
+            if (N[t] < SMALL) {
+                if (tid != t % n) continue;
+            } else {
+                share(N[t], tid, n, &j0, &j1);
+            }
+            const double *ht = h + (int64_t)t * width;
+            if (kind == 0 && dtype == 0) lion_plain_f32(P[t], G[t], M[t], j0, j1, ht);
+            if (kind == 0 && dtype == 1) lion_plain_bf16(P[t], G[t], M[t], j0, j1, ht);
+            if (kind == 1 && dtype == 0) sgd_plain_f32(P[t], G[t], M[t], j0, j1, ht);
+            if (kind == 1 && dtype == 1) sgd_plain_bf16(P[t], G[t], M[t], j0, j1, ht);
+        }
+    }
+    return 0;
+}
+
+/* A memory-traffic probe for `leanopt speed --patterns`: one pass over n float32 elements that
+ * reads nin (<= 4) arrays and writes nout (<= 3) arrays (an output may also be an input: in place), with
+ * next to no arithmetic. Its time is what an optimizer pass with the same reads and writes
+ * cannot beat on this machine. */
+int leanopt_stream(int nt, int64_t n, int nin, int nout, float **in, float **out) {
+    if (nt < 1 || nt > 1024 || nin < 1 || nin > 4 || nout < 0 || nout > 3) return 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t j0, j1;
+        share(n, omp_get_thread_num(), omp_get_num_threads(), &j0, &j1);
+        const float *a = in[0], *b = in[nin > 1], *c = in[nin > 2 ? 2 : 0], *d = in[nin > 3 ? 3 : 0];
+        float *o[4] = {0, 0, 0, 0};
+        for (int k = 0; k < nout; ++k) o[k] = out[k];
+#define STREAM(EXPR, WRITES)                                \
+    _Pragma("omp simd") for (int64_t j = j0; j < j1; ++j) { \
+        float x = EXPR;                                     \
+        WRITES                                              \
+    }
+#define W1 o[0][j] = x;
+#define W2 W1 o[1][j] = x;
+#define W3 W2 o[2][j] = x;
+        float s = 0.0f;
+        if (nout == 0) {
+            _Pragma("omp simd reduction(+ : s)") for (int64_t j = j0; j < j1; ++j) s += a[j] + b[j] + c[j] + d[j];
+            volatile float keep = s; /* the loads are the point */
+            (void)keep;
+        } else if (nin == 1 && nout == 1) STREAM(a[j] * 1.0000001f, W1)
+        else if (nout == 1) STREAM(a[j] + b[j] * 1e-7f + c[j] * 1e-7f + d[j] * 1e-7f, W1)
+        else if (nout == 2) STREAM(a[j] + b[j] * 1e-7f + c[j] * 1e-7f + d[j] * 1e-7f, W2)
+        else STREAM(a[j] + b[j] * 1e-7f + c[j] * 1e-7f + d[j] * 1e-7f, W3)
+#undef STREAM
+#undef W1
+#undef W2
+#undef W3
+    }
+    return 0;
+}

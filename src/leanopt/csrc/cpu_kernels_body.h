@@ -1,0 +1,264 @@
+/* The kernels of cpu_kernels.c for one dtype: T (the storage type), SFX (name suffix),
+ * LOAD/STORE (to and from float32) and ROUND (a float32 rounded to T and back). */
+
+/* ---- Adam-mini, one block per row -------------------------------------------------------
+ * For each row of C elements:
+ *     s    = sum(g^2)
+ *     v    = beta2 * v + (1 - beta2) * (s / C)
+ *     step = (lr / bc1) / (sqrt(v) / bc2_sqrt + eps)             (rounded to T)
+ *     m    = lerp(m, sign * g, 1 - beta1)                        (torch.lerp's two formulas)
+ *     p    = p * decay - m * step
+ * in one pass over memory: the sum of row r + 1 is taken inside the loop that updates row r,
+ * so g is read from memory once and is still in cache when its own row is updated. */
+
+/* The operations and their rounding follow the eager path's tensor operations as ATen computes
+ * them on the CPU: lerp, add(alpha=), addcmul are fused multiply-adds there, addcdiv is not. */
+
+static inline float SFX(am_step)(T *v, int64_t r, float s, const double *h) {
+    float vn = ROUND(fmaf((float)h[AM_GAIN2], s / (float)h[AM_COUNT], LOAD(v, r) * (float)h[AM_BETA2]));
+    STORE(v, r, vn);
+    return ROUND((float)h[AM_LR_BC1] / (sqrtf(vn) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]));
+}
+
+/* the step from a v another thread stored */
+static inline float SFX(am_step_of)(const T *v, int64_t r, const double *h) {
+    return ROUND((float)h[AM_LR_BC1] / (sqrtf(LOAD(v, r)) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]));
+}
+
+static inline float SFX(am_sq_sum)(const T *restrict g, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) {
+        float x = LOAD(g, j);
+        s += x * x;
+    }
+    return s;
+}
+
+/* torch.lerp's two formulas, chosen once per row */
+#define AM_LERP_LOW(m, g) ROUND(fmaf(w, (g) - (m), (m)))
+#define AM_LERP_HIGH(m, g) ROUND(fmaf(w - 1.0f, (g) - (m), (g)))
+#define AM_LOOP(LERP, NEXT)                                                             \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t j = 0; j < n; ++j) {              \
+        float gj = sign * LOAD(g, j), mj = LOAD(m, j);                                  \
+        float mn = LERP(mj, gj);                                                        \
+        STORE(m, j, mn);                                                                \
+        STORE(p, j, fmaf(-mn, step, ROUND(LOAD(p, j) * decay)));                        \
+        NEXT                                                                            \
+    }
+#define AM_NEXT_SUM { float x = LOAD(next, j); s += x * x; }
+
+/* elements [0, n) of a row; with `next` (the next row's g), returns that row's sum of g^2 */
+static inline float SFX(am_update)(T *restrict p, const T *restrict g, T *restrict m, const T *restrict next, int64_t n,
+                                   float step, const double *h) {
+    const float sign = (float)h[AM_SIGN], w = (float)h[AM_W], decay = (float)h[AM_DECAY];
+    float s = 0.0f;
+    if (w < 0.5f) {
+        if (next) AM_LOOP(AM_LERP_LOW, AM_NEXT_SUM) else AM_LOOP(AM_LERP_LOW, )
+    } else {
+        if (next) AM_LOOP(AM_LERP_HIGH, AM_NEXT_SUM) else AM_LOOP(AM_LERP_HIGH, )
+    }
+    return s;
+}
+
+/* rows [r0, r1) of one tensor, by one thread */
+static void SFX(am_rows)(T *p, const T *g, T *m, T *v, int64_t C, int64_t r0, int64_t r1, const double *h) {
+    if (r0 >= r1) return;
+    float s = SFX(am_sq_sum)(g + r0 * C, C);
+    for (int64_t r = r0; r < r1; ++r) {
+        float step = SFX(am_step)(v, r, s, h);
+        const T *next = r + 1 < r1 ? g + (r + 1) * C : 0;
+        s = SFX(am_update)(p + r * C, g + r * C, m + r * C, next, C, step, h);
+    }
+}
+
+/* one row of a tensor with few rows, split over the threads: partial sums, then the update */
+static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C, const double *h, int nt) {
+    float partial[1024];
+    p += r * C, g += r * C, m += r * C;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        int64_t j0 = C * tid / n, j1 = C * (tid + 1) / n;
+        partial[tid] = SFX(am_sq_sum)(g + j0, j1 - j0);
+#pragma omp barrier
+        float step = 0.0f;
+        if (tid == 0) {
+            float s = 0.0f;
+            for (int k = 0; k < n; ++k) s += partial[k];
+            step = SFX(am_step)(v, r, s, h);
+        }
+#pragma omp barrier
+        if (tid != 0) step = SFX(am_step_of)(v, r, h);
+        SFX(am_update)(p + j0, g + j0, m + j0, 0, j1 - j0, step, h);
+    }
+}
+#undef AM_LERP_LOW
+#undef AM_LERP_HIGH
+#undef AM_LOOP
+#undef AM_NEXT_SUM
+
+/* ---- the Adam family: AlphaAdam, C-AdamW, AdamW-PMA (leanopt.alpha_adam.AdamStep) ----------
+ *     m = m_keep m + m_gain g   (torch.lerp when m_keep + m_gain = 1)
+ *     v = v_keep v + v_gain g^2
+ *     u = (m / (sqrt(v) / v_div + eps)) / m_div
+ *     p = p decay - lr u                                 (no mask)
+ *     p = p decay - lr alpha count_scale (phi u)         (mask: leanopt.mask)
+ *     m, v = rescale m, rescale v
+ * rounding to T where the eager path stores a tensor of the parameter's dtype. Unmasked: one
+ * pass. Masked: the mask needs whole-tensor sums of u before any element moves; pass 1 updates
+ * m and v and takes the sums, and keeps phi in the sign bit of v (v >= 0, so the bit is free);
+ * pass 2 reads p, m and v, recomputes u, restores v's sign and moves p. That reads g, m, v
+ * and then p, m, v: 24 bytes per float32 element instead of the 28 of re-reading g too. The
+ * sign bits never leave this call. */
+
+/* the first moment's three forms, chosen once per tensor (a branch inside a loop would keep
+ * it from being vectorized): torch.lerp's two formulas, and keep/gain for the PMA steps */
+#define AD_M_LOW(m, g) ROUND(fmaf(w, (g) - (m), (m)))
+#define AD_M_HIGH(m, g) ROUND(fmaf(w - 1.0f, (g) - (m), (g)))
+#define AD_M_KEEP_GAIN(m, g) ROUND(fmaf(gain, (g), ROUND((m) * keep)))
+#define AD_FORMS(BODY)                                               \
+    if (h[AD_LERP] == 0.0) {                                         \
+        BODY(AD_M_KEEP_GAIN)                                         \
+    } else if (w < 0.5f) {                                           \
+        BODY(AD_M_LOW)                                               \
+    } else {                                                         \
+        BODY(AD_M_HIGH)                                              \
+    }
+#define AD_SCALARS                                                                                 \
+    const float sign = (float)h[AD_SIGN], w = (float)h[AD_M_GAIN], keep = (float)h[AD_M_KEEP];     \
+    const float gain = ROUND(w) /* add_(alpha=) rounds alpha to a bfloat16 tensor's dtype */, v_keep = (float)h[AD_V_KEEP], v_gain = (float)h[AD_V_GAIN];              \
+    const float v_div = (float)h[AD_V_DIV], eps = (float)h[AD_EPS], m_div = (float)h[AD_M_DIV];    \
+    const float decay = (float)h[AD_DECAY], r = (float)h[AD_RESCALE];                              \
+    (void)sign, (void)w, (void)keep, (void)gain, (void)v_keep, (void)v_gain, (void)m_div, (void)decay, (void)r;
+#define AD_V(v, g) ROUND(fmaf(v_gain * (g), (g), ROUND((v) * v_keep)))
+#define AD_DENOM(v) ROUND(ROUND(ROUND(sqrtf(v)) / v_div) + eps)
+#define AD_U(m, v) ROUND(ROUND((m) / AD_DENOM(v)) / m_div)
+
+/* one pass over [j0, j1) without a mask. scaled: the count scale without a mask, whose factor
+ * n/(n+1) the caller put into the lr; the eager path then steps with p.add_(u, alpha=-lr) */
+static void SFX(ad_plain)(T *restrict p, const T *restrict g, T *restrict m, T *restrict v, int64_t j0, int64_t j1,
+                          const double *h, int scaled) {
+    AD_SCALARS
+    const float value = (float)(-h[AD_LR] / h[AD_M_DIV]), neg_lr = ROUND((float)-h[AD_LR]);
+#define AD_PLAIN(M_NEW, P_NEW)                                            \
+    _Pragma("omp simd") for (int64_t j = j0; j < j1; ++j) {               \
+        float gj = sign * LOAD(g, j), mj = LOAD(m, j);                    \
+        float mn = M_NEW(mj, gj), vn = AD_V(LOAD(v, j), gj);              \
+        float pd = ROUND(LOAD(p, j) * decay);                             \
+        STORE(p, j, P_NEW);                                               \
+        STORE(m, j, ROUND(mn * r));                                       \
+        STORE(v, j, ROUND(vn * r));                                       \
+    }
+#define AD_ADDCDIV(M_NEW) AD_PLAIN(M_NEW, pd + (value * mn) / AD_DENOM(vn))
+#define AD_ADD(M_NEW) AD_PLAIN(M_NEW, fmaf(neg_lr, AD_U(mn, vn), pd))
+    if (scaled) {
+        AD_FORMS(AD_ADD)
+    } else {
+        AD_FORMS(AD_ADDCDIV)
+    }
+#undef AD_PLAIN
+#undef AD_ADDCDIV
+#undef AD_ADD
+}
+
+#define SIGN_BIT ((UINT_T)1 << (8 * sizeof(UINT_T) - 1))
+
+/* pass 1 over [j0, j1): m, v and phi (in v's sign bit); sums[3] += ||u||^2, ||phi u||^2,
+ * ||phi||_0, in double: the mask's scale is a ratio of two long sums */
+static void SFX(ad_sums)(const T *restrict g, T *restrict m, T *restrict v, int64_t j0, int64_t j1, const double *h,
+                         int sync, double *sums) {
+    AD_SCALARS
+    double uu = 0.0, su = 0.0, count = 0.0;
+#define AD_SUMS(M_NEW)                                                                  \
+    _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = j0; j < j1; ++j) { \
+        float gj = sign * LOAD(g, j), mo = LOAD(m, j);                                  \
+        float mn = M_NEW(mo, gj), vn = AD_V(LOAD(v, j), gj);                            \
+        float u = AD_U(mn, vn);                                                         \
+        int phi = gj * (sync ? mn : mo) > 0.0f;                                         \
+        STORE(m, j, mn);                                                                \
+        RAW_STORE(v, j, (ENCODE(vn) & ~SIGN_BIT) | (phi ? SIGN_BIT : 0));               \
+        double u2 = (double)u * u;                                                      \
+        uu += u2;                                                                       \
+        su += phi ? u2 : 0.0;                                                           \
+        count += phi ? 1.0 : 0.0;                                                       \
+    }
+    AD_FORMS(AD_SUMS)
+#undef AD_SUMS
+    sums[0] += uu, sums[1] += su, sums[2] += count;
+}
+
+/* pass 2 over [j0, j1): p moves by step (phi u), or by step u where the mask fell back ("all");
+ * v gets its sign back (or m and v their rescale) */
+static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j0, int64_t j1, const double *h, float step,
+                          int all) {
+    AD_SCALARS
+    const UINT_T select = all ? SIGN_BIT : 0;
+#define AD_APPLY(STATE)                                                     \
+    _Pragma("omp simd") for (int64_t j = j0; j < j1; ++j) {                 \
+        UINT_T bits = RAW_LOAD(v, j);                                       \
+        int phi = ((bits | select) & SIGN_BIT) != 0;                        \
+        bits &= ~SIGN_BIT;                                                  \
+        float vn = DECODE(bits), mn = LOAD(m, j);                           \
+        float sel = phi ? AD_U(mn, vn) : 0.0f;                              \
+        STORE(p, j, fmaf(-sel, step, ROUND(LOAD(p, j) * decay)));           \
+        STATE                                                               \
+    }
+    if (r != 1.0f) {
+        AD_APPLY(STORE(m, j, ROUND(mn * r)); STORE(v, j, ROUND(vn * r));)
+    } else {
+        AD_APPLY(RAW_STORE(v, j, bits);)
+    }
+#undef AD_APPLY
+}
+#undef SIGN_BIT
+#undef AD_M_LOW
+#undef AD_M_HIGH
+#undef AD_M_KEEP_GAIN
+#undef AD_FORMS
+#undef AD_SCALARS
+#undef AD_V
+#undef AD_DENOM
+#undef AD_U
+
+/* ---- Lion and Lion-PMA (leanopt.lion.LionStep), no mask: one pass ---------------------------
+ *     c = c_keep m + c_gain g ;  m = m_keep m + m_gain g
+ *     p = p decay - lr sign(c) ;  m = rescale m
+ * ---- SGD-SaI (leanopt.sgd_sai), no mask: one pass ---------------------------------------
+ *     m = keep m + gain g  (a fresh buffer already holds g: keep 1, gain 0; no buffer: m = g)
+ *     p = p decay - lr scale m */
+
+static void SFX(lion_plain)(T *restrict p, const T *restrict g, T *restrict m, int64_t j0, int64_t j1, const double *h) {
+    const float sign = (float)h[LI_SIGN], c_keep = (float)h[LI_C_KEEP], c_gain = ROUND((float)h[LI_C_GAIN]);
+    const float m_keep = (float)h[LI_M_KEEP], m_gain = ROUND((float)h[LI_M_GAIN]), decay = (float)h[LI_DECAY];
+    const float neg_lr = ROUND((float)-h[LI_LR]), r = (float)h[LI_RESCALE];
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+        float gj = sign * LOAD(g, j), mj = LOAD(m, j);
+        float c = ROUND(fmaf(c_gain, gj, ROUND(mj * c_keep)));
+        float u = (float)(c > 0.0f) - (float)(c < 0.0f); /* torch.sign: 0 for 0 and NaN */
+        float mn = ROUND(fmaf(m_gain, gj, ROUND(mj * m_keep)));
+        STORE(p, j, fmaf(neg_lr, u, ROUND(LOAD(p, j) * decay)));
+        STORE(m, j, ROUND(mn * r));
+    }
+}
+
+static void SFX(sgd_plain)(T *restrict p, const T *restrict g, T *restrict m, int64_t j0, int64_t j1, const double *h) {
+    const float sign = (float)h[SG_SIGN], keep = (float)h[SG_KEEP], gain = ROUND((float)h[SG_GAIN]);
+    const float decay = (float)h[SG_DECAY], neg_lr = (float)-h[SG_LR], scale = (float)h[SG_SCALE];
+    if (h[SG_HAS_M] == 0.0) {
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j)
+            STORE(p, j, fmaf(neg_lr * (sign * LOAD(g, j)), scale, ROUND(LOAD(p, j) * decay)));
+    } else if (h[SG_FRESH] != 0.0) {
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) STORE(p, j, fmaf(neg_lr * LOAD(m, j), scale, ROUND(LOAD(p, j) * decay)));
+    } else {
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+            float mn = ROUND(fmaf(gain, sign * LOAD(g, j), ROUND(LOAD(m, j) * keep)));
+            STORE(m, j, mn);
+            STORE(p, j, fmaf(neg_lr * mn, scale, ROUND(LOAD(p, j) * decay)));
+        }
+    }
+}

@@ -1,0 +1,186 @@
+"""The hand-written CPU kernels (``leanopt._native``) take the same steps as the eager paths.
+
+``fused=True`` on the CPU runs Adam-mini (row blocks, no mask), the Adam family (AlphaAdam,
+C-AdamW, AdamW-PMA, with or without the mask), Lion, Lion-PMA and SGD-SaI (no mask) through them. Tensors here are large enough to
+be split over threads (and, for Adam-mini, rows shared by all threads), with sizes that are
+not multiples of the kernels' cache-line shares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+import leanopt
+from leanopt import _native
+from helpers import tiny_model
+
+pytestmark = pytest.mark.skipif(not _native.enabled() or _native._compiler() is None,
+                                reason="the CPU kernels need Linux and a C compiler")
+
+CASES = [
+    ("adam-mini", dict(lr=1e-2, weight_decay=0.1)),
+    ("adam-mini", dict(lr=1e-2, weight_decay=0.1, value_blocks="whole", betas=(0.3, 0.99))),  # lerp weight ≥ 0.5
+    ("alpha-adam", dict(lr=1e-2, weight_decay=0.1)),
+    ("alpha-adam", dict(lr=1e-2, weight_decay=0.1, mask="sync", alpha="root")),
+    ("alpha-adam", dict(lr=1e-2, weight_decay=0.1, mask="none", alpha="none", count_scale=True)),
+    ("cadamw", dict(lr=1e-2, weight_decay=0.1)),
+    ("adamw-pma", dict(lr=1e-2, weight_decay=0.1, period=3)),
+    ("adamw-pma", dict(lr=1e-2, weight_decay=0.1, period=3, variant="released", mask="async")),
+    ("adamw-pma", dict(lr=1e-2, weight_decay=0.1, period=2, mask="sync")),  # masked with the moments' rescale
+    ("lion", dict(lr=1e-3, weight_decay=0.1)),
+    ("lion-pma", dict(lr=1e-3, weight_decay=0.1, period=3, variant="released")),
+    ("sgd-sai", dict(lr=0.1, weight_decay=0.1)),
+    ("sgd-sai", dict(lr=0.1, weight_decay=0.1, momentum=0.0)),
+]
+KERNEL = {"adam-mini": "adam_mini_rows", "lion": "lion", "lion-pma": "lion", "sgd-sai": "sgd_sai"}  # the others: "adam"
+IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items() if k not in ('lr', 'weight_decay'))}" for n, kw in CASES]
+
+
+def wide_model(dtype=torch.float32):
+    # embedding 300x272 and MLP 288x272: rows split over threads; heads of 136x272 and the
+    # single-block value projection ("whole"): rows shared by all threads
+    return tiny_model(dtype=dtype, vocab_size=300, dim=272, n_heads=2, n_layers=1, mlp_hidden=288)
+
+
+@contextlib.contextmanager
+def threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run(name, kw, fused, dtype=torch.float32, steps=20, model=None):
+    model = model or wide_model(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = leanopt.create_optimizer(name, model, fused=fused, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):  # a fixed gradient stream: rounding cannot feed back through a loss
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def rel(a, b):
+    return max(((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(a, b))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the tensors each kernel steps (and proves the fused path used it)."""
+    seen = {"adam": 0, "adam_mini_rows": 0, "lion": 0, "sgd_sai": 0}
+    for name in seen:
+        original = getattr(_native, name)
+
+        def spy(params, *args, _original=original, _name=name, **kw):
+            seen[_name] += len(params)
+            return _original(params, *args, **kw)
+
+        monkeypatch.setattr(_native, name, spy)
+    return seen
+
+
+def test_the_kernels_build_on_this_machine():
+    assert _native.library() is not None
+
+
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_native_equals_eager_float32(name, kw, nthreads, calls):
+    with threads(nthreads):
+        fused, opt = run(name, kw, True)
+    eager, _ = run(name, kw, False)
+    steps = 19 if name == "sgd-sai" else 20  # SGD-SaI's first step is its g-SNR: eager by design
+    assert calls[KERNEL.get(name, "adam")] >= steps * len(fused)  # every tensor at every step
+    assert rel(fused, eager) <= 1e-6
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_native_bfloat16_rounds_as_eager(name, kw):
+    # the kernels round where the eager path stores a bfloat16 tensor (the compiled path
+    # rounds once per step and is only held to 3e-2)
+    fused, _ = run(name, kw, True, torch.bfloat16, steps=10)
+    eager, _ = run(name, kw, False, torch.bfloat16, steps=10)
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in fused)
+    assert rel(fused, eager) <= 1e-3
+
+
+def test_odd_sizes_and_mixed_dtypes_in_one_group():
+    # plain tensors whose sizes are not multiples of 64, float32 and bfloat16 in one group
+    def params():
+        torch.manual_seed(0)
+        shapes = [(70001,), (333, 101), (5,), (64, 1025)]
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        return ps + [torch.nn.Parameter(torch.randn(40003).bfloat16())]
+
+    out = {}
+    for fused in (True, False):
+        ps = params()
+        opt = leanopt.AlphaAdam(ps, lr=1e-2, weight_decay=0.1, fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.step()
+        out[fused] = [p.detach().clone() for p in ps]
+    assert rel(out[True][:4], out[False][:4]) <= 1e-6
+    assert rel(out[True][4:], out[False][4:]) <= 1e-3
+
+
+def test_native_off_uses_the_compiled_path(monkeypatch, calls):
+    monkeypatch.setenv("LEANOPT_NATIVE", "0")
+    model = tiny_model()
+    fused, _ = run("alpha-adam", dict(lr=1e-2, mask="none", alpha="none", count_scale=False), True, steps=3, model=model)
+    eager, _ = run("alpha-adam", dict(lr=1e-2, mask="none", alpha="none", count_scale=False), False, steps=3,
+                   model=tiny_model())
+    assert not any(calls.values())
+    assert rel(fused, eager) <= 1e-6
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_native, "_build", broken)
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_tried", False)
+    with pytest.warns(RuntimeWarning, match="CPU kernels could not be built"):
+        assert _native.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # warned once, not at every step
+        assert _native.library() is None
+        fused, _ = run("adam-mini", dict(lr=1e-2), True, steps=3, model=tiny_model())
+    eager, _ = run("adam-mini", dict(lr=1e-2), False, steps=3, model=tiny_model())
+    assert rel(fused, eager) <= 1e-6
+
+
+def test_build_is_cached_by_content(monkeypatch, tmp_path):
+    monkeypatch.setenv("LEANOPT_CACHE_DIR", str(tmp_path))
+    first = _native._build()
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert _native._build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [f.name for f in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_autograd_sees_the_kernels_writes():
+    # a parameter saved for backward and then changed by a step must be caught, as with
+    # torch's own in-place operations
+    for name in ("adam-mini", "alpha-adam"):
+        model = tiny_model()
+        opt = leanopt.create_optimizer(name, model, lr=1e-2, fused=True)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        w = model.lm_head.weight
+        loss = (w * w).sum()
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
