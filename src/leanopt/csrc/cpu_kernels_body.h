@@ -130,10 +130,15 @@ static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C,
     const float gain = ROUND(w) /* add_(alpha=) rounds alpha to a bfloat16 tensor's dtype */, v_keep = (float)h[AD_V_KEEP], v_gain = (float)h[AD_V_GAIN];              \
     const float v_div = (float)h[AD_V_DIV], eps = (float)h[AD_EPS], m_div = (float)h[AD_M_DIV];    \
     const float decay = (float)h[AD_DECAY], r = (float)h[AD_RESCALE];                              \
-    (void)sign, (void)w, (void)keep, (void)gain, (void)v_keep, (void)v_gain, (void)m_div, (void)decay, (void)r;
+    const float inv_v_div = (float)(1.0 / h[AD_V_DIV]), inv_m_div = (float)(1.0 / h[AD_M_DIV]);     \
+    (void)inv_v_div, (void)inv_m_div, (void)v_div, (void)sign, (void)w, (void)keep, (void)gain, (void)v_keep, (void)v_gain, (void)m_div, (void)decay, (void)r;
 #define AD_V(v, g) ROUND(fmaf(v_gain * (g), (g), ROUND((v) * v_keep)))
 #define AD_DENOM(v) ROUND(ROUND(ROUND(sqrtf(v)) / v_div) + eps)
 #define AD_U(m, v) ROUND(ROUND((m) / AD_DENOM(v)) / m_div)
+/* the masked passes compute u twice per element, and their square roots and divisions cost
+ * as much as their memory traffic: there, the divisions by the tensor's constants are
+ * multiplications by their reciprocals (at most an ulp from the eager rounding) */
+#define AD_U_MASKED(m, v) ROUND(ROUND((m) / ROUND(ROUND(ROUND(sqrtf(v)) * inv_v_div) + eps)) * inv_m_div)
 
 /* one pass over [j0, j1) without a mask. scaled: the count scale without a mask, whose factor
  * n/(n+1) the caller put into the lr; the eager path then steps with p.add_(u, alpha=-lr) */
@@ -174,7 +179,7 @@ static void SFX(ad_sums)(const T *restrict g, T *restrict m, T *restrict v, int6
     _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = j0; j < j1; ++j) { \
         float gj = sign * LOAD(g, j), mo = LOAD(m, j);                                  \
         float mn = M_NEW(mo, gj), vn = AD_V(LOAD(v, j), gj);                            \
-        float u = AD_U(mn, vn);                                                         \
+        float u = AD_U_MASKED(mn, vn);                                                  \
         int phi = gj * (sync ? mn : mo) > 0.0f;                                         \
         STORE(m, j, mn);                                                                \
         RAW_STORE(v, j, (ENCODE(vn) & ~SIGN_BIT) | (phi ? SIGN_BIT : 0));               \
@@ -200,7 +205,7 @@ static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j
         int phi = ((bits | select) & SIGN_BIT) != 0;                        \
         bits &= ~SIGN_BIT;                                                  \
         float vn = DECODE(bits), mn = LOAD(m, j);                           \
-        float sel = phi ? AD_U(mn, vn) : 0.0f;                              \
+        float sel = phi ? AD_U_MASKED(mn, vn) : 0.0f;                       \
         STORE(p, j, fmaf(-sel, step, ROUND(LOAD(p, j) * decay)));           \
         STATE                                                               \
     }
@@ -220,6 +225,7 @@ static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j
 #undef AD_V
 #undef AD_DENOM
 #undef AD_U
+#undef AD_U_MASKED
 
 /* ---- Lion and Lion-PMA (leanopt.lion.LionStep), no mask: one pass ---------------------------
  *     c = c_keep m + c_gain g ;  m = m_keep m + m_gain g
