@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from leanopt.bench.speed import format_table, run_speed
+from leanopt import _native
+from leanopt.bench.speed import PATTERNS, format_patterns, format_table, run_patterns, run_speed
 
 
 def test_speed_rows_floor_and_ratios():
@@ -31,3 +32,20 @@ def test_unknown_model_or_filter():
         run_speed("gpt5")
     with pytest.raises(ValueError, match="no implementation"):
         run_speed("tiny", only=["nothing-like-this"])
+
+
+@pytest.mark.skipif(not _native.enabled() or _native._compiler() is None, reason="the probes are C kernels")
+def test_memory_traffic_patterns():
+    result = run_patterns(steps=2, threads=1, nbytes=4 * 2**20)
+    rows = {r["pattern"]: r for r in result["rows"]}
+    assert set(rows) == set(PATTERNS)
+    # bytes per float32 element: each pass reads its distinct tensors and writes its outputs
+    assert rows["AdamW; Adam family without mask: pgmv->pmv"]["bytes_per_elem"] == 4 * (4 + 3)
+    assert rows["Adam family with mask, C kernel: gmv->mv, pmv->pv"]["bytes_per_elem"] == 4 * (3 + 2 + 3 + 2)
+    assert rows["Adam family with mask, compiled: gmv->, pgmv->pmv"]["passes"] == 2
+    for r in rows.values():
+        assert r["ns_per_elem"] > 0 and r["best_bandwidth_gbs"] > 0
+        # x floor: the pattern's time against floor bytes at the best streaming bandwidth
+        floor_ns = r["floor_bytes_per_elem"] / r["best_bandwidth_gbs"]
+        assert r["ratio_to_floor"] == pytest.approx(r["ns_per_elem"] / floor_ns, rel=0.5)
+    assert "x floor" in format_patterns(result)

@@ -11,7 +11,7 @@ The library is built on first use with the system C compiler (``$CC``, else ``cc
 ``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``) into a cache directory
 (``$LEANOPT_CACHE_DIR``, else ``~/.cache/leanopt``), keyed by the sources, the compiler,
 its flags and the CPU, and loaded with :mod:`ctypes`. Where that fails (no compiler, no
-OpenMP, not Linux/x86-like), :func:`library` warns once and returns ``None``, and the
+OpenMP, not Linux), :func:`library` warns once and returns ``None``, and the
 callers use their compiled (inductor) or eager paths; ``LEANOPT_NATIVE=0`` turns the
 kernels off.
 """
@@ -163,11 +163,11 @@ def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
-def _call(name: str, tensors: Sequence[Sequence[Tensor]], per_tensor: Sequence[Sequence[Any]], *args: Any) -> None:
-    """``name(threads, n, dtype, pointers of each list..., per-tensor arrays..., *args)`` once
-    per dtype among the tensors; ``per_tensor``: ctypes array builders with one entry per
-    tensor. Then the tensors it wrote (every list but the gradients, the second) are marked
-    as modified."""
+def _call(name: str, tensors: Sequence[Sequence[Tensor]], written: Sequence[Tensor],
+          per_tensor: Sequence[tuple[Callable[[Sequence[Any]], ctypes.Array], Sequence[Any]]], *args: Any) -> None:
+    """``name(threads, n, dtype, a pointer array per list of tensors, per-tensor arrays...,
+    *args)``, once per dtype among the tensors; ``per_tensor``: (array builder, one value per
+    tensor) pairs. ``written``: the tensors the kernel changes."""
     lib = library()
     assert lib is not None
     by_dtype: dict[torch.dtype, list[int]] = {}
@@ -182,7 +182,7 @@ def _call(name: str, tensors: Sequence[Sequence[Tensor]], per_tensor: Sequence[S
             raise RuntimeError(f"{name} failed ({rc})")
     # the kernel wrote through raw pointers: tell autograd, so that a tensor saved for a
     # backward pass and changed here is caught as torch's own in-place ops are
-    torch.autograd.graph.increment_version([t for i, ts in enumerate(tensors) if i != 1 for t in ts])
+    torch.autograd.graph.increment_version(list(written))
 
 
 def _doubles(rows: Sequence[Sequence[float]]) -> ctypes.Array:
@@ -194,12 +194,16 @@ def _int64s(values: Sequence[int]) -> ctypes.Array:
     return (ctypes.c_int64 * len(values))(*values)
 
 
+def _sizes(params: Sequence[Tensor]) -> tuple[Callable[[Sequence[int]], ctypes.Array], list[int]]:
+    return _int64s, [p.numel() for p in params]
+
+
 def adam_mini_rows(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                    exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
                    hypers: Sequence[Sequence[float]]) -> None:
     """Adam-mini's step for tensors viewed as ``rows[i] × cols[i]``, one block per row;
     ``hypers[i]`` as :data:`AM_FIELDS`. The caller checked :func:`supports`."""
-    _call("leanopt_adam_mini_rows", (params, grads, exp_avgs, exp_avg_sqs),
+    _call("leanopt_adam_mini_rows", (params, grads, exp_avgs, exp_avg_sqs), [*params, *exp_avgs, *exp_avg_sqs],
           ((_int64s, rows), (_int64s, cols), (_doubles, hypers)))
 
 
@@ -208,23 +212,23 @@ def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
     """The Adam family's step (:func:`leanopt.alpha_adam.alpha_adam`); ``hypers[i]`` as
     :data:`AD_FIELDS`. With ``mask="none"`` and ``count_scale``, the caller puts the count
     scale ``n/(n+1)`` into ``lr``. The caller checked :func:`supports`."""
-    _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs),
-          ((_int64s, [p.numel() for p in params]), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale))
-
+    _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs), [*params, *exp_avgs, *exp_avg_sqs],
+          (_sizes(params), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale))
 
 
 def lion(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
          hypers: Sequence[Sequence[float]]) -> None:
     """Lion's step without a mask (:func:`leanopt.lion.lion`); ``hypers[i]`` as :data:`LI_FIELDS`."""
-    _call("leanopt_elementwise", (params, grads, exp_avgs), ((_int64s, [p.numel() for p in params]), (_doubles, hypers)), 0)
+    _call("leanopt_elementwise", (params, grads, exp_avgs), [*params, *exp_avgs], (_sizes(params), (_doubles, hypers)), 0)
 
 
 def sgd_sai(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor | None],
             hypers: Sequence[Sequence[float]]) -> None:
     """SGD-SaI's step without a mask (:func:`leanopt.sgd_sai.sgd_sai`); ``hypers[i]`` as
-    :data:`SG_FIELDS` (``has_m`` 0 where ``buffers[i]`` is None)."""
+    :data:`SG_FIELDS` (``has_m`` 0 where ``buffers[i]`` is None: the kernel reads the
+    gradient in its place)."""
     _call("leanopt_elementwise", (params, grads, [g if b is None else b for g, b in zip(grads, buffers)]),
-          ((_int64s, [p.numel() for p in params]), (_doubles, hypers)), 1)
+          [*params, *(b for b in buffers if b is not None)], (_sizes(params), (_doubles, hypers)), 1)
 
 
 def stream(reads: Sequence[Tensor], writes: Sequence[Tensor]) -> None:

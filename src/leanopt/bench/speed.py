@@ -265,7 +265,7 @@ def patterns_worker(args: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(args["threads"])
     if _native.library() is None:
         raise RuntimeError("the C kernels are not available here (see leanopt._native)")
-    nbytes = 256 * 2**20
+    nbytes = args.get("nbytes", 256 * 2**20)
     n = nbytes // 4
     arrays = {k: torch.randn(n) * 1e-3 for k in "pgmv"}
     kernels = _bandwidth_kernels("cpu", torch.float32, nbytes)
@@ -286,10 +286,11 @@ def patterns_worker(args: dict[str, Any]) -> dict[str, Any]:
     return {"n": n, "patterns": out}
 
 
-def run_patterns(steps: int = 5, threads: int = 2, timeout: float = 600.0) -> dict[str, Any]:
+def run_patterns(steps: int = 5, threads: int = 2, nbytes: int = 256 * 2**20, timeout: float = 600.0) -> dict[str, Any]:
     """Each pattern's time per float32 element, its bytes moved, and its time against the
-    byte floor of the optimizers it bounds (their floor bytes / best streaming bandwidth)."""
-    raw = _spawn({"patterns": True, "steps": steps, "threads": threads, "build": "patterns"}, timeout)
+    byte floor of the optimizers it bounds (their floor bytes / best streaming bandwidth);
+    ``nbytes`` per tensor (keep it well above the last-level cache)."""
+    raw = _spawn({"patterns": True, "steps": steps, "threads": threads, "build": "patterns", "nbytes": nbytes}, timeout)
     if "error" in raw:
         raise RuntimeError(raw["error"])
     rows = []
@@ -411,15 +412,15 @@ def format_table(result: dict[str, Any]) -> str:
             f"{result['device']}, {result['threads']} threads; bandwidth: copy {statistics.median(r['bandwidth_copy_gbs'] for r in ok):.1f} GB/s, "
             f"best streaming kernel {statistics.median(r['bandwidth_best_gbs'] for r in ok):.1f} GB/s") if ok else "no results"
     lines = [head, "",
-             f"{'implementation':<32} {'median ms':>10} {'min-max ms':>17} {'floor ms':>9} {'x floor':>8} {'x fused AdamW':>14} "
+             f"{'implementation':<36} {'median ms':>10} {'min-max ms':>17} {'floor ms':>9} {'x floor':>8} {'x fused AdamW':>14} "
              f"{'state/param':>12} {'peak extra':>11} {'1st step s':>10}"]
     for r in sorted(rows, key=lambda r: (r["family"], r["name"])):
         if "median_ms" not in r:
-            lines.append(f"{r['name']:<32} error: {r['error']}")
+            lines.append(f"{r['name']:<36} error: {r['error']}")
             continue
         extra = f"{r['peak_extra_frac']:.1%}" if r["peak_extra_frac"] is not None else "n/a"
         lines.append(
-            f"{r['name']:<32} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f}-{r['max_ms']:<8.1f} {r['floor_ms']:>9.1f} "
+            f"{r['name']:<36} {r['median_ms']:>10.1f} {r['min_ms']:>8.1f}-{r['max_ms']:<8.1f} {r['floor_ms']:>9.1f} "
             f"{r['ratio_to_floor']:>7.2f}x {r.get('ratio_to_fused_adamw', float('nan')):>13.2f}x "
             f"{r['state_bytes_per_param_byte']:>11.3f}x {extra:>11} {r['first_step_s']:>10.2f}"
         )

@@ -14,8 +14,8 @@
 /* The operations and their rounding follow the eager path's tensor operations as ATen computes
  * them on the CPU: lerp, add(alpha=), addcmul are fused multiply-adds there, addcdiv is not. */
 
-static inline float SFX(am_step)(T *v, int64_t r, float s, const double *h) {
-    float vn = ROUND(fmaf((float)h[AM_GAIN2], s / (float)h[AM_COUNT], LOAD(v, r) * (float)h[AM_BETA2]));
+static inline float SFX(am_step)(T *v, int64_t r, double s, const double *h) {
+    float vn = ROUND(fmaf((float)h[AM_GAIN2], (float)s / (float)h[AM_COUNT], LOAD(v, r) * (float)h[AM_BETA2]));
     STORE(v, r, vn);
     return ROUND((float)h[AM_LR_BC1] / (sqrtf(vn) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]));
 }
@@ -25,21 +25,30 @@ static inline float SFX(am_step_of)(const T *v, int64_t r, const double *h) {
     return ROUND((float)h[AM_LR_BC1] / (sqrtf(LOAD(v, r)) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]));
 }
 
-static inline float SFX(am_sq_sum)(const T *restrict g, int64_t n) {
-    float s = 0.0f;
+/* sums of g^2 are float32 over chunks of AM_CHUNK elements and double across them: as exact
+ * as the eager path's cascade sums also for blocks of millions of elements */
+#define AM_CHUNK 4096
+
+static inline double SFX(am_sq_sum)(const T *restrict g, int64_t n) {
+    double total = 0.0;
+    for (int64_t c = 0; c < n; c += AM_CHUNK) {
+        int64_t e = c + AM_CHUNK < n ? c + AM_CHUNK : n;
+        float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) {
-        float x = LOAD(g, j);
-        s += x * x;
+        for (int64_t j = c; j < e; ++j) {
+            float x = LOAD(g, j);
+            s += x * x;
+        }
+        total += s;
     }
-    return s;
+    return total;
 }
 
 /* torch.lerp's two formulas, chosen once per row */
 #define AM_LERP_LOW(m, g) ROUND(fmaf(w, (g) - (m), (m)))
 #define AM_LERP_HIGH(m, g) ROUND(fmaf(w - 1.0f, (g) - (m), (g)))
 #define AM_LOOP(LERP, NEXT)                                                             \
-    _Pragma("omp simd reduction(+ : s)") for (int64_t j = 0; j < n; ++j) {              \
+    _Pragma("omp simd reduction(+ : s)") for (int64_t j = c; j < e; ++j) {              \
         float gj = sign * LOAD(g, j), mj = LOAD(m, j);                                  \
         float mn = LERP(mj, gj);                                                        \
         STORE(m, j, mn);                                                                \
@@ -49,22 +58,27 @@ static inline float SFX(am_sq_sum)(const T *restrict g, int64_t n) {
 #define AM_NEXT_SUM { float x = LOAD(next, j); s += x * x; }
 
 /* elements [0, n) of a row; with `next` (the next row's g), returns that row's sum of g^2 */
-static inline float SFX(am_update)(T *restrict p, const T *restrict g, T *restrict m, const T *restrict next, int64_t n,
-                                   float step, const double *h) {
+static inline double SFX(am_update)(T *restrict p, const T *restrict g, T *restrict m, const T *restrict next, int64_t n,
+                                    float step, const double *h) {
     const float sign = (float)h[AM_SIGN], w = (float)h[AM_W], decay = (float)h[AM_DECAY];
-    float s = 0.0f;
-    if (w < 0.5f) {
-        if (next) AM_LOOP(AM_LERP_LOW, AM_NEXT_SUM) else AM_LOOP(AM_LERP_LOW, )
-    } else {
-        if (next) AM_LOOP(AM_LERP_HIGH, AM_NEXT_SUM) else AM_LOOP(AM_LERP_HIGH, )
+    double total = 0.0;
+    for (int64_t c = 0; c < n; c += AM_CHUNK) {
+        int64_t e = c + AM_CHUNK < n ? c + AM_CHUNK : n;
+        float s = 0.0f;
+        if (w < 0.5f) {
+            if (next) AM_LOOP(AM_LERP_LOW, AM_NEXT_SUM) else AM_LOOP(AM_LERP_LOW, )
+        } else {
+            if (next) AM_LOOP(AM_LERP_HIGH, AM_NEXT_SUM) else AM_LOOP(AM_LERP_HIGH, )
+        }
+        total += s;
     }
-    return s;
+    return total;
 }
 
 /* rows [r0, r1) of one tensor, by one thread */
 static void SFX(am_rows)(T *p, const T *g, T *m, T *v, int64_t C, int64_t r0, int64_t r1, const double *h) {
     if (r0 >= r1) return;
-    float s = SFX(am_sq_sum)(g + r0 * C, C);
+    double s = SFX(am_sq_sum)(g + r0 * C, C);
     for (int64_t r = r0; r < r1; ++r) {
         float step = SFX(am_step)(v, r, s, h);
         const T *next = r + 1 < r1 ? g + (r + 1) * C : 0;
@@ -74,7 +88,7 @@ static void SFX(am_rows)(T *p, const T *g, T *m, T *v, int64_t C, int64_t r0, in
 
 /* one row of a tensor with few rows, split over the threads: partial sums, then the update */
 static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C, const double *h, int nt) {
-    float partial[1024];
+    double partial[1024];
     p += r * C, g += r * C, m += r * C;
 #pragma omp parallel num_threads(nt)
     {
@@ -84,7 +98,7 @@ static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C,
 #pragma omp barrier
         float step = 0.0f;
         if (tid == 0) {
-            float s = 0.0f;
+            double s = 0.0;
             for (int k = 0; k < n; ++k) s += partial[k];
             step = SFX(am_step)(v, r, s, h);
         }
@@ -97,6 +111,7 @@ static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C,
 #undef AM_LERP_HIGH
 #undef AM_LOOP
 #undef AM_NEXT_SUM
+#undef AM_CHUNK
 
 /* ---- the Adam family: AlphaAdam, C-AdamW, AdamW-PMA (leanopt.alpha_adam.AdamStep) ----------
  *     m = m_keep m + m_gain g   (torch.lerp when m_keep + m_gain = 1)
