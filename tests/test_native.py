@@ -104,13 +104,27 @@ def test_native_equals_eager_float32(name, kw, nthreads, calls):
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=IDS)
-def test_native_bfloat16_rounds_as_eager(name, kw):
-    # the kernels round where the eager path stores a bfloat16 tensor (the compiled path
-    # rounds once per step and is only held to 3e-2)
-    fused, _ = run(name, kw, True, torch.bfloat16, steps=10)
-    eager, _ = run(name, kw, False, torch.bfloat16, steps=10)
-    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in fused)
-    assert rel(fused, eager) <= 1e-3
+def test_native_bfloat16_is_closer_to_float32_than_eager(name, kw):
+    # bfloat16: the kernels compute in float32 and round what they store; the eager path rounds
+    # after every operation. From the same bfloat16 start and gradients, the kernels must land
+    # at least as close to the float32 computation as the eager path does
+    def trajectory(fused, dtype):
+        model = wide_model(torch.bfloat16).to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = leanopt.create_optimizer(name, model, fused=fused, **kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(dtype)
+            opt.step()
+        return [p.detach().float() for p in model.parameters()]
+
+    reference = trajectory(False, torch.float32)
+    native, eager = trajectory(True, torch.bfloat16), trajectory(False, torch.bfloat16)
+    assert all(torch.isfinite(p).all() for p in native)
+    assert rel(native, reference) <= rel(eager, reference)
+    assert rel(native, eager) <= 3e-2  # the compiled kernels' tolerance (test_fused.py)
 
 
 def test_odd_sizes_and_mixed_dtypes_in_one_group():
@@ -132,7 +146,7 @@ def test_odd_sizes_and_mixed_dtypes_in_one_group():
             opt.step()
         out[fused] = [p.detach().clone() for p in ps]
     assert rel(out[True][:4], out[False][:4]) <= 1e-6
-    assert rel(out[True][4:], out[False][4:]) <= 1e-3
+    assert rel(out[True][4:], out[False][4:]) <= 3e-2
 
 
 def test_native_off_uses_the_compiled_path(monkeypatch, calls):

@@ -3,8 +3,8 @@
  * cores' (leanopt/adam_mini.py ...), which stay the reference: the tests compare the two.
  *
  * Each kernel is one optimizer step over a list of contiguous tensors, float32 or bfloat16,
- * on `nt` OpenMP threads. It computes in float32, rounds what it stores to the tensor's dtype
- * and uses what it stored, as the eager path does. The per-dtype bodies are in
+ * on `nt` OpenMP threads. It computes in float32 (rounding: cpu_kernels_body.h), rounds what
+ * it stores to the tensor's dtype and uses the moments as stored. The per-dtype bodies are in
  * cpu_kernels_body.h, included once per dtype.
  */
 #include <math.h>
@@ -29,6 +29,17 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* a float32 rounded to bfloat16 and back, in 32-bit lanes (no narrowing and widening:
+ * vectorized, those are shuffles) */
+static inline float round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    r = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : r;
+    memcpy(&f, &r, 4);
+    return f;
+}
+
 /* per-tensor hyperparameters, one row of doubles per tensor, in these orders (_native.py
  * names them) */
 enum { AM_SIGN, AM_W, AM_BETA2, AM_GAIN2, AM_COUNT, AM_BC2_SQRT, AM_EPS, AM_DECAY, AM_LR_BC1, AM_N };
@@ -48,15 +59,15 @@ static inline float f32_of_bits(uint32_t u) {
     return c.f;
 }
 
-/* per dtype: T the storage type, UINT_T its bits, LOAD/STORE to and from float32, ROUND a
- * float32 rounded to T and back, ENCODE/DECODE a float32 to and from T's bits, RAW_LOAD/
+/* per dtype: T the storage type, UINT_T its bits, LOAD/STORE to and from float32, STORED a
+ * float32 as T holds it, ENCODE/DECODE a float32 to and from T's bits, RAW_LOAD/
  * RAW_STORE T's bits */
 #define T float
 #define UINT_T uint32_t
 #define SFX(name) name##_f32
 #define LOAD(x, i) ((x)[i])
 #define STORE(x, i, val) ((x)[i] = (val))
-#define ROUND(x) (x)
+#define STORED(x) (x)
 #define ENCODE(x) f32_bits(x)
 #define DECODE(b) f32_of_bits(b)
 #define RAW_LOAD(x, i) f32_bits((x)[i])
@@ -67,7 +78,7 @@ static inline float f32_of_bits(uint32_t u) {
 #undef SFX
 #undef LOAD
 #undef STORE
-#undef ROUND
+#undef STORED
 #undef ENCODE
 #undef DECODE
 #undef RAW_LOAD
@@ -78,7 +89,7 @@ static inline float f32_of_bits(uint32_t u) {
 #define SFX(name) name##_bf16
 #define LOAD(x, i) bf16_to_f32((x)[i])
 #define STORE(x, i, val) ((x)[i] = f32_to_bf16(val))
-#define ROUND(x) bf16_to_f32(f32_to_bf16(x))
+#define STORED(x) round_bf16(x)
 #define ENCODE(x) f32_to_bf16(x)
 #define DECODE(b) bf16_to_f32(b)
 #define RAW_LOAD(x, i) ((x)[i])

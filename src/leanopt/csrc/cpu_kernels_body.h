@@ -1,28 +1,33 @@
 /* The kernels of cpu_kernels.c for one dtype: T (the storage type), SFX (name suffix),
- * LOAD/STORE (to and from float32) and ROUND (a float32 rounded to T and back). */
+ * LOAD/STORE (to and from float32) and STORED (a float32 as T holds it: rounded to T and back).
+ *
+ * Rounding: in float32 the kernels make the eager path's tensor operations, in its order, and
+ * round as ATen does on the CPU (its lerp, add(alpha=) and addcmul are fused multiply-adds,
+ * addcdiv is not), so they agree with it to an ulp per operation (ATen's vectorized square root
+ * is not always correctly rounded; these kernels' is). In bfloat16 they compute in float32
+ * and round only what they store, as torch's fused optimizers and the compiled kernels do (the
+ * eager path rounds after every operation; repeating that costs twice the time), and use the
+ * moments as stored, so that the two passes of a masked step see the same values. */
 
 /* ---- Adam-mini, one block per row -------------------------------------------------------
  * For each row of C elements:
  *     s    = sum(g^2)
  *     v    = beta2 * v + (1 - beta2) * (s / C)
- *     step = (lr / bc1) / (sqrt(v) / bc2_sqrt + eps)             (rounded to T)
+ *     step = (lr / bc1) / (sqrt(v) / bc2_sqrt + eps)
  *     m    = lerp(m, sign * g, 1 - beta1)                        (torch.lerp's two formulas)
  *     p    = p * decay - m * step
  * in one pass over memory: the sum of row r + 1 is taken inside the loop that updates row r,
  * so g is read from memory once and is still in cache when its own row is updated. */
 
-/* The operations and their rounding follow the eager path's tensor operations as ATen computes
- * them on the CPU: lerp, add(alpha=), addcmul are fused multiply-adds there, addcdiv is not. */
-
 static inline float SFX(am_step)(T *v, int64_t r, double s, const double *h) {
-    float vn = ROUND(fmaf((float)h[AM_GAIN2], (float)s / (float)h[AM_COUNT], LOAD(v, r) * (float)h[AM_BETA2]));
+    float vn = STORED(fmaf((float)h[AM_GAIN2], (float)s / (float)h[AM_COUNT], LOAD(v, r) * (float)h[AM_BETA2]));
     STORE(v, r, vn);
-    return ROUND((float)h[AM_LR_BC1] / (sqrtf(vn) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]));
+    return (float)h[AM_LR_BC1] / (sqrtf(vn) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]);
 }
 
 /* the step from a v another thread stored */
 static inline float SFX(am_step_of)(const T *v, int64_t r, const double *h) {
-    return ROUND((float)h[AM_LR_BC1] / (sqrtf(LOAD(v, r)) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]));
+    return (float)h[AM_LR_BC1] / (sqrtf(LOAD(v, r)) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]);
 }
 
 /* sums of g^2 are float32 over chunks of AM_CHUNK elements and double across them: as exact
@@ -45,14 +50,14 @@ static inline double SFX(am_sq_sum)(const T *restrict g, int64_t n) {
 }
 
 /* torch.lerp's two formulas, chosen once per row */
-#define AM_LERP_LOW(m, g) ROUND(fmaf(w, (g) - (m), (m)))
-#define AM_LERP_HIGH(m, g) ROUND(fmaf(w - 1.0f, (g) - (m), (g)))
+#define AM_LERP_LOW(m, g) STORED(fmaf(w, (g) - (m), (m)))
+#define AM_LERP_HIGH(m, g) STORED(fmaf(w - 1.0f, (g) - (m), (g)))
 #define AM_LOOP(LERP, NEXT)                                                             \
     _Pragma("omp simd reduction(+ : s)") for (int64_t j = c; j < e; ++j) {              \
         float gj = sign * LOAD(g, j), mj = LOAD(m, j);                                  \
         float mn = LERP(mj, gj);                                                        \
         STORE(m, j, mn);                                                                \
-        STORE(p, j, fmaf(-mn, step, ROUND(LOAD(p, j) * decay)));                        \
+        STORE(p, j, fmaf(-mn, step, LOAD(p, j) * decay));                               \
         NEXT                                                                            \
     }
 #define AM_NEXT_SUM { float x = LOAD(next, j); s += x * x; }
@@ -120,7 +125,7 @@ static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C,
  *     p = p decay - lr u                                 (no mask)
  *     p = p decay - lr alpha count_scale (phi u)         (mask: leanopt.mask)
  *     m, v = rescale m, rescale v
- * rounding to T where the eager path stores a tensor of the parameter's dtype. Unmasked: one
+ * Unmasked: one
  * pass. Masked: the mask needs whole-tensor sums of u before any element moves; pass 1 updates
  * m and v and takes the sums, and keeps phi in the sign bit of v (v >= 0, so the bit is free);
  * pass 2 reads p, m and v, recomputes u, restores v's sign and moves p. That reads g, m, v
@@ -129,9 +134,9 @@ static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C,
 
 /* the first moment's three forms, chosen once per tensor (a branch inside a loop would keep
  * it from being vectorized): torch.lerp's two formulas, and keep/gain for the PMA steps */
-#define AD_M_LOW(m, g) ROUND(fmaf(w, (g) - (m), (m)))
-#define AD_M_HIGH(m, g) ROUND(fmaf(w - 1.0f, (g) - (m), (g)))
-#define AD_M_KEEP_GAIN(m, g) ROUND(fmaf(gain, (g), ROUND((m) * keep)))
+#define AD_M_LOW(m, g) STORED(fmaf(w, (g) - (m), (m)))
+#define AD_M_HIGH(m, g) STORED(fmaf(w - 1.0f, (g) - (m), (g)))
+#define AD_M_KEEP_GAIN(m, g) STORED(fmaf(gain, (g), (m) * keep))
 #define AD_FORMS(BODY)                                               \
     if (h[AD_LERP] == 0.0) {                                         \
         BODY(AD_M_KEEP_GAIN)                                         \
@@ -142,33 +147,33 @@ static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C,
     }
 #define AD_SCALARS                                                                                 \
     const float sign = (float)h[AD_SIGN], w = (float)h[AD_M_GAIN], keep = (float)h[AD_M_KEEP];     \
-    const float gain = ROUND(w) /* add_(alpha=) rounds alpha to a bfloat16 tensor's dtype */, v_keep = (float)h[AD_V_KEEP], v_gain = (float)h[AD_V_GAIN];              \
+    const float gain = w, v_keep = (float)h[AD_V_KEEP], v_gain = (float)h[AD_V_GAIN];              \
     const float v_div = (float)h[AD_V_DIV], eps = (float)h[AD_EPS], m_div = (float)h[AD_M_DIV];    \
     const float decay = (float)h[AD_DECAY], r = (float)h[AD_RESCALE];                              \
     const float inv_v_div = (float)(1.0 / h[AD_V_DIV]), inv_m_div = (float)(1.0 / h[AD_M_DIV]);     \
     (void)inv_v_div, (void)inv_m_div, (void)v_div, (void)sign, (void)w, (void)keep, (void)gain, (void)v_keep, (void)v_gain, (void)m_div, (void)decay, (void)r;
-#define AD_V(v, g) ROUND(fmaf(v_gain * (g), (g), ROUND((v) * v_keep)))
-#define AD_DENOM(v) ROUND(ROUND(ROUND(sqrtf(v)) / v_div) + eps)
-#define AD_U(m, v) ROUND(ROUND((m) / AD_DENOM(v)) / m_div)
+#define AD_V(v, g) STORED(fmaf(v_gain * (g), (g), (v) * v_keep))
+#define AD_DENOM(v) (sqrtf(v) / v_div + eps)
+#define AD_U(m, v) ((m) / AD_DENOM(v) / m_div)
 /* the masked passes compute u twice per element, and their square roots and divisions cost
- * as much as their memory traffic: there, the divisions by the tensor's constants are
+ * nearly as much as their memory traffic: there, the divisions by the tensor's constants are
  * multiplications by their reciprocals (at most an ulp from the eager rounding) */
-#define AD_U_MASKED(m, v) ROUND(ROUND((m) / ROUND(ROUND(ROUND(sqrtf(v)) * inv_v_div) + eps)) * inv_m_div)
+#define AD_U_MASKED(m, v) ((m) / (sqrtf(v) * inv_v_div + eps) * inv_m_div)
 
 /* one pass over [j0, j1) without a mask. scaled: the count scale without a mask, whose factor
  * n/(n+1) the caller put into the lr; the eager path then steps with p.add_(u, alpha=-lr) */
 static void SFX(ad_plain)(T *restrict p, const T *restrict g, T *restrict m, T *restrict v, int64_t j0, int64_t j1,
                           const double *h, int scaled) {
     AD_SCALARS
-    const float value = (float)(-h[AD_LR] / h[AD_M_DIV]), neg_lr = ROUND((float)-h[AD_LR]);
+    const float value = (float)(-h[AD_LR] / h[AD_M_DIV]), neg_lr = (float)-h[AD_LR];
 #define AD_PLAIN(M_NEW, P_NEW)                                            \
     _Pragma("omp simd") for (int64_t j = j0; j < j1; ++j) {               \
         float gj = sign * LOAD(g, j), mj = LOAD(m, j);                    \
         float mn = M_NEW(mj, gj), vn = AD_V(LOAD(v, j), gj);              \
-        float pd = ROUND(LOAD(p, j) * decay);                             \
+        float pd = LOAD(p, j) * decay;                                    \
         STORE(p, j, P_NEW);                                               \
-        STORE(m, j, ROUND(mn * r));                                       \
-        STORE(v, j, ROUND(vn * r));                                       \
+        STORE(m, j, mn * r);                                              \
+        STORE(v, j, vn * r);                                              \
     }
 #define AD_ADDCDIV(M_NEW) AD_PLAIN(M_NEW, pd + (value * mn) / AD_DENOM(vn))
 #define AD_ADD(M_NEW) AD_PLAIN(M_NEW, fmaf(neg_lr, AD_U(mn, vn), pd))
@@ -185,27 +190,31 @@ static void SFX(ad_plain)(T *restrict p, const T *restrict g, T *restrict m, T *
 #define SIGN_BIT ((UINT_T)1 << (8 * sizeof(UINT_T) - 1))
 
 /* pass 1 over [j0, j1): m, v and phi (in v's sign bit); sums[3] += ||u||^2, ||phi u||^2,
- * ||phi||_0, in double: the mask's scale is a ratio of two long sums */
+ * ||phi||_0: float32 over chunks of AD_CHUNK elements, double across them (the mask's scale is
+ * a ratio of two long sums; double lanes in the loop itself would cost 10x in bfloat16) */
+#define AD_CHUNK 2048
 static void SFX(ad_sums)(const T *restrict g, T *restrict m, T *restrict v, int64_t j0, int64_t j1, const double *h,
                          int sync, double *sums) {
     AD_SCALARS
-    double uu = 0.0, su = 0.0, count = 0.0;
 #define AD_SUMS(M_NEW)                                                                  \
-    _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = j0; j < j1; ++j) { \
+    _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = c; j < e; ++j) { \
         float gj = sign * LOAD(g, j), mo = LOAD(m, j);                                  \
         float mn = M_NEW(mo, gj), vn = AD_V(LOAD(v, j), gj);                            \
         float u = AD_U_MASKED(mn, vn);                                                  \
         int phi = gj * (sync ? mn : mo) > 0.0f;                                         \
         STORE(m, j, mn);                                                                \
         RAW_STORE(v, j, (ENCODE(vn) & ~SIGN_BIT) | (phi ? SIGN_BIT : 0));               \
-        double u2 = (double)u * u;                                                      \
-        uu += u2;                                                                       \
-        su += phi ? u2 : 0.0;                                                           \
-        count += phi ? 1.0 : 0.0;                                                       \
+        uu += u * u;                                                                    \
+        su += phi ? u * u : 0.0f;                                                       \
+        count += phi ? 1.0f : 0.0f;                                                     \
     }
-    AD_FORMS(AD_SUMS)
+    for (int64_t c = j0; c < j1; c += AD_CHUNK) {
+        int64_t e = c + AD_CHUNK < j1 ? c + AD_CHUNK : j1;
+        float uu = 0.0f, su = 0.0f, count = 0.0f;
+        AD_FORMS(AD_SUMS)
+        sums[0] += uu, sums[1] += su, sums[2] += count;
+    }
 #undef AD_SUMS
-    sums[0] += uu, sums[1] += su, sums[2] += count;
 }
 
 /* pass 2 over [j0, j1): p moves by step (phi u), or by step u where the mask fell back ("all");
@@ -221,11 +230,11 @@ static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j
         bits &= ~SIGN_BIT;                                                  \
         float vn = DECODE(bits), mn = LOAD(m, j);                           \
         float sel = phi ? AD_U_MASKED(mn, vn) : 0.0f;                       \
-        STORE(p, j, fmaf(-sel, step, ROUND(LOAD(p, j) * decay)));           \
+        STORE(p, j, fmaf(-sel, step, LOAD(p, j) * decay));                  \
         STATE                                                               \
     }
     if (r != 1.0f) {
-        AD_APPLY(STORE(m, j, ROUND(mn * r)); STORE(v, j, ROUND(vn * r));)
+        AD_APPLY(STORE(m, j, mn * r); STORE(v, j, vn * r);)
     } else {
         AD_APPLY(RAW_STORE(v, j, bits);)
     }
@@ -241,6 +250,7 @@ static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j
 #undef AD_DENOM
 #undef AD_U
 #undef AD_U_MASKED
+#undef AD_CHUNK
 
 /* ---- Lion and Lion-PMA (leanopt.lion.LionStep), no mask: one pass ---------------------------
  *     c = c_keep m + c_gain g ;  m = m_keep m + m_gain g
@@ -250,36 +260,36 @@ static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j
  *     p = p decay - lr scale m */
 
 static void SFX(lion_plain)(T *restrict p, const T *restrict g, T *restrict m, int64_t j0, int64_t j1, const double *h) {
-    const float sign = (float)h[LI_SIGN], c_keep = (float)h[LI_C_KEEP], c_gain = ROUND((float)h[LI_C_GAIN]);
-    const float m_keep = (float)h[LI_M_KEEP], m_gain = ROUND((float)h[LI_M_GAIN]), decay = (float)h[LI_DECAY];
-    const float neg_lr = ROUND((float)-h[LI_LR]), r = (float)h[LI_RESCALE];
+    const float sign = (float)h[LI_SIGN], c_keep = (float)h[LI_C_KEEP], c_gain = (float)h[LI_C_GAIN];
+    const float m_keep = (float)h[LI_M_KEEP], m_gain = (float)h[LI_M_GAIN], decay = (float)h[LI_DECAY];
+    const float neg_lr = (float)-h[LI_LR], r = (float)h[LI_RESCALE];
 #pragma omp simd
     for (int64_t j = j0; j < j1; ++j) {
         float gj = sign * LOAD(g, j), mj = LOAD(m, j);
-        float c = ROUND(fmaf(c_gain, gj, ROUND(mj * c_keep)));
+        float c = fmaf(c_gain, gj, mj * c_keep);
         float u = (float)(c > 0.0f) - (float)(c < 0.0f); /* torch.sign: 0 for 0 and NaN */
-        float mn = ROUND(fmaf(m_gain, gj, ROUND(mj * m_keep)));
-        STORE(p, j, fmaf(neg_lr, u, ROUND(LOAD(p, j) * decay)));
-        STORE(m, j, ROUND(mn * r));
+        float mn = fmaf(m_gain, gj, mj * m_keep);
+        STORE(p, j, fmaf(neg_lr, u, LOAD(p, j) * decay));
+        STORE(m, j, mn * r);
     }
 }
 
 static void SFX(sgd_plain)(T *restrict p, const T *restrict g, T *restrict m, int64_t j0, int64_t j1, const double *h) {
-    const float sign = (float)h[SG_SIGN], keep = (float)h[SG_KEEP], gain = ROUND((float)h[SG_GAIN]);
+    const float sign = (float)h[SG_SIGN], keep = (float)h[SG_KEEP], gain = (float)h[SG_GAIN];
     const float decay = (float)h[SG_DECAY], neg_lr = (float)-h[SG_LR], scale = (float)h[SG_SCALE];
     if (h[SG_HAS_M] == 0.0) {
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j)
-            STORE(p, j, fmaf(neg_lr * (sign * LOAD(g, j)), scale, ROUND(LOAD(p, j) * decay)));
+            STORE(p, j, fmaf(neg_lr * (sign * LOAD(g, j)), scale, LOAD(p, j) * decay));
     } else if (h[SG_FRESH] != 0.0) {
 #pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) STORE(p, j, fmaf(neg_lr * LOAD(m, j), scale, ROUND(LOAD(p, j) * decay)));
+        for (int64_t j = j0; j < j1; ++j) STORE(p, j, fmaf(neg_lr * LOAD(m, j), scale, LOAD(p, j) * decay));
     } else {
 #pragma omp simd
         for (int64_t j = j0; j < j1; ++j) {
-            float mn = ROUND(fmaf(gain, sign * LOAD(g, j), ROUND(LOAD(m, j) * keep)));
+            float mn = STORED(fmaf(gain, sign * LOAD(g, j), LOAD(m, j) * keep));
             STORE(m, j, mn);
-            STORE(p, j, fmaf(neg_lr * mn, scale, ROUND(LOAD(p, j) * decay)));
+            STORE(p, j, fmaf(neg_lr * mn, scale, LOAD(p, j) * decay));
         }
     }
 }
