@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from leanopt import _native
-from leanopt.bench.speed import PATTERNS, format_patterns, format_table, run_patterns, run_speed
+from leanopt.bench.speed import KERNELS, PATTERNS, format_patterns, format_table, run_patterns, run_speed
 
 
 def test_speed_rows_floor_and_ratios():
@@ -38,11 +38,12 @@ def test_unknown_model_or_filter():
 def test_memory_traffic_patterns():
     result = run_patterns(steps=2, threads=1, nbytes=4 * 2**20)
     rows = {r["pattern"]: r for r in result["rows"]}
-    assert set(rows) == set(PATTERNS)
+    assert set(rows) == set(PATTERNS) | set(KERNELS)
     # bytes per float32 element: each pass reads its distinct tensors and writes its outputs
     assert rows["AdamW; Adam family without mask: pgmv->pmv"]["bytes_per_elem"] == 4 * (4 + 3)
     assert rows["Adam family with mask, C kernel: gmv->mv, pmv->pv"]["bytes_per_elem"] == 4 * (3 + 2 + 3 + 2)
     assert rows["Adam family with mask, compiled: gmv->, pgmv->pmv"]["passes"] == 2
+    assert rows["C kernel: AlphaAdam (async mask)"]["bytes_per_elem"] == 40  # its passes' bytes
     for r in rows.values():
         assert r["ns_per_elem"] > 0 and r["best_bandwidth_gbs"] > 0
         # x floor: the pattern's time against floor bytes at the best streaming bandwidth

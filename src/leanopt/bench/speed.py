@@ -253,6 +253,30 @@ PATTERNS: dict[str, tuple[tuple[tuple[str, str], ...], int]] = {
     "Lion, SGD-SaI with mask, compiled: gm->, pgm->pm": ((("gm", ""), ("pgm", "pm")), 20),
     "read only: gmv->": ((("gmv", ""),), 12),
 }
+# leanopt's C kernels on the same tensors, beside the traffic they make: name -> (kernel, the
+# pattern of its passes)
+KERNELS: dict[str, tuple[str, str]] = {
+    "C kernel: AlphaAdam (async mask)": ("alpha-adam", "Adam family with mask, C kernel: gmv->mv, pmv->pv"),
+    "C kernel: AdamW-PMA (K=1: AdamW)": ("adamw", "AdamW; Adam family without mask: pgmv->pmv"),
+    "C kernel: Adam-mini (blocks of 768)": ("adam-mini", "Adam-mini, Lion, SGD-SaI: pgm->pm"),
+    "C kernel: Lion": ("lion", "Adam-mini, Lion, SGD-SaI: pgm->pm"),
+}
+
+
+def _kernel_step(kind: str, t: dict[str, Any]):
+    """One step of a C kernel over the probe tensors (float32, 1-D)."""
+    from .. import _native
+
+    adam_row = [(1.0, 0.9, 0.1, 1.0, 0.999, 0.001, 0.5, 1e-8, 0.5, 0.999, 1e-4, 1.0)]
+    if kind in ("alpha-adam", "adamw"):
+        mask, alpha, count = ("async", "squared", True) if kind == "alpha-adam" else ("none", "none", False)
+        return lambda: _native.adam([t["p"]], [t["g"]], [t["m"]], [t["v"]], adam_row, mask=mask, alpha=alpha, count_scale=count)
+    if kind == "adam-mini":
+        rows = t["p"].numel() // 768
+        views = [t[k][:rows * 768].view(rows, 768) for k in "pgm"]
+        return lambda: _native.adam_mini_rows(*([x] for x in views), [t["v"][:rows]], [rows], [768],
+                                              [(1.0, 0.1, 0.999, 0.001, 768, 0.5, 1e-8, 0.999, 1e-3)])
+    return lambda: _native.lion([t["p"]], [t["g"]], [t["m"]], [(1.0, 0.9, 0.1, 0.99, 0.01, 0.999, 1e-4, 1.0)])
 
 
 def patterns_worker(args: dict[str, Any]) -> dict[str, Any]:
@@ -267,19 +291,22 @@ def patterns_worker(args: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("the C kernels are not available here (see leanopt._native)")
     nbytes = args.get("nbytes", 256 * 2**20)
     n = nbytes // 4
-    arrays = {k: torch.randn(n) * 1e-3 for k in "pgmv"}
+    arrays = {k: torch.randn(n) * 1e-3 for k in "pgm"}
+    arrays["v"] = torch.rand(n) * 1e-6  # a second moment: the masked kernel keeps phi in its sign bit
     kernels = _bandwidth_kernels("cpu", torch.float32, nbytes)
+    runs = {name: (lambda passes=passes: [_native.stream([arrays[k] for k in r], [arrays[k] for k in w]) for r, w in passes])
+            for name, (passes, _) in PATTERNS.items()}
+    runs.update({name: _kernel_step(kind, arrays) for name, (kind, _) in KERNELS.items()})
 
     def timed(fn) -> float:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
 
-    out: dict[str, Any] = {name: {"times_s": [], "best_bandwidth": []} for name in PATTERNS}
+    out: dict[str, Any] = {name: {"times_s": [], "best_bandwidth": []} for name in runs}
     for _ in range(args["steps"]):
-        for name, (passes, _) in PATTERNS.items():
+        for name, run in runs.items():
             best = max(moved / min(timed(fn) for _ in range(2)) for fn, moved in kernels.values())
-            run = lambda passes=passes: [_native.stream([arrays[k] for k in r], [arrays[k] for k in w]) for r, w in passes]
             run()  # warm
             out[name]["times_s"].append(timed(run))
             out[name]["best_bandwidth"].append(best)
@@ -294,7 +321,9 @@ def run_patterns(steps: int = 5, threads: int = 2, nbytes: int = 256 * 2**20, ti
     if "error" in raw:
         raise RuntimeError(raw["error"])
     rows = []
-    for name, (passes, floor_per_elem) in PATTERNS.items():
+    measured = [*((name, name) for name in PATTERNS), *((name, pattern) for name, (_, pattern) in KERNELS.items())]
+    for name, pattern in measured:
+        passes, floor_per_elem = PATTERNS[pattern]
         m = raw["patterns"][name]
         moved = 4 * sum(len(set(r)) + len(w) for r, w in passes)
         ratios = [t * bw / (floor_per_elem * raw["n"]) for t, bw in zip(m["times_s"], m["best_bandwidth"])]
@@ -316,7 +345,8 @@ def format_patterns(result: dict[str, Any]) -> str:
                      f"{r['floor_bytes_per_elem']:>8} {r['ratio_to_floor']:>7.2f}x")
     lines += ["", "each pass reads the tensors left of -> and writes those right of it, with next to no arithmetic; x floor = "
               "its time / (floor B per element / best streaming bandwidth), the floor of the optimizers it bounds as the "
-              "step table counts it: no implementation with these passes can be closer to that floor on this machine"]
+              "step table counts it: no implementation with these passes can be closer to that floor on this machine. "
+              "C kernel rows: leanopt's kernels on the same tensors, with the bytes of their passes"]
     return "\n".join(lines)
 
 
