@@ -2,18 +2,19 @@
 
 Inductor's code for a row-blocked step (Adam-mini: one second moment per row) recomputes
 the row's scalar step (a square root and two divisions) for every vector of 16 elements,
-because its stores might alias the loads it would hoist; and every compiled call pays
-dynamo's guards. The C kernels compute each row's step once, take the next row's sum of g²
-inside the loop that updates the current row (so a step is one pass over memory), and
-cover every tensor of a step with one call.
+because its stores might alias the loads it would hoist; the masked steps re-read the
+gradient in their second pass; and every compiled call pays dynamo's guards. The C kernels
+compute each row's step once, take the next row's sum of g² inside the loop that updates
+the current row (so a step is one pass over memory), keep the mask in a spare bit instead
+of re-reading g, and cover every tensor of a step with one call.
 
-The library is built on first use with the system C compiler (``$CC``, else ``cc``,
-``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``) into a cache directory
-(``$LEANOPT_CACHE_DIR``, else ``~/.cache/leanopt``), keyed by the sources, the compiler,
-its flags and the CPU, and loaded with :mod:`ctypes`. Where that fails (no compiler, no
-OpenMP, not Linux), :func:`library` warns once and returns ``None``, and the
-callers use their compiled (inductor) or eager paths; ``LEANOPT_NATIVE=0`` turns the
-kernels off.
+The library is built on first use with the system C compiler (``$CC``, else ``cc``, ``gcc``
+or ``clang``; ``-O3 -march=native -fopenmp``) into a cache directory (``$LEANOPT_CACHE_DIR``,
+else ``~/.cache/leanopt``; a temporary folder where that cannot be written), keyed by the
+sources, the compiler, its flags and the CPU, and loaded with :mod:`ctypes`. Where that
+fails (no compiler, no OpenMP, not Linux), :func:`library` warns once and returns ``None``,
+and the callers use their compiled (inductor) or eager paths; ``LEANOPT_NATIVE=0`` turns
+the kernels off.
 """
 
 from __future__ import annotations
@@ -97,11 +98,18 @@ def _build() -> Path:
                  " ".join(_FLAGS).encode(), _cpu_signature().encode()]:
         key.update(part)
         key.update(b"\0")
+    name = f"cpu_kernels-{key.hexdigest()[:20]}.so"
     out_dir = _cache_dir()
-    out = out_dir / f"cpu_kernels-{key.hexdigest()[:20]}.so"
+    if (out_dir / name).exists():
+        return out_dir / name
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: this user's folder in the temporary directory
+        out_dir = Path(tempfile.gettempdir()) / f"leanopt-{os.getuid()}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / name
     if out.exists():
         return out
-    out_dir.mkdir(parents=True, exist_ok=True)
     # build beside the target and rename: processes building at once (ranks, test workers)
     # never load a half-written file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
