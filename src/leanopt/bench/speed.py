@@ -477,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: time the memory-traffic patterns of the optimizers' passes (float32, CPU)")
     args = p.parse_args(argv)
     if args.patterns:
+        if args.device != "cpu":
+            p.error("--patterns measures the CPU (its probes are the C kernels)")
         result = run_patterns(args.steps, args.threads)
         print(format_patterns(result))
         if args.json:
