@@ -159,7 +159,7 @@ def test_native_off_uses_the_compiled_path(monkeypatch, calls):
     assert rel(fused, eager) <= 1e-6
 
 
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     def broken():
         raise RuntimeError("no compiler here")
 

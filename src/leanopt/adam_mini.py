@@ -53,7 +53,6 @@ from .partition import (
     lane_to_block,
     name_rule,
     partition_from_model,
-    partition_from_names,
     partition_plain,
     warn_fallbacks,
 )
