@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="gpt2-124m", choices=list(MODELS))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--only", nargs="*", help="implementations whose name contains one of these")
+    p.add_argument("--only", nargs="*", help="implementations whose name contains one of these, or whose spec is one of "
+                   "them (e.g. torch-adamw-fused, leanopt:adam-mini, leanopt:adam-mini:fused)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
