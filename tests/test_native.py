@@ -171,8 +171,8 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # warned once, not at every step
         assert _native.library() is None
-        fused, _ = run("adam-mini", dict(lr=1e-2), True, steps=3, model=tiny_model())
-    eager, _ = run("adam-mini", dict(lr=1e-2), False, steps=3, model=tiny_model())
+        fused, _ = run("lion", dict(lr=1e-3), True, steps=3, model=tiny_model())
+    eager, _ = run("lion", dict(lr=1e-3), False, steps=3, model=tiny_model())
     assert rel(fused, eager) <= 1e-6
 
 
