@@ -47,13 +47,10 @@ class Impl:
     build: str  # how the worker builds it (see _build)
 
 
-# the optimizers whose fused step on the CPU runs leanopt's C kernels (leanopt._native)
-NATIVE = ("adam-mini", "sgd-sai", "lion", "alpha-adam", "cadamw", "adamw-pma", "lion-pma")
-
-
 def implementations(device: str = "cpu") -> list[Impl]:
-    """Every leanopt optimizer and the peers that are installed. On the CPU, the optimizers
-    with C kernels also appear with them turned off ("fused, compiled": torch.compile)."""
+    """Every leanopt optimizer and the peers that are installed. On the CPU, where the fused
+    steps run leanopt's C kernels, each also appears with them turned off ("fused, compiled":
+    torch.compile)."""
     impls = [
         Impl("torch AdamW (for-loop)", "AdamW", "torch-adamw-loop"),
         Impl("torch AdamW (foreach)", "AdamW", "torch-adamw-foreach"),
@@ -64,7 +61,7 @@ def implementations(device: str = "cpu") -> list[Impl]:
                          ("cadamw", "C-AdamW"), ("adamw-pma", "AdamW-PMA"), ("lion-pma", "Lion-PMA")):
         impls.append(Impl(f"leanopt {name}", family, f"leanopt:{name}"))
         impls.append(Impl(f"leanopt {name} (fused)", family, f"leanopt:{name}:fused"))
-        if name in NATIVE and device == "cpu":
+        if device == "cpu":
             impls.append(Impl(f"leanopt {name} (fused, compiled)", family, f"leanopt:{name}:fused:compiled"))
     peers = [
         ("adam_mini", Impl("adam-mini 1.1.1 (released)", "Adam-mini", "adam_mini")),
@@ -163,6 +160,19 @@ def _bandwidth_kernels(device: str, dtype, nbytes: int = 256 * 2**20):
     }
 
 
+def _timed(fn, sync=lambda: None) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def _bandwidths(kernels, sync=lambda: None) -> dict[str, float]:
+    """Bytes/s of each streaming kernel of :func:`_bandwidth_kernels`, the best of two runs."""
+    return {name: moved / min(_timed(fn, sync) for _ in range(2)) for name, (fn, moved) in kernels.items()}
+
+
 def main_worker(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -196,13 +206,6 @@ def main_worker(args: dict[str, Any]) -> dict[str, Any]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def timed(fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
     for _ in range(args["warmup"]):
         opt.step()
     sync()
@@ -223,9 +226,9 @@ def main_worker(args: dict[str, Any]) -> dict[str, Any]:
     # it, so that the ratio to the floor compares like with like
     times, bandwidth = [], {name: [] for name in kernels}
     for _ in range(args["steps"]):
-        for name, (fn, moved) in kernels.items():
-            bandwidth[name].append(moved / min(timed(fn) for _ in range(2)))
-        times.append(timed(opt.step))
+        for name, bw in _bandwidths(kernels, sync).items():
+            bandwidth[name].append(bw)
+        times.append(_timed(opt.step, sync))
     floor_bytes = 2 * param_bytes + param_bytes + 2 * sb  # read+write p, read g, read+write state
     return {
         "n_params": sum(p.numel() for p in params),
@@ -298,17 +301,12 @@ def patterns_worker(args: dict[str, Any]) -> dict[str, Any]:
             for name, (passes, _) in PATTERNS.items()}
     runs.update({name: _kernel_step(kind, arrays) for name, (kind, _) in KERNELS.items()})
 
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
     out: dict[str, Any] = {name: {"times_s": [], "best_bandwidth": []} for name in runs}
     for _ in range(args["steps"]):
         for name, run in runs.items():
-            best = max(moved / min(timed(fn) for _ in range(2)) for fn, moved in kernels.values())
+            best = max(_bandwidths(kernels).values())
             run()  # warm
-            out[name]["times_s"].append(timed(run))
+            out[name]["times_s"].append(_timed(run))
             out[name]["best_bandwidth"].append(best)
     return {"n": n, "patterns": out}
 
@@ -317,7 +315,7 @@ def run_patterns(steps: int = 5, threads: int = 2, nbytes: int = 256 * 2**20, ti
     """Each pattern's time per float32 element, its bytes moved, and its time against the
     byte floor of the optimizers it bounds (their floor bytes / best streaming bandwidth);
     ``nbytes`` per tensor (keep it well above the last-level cache)."""
-    raw = _spawn({"patterns": True, "steps": steps, "threads": threads, "build": "patterns", "nbytes": nbytes}, timeout)
+    raw = _spawn({"build": "patterns", "steps": steps, "threads": threads, "nbytes": nbytes}, timeout)
     if "error" in raw:
         raise RuntimeError(raw["error"])
     rows = []
@@ -495,4 +493,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # worker mode: one JSON argument, one JSON line out
     worker_args = json.loads(sys.argv[1])
-    print(json.dumps((patterns_worker if worker_args.get("patterns") else main_worker)(worker_args)))
+    print(json.dumps((patterns_worker if worker_args["build"] == "patterns" else main_worker)(worker_args)))
