@@ -67,8 +67,9 @@ def enabled() -> bool:
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -98,16 +99,13 @@ def _build() -> Path:
                  " ".join(_FLAGS).encode(), _cpu_signature().encode()]:
         key.update(part)
         key.update(b"\0")
-    name = f"cpu_kernels-{key.hexdigest()[:20]}.so"
     out_dir = _cache_dir()
-    if (out_dir / name).exists():
-        return out_dir / name
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError:  # a read-only home: this user's folder in the temporary directory
         out_dir = Path(tempfile.gettempdir()) / f"leanopt-{os.getuid()}"
         out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / name
+    out = out_dir / f"cpu_kernels-{key.hexdigest()[:20]}.so"
     if out.exists():
         return out
     # build beside the target and rename: processes building at once (ranks, test workers)
