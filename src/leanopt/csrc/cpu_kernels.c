@@ -160,6 +160,17 @@ static void share(int64_t n, int tid, int nt, int64_t *j0, int64_t *j1) {
     *j1 = tid + 1 == nt ? n : (n * (tid + 1) / nt) & ~(int64_t)63;
 }
 
+/* thread tid's part [j0, j1) of tensor t of n elements: a share of a large tensor, all of a
+ * small one for one thread (round robin over the tensors). Returns 0 where tid has no part. */
+static int part(int64_t n, int t, int tid, int nt, int64_t *j0, int64_t *j1) {
+    if (n < SMALL) {
+        *j0 = 0, *j1 = n;
+        return tid == t % nt;
+    }
+    share(n, tid, nt, j0, j1);
+    return 1;
+}
+
 /* The Adam family over T tensors of N[t] elements (leanopt.alpha_adam): dtype 0 float32,
  * 1 bfloat16; h: T rows of AD_N doubles; mask, alpha: the enums above; count_scale 0/1 (with
  * mask "none" the caller folds n/(n+1) into the lr). Returns 0, 1 for a bad thread count, 2 if out of memory. */
@@ -178,12 +189,8 @@ int leanopt_adam(int nt, int T_, int dtype, void **P, void **G, void **M, void *
         for (int t = 0; t < T_; ++t) {
             const double *ht = h + (int64_t)t * AD_N;
             int small = N[t] < SMALL;
-            int64_t j0 = 0, j1 = N[t];
-            if (small) {
-                if (tid != t % n) continue;
-            } else {
-                share(N[t], tid, n, &j0, &j1);
-            }
+            int64_t j0, j1;
+            if (!part(N[t], t, tid, n, &j0, &j1)) continue;
             if (mask == MASK_NONE) {
                 if (dtype == 0)
                     ad_plain_f32(P[t], G[t], M[t], V[t], j0, j1, ht, count_scale);
@@ -228,12 +235,8 @@ int leanopt_elementwise(int nt, int T_, int dtype, void **P, void **G, void **M,
     {
         int tid = omp_get_thread_num(), n = omp_get_num_threads();
         for (int t = 0; t < T_; ++t) {
-            int64_t j0 = 0, j1 = N[t];
-            if (N[t] < SMALL) {
-                if (tid != t % n) continue;
-            } else {
-                share(N[t], tid, n, &j0, &j1);
-            }
+            int64_t j0, j1;
+            if (!part(N[t], t, tid, n, &j0, &j1)) continue;
             const double *ht = h + (int64_t)t * width;
             if (kind == 0 && dtype == 0) lion_plain_f32(P[t], G[t], M[t], j0, j1, ht);
             if (kind == 0 && dtype == 1) lion_plain_bf16(P[t], G[t], M[t], j0, j1, ht);
