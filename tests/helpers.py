@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -41,10 +43,12 @@ def params_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
-def max_rel_diff(a: nn.Module, b: nn.Module) -> float:
-    """Largest per-tensor relative difference ||a-b|| / ||b||."""
+def max_rel_diff(a: nn.Module | Iterable[Tensor], b: nn.Module | Iterable[Tensor]) -> float:
+    """Largest per-tensor relative difference ||a-b|| / ||b||, over two models' parameters
+    or two lists of tensors."""
     worst = 0.0
-    for x, y in zip(a.parameters(), b.parameters(), strict=True):
+    tensors = (lambda x: x.parameters() if isinstance(x, nn.Module) else x)
+    for x, y in zip(tensors(a), tensors(b), strict=True):
         d = (x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)
         worst = max(worst, d.item())
     return worst

@@ -16,7 +16,7 @@ import torch
 
 import leanopt
 from leanopt import _native
-from helpers import tiny_model
+from helpers import max_rel_diff, tiny_model
 
 pytestmark = pytest.mark.skipif(not _native.enabled() or _native._compiler() is None,
                                 reason="the CPU kernels need Linux and a C compiler")
@@ -69,10 +69,6 @@ def run(name, kw, fused, dtype=torch.float32, steps=20, model=None):
     return [p.detach().clone() for p in model.parameters()], opt
 
 
-def rel(a, b):
-    return max(((x.double() - y.double()).norm() / y.double().norm()).item() for x, y in zip(a, b))
-
-
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the tensors each kernel steps (and proves the fused path used it)."""
@@ -100,7 +96,7 @@ def test_native_equals_eager_float32(name, kw, nthreads, calls):
     eager, _ = run(name, kw, False)
     steps = 19 if name == "sgd-sai" else 20  # SGD-SaI's first step is its g-SNR: eager by design
     assert calls[KERNEL.get(name, "adam")] >= steps * len(fused)  # every tensor at every step
-    assert rel(fused, eager) <= 1e-6
+    assert max_rel_diff(fused, eager) <= 1e-6
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=IDS)
@@ -123,8 +119,8 @@ def test_native_bfloat16_is_closer_to_float32_than_eager(name, kw):
     reference = trajectory(False, torch.float32)
     native, eager = trajectory(True, torch.bfloat16), trajectory(False, torch.bfloat16)
     assert all(torch.isfinite(p).all() for p in native)
-    assert rel(native, reference) <= rel(eager, reference)
-    assert rel(native, eager) <= 3e-2  # the compiled kernels' tolerance (test_fused.py)
+    assert max_rel_diff(native, reference) <= max_rel_diff(eager, reference)
+    assert max_rel_diff(native, eager) <= 3e-2  # the compiled kernels' tolerance (test_fused.py)
 
 
 def test_odd_sizes_and_mixed_dtypes_in_one_group():
@@ -145,8 +141,8 @@ def test_odd_sizes_and_mixed_dtypes_in_one_group():
                 p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
             opt.step()
         out[fused] = [p.detach().clone() for p in ps]
-    assert rel(out[True][:4], out[False][:4]) <= 1e-6
-    assert rel(out[True][4:], out[False][4:]) <= 3e-2
+    assert max_rel_diff(out[True][:4], out[False][:4]) <= 1e-6
+    assert max_rel_diff(out[True][4:], out[False][4:]) <= 3e-2
 
 
 def test_native_off_uses_the_compiled_path(monkeypatch, calls):
@@ -156,7 +152,7 @@ def test_native_off_uses_the_compiled_path(monkeypatch, calls):
     eager, _ = run("alpha-adam", dict(lr=1e-2, mask="none", alpha="none", count_scale=False), False, steps=3,
                    model=tiny_model())
     assert not any(calls.values())
-    assert rel(fused, eager) <= 1e-6
+    assert max_rel_diff(fused, eager) <= 1e-6
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
@@ -173,7 +169,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         assert _native.library() is None
         fused, _ = run("lion", dict(lr=1e-3), True, steps=3, model=tiny_model())
     eager, _ = run("lion", dict(lr=1e-3), False, steps=3, model=tiny_model())
-    assert rel(fused, eager) <= 1e-6
+    assert max_rel_diff(fused, eager) <= 1e-6
 
 
 def test_build_is_cached_by_content(monkeypatch, tmp_path):
