@@ -351,10 +351,30 @@ def test_plain_params_warn_once_and_use_one_block_per_tensor():
     assert all(r.blocks == 1 for r in opt.describe_partition())
 
 
-def test_named_mode_needs_dim_for_query_key():
+def test_names_are_metadata_and_name_rules_only_when_asked_for():
     model = tiny_model()
+    with pytest.warns(PartitionWarning, match="no model"):
+        named = AdamMini(model.named_parameters())
+    with pytest.warns(PartitionWarning, match="no model"):
+        plain = AdamMini(model.parameters())
+    assert [r.blocks for r in named.describe_partition()] == [r.blocks for r in plain.describe_partition()]
+    assert named.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    # the structure-aware partition whenever the model is known, in all three forms
+    forms = [AdamMini(model), AdamMini(model.named_parameters(), model=model), AdamMini(model.parameters(), model=model)]
+    assert len({tuple(r.blocks for r in o.describe_partition()) for o in forms}) == 1
+    assert rows_by_name(forms[0])["layers.0.self_attn.q_proj.weight"].rule.startswith("query")
+    # adam-mini 1.1.1's name rules: explicitly, or implied by dim=/n_heads= without a model
     with pytest.raises(ValueError, match="dim= and n_heads="):
-        AdamMini(model.named_parameters())
+        AdamMini(model.named_parameters(), partition="names")
+    by_dim = rows_by_name(AdamMini(model.named_parameters(), dim=32, n_heads=4))
+    by_flag = rows_by_name(AdamMini(model, partition="names", dim=32, n_heads=4))
+    assert by_dim == by_flag and by_dim["lm_head.weight"].rule == "output"
+    with pytest.raises(ValueError, match="needs the model"):
+        AdamMini(model.parameters(), partition="model")
+    with pytest.raises(ValueError, match="partition"):
+        AdamMini(model, partition="rows")
+    with pytest.raises(ValueError, match="another one"):
+        AdamMini(model, model=tiny_model(seed=1))
 
 
 def test_no_structure_warns():
@@ -402,14 +422,20 @@ def test_load_state_dict_with_other_partition_is_rejected():
         other.load_state_dict(opt.state_dict())
 
 
-def test_added_param_group_is_partitioned_by_name():
+def test_added_param_group_is_partitioned_by_the_model():
     model = tiny_model()
-    head = nn.Linear(32, 5)
-    opt = AdamMini(model.parameters(), model=model)
-    opt.add_param_group({"params": list(head.named_parameters(prefix="classifier.mlp")), "lr": 1e-3})
+    opt = AdamMini(model)
+    model.classifier = nn.Linear(32, 5)  # the model grows a head after the optimizer was built
+    opt.add_param_group({"params": list(model.classifier.named_parameters(prefix="classifier")), "lr": 1e-3})
     rows = rows_by_name(opt)
-    assert rows["classifier.mlp.weight"].blocks == 5
-    assert rows["classifier.mlp.bias"].blocks == 5
+    assert rows["classifier.weight"].blocks == 5 and rows["classifier.weight"].rule == "neuron"
+    assert rows["classifier.bias"].blocks == 5
+    stray = nn.Linear(32, 3)  # not part of the model: one block per tensor, named in a warning
+    with pytest.warns(PartitionWarning, match="no partition rule.*stray.weight"):
+        opt.add_param_group({"params": list(stray.named_parameters(prefix="stray"))})
+    assert rows_by_name(opt)["stray.weight"].blocks == 1
+    with pytest.raises(ValueError, match="with/without names"):  # torch's rule: all groups named, or none
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
 
 
 @pytest.mark.parametrize("new_arch,kv,expected", [(True, 2, 8 + 2 + 2 * 8), (False, 1, 8 + 1 + 8)], ids=["gqa", "multi-query"])
@@ -426,3 +452,165 @@ def test_partition_t5_head_dim_from_d_kv():
     assert rows["encoder.block.0.layer.0.SelfAttention.q.weight"].blocks == 4
     assert rows["encoder.block.0.layer.0.SelfAttention.v.weight"].blocks == 128
     assert rows["shared.weight"].blocks == 100
+
+
+# --------------------------------------------------------------------------------------
+# what people train now: mixtures of experts, vision transformers, convolutions, SSMs
+# --------------------------------------------------------------------------------------
+
+MOE = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+           num_key_value_heads=2, num_experts_per_tok=2)
+
+
+def test_partition_mixtral_fused_experts_and_router():
+    rows = partition(on_meta((transformers.MixtralForCausalLM, transformers.MixtralConfig), **MOE, num_local_experts=4))
+    experts, inter, hidden = 4, 128, 64
+    # one block per output neuron of each expert: [experts, 2·inter, hidden] and [experts, hidden, inter]
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"].blocks == experts * 2 * inter
+    assert rows["model.layers.0.mlp.experts.down_proj"].blocks == experts * hidden
+    assert rows["model.layers.0.mlp.gate.weight"].blocks == experts  # the router: one per expert logit
+    assert rows["model.layers.0.self_attn.q_proj.weight"].blocks == 4
+
+
+def test_partition_qwen2_moe_experts_shared_expert_and_gates():
+    rows = partition(on_meta((transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig), **MOE, num_experts=4,
+                             moe_intermediate_size=32, shared_expert_intermediate_size=48))
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"].blocks == 4 * 2 * 32
+    assert rows["model.layers.0.mlp.experts.down_proj"].blocks == 4 * 64
+    assert rows["model.layers.0.mlp.gate.weight"].blocks == 4
+    assert rows["model.layers.0.mlp.shared_expert.up_proj.weight"].blocks == 48
+    assert rows["model.layers.0.mlp.shared_expert_gate.weight"].blocks == 1
+
+
+def test_partition_transposed_experts_fall_back_to_one_block_per_expert_with_a_warning():
+    c = dict(MOE, intermediate_size=32, num_local_experts=4, head_dim=16, layer_types=["full_attention"])
+    model = on_meta((transformers.GptOssForCausalLM, transformers.GptOssConfig), **c)  # stores [experts, in, out]
+    with pytest.warns(PartitionWarning, match=r"gate_up_proj: experts stored as \[experts, in, out\]"):
+        rows = rows_by_name(AdamMini(model))
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"].blocks == 4
+    assert rows["model.layers.0.self_attn.sinks"].blocks == 4  # one attention-sink logit per head
+
+
+class PerExpertMoE(nn.Module):
+    """Mixtral's earlier layout: a router and one ``nn.Linear`` triple per expert."""
+
+    def __init__(self, hidden=16, inter=24, n_experts=3):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(50, hidden)
+        self.gate = nn.Linear(hidden, n_experts, bias=False)
+        self.experts = nn.ModuleList(nn.ModuleDict({"w1": nn.Linear(hidden, inter, bias=False), "w2": nn.Linear(inter, hidden, bias=False),
+                                                    "w3": nn.Linear(hidden, inter, bias=False)}) for _ in range(n_experts))
+
+
+def test_partition_per_expert_linear_experts():
+    rows = partition(PerExpertMoE())
+    assert rows["gate.weight"].blocks == 3
+    for e in range(3):
+        assert rows[f"experts.{e}.w1.weight"].blocks == 24 and rows[f"experts.{e}.w3.weight"].blocks == 24
+        assert rows[f"experts.{e}.w2.weight"].blocks == 16
+
+
+class TimmViT(nn.Module):
+    """A timm-style ViT built from code: patch embedding (Conv2d), class and register
+    tokens, a position table, fused qkv attention with num_heads/head_dim attributes."""
+
+    class Attention(nn.Module):
+        def __init__(self, dim, num_heads):
+            super().__init__()
+            self.num_heads, self.head_dim = num_heads, dim // num_heads
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+    def __init__(self, dim=32, heads=4, patch=4, image=16, registers=2, classes=10):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, registers, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, (image // patch) ** 2 + 1, dim))
+        self.blocks = nn.ModuleList([nn.ModuleDict({"norm1": nn.LayerNorm(dim), "attn": self.Attention(dim, heads), "norm2": nn.LayerNorm(dim),
+                                                    "mlp": nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))})])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+
+def test_partition_timm_style_vit():
+    rows = partition(TimmViT())
+    assert rows["patch_embed.proj.weight"].blocks == 32  # one per output channel (32×3×4×4)
+    assert rows["pos_embed"].blocks == 17  # one per position: 16 patches + the class token
+    assert rows["cls_token"].blocks == 1 and rows["reg_token"].blocks == 2  # one per learned token
+    assert rows["blocks.0.attn.qkv.weight"].blocks == 4 + 4 + 32  # q, k heads; v neurons
+    assert rows["blocks.0.mlp.0.weight"].blocks == 128
+    assert rows["head.weight"].blocks == 10
+
+
+def test_partition_hf_vit_from_config():
+    c = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8)
+    rows = partition(on_meta((transformers.ViTForImageClassification, transformers.ViTConfig), **c, num_labels=10))
+    assert rows["vit.embeddings.patch_embeddings.projection.weight"].blocks == 64
+    assert rows["vit.embeddings.position_embeddings"].blocks == (32 // 8) ** 2 + 1
+    assert rows["vit.embeddings.cls_token"].blocks == 1
+    q = next(n for n in rows if n.startswith("vit.") and n.endswith("q_proj.weight") or n.endswith("query.weight"))
+    assert rows[q].blocks == 4
+
+
+def test_partition_convolutions_one_block_per_output_channel():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv1d(8, 6, 3), nn.Conv3d(2, 5, 1), nn.Conv2d(8, 8, 3, groups=4))
+    with pytest.warns(PartitionWarning, match="no embedding"):  # not a transformer: said once
+        rows = rows_by_name(AdamMini(model))
+    assert [rows[f"{i}.weight"].blocks for i in range(4)] == [8, 6, 5, 8]
+    assert rows["0.bias"].blocks == 8
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_partition_mamba(version):
+    hidden, expand, state = 64, 2, 8
+    inner = expand * hidden
+    if version == 1:
+        model = on_meta((transformers.MambaForCausalLM, transformers.MambaConfig), vocab_size=100, hidden_size=hidden,
+                        state_size=state, num_hidden_layers=1, expand=expand, conv_kernel=4)
+    else:
+        model = on_meta((transformers.Mamba2ForCausalLM, transformers.Mamba2Config), vocab_size=100, hidden_size=hidden,
+                        state_size=state, num_hidden_layers=1, expand=expand, conv_kernel=4, num_heads=8, head_dim=16,
+                        n_groups=1)
+    rows = partition(model)  # no warning: in_proj is not an attention projection
+    mixer = "backbone.layers.0.mixer."
+    assert rows[mixer + "in_proj.weight"].blocks == model.get_submodule(mixer + "in_proj").out_features
+    assert rows[mixer + "out_proj.weight"].blocks == hidden
+    conv = model.get_submodule(mixer + "conv1d")
+    assert rows[mixer + "conv1d.weight"].blocks == conv.out_channels  # one per (depthwise) channel
+    if version == 1:  # A_log: (inner, state), one block per channel; D: per element
+        assert rows[mixer + "A_log"].blocks == inner and rows[mixer + "D"].blocks == inner
+        assert rows[mixer + "x_proj.weight"].blocks == model.get_submodule(mixer + "x_proj").out_features
+    else:  # per-head A_log, D and dt_bias: one block each
+        assert rows[mixer + "A_log"].blocks == 8 and rows[mixer + "D"].blocks == 8 and rows[mixer + "dt_bias"].blocks == 8
+    assert not rows[mixer + "A_log"].weight_decay and not rows[mixer + "D"].weight_decay  # as Mamba's reference code
+
+
+def test_unrecognized_parameters_get_one_block_and_a_warning_naming_them():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.zeros(3, 4))
+            self.gamma = nn.Parameter(torch.ones(4))
+            self.temperature = nn.Parameter(torch.ones(()))  # a scalar: one block, no need to warn
+            self.embed = nn.Embedding(5, 4)
+
+    with pytest.warns(PartitionWarning, match=r"no partition rule for 2 parameter\(s\).*table, gamma") as record:
+        rows = rows_by_name(AdamMini(Odd()))
+    assert sum("no partition rule" in str(w.message) for w in record) == 1
+    assert rows["table"].blocks == 1 and rows["gamma"].blocks == 1 and rows["temperature"].blocks == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        AdamMini(Odd(), overrides={"table": "neuron", "gamma": "element"})
+
+
+def test_given_head_geometry_that_does_not_fit_raises():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(10, 10)
+
+    model = nn.ModuleDict({"attn": Attn(), "embed_tokens": nn.Embedding(10, 10)})
+    with pytest.raises(ValueError, match=r"does not fit attn.q_proj.weight.*heads=3"):
+        AdamMini(model, n_heads=3)

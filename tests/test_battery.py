@@ -302,3 +302,198 @@ def test_deepcopy(name):
     assert all(torch.equal(p, s) for p, s in zip(model.parameters(), snapshot)), "the copy shares tensors with the original"
     train(model, opt, range(2, 4))
     assert params_equal(model, model2)
+
+
+# --------------------------------------------------------------------------------------
+# torch.optim's conventions, to the letter
+# --------------------------------------------------------------------------------------
+
+
+def factory_of(name: str):
+    return leanopt.optimizer_info(name).factory
+
+
+def is_leanopt(name: str) -> bool:
+    f = factory_of(name)
+    return isinstance(f, type) and issubclass(f, LeanOptimizer)
+
+
+def resume_across(name: str, save_named: bool, load_named: bool, edit=None) -> None:
+    """Train 3 steps, save, load into a fresh optimizer (built with or without names), train
+    3 more: the result must equal 6 uninterrupted steps. ``edit`` rewrites the saved state."""
+    def build(model, named):
+        params = list(model.named_parameters()) if named else list(model.parameters())
+        return make(name, params, owner=model)
+
+    reference = tiny_model()
+    opt = build(reference, True)
+    train(reference, opt, 6)
+
+    first = tiny_model()
+    opt1 = build(first, save_named)
+    train(first, opt1, 3)
+    saved = copy.deepcopy(opt1.state_dict())
+    if save_named:
+        assert [g["param_names"] for g in saved["param_groups"]] == [[n for n, _ in first.named_parameters()]]
+    if edit is not None:
+        edit(saved)
+    resumed = tiny_model(seed=123)
+    resumed.load_state_dict(first.state_dict())
+    opt2 = build(resumed, load_named)
+    opt2.load_state_dict(saved)
+    train(resumed, opt2, range(3, 6))
+    assert params_equal(reference, resumed), f"{name}: resumed run differs from the uninterrupted one"
+    for p, q in zip(reference.parameters(), resumed.parameters()):
+        assert state_equal(opt.state[p], opt2.state[q])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_parameters_are_kept_as_torch_keeps_them(name):
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    opt = make(name, list(model.named_parameters()), owner=model)
+    assert opt.param_groups[0]["param_names"] == names
+    assert opt.state_dict()["param_groups"][0]["param_names"] == names
+    gp = list(model.named_parameters())
+    grouped = make(name, [{"params": gp[:3]}, {"params": gp[3:], "lr": 1e-4}], owner=model)
+    assert [g["param_names"] for g in grouped.param_groups] == [names[:3], names[3:]]
+    with pytest.raises(ValueError, match="with/without names"):
+        make(name, [gp[0], gp[1][1]])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("save_named,load_named", [(True, False), (False, True)], ids=["named-to-plain", "plain-to-named"])
+def test_state_dict_loads_across_named_and_plain(name, save_named, load_named):
+    resume_across(name, save_named, load_named)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_with_python_number_steps_resumes(name):
+    def numbers(saved):
+        for st in saved["state"].values():
+            if "step" in st:
+                st["step"] = int(st["step"].item())  # torch's format before tensor steps
+    resume_across(name, True, True, edit=numbers)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_tensor_as_params_raises_torch_type_error(name):
+    with pytest.raises(TypeError, match=r"^params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                                        r"but got torch\.FloatTensor$"):
+        factory_of(name)(torch.zeros(3), **CASES[name].kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_hyperparameters_are_checked_before_params(name):
+    for kwargs, pattern in CASES[name].bad:
+        with pytest.raises(ValueError, match=pattern):
+            factory_of(name)(None, **{**CASES[name].kwargs, **kwargs})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_as_params(name):
+    if not is_leanopt(name):
+        pytest.skip("torch.optim classes take parameters, not models (create_optimizer takes either)")
+    by_model, by_registry = tiny_model(), tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Adam-mini reads the model: no fallback warning
+        opt = factory_of(name)(by_model, lr=CASES[name].lr, **CASES[name].kwargs)
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in by_model.named_parameters()]
+    train(by_model, opt, 3)
+    train(by_registry, make(name, by_registry), 3)
+    assert params_equal(by_model, by_registry)
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile and tensor learning rates
+# --------------------------------------------------------------------------------------
+
+
+def counting_backend():
+    """A torch.compile backend that runs each captured graph as it is and counts them."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend, graphs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_training_step_equals_eager_without_recompiling(name):
+    compiled_model, eager_model = tiny_model(), tiny_model()
+    opt, eager_opt = make(name, compiled_model), make(name, eager_model)
+    backend, graphs = counting_backend()
+    torch._dynamo.reset()
+
+    @torch.compile(backend=backend)
+    def train_step(x, y):
+        loss = compiled_model(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    after_first = None
+    for s in range(20):
+        train_step(*batch(s))
+        after_first = len(graphs) if after_first is None else after_first
+        train(eager_model, eager_opt, range(s, s + 1))
+    assert len(graphs) - after_first <= 2, f"{name}: {len(graphs) - after_first} recompilations in 19 steps"
+    assert params_equal(compiled_model, eager_model)
+
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend=backend)
+    before = len(graphs)
+    for s in range(20, 25):
+        loss_of(compiled_model, s).backward()
+        step()
+        opt.zero_grad()
+        train(eager_model, eager_opt, range(s, s + 1))
+    assert len(graphs) - before <= 2
+    assert params_equal(compiled_model, eager_model)
+
+
+def test_compiled_training_step_with_inductor():
+    # the default backend once (compiling the model's forward costs ~30 s on 2 cores): the
+    # optimizer's step runs as its own kernels between the compiled graphs
+    compiled_model, eager_model = tiny_model(), tiny_model()
+    opt, eager_opt = make("adam-mini", compiled_model), make("adam-mini", eager_model)
+    torch._dynamo.reset()
+
+    @torch.compile
+    def train_step(x, y):
+        loss = compiled_model(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    for s in range(3):
+        train_step(*batch(s))
+        train(eager_model, eager_opt, range(s, s + 1))
+    from helpers import max_rel_diff
+    assert max_rel_diff(compiled_model, eager_model) < 1e-5
+    assert any(len(st) for st in opt.state.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_with_a_scheduler(name):
+    models, opts = [], []
+    for lr in (torch.tensor(CASES[name].lr), CASES[name].lr):
+        model = tiny_model()
+        opt = make(name, model, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5**epoch)
+        for s in range(4):
+            train(model, opt, range(s, s + 1))
+            sched.step()
+        models.append(model)
+        opts.append(opt)
+    lr = opts[0].param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor), "the scheduler keeps a tensor lr a tensor"
+    assert lr.item() == pytest.approx(CASES[name].lr / 16, rel=1e-6)
+    # the tensor holds the lr in float32, the float in float64: rounding apart, no more
+    from helpers import max_rel_diff
+    assert max_rel_diff(models[0], models[1]) < 1e-6
+    assert not params_equal(models[0], tiny_model())

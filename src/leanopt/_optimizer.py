@@ -5,13 +5,15 @@ optimizer's own module) plus a subclass of :class:`LeanOptimizer` that validates
 hyperparameters, creates state lazily and calls the core once per parameter group.
 This module holds what is common to all of them:
 
-* parameter input in every form `torch.optim` accepts, plus ``(name, param)`` pairs
-  (``model.named_parameters()``), also inside param-group dicts; names are kept for
-  error messages and reports, and never enter ``state_dict()``;
+* parameter input in every form `torch.optim` accepts — tensors, ``(name, param)`` pairs
+  (``model.named_parameters()``, kept in ``param_groups[i]["param_names"]`` as torch
+  does) and param-group dicts — and a model, whose trainable parameters are taken with
+  their names;
 * declarative hyperparameter validation with errors that name the argument and the
   allowed range, applied to the defaults and to every param group, including groups
   added later with ``add_param_group``;
 * the ``step(closure)`` skeleton: the closure runs exactly once, with grad enabled;
+* loading older checkpoints (Python-number ``step`` entries, missing group keys);
 * the rejection of sparse gradients.
 """
 
@@ -25,11 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["LeanOptimizer", "Interval", "IntAtLeast", "OneOf", "Betas", "ParamsT"]
+__all__ = ["LeanOptimizer", "Interval", "IntAtLeast", "OneOf", "Betas", "ParamsT", "unwrap_model", "trainable_named_parameters"]
 
-ParamsT = Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
+ParamsT = Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]] | nn.Module
 
 
 # --------------------------------------------------------------------------------------
@@ -119,47 +121,68 @@ POSITIVE = Interval(0.0, low_open=True)
 # --------------------------------------------------------------------------------------
 
 
-def _split_named(params: Iterable[Any], names: dict[Tensor, str], where: str) -> list[Tensor]:
-    """Strip ``(name, param)`` pairs to params, recording the names."""
-    out: list[Tensor] = []
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper, else the model itself."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """``(name, parameter)`` of every parameter of ``model`` that requires grad."""
+    named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+    return named
+
+
+def _split_named(params: list[Any]) -> tuple[list[Any], list[str] | None]:
+    """``(name, param)`` pairs → params and names, as ``torch.optim.Optimizer.add_param_group``
+    does (names all or none); anything else is left for torch to check."""
+    named = [isinstance(item, tuple) for item in params]
+    if not any(named):
+        return params, None
+    if not all(named):
+        raise ValueError("all optimizer params should be with/without names. Some param names are missing")
     for item in params:
-        if isinstance(item, tuple):
-            if len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], Tensor):
-                raise TypeError(f"{where}: expected tensors or (name, tensor) pairs, got {item!r:.80}")
-            name, p = item
-            names.setdefault(p, name)
-            out.append(p)
-        elif isinstance(item, Tensor):
-            out.append(item)
-        else:
-            raise TypeError(f"{where}: expected tensors or (name, tensor) pairs, got {type(item).__name__}")
-    return out
+        if len(item) != 2 or not isinstance(item[0], str):
+            raise TypeError(f"expected (name, tensor) pairs, got {item!r:.80}")
+    return [p for _, p in params], [n for n, _ in params]
 
 
-def normalize_params(params: Any) -> tuple[list[dict[str, Any]], dict[Tensor, str]]:
-    """Turn any accepted ``params`` argument into plain param-group dicts plus a name map."""
-    if isinstance(params, Tensor):
-        raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or dicts, got a Tensor")
+def normalize_params(params: Any) -> list[dict[str, Any]]:
+    """Any ``params`` argument ``torch.optim`` accepts, or a model, as param-group dicts;
+    names of ``(name, param)`` pairs go to the group's ``"param_names"``, as in torch."""
+    if isinstance(params, Tensor):  # torch's own message, which users match on
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+            + torch.typename(params)
+        )
+    if isinstance(params, nn.Module):
+        params = trainable_named_parameters(params)
     if isinstance(params, Mapping):
         raise TypeError("params must be an iterable of param groups, got a single dict; wrap it in a list")
     items = list(params)
     if not items:
         raise ValueError("optimizer got an empty parameter list")
-    names: dict[Tensor, str] = {}
-    if all(isinstance(i, Mapping) for i in items):
-        groups = []
-        for k, g in enumerate(items):
-            g = dict(g)
-            if "params" not in g:
-                raise ValueError(f"param group {k} has no 'params' entry")
-            ps = g["params"]
-            ps = [ps] if isinstance(ps, Tensor) else list(ps)
-            g["params"] = _split_named(ps, names, f"param group {k}")
-            groups.append(g)
-        return groups, names
-    if any(isinstance(i, Mapping) for i in items):
-        raise TypeError("params mixes param-group dicts with tensors")
-    return [{"params": _split_named(items, names, "params")}], names
+    if not all(isinstance(i, Mapping) for i in items):
+        if any(isinstance(i, Mapping) for i in items):
+            raise TypeError("params mixes param-group dicts with tensors")
+        items = [{"params": items}]
+    return [_named_group(g) for g in items]
+
+
+def _named_group(group: Mapping[str, Any]) -> dict[str, Any]:
+    group = dict(group)
+    if "params" not in group:
+        raise ValueError("param group has no 'params' entry")
+    ps = group["params"]
+    ps = [ps] if isinstance(ps, Tensor) else list(ps)
+    group["params"], names = _split_named(ps)
+    if names is not None:
+        group["param_names"] = names
+    return group
 
 
 # --------------------------------------------------------------------------------------
@@ -181,10 +204,10 @@ class LeanOptimizer(torch.optim.Optimizer):
     _extra_defaults: dict[str, Any] = {}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
-        groups, names = normalize_params(params)
+        # hyperparameters first, as torch.optim: AdamW(None, lr=-1) names lr, not params
         self._validate(defaults, "")
-        self._param_names: dict[Tensor, str] = names
-        super().__init__(groups, defaults)
+        self._group_keys = tuple(defaults)  # the hyperparameters every group must have
+        super().__init__(normalize_params(params), defaults)
 
     # -- validation ---------------------------------------------------------------------
     def _validate(self, hyper: Mapping[str, Any], where: str) -> None:
@@ -196,13 +219,14 @@ class LeanOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__}: {e}{where}") from None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # groups passed after construction may carry (name, param) pairs too
-        if "params" in param_group and not isinstance(param_group["params"], Tensor):
-            param_group = dict(param_group)
-            names = getattr(self, "_param_names", {})
-            param_group["params"] = _split_named(list(param_group["params"]), names, "add_param_group")
+        # groups added after construction may carry (name, param) pairs too
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        param_group = _named_group(param_group)
         self._validate(param_group, f" (in param group {len(self.param_groups)})")
-        for p in param_group["params"] if not isinstance(param_group["params"], Tensor) else [param_group["params"]]:
+        for p in param_group["params"]:
+            if not isinstance(p, Tensor):
+                raise TypeError("optimizer can only optimize Tensors, but one of the params is " + torch.typename(p))
             if not p.is_floating_point() and not p.is_complex():
                 raise ValueError(f"{type(self).__name__} can only optimize floating-point tensors, got {p.dtype}")
             if p.is_complex():
@@ -211,20 +235,34 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; a subclass's own
-        # attributes (names, Adam-mini's partition) must survive deepcopy and pickling too.
+        # attributes (Adam-mini's partition) must survive deepcopy and pickling too.
         # The hook dicts stay out, as in torch (they may hold unpicklable closures).
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # also the end of load_state_dict: bring older checkpoints up to date, as torch's
+        # own optimizers do (Python-number steps, groups saved before a hyperparameter existed)
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in self._group_keys:
+                group.setdefault(key, self.defaults[key])
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "step" in st and not isinstance(st["step"], Tensor):
+                    st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+
     # -- names --------------------------------------------------------------------------
+    def param_names(self) -> dict[Tensor, str]:
+        """Every named parameter's name (``param_groups[i]["param_names"]``, as in torch)."""
+        return {p: n for g in self.param_groups for p, n in zip(g["params"], g.get("param_names", ()))}
+
     def param_name(self, p: Tensor) -> str:
-        """The name given for ``p`` (from named parameters or the model), else its position."""
-        name = self._param_names.get(p)
-        if name is not None:
-            return name
+        """The name given for ``p`` (named parameters or the model), else its position."""
         for gi, group in enumerate(self.param_groups):
             for pi, q in enumerate(group["params"]):
                 if q is p:
-                    return f"param_groups[{gi}][{pi}]"
+                    names = group.get("param_names")
+                    return names[pi] if names else f"param_groups[{gi}][{pi}]"
         return "<unknown parameter>"
 
     # -- stepping -----------------------------------------------------------------------
@@ -243,6 +281,11 @@ class LeanOptimizer(torch.optim.Optimizer):
             grads.append(p.grad)
         return params, grads
 
+    # Not traced by torch.compile: the step's fast path is already one fused kernel per
+    # pass (C or inductor), and tracing its per-tensor Python (step counters read as numbers,
+    # ctypes calls) would only break graphs. A compiled training step breaks its graph here
+    # once, as torch's own zero_grad does, and never recompiles for it.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
@@ -276,6 +319,11 @@ def user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def scalar(x: float | Tensor) -> float:
+    """A hyperparameter that may be a one-element tensor (a tensor ``lr``), as a number."""
+    return x.item() if isinstance(x, Tensor) else x
 
 
 def step_tensor() -> Tensor:

@@ -16,8 +16,10 @@ can be compared to rounding error.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +35,9 @@ from ._optimizer import (
     acc_dtype,
     bias_corrections,
     decoupled_decay_,
+    scalar,
     step_tensor,
+    unwrap_model,
     user_stacklevel,
 )
 from . import _native
@@ -55,6 +59,8 @@ from .partition import (
     partition_from_model,
     partition_plain,
     warn_fallbacks,
+    warn_unrecognized,
+    UNRECOGNIZED,
 )
 
 __all__ = ["AdamMini", "adam_mini"]
@@ -329,6 +335,9 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, cols, hypers)
 
 
+PARTITIONS = ("auto", "model", "names", "plain")
+
+
 def _positive_int_or_none(name: str, value: Any) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise ValueError(f"AdamMini: Invalid {name}: {value!r}; {name} must be a positive int or None")
@@ -413,6 +422,7 @@ class AdamMini(LeanOptimizer):
         weight_decay: float = 0.0,
         *,
         model: nn.Module | None = None,
+        partition: str = "auto",
         dim: int | None = None,
         n_heads: int | None = None,
         n_kv_heads: int | None = None,
@@ -430,13 +440,23 @@ class AdamMini(LeanOptimizer):
             _positive_int_or_none(name, value)
         if n_heads is not None and n_kv_heads is not None and n_heads % n_kv_heads:
             raise ValueError(f"AdamMini: Invalid n_kv_heads: {n_kv_heads}; it must divide n_heads={n_heads}")
+        OneOf(PARTITIONS).check("partition", partition)
         OneOf(("neuron", "whole")).check("value_blocks", value_blocks)
         BOOL.check("decay_exclusions", decay_exclusions)
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"AdamMini: model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(params, nn.Module):  # AdamMini(model, ...), as pytorch_optimizer's AdamMini
+            if model is not None and unwrap_model(model) is not unwrap_model(params):
+                raise ValueError("AdamMini: params is a model and model= is another one; pass one of them")
+            model = params
+        if partition == "auto":
+            partition = "model" if model is not None else "names" if dim is not None or n_heads is not None else "plain"
+        if partition == "model" and model is None:
+            raise ValueError("AdamMini: partition='model' needs the model: AdamMini(model) or model=model")
         if dim is not None and n_heads is not None and head_dim is None and model is not None and dim % n_heads == 0:
             head_dim = dim // n_heads
 
+        self._partition = partition
         self._dim, self._n_heads = dim, n_heads
         self._decay_exclusions = decay_exclusions
         self._rules: dict[Tensor, BlockRule] = {}
@@ -444,13 +464,18 @@ class AdamMini(LeanOptimizer):
         self._model_names: dict[Tensor, str] = {}
         self._fallbacks: list[str] = []
         self._found_structure = False
-        if model is not None:
-            rules, names, fallbacks, found = partition_from_model(
-                model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, value_blocks=value_blocks
-            )
-            self._model_rules, self._model_names = rules, names
-            self._fallbacks, self._found_structure = fallbacks, found
-        self._warned_plain = False
+        self._model_ref: weakref.ref | None = None
+        if partition == "model":
+            # kept weakly, for parameters added later with add_param_group (not pickled)
+            self._model_ref = weakref.ref(unwrap_model(model))
+            self._walk = functools.partial(partition_from_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                           head_dim=head_dim, value_blocks=value_blocks)
+            found = self._walk(model)
+            self._model_rules, self._model_names = found.rules, found.names
+            self._fallbacks, self._found_structure = found.fallbacks, found.found_structure
+        elif model is not None:  # names for the name rules and reports
+            self._model_names = {p: n for n, p in unwrap_model(model).named_parameters()}
+        self._warned_plain = self._constructed = False
 
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
                         **mask_defaults(mask, alpha, count_scale))
@@ -461,29 +486,35 @@ class AdamMini(LeanOptimizer):
         if overrides:
             apply_overrides(self._rules, self._all_names(), overrides)
         self._warn_structure()
+        self._constructed = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_model_ref": None}  # a copy does not follow the original's model
 
     # -- partition ------------------------------------------------------------------------
     def _all_names(self) -> dict[Tensor, str]:
         names = dict(self._model_names)
-        names.update(self._param_names)
+        names.update(self.param_names())
         return {p: names[p] for p in self._rules if p in names}
 
-    def _rule_for(self, p: Tensor) -> BlockRule:
+    def _rule_for(self, p: Tensor, name: str | None) -> BlockRule:
         if self._model_rules is not None and p in self._model_rules:
             rule = self._model_rules[p]
-        elif p in self._param_names:
-            rule = name_rule(self._param_names[p], p.shape, self._dim, self._n_heads)
+        elif self._partition == "names" and (name or self._model_names.get(p)):
+            rule = name_rule(name or self._model_names[p], p.shape, self._dim, self._n_heads)
             if any(k in rule.rule for k in ("query", "key", "embedding", "output")):
                 self._found_structure = True
         else:
             rule = partition_plain([p])[p]
-            if not self._warned_plain:
+            if self._partition == "model":  # not a parameter of the model
+                rule = BlockRule(UNRECOGNIZED, rule.layout, rule.decay)
+            elif not self._warned_plain:
                 self._warned_plain = True
                 warnings.warn(
-                    "AdamMini got parameters without names and without model=, so it uses one "
-                    "block per tensor (PyTorch's default partition), which can be unstable for "
-                    "transformers. Pass model=model or model.named_parameters() for the "
-                    "Adam-mini partition.",
+                    "AdamMini got no model, so it uses one block per tensor (PyTorch's default "
+                    "partition), which can be unstable for transformers. Pass the model "
+                    "(AdamMini(model) or model=model) for the structure-aware partition, or "
+                    "partition='names' with dim= and n_heads= for adam-mini 1.1.1's name rules.",
                     PartitionWarning,
                     stacklevel=user_stacklevel(),
                 )
@@ -493,13 +524,30 @@ class AdamMini(LeanOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p not in self._rules:
-                self._rules[p] = self._rule_for(p)
+        group = self.param_groups[-1]
+        model = self._model_ref() if self._constructed and self._model_ref is not None else None
+        if model is not None:  # after construction the model may have grown (a new head): walk it again
+            found = self._walk(model)
+            self._model_rules, self._model_names = found.rules, {**self._model_names, **found.names}
+        try:
+            for p, name in zip(group["params"], group.get("param_names") or [None] * len(group["params"])):
+                if p not in self._rules:
+                    self._rules[p] = self._rule_for(p, name)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        if self._constructed:
+            self._model_rules = None
+            warn_unrecognized(self._unrecognized_names(group["params"]))
+
+    def _unrecognized_names(self, params: Iterable[Tensor]) -> list[str]:
+        names = self._all_names()
+        return [names.get(p) or self.param_name(p) for p in params if self._rules[p].rule == UNRECOGNIZED]
 
     def _warn_structure(self) -> None:
         warn_fallbacks(self._fallbacks)
-        if (self._param_names or self._model_names) and not self._found_structure:
+        warn_unrecognized(self._unrecognized_names(self._rules))
+        if self._partition != "plain" and not self._found_structure:
             warnings.warn(
                 "AdamMini found no embedding, output head or attention projection among the "
                 "parameters; if this is a transformer, pass model=model (or dim= and n_heads= "
@@ -569,7 +617,7 @@ class AdamMini(LeanOptimizer):
                 steps,
                 layouts,
                 decay,
-                lr=group["lr"],
+                lr=scalar(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],

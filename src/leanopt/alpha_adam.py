@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decoupled_decay_, step_tensor
+from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decoupled_decay_, scalar, step_tensor
 from . import _native
 from ._compile import Kernel, fusable_groups, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
@@ -232,7 +232,7 @@ class AlphaAdam(LeanOptimizer):
 
     def _coeffs(self, group: dict[str, Any], step: float) -> AdamStep:
         beta1, beta2 = group["betas"]
-        return adam_step(group["lr"], beta1, beta2, step)
+        return adam_step(scalar(group["lr"]), beta1, beta2, step)
 
     def _update(self) -> None:
         for group in self.param_groups:

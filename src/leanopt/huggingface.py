@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .partition import _is_norm, unwrap_model
+from ._optimizer import unwrap_model
+from .partition import _is_norm
 from .registry import create_optimizer, optimizer_info
 
 __all__ = ["create_trainer_optimizer", "decay_parameter_names"]

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, decoupled_decay_, step_tensor
+from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, decoupled_decay_, scalar, step_tensor
 from . import _native
 from ._compile import Kernel, fusable_groups, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
@@ -171,7 +171,7 @@ class Lion(LeanOptimizer):
         super().__init__(params, defaults)
 
     def _coeffs(self, group: dict[str, Any], step: float) -> LionStep:
-        return lion_step(group["lr"], *group["betas"])
+        return lion_step(scalar(group["lr"]), *group["betas"])
 
     def _update(self) -> None:
         for group in self.param_groups:

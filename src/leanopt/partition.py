@@ -18,11 +18,14 @@ scale per lane back.
 Three ways to obtain a partition:
 
 * :func:`partition_from_model` reads module types (``nn.Linear``, transformers'
-  ``Conv1D``, ``nn.Embedding``, ``nn.MultiheadAttention``, norms, LoRA adapters) and the
-  head geometry from the modules and the model's config;
-* :func:`partition_from_names` reproduces the substring rules of the released
-  ``adam-mini`` 1.1.1 package exactly, for models whose structure is unknown;
-* :func:`partition_plain` is one block per tensor, for anonymous parameters.
+  ``Conv1D``, ``nn.Embedding``, ``nn.MultiheadAttention``, convolutions, norms, LoRA
+  adapters, fused mixture-of-experts weights and their routers, ViT tokens and position
+  tables, state-space layers) and the head geometry from the modules and the model's
+  config; a parameter it has no rule for gets one block and is named in a warning;
+* :func:`name_rule` reproduces the substring rules of the released ``adam-mini`` 1.1.1
+  package exactly (``AdamMini(..., partition="names")``, or ``dim=``/``n_heads=`` without
+  a model);
+* :func:`partition_plain` is one block per tensor, when there is no model.
 
 Any rule can be overridden per parameter name (``fnmatch`` patterns) with
 ``"element"``, ``"neuron"``, ``"whole"`` or ``"head:N"`` (blocks of N output neurons).
@@ -36,12 +39,12 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ._optimizer import user_stacklevel
+from ._optimizer import unwrap_model, user_stacklevel
 
 __all__ = [
     "BlockLayout",
@@ -49,8 +52,10 @@ __all__ = [
     "PartitionRow",
     "PartitionWarning",
     "HeadGeometry",
+    "ModelPartition",
+    "UNRECOGNIZED",
     "partition_from_model",
-    "partition_from_names",
+    "name_rule",
     "partition_plain",
     "apply_overrides",
     "format_partition",
@@ -270,14 +275,6 @@ def _first_int(obj: Any, keys: Iterable[str]) -> int | None:
     return None
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a (Distributed)DataParallel wrapper, else the model itself."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
-
-
 def _model_config(model: nn.Module) -> Any:
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "get_text_config"):
@@ -307,6 +304,23 @@ def _geometry(sources: Iterable[Any], user: HeadGeometry) -> HeadGeometry:
     if n_kv is None:
         n_kv = n_heads
     return HeadGeometry(n_heads, n_kv, head_dim)
+
+
+# parameters owned directly by a module that hold one learned token per row (ViT's class and
+# register tokens, masked-modeling tokens)
+_TOKEN_PARAMS = {"cls_token", "reg_token", "dist_token", "mask_token", "register_tokens"}
+
+UNRECOGNIZED = "whole (no rule)"
+
+
+def prefix_of(path: list[str]) -> str:
+    return ".".join(path) + "." if path else ""
+
+
+def _rows_of_last(p: Tensor) -> BlockLayout:
+    """One block per row of ``p`` viewed as ``(-1, last dim)``: a table of learned vectors."""
+    rows = p.numel() // p.shape[-1]
+    return BlockLayout((rows, p.shape[-1]), 0, ((rows, 1),))
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -392,16 +406,62 @@ class _Builder:
                 self._mha(module, prefix)
             elif isinstance(module, nn.Linear) or _is_conv1d(module):
                 self._linear(module, path, prefix)
-            # every parameter not claimed above: biases, norms, anything else
+            elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+                w = module.weight  # (out channels, in/groups, *kernel): one block per output channel
+                self.set(w, prefix + "weight", BlockRule("channel", BlockLayout.lanes_of(w.shape, 0, ((w.shape[0], 1),))))
+            # every parameter not claimed above: biases, norms, parameters owned directly
             for pname, p in module.named_parameters(recurse=False):
-                if p in self.rules:
-                    continue
-                full = prefix + pname
-                if pname.endswith("bias"):
-                    self.set(p, full, BlockRule("bias", BlockLayout.element(p.numel()), decay=False))
-                else:
-                    decay = not (_is_norm(module) or p.dim() < 2)
-                    self.set(p, full, BlockRule("norm" if _is_norm(module) else "whole", BlockLayout.whole(p.numel()), decay))
+                if p not in self.rules:
+                    self.set(p, prefix + pname, self._direct(module, path, pname, p))
+
+    def _direct(self, module: nn.Module, path: list[str], pname: str, p: Tensor) -> BlockRule:
+        """The rule of a parameter that a module owns directly (not through a layer type
+        read above): recognized by the module's kind and the parameter's name and shape."""
+        low, kind = pname.lower(), type(module).__name__.lower()
+        decay = p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)  # Mamba marks A_log and D so
+        if low.endswith("bias"):
+            return BlockRule("bias", BlockLayout.element(p.numel()), decay=False)
+        if _is_norm(module):
+            return BlockRule("norm", BlockLayout.whole(p.numel()), decay=False)
+        if p.dim() == 3 and ("expert" in kind or hasattr(module, "num_experts")):
+            return self._experts(module, prefix_of(path) + pname, pname, p)
+        if p.dim() == 2 and low == "weight" and ("router" in kind or (path and path[-1].lower() in ("gate", "router"))):
+            return BlockRule("router", BlockLayout.lanes_of(p.shape, 0, ((p.shape[0], 1),)), decay)
+        if hasattr(module, "A_log") and pname in ("A_log", "D"):
+            # a selective state-space layer: each channel has its own dynamics, so A_log's row
+            # (its state decay rates) is one block, and D, a per-channel skip gain, is per element;
+            # neither is decayed (as in the Mamba reference code, which marks both _no_weight_decay)
+            if p.dim() == 2:
+                return BlockRule("ssm-channel", BlockLayout.lanes_of(p.shape, 0, ((p.shape[0], 1),)), decay=False)
+            return BlockRule("ssm-element", BlockLayout.element(p.numel()), decay=False)
+        if p.dim() >= 2 and (low in _TOKEN_PARAMS or low.endswith(("_token", "_tokens"))):
+            return BlockRule("learned-token", _rows_of_last(p), decay)
+        if p.dim() >= 2 and ("pos" in low and "emb" in low):
+            return BlockRule("position-embedding", _rows_of_last(p), decay)
+        if p.dim() == 1 and low == "sinks":  # attention sinks (GPT-OSS): one logit per head, each its own block
+            return BlockRule("attention-sink", BlockLayout.element(p.numel()), decay)
+        if p.numel() == 1:
+            return BlockRule("whole", BlockLayout.whole(1), decay)
+        return BlockRule(UNRECOGNIZED, BlockLayout.whole(p.numel()), decay)
+
+    def _experts(self, module: nn.Module, name: str, pname: str, p: Tensor) -> BlockRule:
+        """Fused expert weights ``[n_experts, out, in]`` (the layout of ``F.linear``, current
+        transformers): one block per output neuron of each expert. Stored transposed,
+        ``[n_experts, in, out]`` (``module.is_transposed``, or the hidden size on the wrong
+        axis), an output neuron is a strided column that a 2-D view cannot hold: one block
+        per expert, with a warning."""
+        n, a, b = p.shape
+        transposed = getattr(module, "is_transposed", None)
+        if not isinstance(transposed, bool):
+            hidden = _first_int(module, ("hidden_dim", "hidden_size")) or _first_int(self.config, _HIDDEN_KEYS)
+            transposed = False
+            if hidden and a != b and hidden in (a, b):
+                down = "down" in pname.lower() or pname.lower() == "w2"
+                transposed = (b == hidden) if down else (a == hidden)  # down: out is hidden; else in is
+        if not transposed:
+            return BlockRule(f"expert-neuron ({n} experts)", BlockLayout((n * a, b), 0, ((n * a, 1),)))
+        self.fallbacks.append(f"{name}: experts stored as [experts, in, out]; one block per expert")
+        return BlockRule(f"expert ({n} experts, transposed)", BlockLayout((n, a * b), 0, ((n, 1),)))
 
     def _embedding(self, module: nn.Embedding, prefix: str) -> None:
         w = module.weight
@@ -436,6 +496,8 @@ class _Builder:
         n_out = w.shape[axis]
         name = prefix + "weight"
         role = _role(path)
+        if role is not None and role != "lora" and hasattr(_attention_parent(self.model, path), "A_log"):
+            role = None  # a state-space layer's in_proj is no attention projection: neurons
         if module is self.output_embedding:
             self.found_structure = True
             self.set(w, name, BlockRule("output", BlockLayout.lanes_of(w.shape, axis, ((n_out, 1),))))
@@ -446,7 +508,11 @@ class _Builder:
         geo = self.geometry(path)
         segs = self._segments(role, n_out, geo)
         if segs is None:
-            self.fallbacks.append(f"{name} ({role}, {n_out} outputs, heads={geo.n_heads}, kv_heads={geo.n_kv_heads}, head_dim={geo.head_dim})")
+            where = f"{name} ({role}, {n_out} outputs, heads={geo.n_heads}, kv_heads={geo.n_kv_heads}, head_dim={geo.head_dim})"
+            if self.user != HeadGeometry():
+                raise ValueError(f"AdamMini: the head geometry given does not fit {where}; check n_heads=, n_kv_heads= "
+                                 "and head_dim= (or leave them out to read them from the model)")
+            self.fallbacks.append(f"{where}: head geometry unknown; one block per output neuron")
             self.set(w, name, BlockRule("neuron", BlockLayout.lanes_of(w.shape, axis, ((n_out, 1),))))
             return
         self.found_structure = True
@@ -491,6 +557,15 @@ def _vdesc(seg: tuple[int, int]) -> str:
     return "whole" if seg[1] == seg[0] and seg[0] > 1 else "neuron"
 
 
+class ModelPartition(NamedTuple):
+    """What :func:`partition_from_model` found."""
+
+    rules: dict[Tensor, BlockRule]  # every parameter's rule
+    names: dict[Tensor, str]  # and its name
+    fallbacks: list[str]  # parameters given coarser blocks than their rule, and why
+    found_structure: bool  # whether any embedding, output head or attention projection was found
+
+
 def partition_from_model(
     model: nn.Module,
     *,
@@ -498,17 +573,12 @@ def partition_from_model(
     n_kv_heads: int | None = None,
     head_dim: int | None = None,
     value_blocks: str = "neuron",
-) -> tuple[dict[Tensor, BlockRule], dict[Tensor, str], list[str], bool]:
-    """Structure-aware partition of every parameter of ``model``.
-
-    Returns ``(rules, names, fallbacks, found_structure)``: the rule and the name of each
-    parameter, the attention projections whose head geometry could not be determined
-    (they fall back to one block per output neuron), and whether any embedding, output
-    head or attention structure was found.
-    """
+) -> ModelPartition:
+    """Structure-aware partition of every parameter of ``model``. Parameters with no rule
+    get :data:`UNRECOGNIZED` (one block per tensor)."""
     b = _Builder(unwrap_model(model), HeadGeometry(n_heads, n_kv_heads, head_dim), value_blocks)
     b.build()
-    return b.rules, b.names, b.fallbacks, b.found_structure
+    return ModelPartition(b.rules, b.names, b.fallbacks, b.found_structure)
 
 
 # -- adam-mini 1.1.1 name rules -----------------------------------------------------------
@@ -550,10 +620,6 @@ def name_rule(name: str, shape: torch.Size | tuple[int, ...], dim: int | None, n
         if any(k in low for k in keys):
             return BlockRule(label, BlockLayout.lanes_of(tuple(shape), 0, ((shape[0], 1),)) if len(shape) else BlockLayout.whole(1), decay)
     return BlockRule("whole", BlockLayout.whole(numel), decay)
-
-
-def partition_from_names(named: Iterable[tuple[str, Tensor]], *, dim: int | None, n_heads: int | None) -> dict[Tensor, BlockRule]:
-    return {p: name_rule(n, p.shape, dim, n_heads) for n, p in named}
 
 
 def partition_plain(params: Iterable[Tensor]) -> dict[Tensor, BlockRule]:
@@ -651,11 +717,21 @@ def format_partition(rows: list[PartitionRow], *, bytes_per_element: int = 4, de
 def warn_fallbacks(fallbacks: list[str]) -> None:
     if fallbacks:
         warnings.warn(
-            "AdamMini could not determine the attention head geometry of "
-            f"{len(fallbacks)} projection(s) and used one block per output neuron for them: "
+            f"AdamMini used coarser blocks than its rule for {len(fallbacks)} parameter(s): "
             + "; ".join(fallbacks[:3])
             + ("; ..." if len(fallbacks) > 3 else "")
-            + ". Pass n_heads=, n_kv_heads= and/or head_dim= to fix.",
+            + ". Pass n_heads=, n_kv_heads= and/or head_dim= for attention projections, overrides= for the rest.",
+            PartitionWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
+def warn_unrecognized(names: list[str]) -> None:
+    if names:
+        warnings.warn(
+            f"AdamMini has no partition rule for {len(names)} parameter(s) and gives each one block: "
+            + ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            + " (set a rule with overrides= to silence this)",
             PartitionWarning,
             stacklevel=user_stacklevel(),
         )

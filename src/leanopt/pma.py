@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from ._optimizer import IntAtLeast, OneOf, ParamsT
+from ._optimizer import IntAtLeast, OneOf, ParamsT, scalar
 from .alpha_adam import AdamStep, AlphaAdam
 from .lion import Lion, LionStep
 
@@ -141,7 +141,7 @@ class AdamWPMA(AlphaAdam):
 
     def _coeffs(self, group: dict[str, Any], step: float) -> AdamStep:
         beta1, beta2 = group["betas"]
-        return adamw_pma_step(group["lr"], beta1, beta2, int(step), group["period"], group["variant"])
+        return adamw_pma_step(scalar(group["lr"]), beta1, beta2, int(step), group["period"], group["variant"])
 
 
 class LionPMA(Lion):
@@ -183,4 +183,4 @@ class LionPMA(Lion):
 
     def _coeffs(self, group: dict[str, Any], step: float) -> LionStep:
         beta1, beta2 = group["betas"]
-        return lion_pma_step(group["lr"], beta1, beta2, int(step), group["period"], group["variant"])
+        return lion_pma_step(scalar(group["lr"]), beta1, beta2, int(step), group["period"], group["variant"])

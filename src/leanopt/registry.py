@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ._distributed import is_dtensor
+from ._optimizer import trainable_named_parameters, unwrap_model
 from .adam_mini import AdamMini
 from .alpha_adam import AlphaAdam, CAdamW
 from .lion import Lion
-from .partition import unwrap_model
 from .pma import AdamWPMA, LionPMA
 from .sgd_sai import SGDSaI
 
@@ -74,9 +74,7 @@ def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any], **kw
     args = {**info.defaults, **kwargs}
     if isinstance(model_or_params, nn.Module):
         model = unwrap_model(model_or_params)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError(f"model {type(model).__name__} has no trainable parameters")
+        named = trainable_named_parameters(model)
         if info.structure_aware:
             return info.factory(named, model=model, **args)
         return info.factory(named if info.named else [p for _, p in named], **args)

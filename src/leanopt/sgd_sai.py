@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_
+from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_, scalar
 from . import _native
 from ._compile import Kernel, fusable_groups, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
@@ -314,7 +314,7 @@ class SGDSaI(LeanOptimizer):
         for group, params, grads in per_group:
             todo = [(p, g) for p, g in zip(params, grads) if _started(self.state[p])]
             waiting = [p for p, g in zip(params, grads) if not _started(self.state[p])]
-            lr, wd = group["lr"], group["weight_decay"]
+            lr, wd = scalar(group["lr"]), group["weight_decay"]
             for p in waiting:
                 self._placeholder(group, p)
                 decoupled_decay_(p, lr, wd)
