@@ -15,7 +15,7 @@ from .pma import AdamWPMA, LionPMA
 from .registry import OptimizerInfo, create_optimizer, list_optimizers, optimizer_info
 from .sgd_sai import SGDSaI, sgd_sai
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AdamMini",

@@ -349,32 +349,42 @@ class AdamMini(LeanOptimizer):
     The state is the first moment ``m`` (one value per element) plus one second-moment
     value per block — about half of AdamW's. The update is in the module docstring.
 
-    Three ways to say how parameters split into blocks:
+    Three ways to say how parameters split into blocks (``partition=``):
 
-    * **structure-aware** (recommended): ``AdamMini(model.parameters(), model=model)``
-      (or ``model.named_parameters()``, or param groups). The partition is read from the
-      module types and the model's config: token/position embeddings and the output
-      head get one block per row, query/key projections one per attention head
-      (``head_dim`` and the key-value head count of GQA/MQA come from the attention
-      modules or the config, overridable with ``n_heads``/``n_kv_heads``/``head_dim``),
-      values, attention outputs and MLP layers one per output neuron (a *column* of a
-      transformers ``Conv1D``), fused QKV weights (``c_attn``, ``qkv_proj``, ``Wqkv``,
-      interleaved ``query_key_value``, ``nn.MultiheadAttention.in_proj_weight``) are
-      split into their Q/K/V parts, LoRA ``lora_A``/``lora_B`` get one block per output
-      neuron, biases are plain Adam, norms and all else one block per tensor.
-    * **name-based, drop-in for adam-mini 1.1.1**: ``AdamMini(model.named_parameters(),
-      dim=..., n_heads=..., n_kv_heads=...)``: the substring rules of the released package,
-      giving the same partition and the same trajectory.
-    * **plain parameters** (no names, no model): one block per tensor, with a warning.
+    * ``"model"``, **structure-aware** (recommended; what ``"auto"`` picks whenever the model
+      is known): ``AdamMini(model)`` or ``AdamMini(params, model=model)``. The partition
+      is read from the module types and the model's config: token/position embeddings
+      and the output head get one block per row, query/key projections one per
+      attention head (``head_dim`` and the key-value head count of GQA/MQA come from the
+      attention modules or the config, overridable with ``n_heads``/``n_kv_heads``/
+      ``head_dim``), values, attention outputs and MLP layers one per output neuron (a
+      *column* of a transformers ``Conv1D``), fused QKV weights (``c_attn``, ``qkv_proj``,
+      ``Wqkv``, interleaved ``query_key_value``, ``nn.MultiheadAttention.in_proj_weight``)
+      are split into their Q/K/V parts, fused mixture-of-experts weights one per output
+      neuron of each expert and routers one per expert, convolutions one per output
+      channel, ViT class/register tokens and position tables one per row, Mamba's
+      ``A_log`` one per channel and ``D`` per element, LoRA ``lora_A``/``lora_B`` one per
+      output neuron, biases are plain Adam, norms one block per tensor. A parameter no
+      rule recognizes gets one block and is named in a warning.
+    * ``"names"``, **drop-in for adam-mini 1.1.1** (what ``"auto"`` picks when ``dim=`` or
+      ``n_heads=`` is given without a model): ``AdamMini(model.named_parameters(),
+      dim=..., n_heads=..., n_kv_heads=...)``: the substring rules of the released
+      package, giving the same partition and the same trajectory.
+    * ``"plain"``, no model: one block per tensor, with a warning. Names alone do not
+      change the partition: they are metadata, as in ``torch.optim``.
+
+    See ``docs/algorithms.md`` (Adam-mini) and the README for the rules and their reasons.
 
     Args:
-        params: parameters, ``(name, parameter)`` pairs or param-group dicts.
-        lr: learning rate (read at every step, so schedulers work). Default 1e-3.
+        params: the model, or parameters, ``(name, parameter)`` pairs or param-group dicts.
+        lr: learning rate (read at every step, so schedulers work; a float or a one-element
+            tensor). Default 1e-3.
         betas: ``(β1, β2)``, each in [0, 1). Default (0.9, 0.999).
         eps: added to the bias-corrected root of ``v`` (outside the root). Default 1e-8.
         weight_decay: decoupled weight decay; by default not applied to norms, biases and
             other tensors of fewer than two dimensions. Default 0.
         model: the module the parameters belong to; enables the structure-aware partition.
+        partition: ``"auto"`` (default), ``"model"``, ``"names"`` or ``"plain"`` (above).
         dim: hidden size, for the name-based partition (adam-mini's ``dim``).
         n_heads: number of attention (query) heads.
         n_kv_heads: number of key/value heads (GQA/MQA); must divide ``n_heads``.
@@ -399,8 +409,9 @@ class AdamMini(LeanOptimizer):
 
     Reductions run in float32 (float64 for float64 parameters); state tensors take the
     parameter's dtype, as in ``torch.optim`` (a ``state_dict`` round trip casts them so).
-    Parameters added later with ``add_param_group`` are partitioned by their names when
-    given as ``(name, param)`` pairs, else one block per tensor.
+    Parameters added later with ``add_param_group`` are partitioned by the model when they
+    belong to it (it is walked again), by the name rules under ``partition="names"``, else
+    one block per tensor.
     """
 
     _checks = {

@@ -123,7 +123,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
         title = f"built-in demo GPT, preset '{args.preset}' (meta device)"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = AdamMini(model.named_parameters(), model=model, value_blocks=args.value_blocks)
+        opt = AdamMini(model, value_blocks=args.value_blocks)
     rows = opt.describe_partition()
     bytes_per_element = torch.finfo(getattr(torch, args.dtype)).bits // 8
     print(f"Adam-mini partition of the {title}")
