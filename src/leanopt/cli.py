@@ -13,12 +13,16 @@
 * ``leanopt report RUN_DIR`` — regenerate a report from saved results.
 * ``leanopt speed`` — optimizer-step time against the memory-bandwidth floor
   (:mod:`leanopt.bench.speed`).
+
+A user error (bad option, missing or corrupt data, a folder that cannot be written, a
+full disk, Ctrl-C) prints one line, with a hint where one helps, and exits non-zero;
+``--debug`` anywhere on the command line shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -28,57 +32,15 @@ from torch import nn
 
 from .adam_mini import AdamMini
 from .models import PRESETS, build_model
+from .models.hf import HFConfigError, build_hf_model
 from .partition import format_partition
 from .registry import create_optimizer, list_optimizers, optimizer_info, state_bytes
 
-__all__ = ["main", "build_hf_model", "measure_state_ratio"]
+__all__ = ["main", "measure_state_ratio"]
 
 
 class CLIError(Exception):
     """A user error: printed without a traceback, exit status 2."""
-
-
-def load_hf_config(path: str | Path):
-    """A transformers config from a config JSON (or a folder holding ``config.json``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise CLIError(f"config file not found: {path}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CLIError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict) or "model_type" not in cfg:
-        raise CLIError(f"{path} has no 'model_type'; it does not look like a transformers config")
-    try:
-        import transformers
-    except ImportError:
-        raise CLIError("--hf-config needs the transformers package: pip install transformers") from None
-    model_type = cfg.pop("model_type")
-    try:
-        return transformers.AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError) as e:
-        raise CLIError(f"transformers cannot build a config of model_type {model_type!r}: {e}") from None
-
-
-def build_hf_model(path: str | Path) -> nn.Module:
-    """A transformers model from a config JSON, on the meta device."""
-    import transformers
-
-    config = load_hf_config(path)
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if cls is not None:
-            return cls(config)
-        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-            try:
-                return auto.from_config(config)
-            except ValueError:
-                continue
-    raise CLIError(f"transformers has no model class for model_type {config.model_type!r}")
 
 
 def measure_state_ratio(name: str, model: nn.Module) -> float:
@@ -163,7 +125,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.parallel and not dp.active:
         print(f"leanopt: --parallel {args.parallel} without torchrun (WORLD_SIZE unset or 1): one process", file=sys.stderr)
     try:
-        report = run_task(task, args.out, args.data_dir, progress=not args.no_progress, dp=dp)
+        # progress bars only for a person watching: not in logs, pipes or CI
+        report = run_task(task, args.out, args.data_dir, progress=not args.no_progress and sys.stderr.isatty(), dp=dp,
+                          overwrite=args.overwrite)
     finally:
         if dp.active:
             torch.distributed.destroy_process_group()
@@ -179,6 +143,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"report: {write_report(args.run_dir)}")
     except FileNotFoundError as e:
         raise CLIError(str(e)) from None
+    except (KeyError, TypeError, ValueError) as e:  # a summary.json that leanopt did not write
+        raise CLIError(f"{Path(args.run_dir) / 'summary.json'} is not a leanopt task summary ({type(e).__name__}: {e}); "
+                       "rerun `leanopt bench PRESET` to rebuild it") from None
     return 0
 
 
@@ -225,7 +192,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds for every run (default: the preset's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when stderr is not a terminal)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rerun runs whose folder holds another configuration, moving the old folder aside (never deleted)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
                    help="under torchrun: DistributedDataParallel (default) or FSDP2 sharding; each rank reads its "
                         "slice of every micro-batch")
@@ -241,21 +210,48 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["speed"]:  # its own parser (argparse cannot pass options through a subcommand)
-        from .bench.speed import main as speed_main
+def _os_error_line(e: OSError) -> str:
+    where = f" {e.filename}" if e.filename else ""
+    hint = {errno.ENOSPC: "the disk is full; free space and rerun the same command to resume",
+            errno.EDQUOT: "the disk quota is exceeded; free space and rerun the same command to resume",
+            errno.EROFS: "the file system is read-only; choose another --out",
+            errno.EACCES: "permission denied; choose a folder you can write (--out, --data-dir)",
+            errno.EPERM: "permission denied; choose a folder you can write (--out, --data-dir)",
+            errno.ENOENT: "no such file or folder"}.get(e.errno)
+    return f"{e.strerror or e}{where}" + (f" ({hint})" if hint and e.errno != errno.ENOENT else "")
 
-        return speed_main(argv[1:])
-    args = make_parser().parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``leanopt`` command. User errors print one line and exit non-zero; ``--debug``
+    (anywhere on the command line) shows the traceback instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     from .bench.config import ConfigError
     from .bench.data import DataError
 
     try:
+        if argv[:1] == ["speed"]:  # its own parser (argparse cannot pass options through a subcommand)
+            from .bench.speed import main as speed_main
+
+            return speed_main(argv[1:])
+        args = make_parser().parse_args(argv)
         return args.func(args)
-    except (CLIError, ConfigError, DataError) as e:
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("\nleanopt: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (CLIError, ConfigError, DataError, HFConfigError) as e:
+        if debug:
+            raise
         print(f"leanopt: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if debug:
+            raise
+        print(f"leanopt: error: {_os_error_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,8 @@ import torch
 
 from .. import __version__
 from .config import ConfigError, ModelSpec, RunSpec, TrainConfig
-from .data import DataError, load_corpus, write_json
+from .data import DataError, load_corpus
+from .rundir import remove_stale_temporaries, write_json
 from .parallel import DataParallel
 from .train import train_run
 
@@ -277,9 +278,11 @@ def run_task(
     log=print,
     stop_after: int | None = None,
     dp: DataParallel = DataParallel(),
+    overwrite: bool = False,
 ) -> Path:
     """Run every run of ``task`` (finished runs are kept, interrupted ones resume), then
-    write ``summary.json`` and the report. All checks happen before any training.
+    write ``summary.json`` and the report. All checks happen before any training. A run
+    folder of another configuration is refused, or with ``overwrite`` moved aside.
     ``dp``: this rank of a data-parallel run; rank 0 writes and logs."""
     from .report import write_report
 
@@ -297,6 +300,8 @@ def run_task(
         raise DataError(f"corpora {base_corpus.name!r} and {corpus.name!r} were tokenized differently; run `leanopt prepare --force`")
     task_dir = Path(out_dir) / task.name
     task_dir.mkdir(parents=True, exist_ok=True)
+    if dp.is_main:
+        remove_stale_temporaries(task_dir)
     t0 = time.perf_counter()
 
     init_state = None
@@ -304,7 +309,8 @@ def run_task(
         base_train, base_run = task.base
         log(f"[{task.name}] pre-training the base model on {base_corpus.name!r} (cached after the first time)")
         cache = Path(out_dir) / "_base" / f"{task.name}-{base_run.key}"
-        train_run(cache, base_train, base_run, base_corpus, save_model=True, progress=progress, dp=dp)
+        train_run(cache, base_train, base_run, base_corpus, save_model=True, progress=progress, dp=dp, overwrite=overwrite,
+                  log=log)
         init_state = torch.load(cache / "model.pt", weights_only=True)
 
     summaries = []
@@ -316,7 +322,7 @@ def run_task(
         bar = tqdm(total=len(task.runs), desc=f"{task.name}", unit="run", dynamic_ncols=True)
     for run in iterator:
         summaries.append(train_run(task_dir / "runs" / run.key, task.train, run, corpus, init_state=init_state,
-                                   progress=progress, stop_after=stop_after, dp=dp))
+                                   progress=progress, stop_after=stop_after, dp=dp, overwrite=overwrite, log=log))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(last=f"{run.key} {summaries[-1]['final_val']:.3f}", refresh=False)

@@ -11,12 +11,14 @@ written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 import time
 import warnings
 from dataclasses import asdict, replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +35,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..models import GPT, PRESETS
+from ..models.hf import build_hf_model, load_hf_config
 from ..registry import create_optimizer, state_bytes
 from .config import RunSpec, TrainConfig, fingerprint
-from .data import Corpus, atomic_write, write_json
+from .data import Corpus
+from .rundir import RunConflict, atomic_write, claim, write_json
 from .parallel import DataParallel
 
-__all__ = ["Batches", "train_run", "build_model", "lr_lambda", "Interrupted", "read_results", "evaluate"]
+__all__ = ["Batches", "train_run", "build_run_model", "lr_lambda", "Interrupted", "read_results", "evaluate"]
 
 # checkpoints hold full state dicts keyed by parameter name (torch.distributed.checkpoint's
 # get_model_state_dict / get_optimizer_state_dict): one file serves any world size
@@ -97,21 +101,15 @@ class _HFCausalLM(nn.Module):
         return logits, loss
 
 
-def build_model(train: TrainConfig, vocab_size: int, seed: int) -> nn.Module:
+def build_run_model(train: TrainConfig, vocab_size: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     spec = train.model
     if spec.hf_config is not None:
-        from ..cli import load_hf_config
-
-        import transformers
-
         config = load_hf_config(spec.hf_config)
         config.vocab_size = vocab_size
         for k, v in spec.overrides.items():
             setattr(config, k, v)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _HFCausalLM(transformers.AutoModelForCausalLM.from_config(config))
+        return _HFCausalLM(build_hf_model(config, meta=False, causal_lm=True))
     return GPT(replace(PRESETS[spec.preset], vocab_size=vocab_size, **spec.overrides))
 
 
@@ -162,9 +160,13 @@ def train_run(
     progress: bool = True,
     stop_after: int | None = None,
     dp: DataParallel = DataParallel(),
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train one run in ``run_dir`` (resuming its checkpoint if there is one) and return
-    its summary. A finished run (``summary.json`` with this configuration) is not redone.
+    its summary. A finished run (``summary.json`` with this configuration) is not redone;
+    a folder holding a run of another configuration is refused, or with ``overwrite``
+    moved aside (:func:`leanopt.bench.rundir.claim`).
 
     ``stop_after``: raise :class:`Interrupted` once this many micro-batches are done and
     checkpointed, as a kill at that moment would leave things (for tests).
@@ -174,16 +176,46 @@ def train_run(
     fp = fingerprint(train, run)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        done = json.loads(summary_path.read_text())
+        try:
+            done = json.loads(summary_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            done = {}  # claim() says what to do about it
         if done.get("fingerprint") == fp:
             return done
-    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"fingerprint": fp, "train": asdict(train), "run": asdict(run)}
+    # rank 0 holds the folder (the others only read what it writes)
+    held = claim(run_dir, json.loads(json.dumps(config, default=str)), what=f"run {run.key!r}", overwrite=overwrite,
+                 read_checkpoint_fingerprint=_checkpoint_fingerprint, log=log) if dp.is_main else contextlib.nullcontext()
+    with held:
+        return _train(run_dir, train, run, corpus, fp, init_state=init_state, save_model=save_model, progress=progress,
+                      stop_after=stop_after, dp=dp)
+
+
+def _checkpoint_fingerprint(path: Path) -> str | None:
+    return _load_checkpoint(path).get("fingerprint")
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickles: the error below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip and torch errors alike
+        raise RunConflict(f"checkpoint {path} is unreadable ({type(e).__name__}); rerun with --overwrite to move this run "
+                          "aside and start it afresh") from None
+
+
+def _train(run_dir: Path, train: TrainConfig, run: RunSpec, corpus: Corpus, fp: str, *,
+           init_state: dict[str, torch.Tensor] | None, save_model: bool, progress: bool, stop_after: int | None,
+           dp: DataParallel) -> dict[str, Any]:
+    dp.barrier()  # rank 0 holds the folder now (and may have moved an old run aside)
+    summary_path = run_dir / "summary.json"
     device = dp.device or train.device
     steps = run.steps(train)
     dp.check(train.micro_batch)
     rows = dp.part(train.micro_batch)
 
-    model = build_model(train, corpus.vocab_size, run.seed)
+    model = build_run_model(train, corpus.vocab_size, run.seed)
     if init_state is not None:
         model.load_state_dict(init_state)
     model.to(device)
@@ -199,15 +231,14 @@ def train_run(
     step, wall_before = 0, 0.0
     ckpt_path = run_dir / "checkpoint.pt"
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = _load_checkpoint(ckpt_path)
         if ckpt.get("fingerprint") == fp and ckpt.get("format") == _CHECKPOINT_FORMAT:
             set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
             set_optimizer_state_dict(model, opt, ckpt["optim"], options=StateDictOptions(full_state_dict=True))
             sched.load_state_dict(ckpt["sched"])
             step, metrics, wall_before = ckpt["step"], ckpt["metrics"], ckpt["wall_s"]
-        else:
-            if dp.is_main:
-                warnings.warn(f"{ckpt_path} belongs to another configuration (or leanopt version); starting {run.key} afresh")
+        elif dp.is_main:  # the same configuration, an earlier checkpoint format: nothing to resume from
+            warnings.warn(f"{ckpt_path} was written by an earlier leanopt version; starting {run.key} afresh")
 
     def checkpoint(wall: float) -> None:
         # full state dicts, keyed by parameter name: the same file for any world size
