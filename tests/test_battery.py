@@ -497,3 +497,57 @@ def test_tensor_lr_with_a_scheduler(name):
     from helpers import max_rel_diff
     assert max_rel_diff(models[0], models[1]) < 1e-6
     assert not params_equal(models[0], tiny_model())
+
+
+# --------------------------------------------------------------------------------------
+# load_state_dict checks before it changes anything
+# --------------------------------------------------------------------------------------
+
+LEANOPT_NAMES = [n for n in NAMES if is_leanopt(n)]
+
+
+def snapshot(opt) -> tuple:
+    return copy.deepcopy(opt.state_dict())
+
+
+def assert_unchanged(opt, before) -> None:
+    after = opt.state_dict()
+    assert [{k: v for k, v in g.items()} for g in after["param_groups"]] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for k in after["state"]:
+        assert state_equal(after["state"][k], before["state"][k])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_state_of_another_optimizer_class_is_refused_unchanged(name):
+    if not is_leanopt(name):
+        pytest.skip("torch.optim loads any state with matching group sizes (torch's own convention)")
+    other = LEANOPT_NAMES[(LEANOPT_NAMES.index(name) + 1) % len(LEANOPT_NAMES)]
+    source_model, model = tiny_model(), tiny_model()
+    source = make(other, source_model)
+    train(source_model, source, 2)
+    opt = make(name, model)
+    train(model, opt, 1)
+    before = snapshot(opt)
+    saved_by = type(source).__name__
+    with pytest.raises(ValueError, match=rf"saved by {saved_by}; build a {saved_by}"):
+        opt.load_state_dict(source.state_dict())
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_state_for_other_shapes_is_refused_unchanged(name):
+    if not is_leanopt(name):
+        pytest.skip("torch.optim checks only group sizes (torch's own convention)")
+    wide_model, model = tiny_model(dim=48), tiny_model()  # the same parameters, other shapes
+    wide = make(name, wide_model)
+    train(wide_model, wide, 2)
+    opt = make(name, model)
+    train(model, opt, 1)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"parameter 'embed_tokens.weight' has shape \(64, 48\), expected \(64, 32\)"):
+        opt.load_state_dict(wide.state_dict())
+    assert_unchanged(opt, before)
+    for p in model.parameters():  # and it still steps
+        assert len(opt.state[p]) > 0
+    train(model, opt, range(1, 2))

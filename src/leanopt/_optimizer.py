@@ -239,6 +239,62 @@ class LeanOptimizer(torch.optim.Optimizer):
         # The hook dicts stay out, as in torch (they may hold unpicklable closures).
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
 
+    # -- state_dict ---------------------------------------------------------------------
+    # state entries every stepped parameter has, and those shaped like the parameter
+    _state_keys: tuple[str, ...] = ()
+    _per_element_state: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for group in sd["param_groups"]:  # so that loading into another class is caught
+            group["optimizer_class"] = type(self).__name__
+        return sd
+
+    def _expected_shape(self, p: Tensor, key: str) -> tuple[int, ...] | None:
+        """The shape state ``key`` of ``p`` must have (None: not checked)."""
+        if key in self._per_element_state:
+            return tuple(p.shape)
+        return () if key == "step" else None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, after checking everything first: the class that
+        saved it, and every parameter's state entries and their shapes. A mismatch raises
+        ``ValueError`` naming the parameter, with this optimizer unchanged."""
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
+        me = type(self).__name__
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"{me}.load_state_dict: not an optimizer state_dict (it needs 'state' and 'param_groups')")
+        saved_groups = state_dict["param_groups"]
+        for group in saved_groups:
+            saved_by = group.get("optimizer_class")
+            if saved_by is not None and saved_by != me:
+                raise ValueError(f"{me}.load_state_dict: this state was saved by {saved_by}; build a {saved_by} to load it "
+                                 f"(its state and hyperparameters mean something else to {me})")
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
+            return  # torch's own check says so, before changing anything
+        ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            st = state_dict["state"].get(i)
+            if not st:
+                continue
+            missing = [k for k in self._state_keys if k not in st]
+            if missing:
+                raise ValueError(f"{me}.load_state_dict: parameter {self.param_name(p)!r} has no {', '.join(missing)} in "
+                                 f"this state (keys: {', '.join(map(str, st))}); was it saved by another optimizer?")
+            for key, value in st.items():
+                want = self._expected_shape(p, key)
+                if isinstance(value, Tensor) and want is not None and tuple(value.shape) != want:
+                    raise ValueError(f"{me}.load_state_dict: state {key!r} of parameter {self.param_name(p)!r} has shape "
+                                     f"{tuple(value.shape)}, expected {want}; {self._shape_hint(key)}")
+
+    def _shape_hint(self, key: str) -> str:
+        return "the state was saved for other parameters"
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # also the end of load_state_dict: bring older checkpoints up to date, as torch's
         # own optimizers do (Python-number steps, groups saved before a hyperparameter existed)

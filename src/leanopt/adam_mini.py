@@ -587,18 +587,18 @@ class AdamMini(LeanOptimizer):
         return rows
 
     # -- state ----------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st and "exp_avg_sq" in st and st["exp_avg_sq"].numel() != self._rules[p].layout.n_blocks:
-                    raise ValueError(
-                        f"AdamMini.load_state_dict: parameter {self.param_name(p)!r} has "
-                        f"{st['exp_avg_sq'].numel()} second-moment blocks in the state_dict but "
-                        f"{self._rules[p].layout.n_blocks} in this optimizer's partition; build the "
-                        "optimizer the same way as the one that was saved"
-                    )
+    _state_keys = ("step", "exp_avg", "exp_avg_sq")
+
+    def _expected_shape(self, p: Tensor, key: str) -> tuple[int, ...] | None:
+        if key == "exp_avg_sq":
+            return (self._rules[p].layout.n_blocks,)
+        return super()._expected_shape(p, key)
+
+    def _shape_hint(self, key: str) -> str:
+        if key == "exp_avg_sq":
+            return ("its second-moment blocks are not those of this optimizer's partition; build the optimizer the same "
+                    "way as the one that was saved")
+        return super()._shape_hint(key)
 
     # -- step -----------------------------------------------------------------------------
     def _update(self) -> None:

@@ -211,6 +211,7 @@ class AlphaAdam(LeanOptimizer):
 
     _checks = {"lr": NONNEG, "betas": Betas(), "eps": NONNEG, "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL,
                **mask_checks()}
+    _state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(
         self,

@@ -152,6 +152,7 @@ class Lion(LeanOptimizer):
     """
 
     _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL, **mask_checks()}
+    _state_keys = ("step", "exp_avg")
 
     def __init__(
         self,

@@ -211,6 +211,7 @@ class SGDSaI(LeanOptimizer):
     (float64 for float64 parameters).
     """
 
+    _state_keys = ("scale",)
     _checks = {
         "lr": NONNEG,
         "momentum": Interval(0.0, 1.0, high_open=True),
