@@ -1,7 +1,7 @@
 """Adam-mini: Adam with one second-moment scalar per parameter block.
 
 Paper: Zhang et al., "Adam-mini: Use Fewer Learning Rates To Gain More", arXiv:2406.16793
-(Algorithms 1-3, Principle 1). Contract: ``ALGORITHMS.md`` §1.
+(Algorithms 1-3, Principle 1). The math: ``docs/algorithms.md`` §1-2.
 
 For every block ``B`` of a parameter (see :mod:`leanopt.partition`)::
 

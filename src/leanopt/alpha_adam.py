@@ -3,7 +3,7 @@
 Paper: Chang, Yuan & Li, "AlphaAdam: Asynchronous Masked Optimization with Dynamic Alpha
 for Selective Updates", arXiv:2501.18094 (Algorithm 1). C-AdamW: Liang et al.,
 "Cautious Optimizers: Improving Training with One Line of Code", arXiv:2411.16085 (the
-AlphaAdam paper's "CAdam" baseline). Contract: ``ALGORITHMS.md`` §3.
+AlphaAdam paper's "CAdam" baseline). The math: ``docs/algorithms.md`` §4.
 
 Per parameter tensor::
 
@@ -185,7 +185,7 @@ class AlphaAdam(LeanOptimizer):
     whose gradient agrees in sign with the previous momentum, compensating the lost
     magnitude with α and a count scale. State: as AdamW (``exp_avg``, ``exp_avg_sq``).
 
-    Readings of the paper (``ALGORITHMS.md`` §3): Algorithm 1 prints no bias correction
+    Readings of the paper (``docs/algorithms.md`` §4): Algorithm 1 prints no bias correction
     and ``sqrt(v + eps)``; we use AdamW's bias correction and ``sqrt(v̂) + eps``, so that
     ``mask="none", alpha="none", count_scale=False`` is exactly ``torch.optim.AdamW``. The
     mask uses strict agreement, ``g·m > 0`` (Algorithm 1), not the ``≥`` of Eqs. 5-6; when
@@ -262,7 +262,7 @@ class AlphaAdam(LeanOptimizer):
 class CAdamW(AlphaAdam):
     """Cautious AdamW (Liang et al. 2024, arXiv:2411.16085; AlphaAdam's "CAdam" baseline):
     AlphaAdam with the *synchronous* mask ``g ⊙ m_t > 0``, no α, and the count scale
-    ``n/(||φ||₀+1)`` (``ALGORITHMS.md`` §3). Arguments as :class:`AlphaAdam`, without the
+    ``n/(||φ||₀+1)`` (``docs/algorithms.md`` §4). Arguments as :class:`AlphaAdam`, without the
     mask ones."""
 
     def __init__(

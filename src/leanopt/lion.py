@@ -1,7 +1,7 @@
 """Lion: the sign of an interpolated momentum.
 
 Paper: Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675.
-Contract: ``ALGORITHMS.md`` §4-5::
+The math: ``docs/algorithms.md`` §5::
 
     c = β1·m + (1−β1)·g
     p ← p·(1 − lr·wd) ;  p ← p − lr·sign(c)

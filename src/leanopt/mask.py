@@ -1,8 +1,8 @@
 """AlphaAdam's intra-layer mask and α compensation, as a component of any momentum optimizer.
 
 Paper: Chang, Yuan & Li, "AlphaAdam: Asynchronous Masked Optimization with Dynamic Alpha
-for Selective Updates", arXiv:2501.18094 (Algorithm 1, Eqs. 5, 6, 9). Contract:
-``ALGORITHMS.md`` §3. The paper states the mechanism applies to most momentum-based
+for Selective Updates", arXiv:2501.18094 (Algorithm 1, Eqs. 5, 6, 9). The math:
+``docs/algorithms.md`` §4. The paper states the mechanism applies to most momentum-based
 optimizers; here it is one piece of code that AlphaAdam, C-AdamW, Adam-mini, SGD-SaI,
 Lion and the PMA optimizers all call, with ``u`` their own update direction and ``m``
 their own first moment. Per parameter tensor of ``n`` elements::

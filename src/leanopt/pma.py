@@ -1,7 +1,7 @@
 """PMA: AdamW-PMA and Lion-PMA, which replace gradient accumulation.
 
 Paper: "Accelerating Large-Scale Post-Training with Periodic Moving Averages" — the PMA
-paper (Algorithms 1-2, Sec. 3.2; ``pma.txt``). Contract: ``ALGORITHMS.md`` §4.
+paper (Algorithms 1-2, Sec. 3.2). The math: ``docs/algorithms.md`` §6.
 
 With micro-batch B and period K, call ``step()`` after *every* micro-batch. Step ``t``
 (the parameter's own step count, kept in its state, so resuming mid-period is exact)

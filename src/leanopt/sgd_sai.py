@@ -1,7 +1,7 @@
 """SGD-SaI: SGD with momentum and learning rates scaled at initialization by g-SNR.
 
 Paper: Xu et al., "No More Adam: Learning Rate Scaling at Initialization is All You
-Need", arXiv:2412.11768 (Algorithm 1, Sec. 4.1). Contract: ``ALGORITHMS.md`` §2.
+Need", arXiv:2412.11768 (Algorithm 1, Sec. 4.1). The math: ``docs/algorithms.md`` §3.
 
 Each parameter tensor is one block. At the first step in which a block has a gradient::
 
