@@ -288,6 +288,10 @@ def test_partition_gpt_neox_interleaved_query_key_value():
         assert q.unique().numel() == 1 and k.unique().numel() == 1 and v.unique().numel() == 16
         marker[q.long()] = 1
     assert marker.eq(1).sum() == 4
+    # value_blocks="whole" cannot gather the interleaved values: neurons, said once, also with given heads
+    with pytest.warns(PartitionWarning, match="cannot gather values interleaved"):
+        whole = AdamMini(model, value_blocks="whole", n_heads=4)
+    assert whole._rules[w].layout.n_blocks == 192
 
 
 def test_partition_phi3_concatenated_qkv_with_gqa():

@@ -507,6 +507,11 @@ class _Builder:
             return
         geo = self.geometry(path)
         segs = self._segments(role, n_out, geo)
+        if segs is None and role == "qkv-interleaved" and self.value_blocks == "whole":
+            self.fallbacks.append(f"{name}: value_blocks='whole' cannot gather values interleaved with the heads; one "
+                                  "block per output neuron")
+            self.set(w, name, BlockRule("neuron", BlockLayout.lanes_of(w.shape, axis, ((n_out, 1),))))
+            return
         if segs is None:
             where = f"{name} ({role}, {n_out} outputs, heads={geo.n_heads}, kv_heads={geo.n_kv_heads}, head_dim={geo.head_dim})"
             if self.user != HeadGeometry():
