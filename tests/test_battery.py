@@ -18,7 +18,7 @@ from torch import nn
 
 import leanopt
 from leanopt._optimizer import LeanOptimizer
-from helpers import batch, loss_of, params_equal, state_equal, tiny_model, train
+from helpers import batch, loss_of, max_rel_diff, params_equal, state_equal, tiny_model, train
 
 
 @dataclass
@@ -147,27 +147,15 @@ def test_bad_hyperparameter_in_param_group_raises(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_exact_state_dict_resume(name):
-    reference = tiny_model()
-    opt = make(name, reference)
-    train(reference, opt, 6)
+    def through_a_file(saved):  # what a checkpoint file gives back (torch.load, weights_only)
+        buf = io.BytesIO()
+        torch.save(saved, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=True)
+        saved.clear()
+        saved.update(loaded)
 
-    first = tiny_model()
-    opt1 = make(name, first)
-    train(first, opt1, 3)
-    buf = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optim": opt1.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-
-    resumed = tiny_model(seed=123)  # different init: everything must come from the checkpoint
-    resumed.load_state_dict(saved["model"])
-    opt2 = make(name, resumed)
-    opt2.load_state_dict(saved["optim"])
-    train(resumed, opt2, range(3, 6))
-
-    assert params_equal(reference, resumed), f"{name}: resumed run differs from the uninterrupted one"
-    for p, q in zip(reference.parameters(), resumed.parameters()):
-        assert state_equal(opt.state[p], opt2.state[q])
+    resume_across(name, True, True, edit=through_a_file)  # resume_across: below, with the torch.optim conventions
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -420,21 +408,27 @@ def counting_backend():
     return backend, graphs
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_compiled_training_step_equals_eager_without_recompiling(name):
-    compiled_model, eager_model = tiny_model(), tiny_model()
-    opt, eager_opt = make(name, compiled_model), make(name, eager_model)
-    backend, graphs = counting_backend()
+def compiled_training_step(model, opt, **compile_kwargs):
+    """forward, backward, ``opt.step()``, ``opt.zero_grad()`` as one ``torch.compile``d function."""
     torch._dynamo.reset()
 
-    @torch.compile(backend=backend)
+    @torch.compile(**compile_kwargs)
     def train_step(x, y):
-        loss = compiled_model(x, y)[1]
+        loss = model(x, y)[1]
         loss.backward()
         opt.step()
         opt.zero_grad()
         return loss
 
+    return train_step
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_training_step_equals_eager_without_recompiling(name):
+    compiled_model, eager_model = tiny_model(), tiny_model()
+    opt, eager_opt = make(name, compiled_model), make(name, eager_model)
+    backend, graphs = counting_backend()
+    train_step = compiled_training_step(compiled_model, opt, backend=backend)
     after_first = None
     for s in range(20):
         train_step(*batch(s))
@@ -460,20 +454,10 @@ def test_compiled_training_step_with_inductor():
     # optimizer's step runs as its own kernels between the compiled graphs
     compiled_model, eager_model = tiny_model(), tiny_model()
     opt, eager_opt = make("adam-mini", compiled_model), make("adam-mini", eager_model)
-    torch._dynamo.reset()
-
-    @torch.compile
-    def train_step(x, y):
-        loss = compiled_model(x, y)[1]
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
-
+    train_step = compiled_training_step(compiled_model, opt)
     for s in range(3):
         train_step(*batch(s))
         train(eager_model, eager_opt, range(s, s + 1))
-    from helpers import max_rel_diff
     assert max_rel_diff(compiled_model, eager_model) < 1e-5
     assert any(len(st) for st in opt.state.values())
 
@@ -494,7 +478,6 @@ def test_tensor_lr_with_a_scheduler(name):
     assert isinstance(lr, torch.Tensor), "the scheduler keeps a tensor lr a tensor"
     assert lr.item() == pytest.approx(CASES[name].lr / 16, rel=1e-6)
     # the tensor holds the lr in float32, the float in float64: rounding apart, no more
-    from helpers import max_rel_diff
     assert max_rel_diff(models[0], models[1]) < 1e-6
     assert not params_equal(models[0], tiny_model())
 
