@@ -449,12 +449,12 @@ def test_compiled_training_step_equals_eager_without_recompiling(name):
     assert params_equal(compiled_model, eager_model)
 
 
-def test_compiled_training_step_with_inductor():
-    # the default backend once (compiling the model's forward costs ~30 s on 2 cores): the
-    # optimizer's step runs as its own kernels between the compiled graphs
+def test_compiled_training_step_through_aot_autograd():
+    # forward and backward traced by AOTAutograd (inductor's front end, without its ~50 s of
+    # cold code generation on 2 cores): the optimizer's step runs as its own kernels between graphs
     compiled_model, eager_model = tiny_model(), tiny_model()
     opt, eager_opt = make("adam-mini", compiled_model), make("adam-mini", eager_model)
-    train_step = compiled_training_step(compiled_model, opt)
+    train_step = compiled_training_step(compiled_model, opt, backend="aot_eager")
     for s in range(3):
         train_step(*batch(s))
         train(eager_model, eager_opt, range(s, s + 1))
