@@ -231,9 +231,9 @@ class AlphaAdam(LeanOptimizer):
                         **mask_defaults(mask, alpha, count_scale), **self._extra_defaults)
         super().__init__(params, defaults)
 
-    def _coeffs(self, group: dict[str, Any], step: float) -> AdamStep:
+    def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> AdamStep:
         beta1, beta2 = group["betas"]
-        return adam_step(scalar(group["lr"]), beta1, beta2, step)
+        return adam_step(lr, beta1, beta2, step)
 
     def _update(self) -> None:
         for group in self.param_groups:
@@ -241,6 +241,7 @@ class AlphaAdam(LeanOptimizer):
             if not params:
                 continue
             exp_avgs, exp_avg_sqs, coeffs = [], [], []
+            lr = scalar(group["lr"])  # once per group: a tensor lr is read (synced) once
             for p in params:
                 state = self.state[p]
                 if not state:
@@ -250,7 +251,7 @@ class AlphaAdam(LeanOptimizer):
                 state["step"] += 1
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
-                coeffs.append(self._coeffs(group, state["step"].item()))
+                coeffs.append(self._coeffs(group, lr, state["step"].item()))
             step = alpha_adam_fused if group["fused"] else alpha_adam
             step(
                 params, grads, exp_avgs, exp_avg_sqs, coeffs,

@@ -216,9 +216,8 @@ def _os_error_line(e: OSError) -> str:
             errno.EDQUOT: "the disk quota is exceeded; free space and rerun the same command to resume",
             errno.EROFS: "the file system is read-only; choose another --out",
             errno.EACCES: "permission denied; choose a folder you can write (--out, --data-dir)",
-            errno.EPERM: "permission denied; choose a folder you can write (--out, --data-dir)",
-            errno.ENOENT: "no such file or folder"}.get(e.errno)
-    return f"{e.strerror or e}{where}" + (f" ({hint})" if hint and e.errno != errno.ENOENT else "")
+            errno.EPERM: "permission denied; choose a folder you can write (--out, --data-dir)"}.get(e.errno)
+    return f"{e.strerror or e}{where}" + (f" ({hint})" if hint else "")
 
 
 def main(argv: list[str] | None = None) -> int:

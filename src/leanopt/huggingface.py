@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._optimizer import unwrap_model
+from ._optimizer import trainable_named_parameters, unwrap_model
 from .partition import _is_norm
 from .registry import create_optimizer, optimizer_info
 
@@ -68,7 +68,7 @@ def create_trainer_optimizer(name: str, model: nn.Module, args: Any, **kwargs: A
     if info.structure_aware:
         return create_optimizer(name, model, weight_decay=weight_decay, **hyper)
     decay = decay_parameter_names(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = trainable_named_parameters(model)
     groups = []
     for wanted, wd in ((True, weight_decay), (False, 0.0)):
         params = [(n, p) if info.named else p for n, p in named if (n in decay) == wanted]

@@ -171,8 +171,8 @@ class Lion(LeanOptimizer):
                         **mask_defaults(mask, alpha, count_scale), **self._extra_defaults)
         super().__init__(params, defaults)
 
-    def _coeffs(self, group: dict[str, Any], step: float) -> LionStep:
-        return lion_step(scalar(group["lr"]), *group["betas"])
+    def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> LionStep:
+        return lion_step(lr, *group["betas"])
 
     def _update(self) -> None:
         for group in self.param_groups:
@@ -180,6 +180,7 @@ class Lion(LeanOptimizer):
             if not params:
                 continue
             exp_avgs, coeffs = [], []
+            lr = scalar(group["lr"])  # once per group: a tensor lr is read (synced) once
             for p in params:
                 state = self.state[p]
                 if not state:
@@ -187,7 +188,7 @@ class Lion(LeanOptimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 exp_avgs.append(state["exp_avg"])
-                coeffs.append(self._coeffs(group, state["step"].item()))
+                coeffs.append(self._coeffs(group, lr, state["step"].item()))
             (lion_fused if group["fused"] else lion)(
                 params, grads, exp_avgs, coeffs,
                 weight_decay=group["weight_decay"], maximize=group["maximize"],

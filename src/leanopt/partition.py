@@ -127,6 +127,12 @@ class BlockLayout:
         return BlockLayout((numel, 1), 0, ((numel, 1),))
 
     @staticmethod
+    def per_lane(shape: torch.Size | tuple[int, ...], axis: int = 0) -> BlockLayout:
+        """One block per output lane: a row (axis 0) or, of a 2-D weight, a column (axis 1)."""
+        n = shape[axis] if len(shape) == 2 else shape[0]
+        return BlockLayout.lanes_of(shape, axis, ((n, 1),))
+
+    @staticmethod
     def lanes_of(shape: torch.Size | tuple[int, ...], axis: int, segments: tuple[tuple[int, int], ...]) -> BlockLayout:
         """Blocks along the output dimension of a 2-D weight (axis 0: rows, 1: columns)."""
         if len(shape) == 1:  # a vector's lanes are its elements
@@ -313,10 +319,6 @@ _TOKEN_PARAMS = {"cls_token", "reg_token", "dist_token", "mask_token", "register
 UNRECOGNIZED = "whole (no rule)"
 
 
-def prefix_of(path: list[str]) -> str:
-    return ".".join(path) + "." if path else ""
-
-
 def _rows_of_last(p: Tensor) -> BlockLayout:
     """One block per row of ``p`` viewed as ``(-1, last dim)``: a table of learned vectors."""
     rows = p.numel() // p.shape[-1]
@@ -408,15 +410,16 @@ class _Builder:
                 self._linear(module, path, prefix)
             elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
                 w = module.weight  # (out channels, in/groups, *kernel): one block per output channel
-                self.set(w, prefix + "weight", BlockRule("channel", BlockLayout.lanes_of(w.shape, 0, ((w.shape[0], 1),))))
+                self.set(w, prefix + "weight", BlockRule("channel", BlockLayout.per_lane(w.shape)))
             # every parameter not claimed above: biases, norms, parameters owned directly
             for pname, p in module.named_parameters(recurse=False):
                 if p not in self.rules:
-                    self.set(p, prefix + pname, self._direct(module, path, pname, p))
+                    self.set(p, prefix + pname, self._direct(module, path, prefix + pname, p))
 
-    def _direct(self, module: nn.Module, path: list[str], pname: str, p: Tensor) -> BlockRule:
+    def _direct(self, module: nn.Module, path: list[str], name: str, p: Tensor) -> BlockRule:
         """The rule of a parameter that a module owns directly (not through a layer type
         read above): recognized by the module's kind and the parameter's name and shape."""
+        pname = name.rsplit(".", 1)[-1]
         low, kind = pname.lower(), type(module).__name__.lower()
         decay = p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)  # Mamba marks A_log and D so
         if low.endswith("bias"):
@@ -424,15 +427,15 @@ class _Builder:
         if _is_norm(module):
             return BlockRule("norm", BlockLayout.whole(p.numel()), decay=False)
         if p.dim() == 3 and ("expert" in kind or hasattr(module, "num_experts")):
-            return self._experts(module, prefix_of(path) + pname, pname, p)
+            return self._experts(module, name, pname, p)
         if p.dim() == 2 and low == "weight" and ("router" in kind or (path and path[-1].lower() in ("gate", "router"))):
-            return BlockRule("router", BlockLayout.lanes_of(p.shape, 0, ((p.shape[0], 1),)), decay)
+            return BlockRule("router", BlockLayout.per_lane(p.shape), decay)
         if hasattr(module, "A_log") and pname in ("A_log", "D"):
             # a selective state-space layer: each channel has its own dynamics, so A_log's row
             # (its state decay rates) is one block, and D, a per-channel skip gain, is per element;
             # neither is decayed (as in the Mamba reference code, which marks both _no_weight_decay)
             if p.dim() == 2:
-                return BlockRule("ssm-channel", BlockLayout.lanes_of(p.shape, 0, ((p.shape[0], 1),)), decay=False)
+                return BlockRule("ssm-channel", BlockLayout.per_lane(p.shape), decay=False)
             return BlockRule("ssm-element", BlockLayout.element(p.numel()), decay=False)
         if p.dim() >= 2 and (low in _TOKEN_PARAMS or low.endswith(("_token", "_tokens"))):
             return BlockRule("learned-token", _rows_of_last(p), decay)
@@ -472,7 +475,7 @@ class _Builder:
             label = "position-embedding"
         else:
             label = "embedding"
-        self.set(w, prefix + "weight", BlockRule(label, BlockLayout.lanes_of(w.shape, 0, ((w.shape[0], 1),))))
+        self.set(w, prefix + "weight", BlockRule(label, BlockLayout.per_lane(w.shape)))
 
     def _mha(self, module: nn.MultiheadAttention, prefix: str) -> None:
         self.found_structure = True
@@ -500,25 +503,24 @@ class _Builder:
             role = None  # a state-space layer's in_proj is no attention projection: neurons
         if module is self.output_embedding:
             self.found_structure = True
-            self.set(w, name, BlockRule("output", BlockLayout.lanes_of(w.shape, axis, ((n_out, 1),))))
+            self.set(w, name, BlockRule("output", BlockLayout.per_lane(w.shape, axis)))
             return
         if role in (None, "lora"):
-            self.set(w, name, BlockRule(role or "neuron", BlockLayout.lanes_of(w.shape, axis, ((n_out, 1),))))
+            self.set(w, name, BlockRule(role or "neuron", BlockLayout.per_lane(w.shape, axis)))
             return
         geo = self.geometry(path)
         segs = self._segments(role, n_out, geo)
-        if segs is None and role == "qkv-interleaved" and self.value_blocks == "whole":
-            self.fallbacks.append(f"{name}: value_blocks='whole' cannot gather values interleaved with the heads; one "
-                                  "block per output neuron")
-            self.set(w, name, BlockRule("neuron", BlockLayout.lanes_of(w.shape, axis, ((n_out, 1),))))
-            return
         if segs is None:
             where = f"{name} ({role}, {n_out} outputs, heads={geo.n_heads}, kv_heads={geo.n_kv_heads}, head_dim={geo.head_dim})"
-            if self.user != HeadGeometry():
+            if role == "qkv-interleaved" and self.value_blocks == "whole":
+                reason = "value_blocks='whole' cannot gather values interleaved with the heads"
+            elif self.user != HeadGeometry():
                 raise ValueError(f"AdamMini: the head geometry given does not fit {where}; check n_heads=, n_kv_heads= "
                                  "and head_dim= (or leave them out to read them from the model)")
-            self.fallbacks.append(f"{where}: head geometry unknown; one block per output neuron")
-            self.set(w, name, BlockRule("neuron", BlockLayout.lanes_of(w.shape, axis, ((n_out, 1),))))
+            else:
+                reason = "head geometry unknown"
+            self.fallbacks.append(f"{where}: {reason}; one block per output neuron")
+            self.set(w, name, BlockRule("neuron", BlockLayout.per_lane(w.shape, axis)))
             return
         self.found_structure = True
         self.set(w, name, BlockRule(self._label(role, segs, geo), BlockLayout.lanes_of(w.shape, axis, segs)))
@@ -623,7 +625,7 @@ def name_rule(name: str, shape: torch.Size | tuple[int, ...], dim: int | None, n
         return BlockRule(f"{label} ({chunks} heads)", BlockLayout((chunks, head_numel), 0, ((chunks, 1),)), decay)
     for label, keys in (("embedding", EMBD_NAMES), ("output", OUTPUT_NAMES), ("value", WV_NAMES), ("attn-proj", ATTN_PROJ_NAMES), ("mlp", MLP_NAMES)):
         if any(k in low for k in keys):
-            return BlockRule(label, BlockLayout.lanes_of(tuple(shape), 0, ((shape[0], 1),)) if len(shape) else BlockLayout.whole(1), decay)
+            return BlockRule(label, BlockLayout.per_lane(tuple(shape)) if len(shape) else BlockLayout.whole(1), decay)
     return BlockRule("whole", BlockLayout.whole(numel), decay)
 
 
@@ -648,7 +650,7 @@ def override_rule(spec: str, p: Tensor, current: BlockRule) -> BlockRule:
         raise ValueError(f"override {spec!r} needs a parameter with an output dimension")
     n_out = p.shape[axis] if p.dim() == 2 else p.shape[0]
     if spec == "neuron":
-        return BlockRule("neuron (override)", BlockLayout.lanes_of(p.shape, axis, ((n_out, 1),)), current.decay)
+        return BlockRule("neuron (override)", BlockLayout.per_lane(p.shape, axis), current.decay)
     if spec.startswith("head:"):
         try:
             k = int(spec[5:])

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from ._optimizer import IntAtLeast, OneOf, ParamsT, scalar
+from ._optimizer import IntAtLeast, OneOf, ParamsT
 from .alpha_adam import AdamStep, AlphaAdam
 from .lion import Lion, LionStep
 
@@ -139,9 +139,9 @@ class AdamWPMA(AlphaAdam):
         super().__init__(params, lr, betas, eps, weight_decay, mask=mask, alpha=alpha, count_scale=count_scale,
                          maximize=maximize, fused=fused)
 
-    def _coeffs(self, group: dict[str, Any], step: float) -> AdamStep:
+    def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> AdamStep:
         beta1, beta2 = group["betas"]
-        return adamw_pma_step(scalar(group["lr"]), beta1, beta2, int(step), group["period"], group["variant"])
+        return adamw_pma_step(lr, beta1, beta2, int(step), group["period"], group["variant"])
 
 
 class LionPMA(Lion):
@@ -181,6 +181,6 @@ class LionPMA(Lion):
         super().__init__(params, lr, betas, weight_decay, mask=mask, alpha=alpha, count_scale=count_scale,
                          maximize=maximize, fused=fused)
 
-    def _coeffs(self, group: dict[str, Any], step: float) -> LionStep:
+    def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> LionStep:
         beta1, beta2 = group["betas"]
-        return lion_pma_step(scalar(group["lr"]), beta1, beta2, int(step), group["period"], group["variant"])
+        return lion_pma_step(lr, beta1, beta2, int(step), group["period"], group["variant"])
