@@ -6,7 +6,9 @@ Usage: python distributed_worker.py MODE RANK WORLD_SIZE INIT_FILE OUT_DIR [CKPT
 under DistributedDataParallel (gloo); rank 0 saves the final parameters per optimizer.
 ``fsdp``: the same under FSDP2 (``fully_shard`` per block and at the root), on a model
 whose attention heads and norm blocks straddle the two shards; rank 0 saves the full
-parameters and every rank the bytes of its optimizer state.
+parameters and every rank the bytes of its optimizer state. Then, per optimizer, a run with a
+NaN in one gradient element held by the last rank (NONFINITE), and runs with
+``skip_nonfinite=True`` (NONFINITE_SKIP); rank 0 saves every parameter and state tensor.
 ``dcp``: FSDP2 with a ``torch.distributed.checkpoint`` round trip: load CKPT_IN (or, if
 empty, train the first STEPS // 2 steps), save CKPT_OUT (if given), train the remaining
 steps; rank 0 saves the final parameters. World sizes 2 -> 1 -> 2 test resharding.
@@ -41,10 +43,16 @@ FSDP_UNSUPPORTED = {"adafactor"}  # torch.optim.Adafactor itself fails on DTenso
 VARIANTS = {"adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}), "sgd-sai+mask": ("sgd-sai", {"mask": "async"}),
             "lion+mask": ("lion", {"mask": "sync"})}
 RUNS = leanopt.list_optimizers() + list(VARIANTS)
+# a NaN at the first step after two clean ones, in a row of the second rank that belongs to a head
+# straddling the shards (rows 8-15 of 24): Adam-mini's block sum and the mask's sums cross ranks
+NONFINITE = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")]
+NONFINITE_SKIP = ["alpha-adam", "adam-mini"]
+BAD_PARAM, BAD_ELEMENT, BAD_STEP = "layers.0.self_attn.k_proj.weight", (13, 3), 2
 
 
-def build(run: str, wrap: str, world: int, **overrides):
+def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, **overrides):
     name, extra = VARIANTS.get(run, (run, {}))
+    extra = {**extra, **(opt_kw or {})}
     model = tiny_model(**overrides)
     if wrap == "ddp" and world > 1:
         wrapped = DDP(model)
@@ -64,8 +72,9 @@ def build(run: str, wrap: str, world: int, **overrides):
     return model, wrapped, opt
 
 
-def run_steps(wrapped, opt, steps, rank, world, first=0) -> int:
-    """Train; returns the number of collectives of the last ``opt.step()``."""
+def run_steps(wrapped, opt, steps, rank, world, first=0, inject=None) -> int:
+    """Train; returns the number of collectives of the last ``opt.step()``. ``inject(step)``
+    runs after each backward."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     share = GLOBAL_BATCH // world
@@ -73,6 +82,8 @@ def run_steps(wrapped, opt, steps, rank, world, first=0) -> int:
         x, y = batch(step, size=GLOBAL_BATCH)
         opt.zero_grad(set_to_none=True)
         wrapped(x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])[1].backward()
+        if inject is not None:
+            inject(step)
         with CommDebugMode() as comm:
             opt.step()
     return comm.get_total_counts()
@@ -86,6 +97,36 @@ def train(name: str, rank: int = 0, world: int = 1, wrap: str = "ddp", **overrid
     model, wrapped, opt = build(name, wrap, world, **overrides)
     run_steps(wrapped, opt, STEPS, rank, world)
     return full_state(model)
+
+
+def nonfinite(run: str, rank: int = 0, world: int = 1, wrap: str = "ddp", skip: bool = False):
+    """Two clean steps, then one with a NaN at BAD_ELEMENT of BAD_PARAM's gradient (the last:
+    a forward pass through the NaN parameter would make every gradient NaN): every parameter
+    and state tensor (whole), and the count of skipped parameter steps."""
+    model, wrapped, opt = build(run, wrap, world, {"skip_nonfinite": True} if skip else None, **STRADDLING)
+    target = dict(model.named_parameters())[BAD_PARAM]
+
+    def inject(step):
+        if step != BAD_STEP:
+            return
+        grad = target.grad
+        if not hasattr(grad, "to_local"):
+            grad[BAD_ELEMENT] = float("nan")
+            return
+        local = grad.to_local()  # this rank's rows: torch.chunk's split of dim 0
+        start = -(-grad.shape[0] // world) * rank
+        row = BAD_ELEMENT[0] - start
+        if 0 <= row < local.shape[0]:
+            local[row, BAD_ELEMENT[1]] = float("nan")
+
+    run_steps(wrapped, opt, BAD_STEP + 1, rank, world, inject=inject)
+    out = {}
+    for n, p in model.named_parameters():
+        out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for k, v in opt.state[p].items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                out[f"{n}/{k}"] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+    return out, opt.nonfinite_skips
 
 
 def dcp_round(name, rank, world, ckpt_in, ckpt_out, out):
@@ -134,6 +175,14 @@ if __name__ == "__main__":
                 json.dump(sizes, f)
             with open(os.path.join(out, f"collectives_rank{rank}.json"), "w") as f:
                 json.dump(collectives, f)
+            if mode == "fsdp":
+                skips = {}
+                for name, skip in [(n, False) for n in NONFINITE] + [(n, True) for n in NONFINITE_SKIP]:
+                    state, skips[f"{name}-{skip}"] = nonfinite(name, rank, world, "fsdp", skip)
+                    if rank == 0:
+                        torch.save(state, os.path.join(out, f"nonfinite-{name}-{skip}.pt"))
+                with open(os.path.join(out, f"nonfinite_skips_rank{rank}.json"), "w") as f:
+                    json.dump(skips, f)
         dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()

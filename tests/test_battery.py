@@ -28,6 +28,9 @@ class Case:
     kwargs: dict = field(default_factory=dict)
 
 
+# what every leanopt optimizer shares (LeanOptimizer._common_checks), joined to each of their rows
+COMMON_BAD = [({"skip_nonfinite": 1}, "skip_nonfinite"), ({"skip_nonfinite": "yes"}, "skip_nonfinite")]
+
 CASES: dict[str, Case] = {
     "adamw": Case(
         lr=1e-2,
@@ -128,7 +131,9 @@ def test_loss_decreases(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_hyperparameters_raise(name):
     model = tiny_model()
-    for kwargs, pattern in CASES[name].bad:
+    factory = leanopt.optimizer_info(name).factory
+    common = COMMON_BAD if isinstance(factory, type) and issubclass(factory, LeanOptimizer) else []
+    for kwargs, pattern in CASES[name].bad + common:
         with pytest.raises(ValueError, match=pattern):
             make(name, model, **kwargs)
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import leanopt
-from distributed_worker import DCP_OPTIMIZERS, FSDP_UNSUPPORTED, RUNS, STRADDLING, train
+from distributed_worker import (
+    BAD_ELEMENT, BAD_PARAM, DCP_OPTIMIZERS, FSDP_UNSUPPORTED, NONFINITE, NONFINITE_SKIP, RUNS, STRADDLING, nonfinite, train)
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
@@ -84,6 +85,26 @@ def test_fsdp2_statistics_cross_ranks_in_one_collective_per_step(fsdp_results):
     expected = {"adam-mini": 1, "alpha-adam": 1, "cadamw": 1, "lion+mask": 1, "sgd-sai+mask": 1, "adam-mini+mask": 2, "adamw": 0}
     assert {k: counts[k] for k in expected} == expected
     assert all(n <= 1 for k, n in counts.items() if k != "adam-mini+mask"), counts
+
+
+@pytest.mark.parametrize("name,skip", [(n, False) for n in NONFINITE] + [(n, True) for n in NONFINITE_SKIP])
+def test_fsdp2_nonfinite_gradients_follow_the_rule(fsdp_results, name, skip):
+    # docs/algorithms.md §0 on shards: the NaN sits in the second rank's rows of a head that
+    # straddles the ranks; it reaches that element of the parameter and its per-element state
+    # and nothing else, as in one process. skip_nonfinite: both ranks skip the parameter (the
+    # first rank's shard is clean), so the batched collectives still line up
+    sharded = torch.load(fsdp_results / f"nonfinite-{name}-{skip}.pt", weights_only=True)
+    one, one_skips = nonfinite(name, skip=skip)
+    assert sharded.keys() == one.keys()
+    for key, t in one.items():
+        bad = ~torch.isfinite(t)
+        assert torch.equal(bad, ~torch.isfinite(sharded[key])), key
+        expect_bad = not skip and key.split("/")[0] == BAD_PARAM and t.shape == one[BAD_PARAM].shape
+        assert int(bad.sum()) == int(expect_bad) and (not expect_bad or bool(bad[BAD_ELEMENT])), key
+        diff = (t[~bad] - sharded[key][~bad]).norm() / t[~bad].norm().clamp_min(1e-30)
+        assert diff <= 1e-5, f"{key} differs by {diff:.2e}"
+    ranks = [json.loads((fsdp_results / f"nonfinite_skips_rank{r}.json").read_text())[f"{name}-{skip}"] for r in range(2)]
+    assert ranks == [one_skips] * 2 == [int(skip)] * 2
 
 
 def test_dcp_checkpoint_resumes_exactly_and_reshards(tmp_path):

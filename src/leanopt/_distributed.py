@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Shard", "is_dtensor", "row_shard", "all_reduce_sums"]
+__all__ = ["Shard", "is_dtensor", "row_shard", "all_reduce_sums", "all_finite"]
 
 
 def _dtensor_cls():
@@ -69,3 +69,28 @@ def all_reduce_sums(parts: list[Tensor], groups: list[object]) -> None:
         torch.distributed.all_reduce(flat, group=groups[idx[0]])
         for i, chunk in zip(idx, flat.split([parts[i].numel() for i in idx])):
             parts[i].copy_(chunk.view_as(parts[i]))
+
+
+def all_finite(tensors: list[Tensor]) -> list[bool]:
+    """Whether each tensor holds only finite values; for a DTensor, its whole tensor: every
+    rank gets the same answer (one ``all_reduce`` per process group), so that a parameter
+    is skipped on all ranks or on none. One synchronization for the list."""
+    bad, groups = [], []
+    for t in tensors:
+        local = t.to_local() if is_dtensor(t) else t
+        bad.append((~torch.isfinite(local)).any().to(torch.float32).reshape(1))
+        groups.append(_mesh_groups(t))
+    for dim in range(max((len(g) for g in groups), default=0)):  # a 2-D mesh reduces over both dimensions
+        all_reduce_sums(bad, [g[dim] if dim < len(g) else None for g in groups])
+    device = bad[0].device if bad else None
+    return [x == 0 for x in torch.cat([b.to(device) for b in bad]).tolist()]
+
+
+def _mesh_groups(t: Tensor) -> list[object]:
+    """The process groups of every mesh dimension along which DTensor ``t`` is sharded."""
+    if not is_dtensor(t):
+        return []
+    from torch.distributed.tensor import Shard as ShardPlacement
+
+    mesh = t.device_mesh
+    return [mesh.get_group(d) for d, pl in enumerate(t.placements) if isinstance(pl, ShardPlacement)]

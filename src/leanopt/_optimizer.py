@@ -14,7 +14,9 @@ This module holds what is common to all of them:
   added later with ``add_param_group``;
 * the ``step(closure)`` skeleton: the closure runs exactly once, with grad enabled;
 * loading older checkpoints (Python-number ``step`` entries, missing group keys);
-* the rejection of sparse gradients.
+* the rejection of sparse gradients;
+* the non-finite gradient rule (``docs/algorithms.md`` §0): :func:`finite_terms` for the
+  statistics shared across elements, and the opt-in ``skip_nonfinite``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ._distributed import all_finite
 
 __all__ = ["LeanOptimizer", "Interval", "IntAtLeast", "OneOf", "Betas", "ParamsT", "unwrap_model", "trainable_named_parameters"]
 
@@ -199,6 +203,8 @@ class LeanOptimizer(torch.optim.Optimizer):
     """
 
     _checks: dict[str, Any] = {}
+    # checks every leanopt optimizer shares, merged under each class's own
+    _common_checks: dict[str, Any] = {"skip_nonfinite": BOOL}
     # hyperparameters a variant adds to its parent's (PMA's period and variant): set by the
     # variant's __init__ before it calls the parent's, which puts them into the defaults
     _extra_defaults: dict[str, Any] = {}
@@ -207,11 +213,12 @@ class LeanOptimizer(torch.optim.Optimizer):
         # hyperparameters first, as torch.optim: AdamW(None, lr=-1) names lr, not params
         self._validate(defaults, "")
         self._group_keys = tuple(defaults)  # the hyperparameters every group must have
+        self.last_nonfinite: list[str] = []  # names skip_nonfinite skipped in the latest step
         super().__init__(normalize_params(params), defaults)
 
     # -- validation ---------------------------------------------------------------------
     def _validate(self, hyper: Mapping[str, Any], where: str) -> None:
-        for key, check in self._checks.items():
+        for key, check in {**self._common_checks, **self._checks}.items():
             if key in hyper:
                 try:
                     check.check(key, hyper[key])
@@ -323,7 +330,9 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     # -- stepping -----------------------------------------------------------------------
     def _grads(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """Params of ``group`` that have a gradient, and those gradients (sparse rejected)."""
+        """Params of ``group`` that have a gradient, and those gradients (sparse rejected).
+        With ``skip_nonfinite``, a parameter whose gradient holds a NaN or an Inf is left
+        out (its state untouched) and counted in ``group["nonfinite_skips"]``."""
         params, grads = [], []
         for p in group["params"]:
             if p.grad is None:
@@ -335,7 +344,22 @@ class LeanOptimizer(torch.optim.Optimizer):
                 )
             params.append(p)
             grads.append(p.grad)
+        if group.get("skip_nonfinite") and params:
+            finite = all_finite(grads)
+            skipped = [p for p, ok in zip(params, finite) if not ok]
+            if skipped:
+                group["nonfinite_skips"] = group.get("nonfinite_skips", 0) + len(skipped)
+                self.last_nonfinite.extend(self.param_name(p) for p in skipped)
+                params = [p for p, ok in zip(params, finite) if ok]
+                grads = [g for g, ok in zip(grads, finite) if ok]
         return params, grads
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """How many times ``skip_nonfinite`` skipped a parameter's step (saved in the
+        ``state_dict``, per param group as ``"nonfinite_skips"``); the names skipped in
+        the latest step are in ``last_nonfinite``."""
+        return sum(g.get("nonfinite_skips", 0) for g in self.param_groups)
 
     # Not traced by torch.compile: the step's fast path is already one fused kernel per
     # pass (C or inductor), and tracing its per-tensor Python (step counters read as numbers,
@@ -356,6 +380,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.last_nonfinite = []
         with sharded_mask_sums():
             self._update()
         return loss
@@ -395,6 +420,14 @@ def acc_dtype(t: Tensor) -> torch.dtype:
 def bias_corrections(beta1: float, beta2: float, step: float) -> tuple[float, float]:
     """Adam's bias corrections at ``step``: ``1 − β1^t`` and ``sqrt(1 − β2^t)``."""
     return 1 - beta1**step, math.sqrt(1 - beta2**step)
+
+
+def finite_terms(x: Tensor) -> Tensor:
+    """``x`` with its NaN and ±Inf entries replaced by 0: the terms of a statistic shared
+    across elements (a block mean of g², the mask's sums, a g-SNR), so that one
+    non-finite gradient element reaches its own parameter and state and nothing else
+    (the rule of every path: ``docs/algorithms.md`` §0)."""
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def decoupled_decay_(p: Tensor, lr: float | Tensor, weight_decay: float) -> None:

@@ -35,6 +35,7 @@ from ._optimizer import (
     acc_dtype,
     bias_corrections,
     decoupled_decay_,
+    finite_terms,
     scalar,
     step_tensor,
     unwrap_model,
@@ -183,7 +184,7 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         acc = torch.float64 if p.dtype == torch.float64 else torch.float32
         v_used = v.to(acc)
         if phase == "sums" or not needs_sums(mask):  # v moves once: in the sums call when there is one
-            g2 = g.to(acc) * g.to(acc)
+            g2 = finite_terms(g.to(acc) * g.to(acc))  # a NaN element must not reach its block's v
             if kind == "blocks":
                 row_sums.append(g2.sum(dim=1))
                 v_used = (v_used * h[2] + row_sums[-1] * h[9]).to(v.dtype).to(acc)
@@ -406,6 +407,9 @@ class AdamMini(LeanOptimizer):
             tensors on the CPU take a hand-written C kernel (:mod:`leanopt._native`, built
             once per machine in seconds), everything else ``torch.compile``d ones (the
             first step compiles, seconds up to a minute for a large model). Default False.
+        skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
+            Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
+            non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
 
     Reductions run in float32 (float64 for float64 parameters); state tensors take the
     parameter's dtype, as in ``torch.optim`` (a ``state_dict`` round trip casts them so).
@@ -446,6 +450,7 @@ class AdamMini(LeanOptimizer):
         count_scale: bool | None = None,
         maximize: bool = False,
         fused: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
             _positive_int_or_none(name, value)
@@ -489,7 +494,7 @@ class AdamMini(LeanOptimizer):
         self._warned_plain = self._constructed = False
 
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
-                        **mask_defaults(mask, alpha, count_scale))
+                        skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale))
         super().__init__(params, defaults)
         # the model-wide table served construction; keeping it would pin (and deepcopy)
         # every model tensor, also the frozen ones

@@ -207,6 +207,9 @@ class AlphaAdam(LeanOptimizer):
             the CPU take hand-written C kernels (:mod:`leanopt._native`, built once per
             machine in seconds), everything else ``torch.compile``d ones (the first step
             compiles). Default False.
+        skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
+            Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
+            non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
     """
 
     _checks = {"lr": NONNEG, "betas": Betas(), "eps": NONNEG, "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL,
@@ -226,9 +229,10 @@ class AlphaAdam(LeanOptimizer):
         count_scale: bool | None = True,
         maximize: bool = False,
         fused: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
-                        **mask_defaults(mask, alpha, count_scale), **self._extra_defaults)
+                        skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale), **self._extra_defaults)
         super().__init__(params, defaults)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> AdamStep:
@@ -276,6 +280,7 @@ class CAdamW(AlphaAdam):
         *,
         maximize: bool = False,
         fused: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, mask="sync", alpha="none", count_scale=True, maximize=maximize,
-                         fused=fused)
+                         fused=fused, skip_nonfinite=skip_nonfinite)

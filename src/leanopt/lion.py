@@ -39,6 +39,13 @@ class LionStep(NamedTuple):
     rescale: float = 1.0
 
 
+def nan_sign(c: Tensor) -> Tensor:
+    """``sign(c)``, but NaN where ``c`` is not finite (``c − c`` is 0 or NaN): the sign of
+    ±Inf is finite, and a non-finite gradient element must reach its parameter
+    (``docs/algorithms.md`` §0) instead of hiding in the momentum forever."""
+    return c.sign().add_(c - c)
+
+
 def lion_step(lr: float | Tensor, beta1: float, beta2: float) -> LionStep:
     return LionStep(lr, lr, beta1, 1 - beta1, beta2, 1 - beta2)
 
@@ -61,7 +68,7 @@ def lion(
         if maximize:
             g = -g
         phi = agreement(g, m) if mask == "async" else None
-        update = m.mul(c.c_keep).add_(g, alpha=c.c_gain).sign_()
+        update = nan_sign(m.mul(c.c_keep).add_(g, alpha=c.c_gain))
         m.mul_(c.m_keep).add_(g, alpha=c.m_gain)
         if mask == "sync":
             phi = agreement(g, m)
@@ -83,7 +90,7 @@ def _lion_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], H: Tensor
         h = H[i]
         g = g * h[0]
         m_new = m * h[3] + g * h[4]
-        u = (m * h[1] + g * h[2]).sign()
+        u = nan_sign(m * h[1] + g * h[2])
         part = step_(p, u, h[5], h[6], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
                      count_scale=count_scale)
         if part is not None:  # the sums call writes nothing
@@ -149,6 +156,9 @@ class Lion(LeanOptimizer):
         fused: run each step as compiled kernels (``torch.compile``: one pass over memory
             per tensor, two with a mask; the first step compiles, which takes seconds up
             to a minute for a large model). Default False.
+        skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
+            Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
+            non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
     """
 
     _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL, **mask_checks()}
@@ -166,9 +176,10 @@ class Lion(LeanOptimizer):
         count_scale: bool | None = None,
         maximize: bool = False,
         fused: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused,
-                        **mask_defaults(mask, alpha, count_scale), **self._extra_defaults)
+                        skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale), **self._extra_defaults)
         super().__init__(params, defaults)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> LionStep:

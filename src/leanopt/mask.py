@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._distributed import all_reduce_sums, is_dtensor
-from ._optimizer import BOOL, OneOf, acc_dtype
+from ._optimizer import BOOL, OneOf, acc_dtype, finite_terms
 
 __all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_",
            "sharded_mask_sums"]
@@ -68,10 +68,13 @@ def agreement(g: Tensor, m: Tensor) -> Tensor:
 
 def mask_sums(u: Tensor, phi: Tensor) -> Tensor:
     """``[||u||², ||φ⊙u||², ||φ||₀]`` of one tensor, before the empty-mask fallback (so
-    that one pass over memory computes all three), in float32 (float64 for float64)."""
-    acc = acc_dtype(u)
-    return torch.stack([torch.linalg.vector_norm(u, dtype=acc).square(),
-                        torch.linalg.vector_norm(u * phi, dtype=acc).square(), phi.sum(dtype=acc)])
+    that one pass over memory computes all three), in float32 (float64 for float64).
+    Elements whose ``u²`` is not finite are left out of all three (:func:`finite_terms`):
+    a NaN gradient element moves its own parameter to NaN, not the whole tensor."""
+    u2 = u.to(acc_dtype(u)).square()
+    kept = phi & torch.isfinite(u2)
+    u2 = finite_terms(u2)
+    return torch.stack([u2.sum(), (u2 * kept).sum(), kept.sum(dtype=u2.dtype)])
 
 
 def apply_mask_(p: Tensor, u: Tensor, phi: Tensor | None, sums: Tensor | None, lr: float | Tensor, *, alpha: str,
@@ -80,7 +83,8 @@ def apply_mask_(p: Tensor, u: Tensor, phi: Tensor | None, sums: Tensor | None, l
     ``numel``: the whole tensor's size when ``p`` and ``u`` are one rank's shards.
 
     Branch-free, so it does not synchronize with the device (the empty-mask fallback is a
-    ``where``) and it can be traced by ``torch.compile``.
+    ``where``) and it can be traced by ``torch.compile``. φ multiplies ``u``: an element
+    whose ``u`` is NaN becomes NaN whether it is selected or not (``docs/algorithms.md`` §0).
     """
     n = u.numel() if numel is None else numel
     if phi is None:  # φ ≡ 1: α = 1 exactly

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._optimizer import unwrap_model, user_stacklevel
+from ._optimizer import finite_terms, unwrap_model, user_stacklevel
 
 __all__ = [
     "BlockLayout",
@@ -175,7 +175,7 @@ def partial_lane_sq(g: Tensor, layout: BlockLayout, dtype: torch.dtype, flat_off
         return block_lane_sq(g.reshape(layout.view), layout.axis, dtype)
     out = torch.zeros(layout.lanes, dtype=dtype, device=g.device)
     if layout.axis == 0 and rows == 1:  # one lane, the whole tensor
-        out[0] = g.to(dtype).square().sum()
+        out[0] = finite_terms(g.to(dtype).square()).sum()
         return out
     if flat_offset % cols or g.numel() % cols:
         raise ValueError(f"a shard starting at element {flat_offset} with {g.numel()} elements does not hold whole rows "
@@ -189,10 +189,10 @@ def partial_lane_sq(g: Tensor, layout: BlockLayout, dtype: torch.dtype, flat_off
 
 
 def block_lane_sq(g2d: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
-    """Sum of squares per lane of a 2-D view (rows for axis 0, columns for axis 1)."""
-    if g2d.shape[1 - axis] == 1:
-        return g2d.reshape(-1).to(dtype).square()
-    return torch.linalg.vector_norm(g2d, dim=1 - axis, dtype=dtype).square_()
+    """Sum of squares per lane of a 2-D view (rows for axis 0, columns for axis 1), of the
+    finite squares only (:func:`leanopt._optimizer.finite_terms`): a NaN gradient element
+    must not reach the v of its whole block."""
+    return finite_terms(g2d.to(dtype).square()).sum(dim=1 - axis)
 
 
 def block_sums(lane_sq: Tensor, layout: BlockLayout) -> Tensor:

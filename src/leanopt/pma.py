@@ -115,6 +115,9 @@ class AdamWPMA(AlphaAdam):
             default ``mask="none"``.
         maximize: maximize the objective instead of minimizing it. Default False.
         fused: compiled kernels, as :class:`AlphaAdam`. Default False.
+        skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
+            Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
+            non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
     """
 
     _checks = {**AlphaAdam._checks, **_PMA_CHECKS}
@@ -134,10 +137,11 @@ class AdamWPMA(AlphaAdam):
         count_scale: bool | None = None,
         maximize: bool = False,
         fused: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         self._extra_defaults = dict(period=period, variant=variant)
         super().__init__(params, lr, betas, eps, weight_decay, mask=mask, alpha=alpha, count_scale=count_scale,
-                         maximize=maximize, fused=fused)
+                         maximize=maximize, fused=fused, skip_nonfinite=skip_nonfinite)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> AdamStep:
         beta1, beta2 = group["betas"]
@@ -158,6 +162,9 @@ class LionPMA(Lion):
         mask, alpha, count_scale: the AlphaAdam mask component; default ``mask="none"``.
         maximize: maximize the objective instead of minimizing it. Default False.
         fused: one compiled pass per tensor, as :class:`Lion`. Default False.
+        skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
+            Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
+            non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
     """
 
     _checks = {**Lion._checks, **_PMA_CHECKS}
@@ -176,10 +183,11 @@ class LionPMA(Lion):
         count_scale: bool | None = None,
         maximize: bool = False,
         fused: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         self._extra_defaults = dict(period=period, variant=variant)
         super().__init__(params, lr, betas, weight_decay, mask=mask, alpha=alpha, count_scale=count_scale,
-                         maximize=maximize, fused=fused)
+                         maximize=maximize, fused=fused, skip_nonfinite=skip_nonfinite)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> LionStep:
         beta1, beta2 = group["betas"]

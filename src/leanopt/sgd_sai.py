@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_, scalar
+from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_, finite_terms, scalar
 from . import _native
 from ._compile import Kernel, fusable_groups, hyper
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
@@ -144,7 +144,7 @@ def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
     """g-SNR of one block's gradient, and whether the block is degenerate for ``"paper"``
     (all elements equal, so its variance carries no noise information)."""
     acc = acc_dtype(g)
-    x = g.detach().to(acc).reshape(-1)
+    x = finite_terms(g.detach().to(acc).reshape(-1))  # a NaN element must not reach every scale (via the max)
     norm = torch.linalg.vector_norm(x)
     if variant == "released":
         # sgd-sai 1.0.3: unbiased std, whose NaN for a single element is taken as 0; eps outside
@@ -180,6 +180,9 @@ class SGDSaI(LeanOptimizer):
             per tensor, two with a mask; the first step compiles, which takes seconds up
             to a minute for a large model). Default False.
         maximize: maximize the objective instead of minimizing it. Default False.
+        skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
+            Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
+            non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
 
     ``variant="paper"``: ``scale = snr / max_k snr_k`` with the biased variance of the
     paper's Sec. 4.1, so every scale lies in (0, 1]. The maximum is taken over the
@@ -237,9 +240,10 @@ class SGDSaI(LeanOptimizer):
         count_scale: bool | None = None,
         maximize: bool = False,
         fused: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, variant=variant, maximize=maximize,
-                        fused=fused, **mask_defaults(mask, alpha, count_scale))
+                        fused=fused, skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale))
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -31,7 +31,10 @@ static inline float SFX(am_step_of)(const T *v, int64_t r, const double *h) {
 }
 
 /* sums of g^2 are float32 over chunks of AM_CHUNK elements and double across them: as exact
- * as the eager path's cascade sums also for blocks of millions of elements */
+ * as the eager path's cascade sums also for blocks of millions of elements. A square that is
+ * not finite (NaN, Inf) adds 0: a NaN gradient element reaches its own m and p, not its
+ * block's v (docs/algorithms.md, section 0). `q < INFINITY` is false for both. */
+#define FINITE_SQ(q) ((q) < INFINITY ? (q) : 0.0f)
 #define AM_CHUNK 4096
 
 static inline double SFX(am_sq_sum)(const T *restrict g, int64_t n) {
@@ -42,7 +45,7 @@ static inline double SFX(am_sq_sum)(const T *restrict g, int64_t n) {
 #pragma omp simd reduction(+ : s)
         for (int64_t j = c; j < e; ++j) {
             float x = LOAD(g, j);
-            s += x * x;
+            s += FINITE_SQ(x * x);
         }
         total += s;
     }
@@ -60,7 +63,7 @@ static inline double SFX(am_sq_sum)(const T *restrict g, int64_t n) {
         STORE(p, j, fmaf(-mn, step, LOAD(p, j) * decay));                               \
         NEXT                                                                            \
     }
-#define AM_NEXT_SUM { float x = LOAD(next, j); s += x * x; }
+#define AM_NEXT_SUM { float x = LOAD(next, j); s += FINITE_SQ(x * x); }
 
 /* elements [0, n) of a row; with `next` (the next row's g), returns that row's sum of g^2 */
 static inline double SFX(am_update)(T *restrict p, const T *restrict g, T *restrict m, const T *restrict next, int64_t n,
@@ -190,7 +193,7 @@ static void SFX(ad_plain)(T *restrict p, const T *restrict g, T *restrict m, T *
 #define SIGN_BIT ((UINT_T)1 << (8 * sizeof(UINT_T) - 1))
 
 /* pass 1 over [j0, j1): m, v and phi (in v's sign bit); sums[3] += ||u||^2, ||phi u||^2,
- * ||phi||_0: float32 over chunks of AD_CHUNK elements, double across them (the mask's scale is
+ * ||phi||_0 over the elements whose u^2 is finite (leanopt.mask.mask_sums): float32 over chunks of AD_CHUNK elements, double across them (the mask's scale is
  * a ratio of two long sums; double lanes in the loop itself would cost 10x in bfloat16) */
 #define AD_CHUNK 2048
 static void SFX(ad_sums)(const T *restrict g, T *restrict m, T *restrict v, int64_t j0, int64_t j1, const double *h,
@@ -204,9 +207,11 @@ static void SFX(ad_sums)(const T *restrict g, T *restrict m, T *restrict v, int6
         int phi = gj * (sync ? mn : mo) > 0.0f;                                         \
         STORE(m, j, mn);                                                                \
         RAW_STORE(v, j, (ENCODE(vn) & ~SIGN_BIT) | (phi ? SIGN_BIT : 0));               \
-        uu += u * u;                                                                    \
-        su += phi ? u * u : 0.0f;                                                       \
-        count += phi ? 1.0f : 0.0f;                                                     \
+        float q = u * u;                                                                \
+        int kept = phi && q < INFINITY;                                                 \
+        uu += FINITE_SQ(q);                                                             \
+        su += kept ? q : 0.0f;                                                          \
+        count += kept ? 1.0f : 0.0f;                                                    \
     }
     for (int64_t c = j0; c < j1; c += AD_CHUNK) {
         int64_t e = c + AD_CHUNK < j1 ? c + AD_CHUNK : j1;
@@ -218,7 +223,8 @@ static void SFX(ad_sums)(const T *restrict g, T *restrict m, T *restrict v, int6
 }
 
 /* pass 2 over [j0, j1): p moves by step (phi u), or by step u where the mask fell back ("all");
- * v gets its sign back (or m and v their rescale) */
+ * v gets its sign back (or m and v their rescale). phi multiplies u, so that a NaN u reaches p
+ * also where phi = 0, as in the eager path */
 static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j0, int64_t j1, const double *h, float step,
                           int all) {
     AD_SCALARS
@@ -229,7 +235,7 @@ static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j
         int phi = ((bits | select) & SIGN_BIT) != 0;                        \
         bits &= ~SIGN_BIT;                                                  \
         float vn = DECODE(bits), mn = LOAD(m, j);                           \
-        float sel = phi ? AD_U_MASKED(mn, vn) : 0.0f;                       \
+        float sel = AD_U_MASKED(mn, vn) * (phi ? 1.0f : 0.0f);              \
         STORE(p, j, fmaf(-sel, step, LOAD(p, j) * decay));                  \
         STATE                                                               \
     }
@@ -251,6 +257,7 @@ static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j
 #undef AD_U
 #undef AD_U_MASKED
 #undef AD_CHUNK
+#undef FINITE_SQ
 
 /* ---- Lion and Lion-PMA (leanopt.lion.LionStep), no mask: one pass ---------------------------
  *     c = c_keep m + c_gain g ;  m = m_keep m + m_gain g
@@ -267,7 +274,8 @@ static void SFX(lion_plain)(T *restrict p, const T *restrict g, T *restrict m, i
     for (int64_t j = j0; j < j1; ++j) {
         float gj = sign * LOAD(g, j), mj = LOAD(m, j);
         float c = fmaf(c_gain, gj, mj * c_keep);
-        float u = (float)(c > 0.0f) - (float)(c < 0.0f); /* torch.sign: 0 for 0 and NaN */
+        /* leanopt.lion.nan_sign: torch.sign, plus c - c (0, or NaN where c is not finite) */
+        float u = (float)(c > 0.0f) - (float)(c < 0.0f) + (c - c);
         float mn = fmaf(m_gain, gj, mj * m_keep);
         STORE(p, j, fmaf(neg_lr, u, LOAD(p, j) * decay));
         STORE(m, j, mn * r);
