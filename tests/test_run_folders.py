@@ -93,6 +93,18 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     assert alive.exists()
 
 
+def test_a_finished_run_loses_its_dead_writers_temporaries_at_the_next_run(bench_data, tmp_path):
+    task = one_run_smoke()
+    run_task(task, tmp_path, bench_data, **QUIET)
+    run = run_dir_of(tmp_path, task)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = run / f".checkpoint.pt.{int(dead.stdout)}.abc123.tmp"
+    stale.write_bytes(b"partial")
+    summary = (run / "summary.json").read_bytes()
+    run_task(task, tmp_path, bench_data, **QUIET)  # nothing to redo
+    assert not stale.exists() and (run / "summary.json").read_bytes() == summary
+
+
 def test_files_get_the_users_umask(tmp_path):
     old = os.umask(0o022)
     try:

@@ -39,7 +39,7 @@ from ..models.hf import build_hf_model, load_hf_config
 from ..registry import create_optimizer, state_bytes
 from .config import RunSpec, TrainConfig, fingerprint
 from .data import Corpus
-from .rundir import RunConflict, atomic_write, claim, write_json
+from .rundir import RunConflict, atomic_write, claim, remove_stale_temporaries, write_json
 from .parallel import DataParallel
 
 __all__ = ["Batches", "train_run", "build_run_model", "lr_lambda", "Interrupted", "read_results", "evaluate"]
@@ -181,6 +181,8 @@ def train_run(
         except (json.JSONDecodeError, UnicodeDecodeError):
             done = {}  # claim() says what to do about it
         if done.get("fingerprint") == fp:
+            if dp.is_main:  # a finished run is not redone, but what a killed writer left goes
+                remove_stale_temporaries(run_dir)
             return done
     config = {"fingerprint": fp, "train": asdict(train), "run": asdict(run)}
     # rank 0 holds the folder (the others only read what it writes)
