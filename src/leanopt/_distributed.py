@@ -75,6 +75,8 @@ def all_finite(tensors: list[Tensor]) -> list[bool]:
     """Whether each tensor holds only finite values; for a DTensor, its whole tensor: every
     rank gets the same answer (one ``all_reduce`` per process group), so that a parameter
     is skipped on all ranks or on none. One synchronization for the list."""
+    if not tensors:
+        return []
     bad, groups = [], []
     for t in tensors:
         local = t.to_local() if is_dtensor(t) else t
@@ -82,8 +84,7 @@ def all_finite(tensors: list[Tensor]) -> list[bool]:
         groups.append(_mesh_groups(t))
     for dim in range(max((len(g) for g in groups), default=0)):  # a 2-D mesh reduces over both dimensions
         all_reduce_sums(bad, [g[dim] if dim < len(g) else None for g in groups])
-    device = bad[0].device if bad else None
-    return [x == 0 for x in torch.cat([b.to(device) for b in bad]).tolist()]
+    return [x == 0 for x in torch.cat([b.to(bad[0].device) for b in bad]).tolist()]
 
 
 def _mesh_groups(t: Tensor) -> list[object]:

@@ -175,7 +175,7 @@ def partial_lane_sq(g: Tensor, layout: BlockLayout, dtype: torch.dtype, flat_off
         return block_lane_sq(g.reshape(layout.view), layout.axis, dtype)
     out = torch.zeros(layout.lanes, dtype=dtype, device=g.device)
     if layout.axis == 0 and rows == 1:  # one lane, the whole tensor
-        out[0] = finite_terms(g.to(dtype).square()).sum()
+        out[:] = block_lane_sq(g.reshape(1, -1), 0, dtype)
         return out
     if flat_offset % cols or g.numel() % cols:
         raise ValueError(f"a shard starting at element {flat_offset} with {g.numel()} elements does not hold whole rows "

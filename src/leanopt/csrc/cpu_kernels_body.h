@@ -193,8 +193,9 @@ static void SFX(ad_plain)(T *restrict p, const T *restrict g, T *restrict m, T *
 #define SIGN_BIT ((UINT_T)1 << (8 * sizeof(UINT_T) - 1))
 
 /* pass 1 over [j0, j1): m, v and phi (in v's sign bit); sums[3] += ||u||^2, ||phi u||^2,
- * ||phi||_0 over the elements whose u^2 is finite (leanopt.mask.mask_sums): float32 over chunks of AD_CHUNK elements, double across them (the mask's scale is
- * a ratio of two long sums; double lanes in the loop itself would cost 10x in bfloat16) */
+ * ||phi||_0 over the elements whose u^2 is finite (leanopt.mask.mask_sums): float32 over
+ * chunks of AD_CHUNK elements, double across them (the mask's scale is a ratio of two long
+ * sums; double lanes in the loop itself would cost 10x in bfloat16) */
 #define AD_CHUNK 2048
 static void SFX(ad_sums)(const T *restrict g, T *restrict m, T *restrict v, int64_t j0, int64_t j1, const double *h,
                          int sync, double *sums) {
@@ -208,8 +209,8 @@ static void SFX(ad_sums)(const T *restrict g, T *restrict m, T *restrict v, int6
         STORE(m, j, mn);                                                                \
         RAW_STORE(v, j, (ENCODE(vn) & ~SIGN_BIT) | (phi ? SIGN_BIT : 0));               \
         float q = u * u;                                                                \
-        int kept = phi && q < INFINITY;                                                 \
-        uu += FINITE_SQ(q);                                                             \
+        int finite = q < INFINITY, kept = phi && finite;                                \
+        uu += finite ? q : 0.0f;                                                        \
         su += kept ? q : 0.0f;                                                          \
         count += kept ? 1.0f : 0.0f;                                                    \
     }
