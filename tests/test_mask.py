@@ -16,13 +16,16 @@ from helpers import loss_of, max_rel_diff, tiny_model, train
 KW = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def test_alpha_adam_without_mask_is_torch_adamw():
+# the eager path is AdamW operation for operation; the default (the C kernel on the CPU)
+# rounds in its own order, which 50 steps grow to a few 1e-6
+@pytest.mark.parametrize("fused, tol", [(False, 1e-6), (None, 1e-5)], ids=["eager", "default"])
+def test_alpha_adam_without_mask_is_torch_adamw(fused, tol):
     ref_model, model = tiny_model(), tiny_model()
     ref = torch.optim.AdamW(ref_model.parameters(), foreach=False, **KW)
-    opt = AlphaAdam(model.parameters(), mask="none", alpha="none", count_scale=False, **KW)
+    opt = AlphaAdam(model.parameters(), mask="none", alpha="none", count_scale=False, fused=fused, **KW)
     train(ref_model, ref, 50)
     train(model, opt, 50)
-    assert max_rel_diff(model, ref_model) <= 1e-6
+    assert max_rel_diff(model, ref_model) <= tol
 
 
 @pytest.mark.filterwarnings("ignore::leanopt.PartitionWarning")

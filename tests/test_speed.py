@@ -9,11 +9,11 @@ from leanopt.bench.speed import KERNELS, PATTERNS, format_patterns, format_table
 
 
 def test_speed_rows_floor_and_ratios():
-    # by their exact specs: "leanopt sgd-sai" would also match its fused rows, whose compilation takes seconds
+    # by their exact specs: "leanopt sgd-sai" would also match its compiled row, whose compilation takes seconds
     result = run_speed("tiny", only=["torch-adamw-fused", "leanopt:sgd-sai"], steps=2, warmup=1, repeats=1, threads=1,
                        log=lambda s: None)
     rows = {r["name"]: r for r in result["rows"]}
-    adamw, sai = rows["torch AdamW (fused)"], rows["leanopt sgd-sai"]
+    adamw, sai = rows["torch AdamW (fused)"], rows["leanopt sgd-sai (default)"]
     # bytes a step must move, per fp32 parameter: p read+write, g read, state read+write
     assert adamw["floor_bytes_per_param"] == pytest.approx(4 * (3 + 2 * 2))
     assert sai["floor_bytes_per_param"] == pytest.approx(4 * (3 + 2 * 1), rel=0.01)

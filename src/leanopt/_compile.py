@@ -1,4 +1,4 @@
-"""Compiled fast paths (``fused=True``): one ``torch.compile``d kernel per optimizer.
+"""Compiled fast paths: one ``torch.compile``d kernel per optimizer.
 
 Each optimizer's fast path is a small function over *lists* of tensors, written with
 tensor ops, whose scalars arrive as one ``[n_tensors, k]`` tensor of per-tensor rows.
@@ -18,15 +18,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from ._distributed import is_dtensor
-from .mask import needs_sums
-
-__all__ = ["Kernel", "hyper", "fusable_groups"]
+__all__ = ["Kernel", "hyper", "field_index", "fusable_groups"]
 
 # every parameter set (model) is one more compiled variant of a kernel; dynamo's default
 # of 8 per function would send the ninth model to the slow eager path
@@ -93,19 +90,21 @@ class Kernel:
             return self.fn(*args, **kwargs)
 
 
-    def step(self, *tensors: Any, H: Tensor, mask: str, alpha: str, count_scale: bool) -> None:
-        """One optimizer step through a kernel ``fn(*tensors, H, sums, phase, mask, alpha,
-        count_scale)``: with the mask component on, a ``"sums"`` call first returns the
-        per-tensor sums of :func:`leanopt.mask.mask_sums`, then the ``"apply"`` call
-        recomputes the update and writes it (two passes, no stored full-size tensors)."""
-        sums = self(*tensors, H, None, "sums", mask, alpha, count_scale) if needs_sums(mask) else None
-        self(*tensors, H, sums, "apply", mask, alpha, count_scale)
-
-
-def hyper(rows: Sequence[Sequence[float]], like: Tensor) -> Tensor:
-    """The step's scalars, one row per tensor (``float64`` for ``float64`` parameters)."""
+def hyper(records: Sequence[Sequence[float]], like: Tensor) -> Tensor:
+    """The step's scalars, one record (a family's step ``NamedTuple``) per row, as a tensor
+    (``float64`` for ``float64`` parameters); a kernel reads a field as ``h[F.name]`` with
+    ``F = field_index(Record)``."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.tensor(rows, dtype=dtype, device=like.device)
+    return torch.tensor([tuple(map(float, r)) for r in records], dtype=dtype, device=like.device)
+
+
+R = TypeVar("R", bound=tuple)
+
+
+def field_index(record: type[R]) -> R:
+    """The record whose every field holds its own column: ``field_index(AdamStep).lr`` is
+    the column of ``lr`` in :func:`hyper`'s rows."""
+    return record(*range(len(record._fields)))  # type: ignore[attr-defined]
 
 
 # list lengths of one call: every call is one of these few shapes of graph, so a handful of
@@ -113,24 +112,19 @@ def hyper(rows: Sequence[Sequence[float]], like: Tensor) -> Tensor:
 _CHUNKS = (16, 8, 4, 2, 1)
 
 
-def fusable_groups(*lists: Sequence[Tensor | None], key: Callable[[int], Any] | None = None) -> tuple[list[list[int]], list[int]]:
-    """Index lists for the calls of a kernel, and the indices it cannot take.
+def fusable_groups(params: Sequence[Tensor], key: Callable[[int], Any] | None = None) -> list[list[int]]:
+    """Index lists for the calls of a kernel.
 
     A call gets tensors of one device, dtype and size (plus ``key(i)``, e.g. a layout),
     at most 16 and a power-of-two count of them: with dynamic shapes, one compiled graph
     then serves every call of that count, whatever the size, so a model costs a few
     compilations instead of one graph as large as the model, and the Python cost per step
-    is a few calls. Kernels work on flattened views, so every tensor at an index must be
-    contiguous (a transposed view registered as a parameter is not) and not sharded (DTensor
-    parameters of FSDP2 take the eager path, which reduces statistics across ranks).
+    is a few calls. Kernels work on flattened views: the router (:mod:`leanopt._backend`)
+    sends them contiguous, unsharded tensors only.
     """
     groups: dict[Any, list[int]] = {}
-    rest = []
-    for i, p in enumerate(lists[0]):
-        if all(t is None or (t.is_contiguous() and not is_dtensor(t)) for t in (lst[i] for lst in lists)):
-            groups.setdefault((p.device, p.dtype, p.numel(), key(i) if key else None), []).append(i)
-        else:
-            rest.append(i)
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype, p.numel(), key(i) if key else None), []).append(i)
     calls = []
     for idx in groups.values():
         start = 0
@@ -138,4 +132,4 @@ def fusable_groups(*lists: Sequence[Tensor | None], key: Callable[[int], Any] | 
             while len(idx) - start >= size:
                 calls.append(idx[start:start + size])
                 start += size
-    return calls, rest
+    return calls

@@ -1,19 +1,25 @@
 """Sharded parameters (FSDP2's ``fully_shard``, DTensor) in the functional cores.
 
 Elementwise math runs on each rank's local shard. A statistic that spans more than one
-element (an Adam-mini block mean) is computed from every rank's partial sums, gathered
-with *one* ``all_reduce`` per parameter group and step, whatever the number of blocks
-and tensors. Nothing here needs a process group when no parameter is a DTensor.
+element (an Adam-mini block mean, a masked step's whole-tensor sums) is computed from
+every rank's partial sums, gathered with *one* ``all_reduce`` per process group, whatever
+the number of blocks and tensors: at once (:func:`all_reduce_sums`), or at the end of the
+optimizer step for work that can wait (:func:`reduce_later` inside
+:func:`batched_reductions`). Nothing here needs a process group when no parameter is a
+DTensor.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Shard", "is_dtensor", "row_shard", "all_reduce_sums", "all_finite"]
+__all__ = ["Shard", "is_dtensor", "row_shard", "all_reduce_sums", "all_finite", "batched_reductions", "reduce_later"]
 
 
 def _dtensor_cls():
@@ -69,6 +75,47 @@ def all_reduce_sums(parts: list[Tensor], groups: list[object]) -> None:
         torch.distributed.all_reduce(flat, group=groups[idx[0]])
         for i, chunk in zip(idx, flat.split([parts[i].numel() for i in idx])):
             parts[i].copy_(chunk.view_as(parts[i]))
+
+
+class _Later(NamedTuple):
+    parts: Tensor  # this rank's partial sums
+    group: object  # the process group to sum them over
+    finish: Callable[[Tensor], None]  # what to do with the totals
+
+
+_LATER: ContextVar[list[_Later] | None] = ContextVar("leanopt_reductions_for_the_end_of_the_step", default=None)
+
+
+def reduce_later(parts: Tensor, group: object, finish: Callable[[Tensor], None]) -> None:
+    """Sum ``parts`` over ``group`` and call ``finish(totals)`` -- at the end of the
+    enclosing :func:`batched_reductions` (one collective for every such sum of the step),
+    or now, outside one. ``finish`` must not need anything the rest of the step changes."""
+    pending = _LATER.get()
+    if pending is None:
+        _finish([_Later(parts, group, finish)])
+    else:
+        pending.append(_Later(parts, group, finish))
+
+
+@contextlib.contextmanager
+def batched_reductions() -> Iterator[None]:
+    """The span (one optimizer step) whose :func:`reduce_later` sums cross the ranks
+    together, when it ends without an error: one ``all_reduce`` per process group, instead
+    of one per tensor. Without sharded tensors nothing is deferred and nothing is collective."""
+    pending: list[_Later] = []
+    token = _LATER.set(pending)
+    try:
+        yield
+    finally:
+        _LATER.reset(token)
+    _finish(pending)
+
+
+def _finish(pending: list[_Later]) -> None:
+    parts = [item.parts for item in pending]
+    all_reduce_sums(parts, [item.group for item in pending])
+    for item, total in zip(pending, parts):
+        item.finish(total)
 
 
 def all_finite(tensors: list[Tensor]) -> list[bool]:

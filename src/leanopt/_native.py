@@ -13,8 +13,11 @@ or ``clang``; ``-O3 -march=native -fopenmp``) into a cache directory (``$LEANOPT
 else ``~/.cache/leanopt``; a temporary folder where that cannot be written), keyed by the
 sources, the compiler, its flags and the CPU, and loaded with :mod:`ctypes`. Where that
 fails (no compiler, no OpenMP, not Linux), :func:`library` warns once and returns ``None``,
-and the callers use their compiled (inductor) or eager paths; ``LEANOPT_NATIVE=0`` turns
-the kernels off.
+and the router (:mod:`leanopt._backend`) sends those tensors to the eager path (the
+compiled one under ``fused=True``); ``LEANOPT_NATIVE=0`` turns the kernels off.
+
+Each kernel takes one row of doubles per tensor: the family's step record (``AdamStep``,
+``LionStep``, ``SGDStep``, ``AdamMiniStep``), whose fields are the C enums' order.
 """
 
 from __future__ import annotations
@@ -37,21 +40,13 @@ from torch import Tensor
 
 from ._distributed import is_dtensor
 
-__all__ = ["library", "enabled", "supports", "split", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream", "AM_FIELDS",
-           "AD_FIELDS", "LI_FIELDS", "SG_FIELDS"]
+__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream"]
 
 _SOURCES = ("cpu_kernels.c", "cpu_kernels_body.h")
 # -ffp-contract=off: every operation rounds, as the eager path's tensor operations do
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
-# the per-tensor hyperparameter row of leanopt_adam_mini_rows (the enum AM_* of cpu_kernels.c)
-AM_FIELDS = ("sign", "w", "beta2", "gain2", "count", "bc2_sqrt", "eps", "decay", "lr_bc1")
-# ... and of leanopt_adam (AD_*)
-AD_FIELDS = ("sign", "m_keep", "m_gain", "lerp", "v_keep", "v_gain", "v_div", "eps", "m_div", "decay", "lr", "rescale")
-# ... of leanopt_elementwise for Lion (LI_*) and SGD-SaI (SG_*)
-LI_FIELDS = ("sign", "c_keep", "c_gain", "m_keep", "m_gain", "decay", "lr", "rescale")
-SG_FIELDS = ("sign", "keep", "gain", "fresh", "has_m", "decay", "lr", "scale")
 _MASKS = {"none": 0, "async": 1, "sync": 2}
 _ALPHAS = {"squared": 0, "root": 1, "none": 2}
 
@@ -127,7 +122,9 @@ def _build() -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, building them on first use; ``None`` where unavailable (warned once)."""
     global _lib, _tried
-    if _tried or not enabled():
+    if not enabled():
+        return None
+    if _tried:
         return _lib
     with _lock:
         if not _tried:
@@ -141,8 +138,9 @@ def library() -> ctypes.CDLL | None:
                     fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 _lib = lib
             except Exception as e:  # no compiler, no OpenMP, read-only cache, ...
-                warnings.warn(f"leanopt: the CPU kernels could not be built, the fused steps use torch.compile "
-                              f"instead ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"leanopt: the CPU kernels could not be built ({type(e).__name__}: {e}); the optimizers "
+                              f"fall back to their eager path (fused=True: the compiled kernels), same results, slower",
+                              RuntimeWarning, stacklevel=3)
             _tried = True
     return _lib
 
@@ -153,16 +151,6 @@ def supports(*tensors: Tensor) -> bool:
     dtype = tensors[0].dtype
     return all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and not is_dtensor(t)
                for t in tensors) and dtype in _DTYPES
-
-
-def split(n: int, takes: Callable[[int], bool]) -> tuple[list[int], list[int]]:
-    """Indices ``0..n-1`` for the C kernels (those ``takes``, where the kernels are available)
-    and the others, for the compiled or eager paths."""
-    mine = [i for i in range(n) if takes(i)] if enabled() else []
-    if not mine or library() is None:
-        return [], list(range(n))
-    taken = set(mine)
-    return mine, [i for i in range(n) if i not in taken]
 
 
 def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array:
@@ -208,15 +196,15 @@ def adam_mini_rows(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
                    exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
                    hypers: Sequence[Sequence[float]]) -> None:
     """Adam-mini's step for tensors viewed as ``rows[i] × cols[i]``, one block per row;
-    ``hypers[i]`` as :data:`AM_FIELDS`. The caller checked :func:`supports`."""
+    ``hypers[i]``: an ``AdamMiniStep``. The caller checked :func:`supports`."""
     _call("leanopt_adam_mini_rows", (params, grads, exp_avgs, exp_avg_sqs), [*params, *exp_avgs, *exp_avg_sqs],
           ((_int64s, rows), (_int64s, cols), (_doubles, hypers)))
 
 
 def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
          hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool) -> None:
-    """The Adam family's step (:func:`leanopt.alpha_adam.alpha_adam`); ``hypers[i]`` as
-    :data:`AD_FIELDS`. With ``mask="none"`` and ``count_scale``, the caller puts the count
+    """The Adam family's step (:func:`leanopt.alpha_adam.alpha_adam`); ``hypers[i]``: an
+    ``AdamStep``. With ``mask="none"`` and ``count_scale``, the caller puts the count
     scale ``n/(n+1)`` into ``lr``. The caller checked :func:`supports`."""
     _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs), [*params, *exp_avgs, *exp_avg_sqs],
           (_sizes(params), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale))
@@ -224,14 +212,14 @@ def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
 
 def lion(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
          hypers: Sequence[Sequence[float]]) -> None:
-    """Lion's step without a mask (:func:`leanopt.lion.lion`); ``hypers[i]`` as :data:`LI_FIELDS`."""
+    """Lion's step without a mask (:func:`leanopt.lion.lion`); ``hypers[i]``: a ``LionStep``."""
     _call("leanopt_elementwise", (params, grads, exp_avgs), [*params, *exp_avgs], (_sizes(params), (_doubles, hypers)), 0)
 
 
 def sgd_sai(params: Sequence[Tensor], grads: Sequence[Tensor], buffers: Sequence[Tensor | None],
             hypers: Sequence[Sequence[float]]) -> None:
-    """SGD-SaI's step without a mask (:func:`leanopt.sgd_sai.sgd_sai`); ``hypers[i]`` as
-    :data:`SG_FIELDS` (``has_m`` 0 where ``buffers[i]`` is None: the kernel reads the
+    """SGD-SaI's step without a mask (:func:`leanopt.sgd_sai.sgd_sai`); ``hypers[i]``: an
+    ``SGDStep`` (``has_m`` 0 where ``buffers[i]`` is None: the kernel reads the
     gradient in its place)."""
     _call("leanopt_elementwise", (params, grads, [g if b is None else b for g, b in zip(grads, buffers)]),
           [*params, *(b for b in buffers if b is not None)], (_sizes(params), (_doubles, hypers)), 1)

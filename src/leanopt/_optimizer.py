@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._distributed import all_finite
+from ._backend import Backends, route
+from ._distributed import all_finite, batched_reductions
 
 __all__ = ["LeanOptimizer", "Interval", "IntAtLeast", "OneOf", "Betas", "ParamsT", "unwrap_model", "trainable_named_parameters"]
 
@@ -109,13 +110,17 @@ class IntAtLeast:
             raise ValueError(f"Invalid {name}: {value!r}; {name} must be an int >= {self.low}")
 
 
+@dataclass(frozen=True)
 class _Bool:
+    or_none: bool = False
+
     def check(self, name: str, value: Any) -> None:
-        if not isinstance(value, bool):
-            raise ValueError(f"Invalid {name}: {value!r}; {name} must be True or False")
+        if not (isinstance(value, bool) or (self.or_none and value is None)):
+            raise ValueError(f"Invalid {name}: {value!r}; {name} must be True{', False or None' if self.or_none else ' or False'}")
 
 
 BOOL = _Bool()
+BOOL_OR_NONE = _Bool(or_none=True)  # fused: None (the default) lets the router choose
 NONNEG = Interval(0.0)
 POSITIVE = Interval(0.0, low_open=True)
 
@@ -214,6 +219,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._validate(defaults, "")
         self._group_keys = tuple(defaults)  # the hyperparameters every group must have
         self.last_nonfinite: list[str] = []  # names skip_nonfinite skipped in the latest step
+        self.last_backends: dict[str, int] = {}  # tensors per backend in the latest step
         super().__init__(normalize_params(params), defaults)
 
     # -- validation ---------------------------------------------------------------------
@@ -374,19 +380,24 @@ class LeanOptimizer(torch.optim.Optimizer):
             closure: optional callable that re-evaluates the model and returns the loss;
                 it is called exactly once, with gradients enabled, before the update.
         """
-        from .mask import sharded_mask_sums  # (mask.py builds on this module)
-
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.last_nonfinite = []
-        with sharded_mask_sums():
+        self.last_nonfinite, self.last_backends = [], {}
+        with batched_reductions():  # sums of sharded tensors that can wait cross the ranks once
             self._update()
         return loss
 
     def _update(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _route(self, backends: Backends, group: dict[str, Any], *columns: list[Any], **options: Any) -> None:
+        """One group's step through the family's ``backends``, each tensor on the backend
+        ``group["fused"]`` chooses (:mod:`leanopt._backend`); counted in ``last_backends``."""
+        used = route(backends, group["fused"], columns, options, name_of=lambda i: self.param_name(columns[0][i]))
+        for backend, n in used.items():
+            self.last_backends[backend] = self.last_backends.get(backend, 0) + n
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -430,7 +441,23 @@ def finite_terms(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def decoupled_decay_(p: Tensor, lr: float | Tensor, weight_decay: float) -> None:
-    """Decoupled weight decay (Loshchilov & Hutter): ``p ← p·(1 − lr·wd)``, before the update."""
-    if weight_decay != 0:
-        p.mul_(1 - lr * weight_decay)
+def direction(maximize: bool) -> float:
+    """The sign every step gives its gradient: ``-1.0`` to maximize the objective."""
+    return -1.0 if maximize else 1.0
+
+
+def decay_factor(lr: float, weight_decay: float) -> float:
+    """Decoupled weight decay (Loshchilov & Hutter) as the factor ``1 − lr·wd`` the
+    parameter is multiplied by before the update (the ``decay`` of every step record)."""
+    return 1 - lr * weight_decay
+
+
+def decay_(p: Tensor, decay: float) -> None:
+    """``p ← decay·p``; nothing at all when ``decay`` is 1 (no weight decay)."""
+    if decay != 1:
+        p.mul_(decay)
+
+
+def decoupled_decay_(p: Tensor, lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay ``p ← p·(1 − lr·wd)``, before the update."""
+    decay_(p, decay_factor(lr, weight_decay))

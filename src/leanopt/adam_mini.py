@@ -20,13 +20,14 @@ import functools
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ._optimizer import (
     BOOL,
+    BOOL_OR_NONE,
     NONNEG,
     Betas,
     LeanOptimizer,
@@ -34,7 +35,9 @@ from ._optimizer import (
     ParamsT,
     acc_dtype,
     bias_corrections,
-    decoupled_decay_,
+    decay_,
+    decay_factor,
+    direction,
     finite_terms,
     scalar,
     step_tensor,
@@ -42,7 +45,8 @@ from ._optimizer import (
     user_stacklevel,
 )
 from . import _native
-from ._compile import Kernel, fusable_groups, hyper
+from ._backend import Backends
+from ._compile import Kernel, field_index, fusable_groups, hyper
 from ._distributed import all_reduce_sums, row_shard
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, needs_sums, step_
 from .partition import (
@@ -64,7 +68,44 @@ from .partition import (
     UNRECOGNIZED,
 )
 
-__all__ = ["AdamMini", "adam_mini"]
+__all__ = ["AdamMini", "AdamMiniStep", "adam_mini", "adam_mini_step"]
+
+
+class AdamMiniStep(NamedTuple):
+    """The scalars of one Adam-mini step for one parameter (blocks of ``count`` elements),
+    in the order of the C kernel's row (``AM_*`` of ``csrc/cpu_kernels.c``)::
+
+        g ← sign·g ;  m ← m + w·(g − m) ;  v_B ← beta2·v_B + gain2·mean_B(g²)
+        p ← decay·p ;  p ← p − (lr/bc1)·m / (sqrt(v_B)/bc2_sqrt + eps)
+
+    ``lr_bc1 = lr/bc1`` (the unmasked step's rate), ``bc1`` and ``lr`` (the masked step's)
+    and ``v_gain = gain2/count`` (the compiled kernels' factor of a block's sum of g²)."""
+
+    sign: float
+    w: float
+    beta2: float
+    gain2: float
+    count: float
+    bc2_sqrt: float
+    eps: float
+    decay: float
+    lr_bc1: float
+    bc1: float
+    lr: float
+    v_gain: float
+
+
+_F = field_index(AdamMiniStep)
+
+
+def adam_mini_step(lr: float, beta1: float, beta2: float, step: float, layout: BlockLayout, *, eps: float,
+                   weight_decay: float, decays: bool, maximize: bool) -> AdamMiniStep:
+    """Adam-mini's coefficients at ``step`` for a tensor of ``layout`` (``decays``: whether
+    its rule takes the weight decay)."""
+    bc1, bc2_sqrt = bias_corrections(beta1, beta2, step)
+    count = layout.numel // layout.n_blocks
+    return AdamMiniStep(direction(maximize), 1 - beta1, beta2, 1 - beta2, count, bc2_sqrt, eps,
+                        decay_factor(lr, weight_decay) if decays else 1.0, lr / bc1, bc1, lr, (1 - beta2) / count)
 
 
 def _blockwise(t: Tensor, lane_scale: Tensor, layout: BlockLayout, flat_offset: int = 0) -> tuple[Tensor, Tensor]:
@@ -92,29 +133,12 @@ def _sub_blockwise(p: Tensor, m: Tensor, lane_scale: Tensor, layout: BlockLayout
     _blockwise(p, lane_scale, layout, flat_offset)[0].addcmul_(m2, scale, value=-1.0)
 
 
-def adam_mini(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    layouts: list[BlockLayout],
-    decay: list[bool],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    mask: str = "none",
-    alpha: str = "none",
-    count_scale: bool = False,
-) -> None:
+def adam_mini(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+              layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str = "none", alpha: str = "none",
+              count_scale: bool = False) -> None:
     """Functional Adam-mini step over lists of tensors (per-tensor reference path).
 
-    ``exp_avg_sqs[i]`` holds one value per block of ``layouts[i]``; ``decay[i]`` says
-    whether the decoupled weight decay applies to ``params[i]``. ``mask``, ``alpha``,
+    ``exp_avg_sqs[i]`` holds one value per block of ``layouts[i]``. ``mask``, ``alpha``,
     ``count_scale``: the AlphaAdam component (:mod:`leanopt.mask`), with
     ``u = m̂ / (sqrt(v̂_B) + eps)``.
     """
@@ -129,44 +153,41 @@ def adam_mini(
         groups.append(None if shard is None else shard.group)
     all_reduce_sums(sums, groups)
 
-    for p, g, m, v, step_t, layout, dec, block_sum, shard in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts,
-                                                                  decay, sums, shards, strict=True):
+    for p, g, m, v, layout, c, block_sum, shard in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs, sums, shards,
+                                                       strict=True):
         offset = 0
         if shard is not None:
             p, g, m, v = shard.local, g.to_local(), m.to_local(), v.to_local() if hasattr(v, "to_local") else v
             offset = shard.flat_offset
-        if maximize:
+        if c.sign < 0:
             g = -g
-        step_t += 1
-        bias_correction1, bias_correction2_sqrt = bias_corrections(beta1, beta2, step_t.item())
         acc = acc_dtype(p)
 
         phi = agreement(g, m) if mask == "async" else None
-        m.lerp_(g, 1 - beta1)
+        m.lerp_(g, c.w)
         if mask == "sync":
             phi = agreement(g, m)
         block_sq = block_sum / block_elements(layout, p.device, acc)
         if v.dtype == acc:
-            v.mul_(beta2).add_(block_sq, alpha=1 - beta2)
+            v.mul_(c.beta2).add_(block_sq, alpha=c.gain2)
             v_acc = v
         else:  # low-precision params: update in float32, store rounded, use what is stored
-            v.copy_(v.to(acc).mul_(beta2).add_(block_sq, alpha=1 - beta2))
+            v.copy_(v.to(acc).mul_(c.beta2).add_(block_sq, alpha=c.gain2))
             v_acc = v.to(acc)
-        if dec:
-            decoupled_decay_(p, lr, weight_decay)
-        denom = v_acc.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        decay_(p, c.decay)
+        denom = v_acc.sqrt().div_(c.bc2_sqrt).add_(c.eps)
         if masked:
-            m2, scale = _blockwise(m.contiguous(), expand_blocks(1 / (bias_correction1 * denom), layout).to(p.dtype), layout, offset)
-            masked_update_(p, (m2 * scale).view(p.shape), phi, lr, alpha=alpha, count_scale=count_scale,
+            m2, scale = _blockwise(m.contiguous(), expand_blocks(1 / (c.bc1 * denom), layout).to(p.dtype), layout, offset)
+            masked_update_(p, (m2 * scale).view(p.shape), phi, c.lr, alpha=alpha, count_scale=count_scale,
                            shard_of=None if shard is None else (layout.numel, shard.group))
         else:
-            _sub_blockwise(p, m, expand_blocks((lr / bias_correction1) / denom, layout).to(p.dtype), layout, offset)
+            _sub_blockwise(p, m, expand_blocks(c.lr_bc1 / denom, layout).to(p.dtype), layout, offset)
 
 
 def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], lanes: list[Tensor] | None,
                  counts: list[Tensor] | None, kind: str, H: Tensor, sums: Tensor | None, phase: str, mask: str, alpha: str,
                  count_scale: bool) -> tuple[Tensor | None, list[Tensor]]:
-    # H rows: [sign, 1-β1, β2, 1-β2, sqrt(1-β2^t), eps, decay, 1-β1^t, lr, (1-β2)/block size]. kind "blocks": the
+    # H: one AdamMiniStep per row. kind "blocks": the
     # tensor viewed as (n_blocks, block size), each row one block of consecutive elements; "rows"/"columns":
     # the 2-D views of other layouts, lanes[i] the block of every lane; "elements": flat, one block per
     # element; "whole": flat, one block.
@@ -179,15 +200,15 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
     out, row_sums = [], []
     for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
         h = H[i]
-        g = g * h[0]
-        m_new = m.lerp(g, h[1])
+        g = g * h[_F.sign]
+        m_new = m.lerp(g, h[_F.w])
         acc = torch.float64 if p.dtype == torch.float64 else torch.float32
         v_used = v.to(acc)
         if phase == "sums" or not needs_sums(mask):  # v moves once: in the sums call when there is one
             g2 = finite_terms(g.to(acc) * g.to(acc))  # a NaN element must not reach its block's v
             if kind == "blocks":
                 row_sums.append(g2.sum(dim=1))
-                v_used = (v_used * h[2] + row_sums[-1] * h[9]).to(v.dtype).to(acc)
+                v_used = (v_used * h[_F.beta2] + row_sums[-1] * h[_F.v_gain]).to(v.dtype).to(acc)
             else:
                 if kind == "elements":
                     block = g2
@@ -196,9 +217,9 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
                 else:
                     block = torch.zeros(v.shape, dtype=acc, device=v.device).index_add_(0, lanes[i], g2.sum(dim=1 if kind == "rows" else 0))
                     block = block / counts[i]
-                v.copy_(v_used * h[2] + block * h[3])
+                v.copy_(v_used * h[_F.beta2] + block * h[_F.gain2])
                 v_used = v.to(acc)  # low-precision v: what is stored is used
-        scale = 1 / (h[7] * (v_used.sqrt() / h[4] + h[5]))
+        scale = 1 / (h[_F.bc1] * (v_used.sqrt() / h[_F.bc2_sqrt] + h[_F.eps]))
         if kind in ("rows", "columns"):
             scale = scale.index_select(0, lanes[i])
         if kind in ("blocks", "rows"):
@@ -206,7 +227,7 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         elif kind == "columns":
             scale = scale.view(1, -1)
         u = m_new * scale.to(p.dtype)
-        part = step_(p, u, h[6], h[8], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
+        part = step_(p, u, h[_F.decay], h[_F.lr], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
                      count_scale=count_scale)
         if part is not None:  # the sums call writes nothing
             out.append(part)
@@ -215,7 +236,7 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
     return (torch.stack(out) if out else None), row_sums
 
 
-_FUSED = Kernel(_mini_kernel)
+_KERNEL = Kernel(_mini_kernel)
 
 
 def _update_v_(vs: list[Tensor], row_sums: list[Tensor], beta2: float, coefs: list[float]) -> None:
@@ -238,53 +259,18 @@ def _kind(layout: BlockLayout) -> str:
     return "rows" if layout.axis == 0 else "columns"
 
 
-def adam_mini_fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    layouts: list[BlockLayout],
-    decay: list[bool],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    mask: str = "none",
-    alpha: str = "none",
-    count_scale: bool = False,
-) -> None:
-    """:func:`adam_mini` as fast kernels, with no full-size temporaries and no Python work
-    per block. Where every block is a run of consecutive rows (embeddings, heads, neurons
-    of an ``nn.Linear``), one pass over each tensor's memory; otherwise (column blocks,
-    blocks of unequal sizes) two, the block sums being one ``index_add`` over the lanes.
-    Unmasked row layouts of float32 and bfloat16 CPU tensors go to the C kernel
-    (:mod:`leanopt._native`), all in one call; the rest to compiled kernels
-    (:mod:`leanopt._compile`)."""
-    lr = float(lr)
-    native, others = _native.split(len(params), lambda i: not mask_active(mask, count_scale) and _kind(
-        layouts[i]) in _NATIVE_KINDS and _native.supports(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]))
-    if native:
-        _adam_mini_native(*([x[i] for i in native] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay)),
-                          lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay = (
-            [x[i] for i in others] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay))
-    calls, rest = fusable_groups(params, exp_avgs, key=lambda i: (_kind(layouts[i]), layouts[i].view, layouts[i].n_blocks))
-    fused_steps = [state_steps[i] for ids in calls for i in ids]
-    if fused_steps:  # two calls for all counters, not two per tensor
-        torch._foreach_add_(fused_steps, 1)
-        steps = dict(zip((i for ids in calls for i in ids), torch.stack(fused_steps).tolist()))
+def _adam_mini_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
+                        count_scale: bool) -> None:
+    """The step by compiled kernels, with no full-size temporaries and no Python work per
+    block. Where every block is a run of consecutive rows (embeddings, heads, neurons of an
+    ``nn.Linear``), one pass over each tensor's memory; otherwise (column blocks, blocks of
+    unequal sizes) two, the block sums being one ``index_add`` over the lanes."""
     v_later: tuple[list[Tensor], list[Tensor], list[float]] = ([], [], [])  # one v update for all calls
-    for ids in calls:
+    beta2 = coeffs[0].beta2
+    for ids in fusable_groups(params, key=lambda i: (_kind(layouts[i]), layouts[i].view, layouts[i].n_blocks)):
         kind = _kind(layouts[ids[0]])
-        rows, coefs = [], [(1 - beta2) / (layouts[i].numel // layouts[i].n_blocks) for i in ids]
-        for i, coef in zip(ids, coefs):
-            bc1, bc2_sqrt = bias_corrections(beta1, beta2, steps[i])
-            rows.append([-1.0 if maximize else 1.0, 1 - beta1, beta2, 1 - beta2, bc2_sqrt, eps,
-                         1 - lr * weight_decay if decay[i] else 1.0, bc1, lr, coef])
+        coefs = [coeffs[i].v_gain for i in ids]
         p0 = params[ids[0]]
         lanes = counts = None
         if kind == "blocks":
@@ -295,25 +281,21 @@ def adam_mini_fused(
             lanes, counts = [mp[0] for mp in maps], [mp[1] for mp in maps]
         else:
             views = [(-1,)] * len(ids)
-        tensors = ([params[i].view(vw) for i, vw in zip(ids, views)], [grads[i].reshape(vw) for i, vw in zip(ids, views)],
+        tensors = ([params[i].view(vw) for i, vw in zip(ids, views)], [grads[i].view(vw) for i, vw in zip(ids, views)],
                    [exp_avgs[i].view(vw) for i, vw in zip(ids, views)], [exp_avg_sqs[i] for i in ids], lanes, counts, kind,
-                   hyper(rows, p0))
+                   hyper([coeffs[i] for i in ids], p0))
         sums = None
         if needs_sums(mask):
-            sums, row_sums = _FUSED(*tensors, None, "sums", mask, alpha, count_scale)
+            sums, row_sums = _KERNEL(*tensors, None, "sums", mask, alpha, count_scale)
             if row_sums:  # the apply call reads the stored v
                 _update_v_(tensors[3], row_sums, beta2, coefs)
-        _, row_sums = _FUSED(*tensors, sums, "apply", mask, alpha, count_scale)
+        _, row_sums = _KERNEL(*tensors, sums, "apply", mask, alpha, count_scale)
         if row_sums:
             v_later[0].extend(tensors[3])
             v_later[1].extend(row_sums)
             v_later[2].extend(coefs)
     if v_later[0]:
         _update_v_(*v_later[:2], beta2, v_later[2])
-    if rest:
-        adam_mini(*([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps, layouts, decay)),
-                  lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, mask=mask,
-                  alpha=alpha, count_scale=count_scale)
 
 
 # the layouts the C kernel takes: blocks that are the rows of a 2-D view (one row for "whole",
@@ -322,18 +304,15 @@ _NATIVE_KINDS = ("blocks", "whole", "elements")
 
 
 def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                      state_steps: list[Tensor], layouts: list[BlockLayout], decay: list[bool], *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, maximize: bool) -> None:
+                      layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
+                      count_scale: bool) -> None:
     """The step by the C kernel (:mod:`leanopt._native`): unmasked, row layouts."""
-    torch._foreach_add_(state_steps, 1)
-    rows, cols, hypers = [], [], []
-    for layout, dec, step in zip(layouts, decay, torch.stack(state_steps).tolist()):
-        bc1, bc2_sqrt = bias_corrections(beta1, beta2, step)
-        rows.append(layout.n_blocks)
-        cols.append(layout.numel // layout.n_blocks)
-        hypers.append((-1.0 if maximize else 1.0, 1 - beta1, beta2, 1 - beta2, cols[-1], bc2_sqrt, eps,
-                       1 - lr * weight_decay if dec else 1.0, lr / bc1))
-    _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, cols, hypers)
+    _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, [layout.n_blocks for layout in layouts],
+                           [layout.numel // layout.n_blocks for layout in layouts], coeffs)
+
+
+BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, native=_adam_mini_native,
+                    native_takes=lambda row, o: not mask_active(o["mask"], o["count_scale"]) and _kind(row[4]) in _NATIVE_KINDS)
 
 
 PARTITIONS = ("auto", "model", "names", "plain")
@@ -401,12 +380,10 @@ class AdamMini(LeanOptimizer):
             Default ``mask="none"``; with a mask on, ``alpha`` and ``count_scale`` default
             to AlphaAdam's (``"squared"``, True).
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: run each step as fast kernels with no full-size temporaries: one pass over
-            memory per tensor for blocks of consecutive rows (embeddings, heads, neurons of
-            ``nn.Linear``), two for column blocks. Without the mask, float32 and bfloat16
-            tensors on the CPU take a hand-written C kernel (:mod:`leanopt._native`, built
-            once per machine in seconds), everything else ``torch.compile``d ones (the
-            first step compiles, seconds up to a minute for a large model). Default False.
+        fused: which backend runs the step, as :class:`leanopt.AlphaAdam`: the C kernel
+            (unmasked blocks of consecutive rows: embeddings, heads, neurons of
+            ``nn.Linear``) one pass over memory per tensor, the compiled kernels two for
+            column blocks. Default None (the fastest).
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
@@ -424,7 +401,7 @@ class AdamMini(LeanOptimizer):
         "eps": NONNEG,
         "weight_decay": NONNEG,
         "maximize": BOOL,
-        "fused": BOOL,
+        "fused": BOOL_OR_NONE,
         **mask_checks(),
     }
 
@@ -449,7 +426,7 @@ class AdamMini(LeanOptimizer):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
         for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
@@ -611,7 +588,7 @@ class AdamMini(LeanOptimizer):
             params, grads = self._grads(group)
             if not params:
                 continue
-            exp_avgs, exp_avg_sqs, steps, layouts, decay = [], [], [], [], []
+            exp_avgs, exp_avg_sqs, steps, layouts = [], [], [], []
             for p in params:
                 rule = self._rules[p]
                 state = self.state[p]
@@ -623,23 +600,10 @@ class AdamMini(LeanOptimizer):
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
                 layouts.append(rule.layout)
-                decay.append(rule.decay)
-            beta1, beta2 = group["betas"]
-            (adam_mini_fused if group["fused"] else adam_mini)(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                layouts,
-                decay,
-                lr=scalar(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-                mask=group["mask"],
-                alpha=group["alpha"],
-                count_scale=group["count_scale"],
-            )
+            torch._foreach_add_(steps, 1)  # every counter in two calls, read once
+            lr, (beta1, beta2) = scalar(group["lr"]), group["betas"]
+            coeffs = [adam_mini_step(lr, beta1, beta2, step, layout, eps=group["eps"], weight_decay=group["weight_decay"],
+                                     decays=self._rules[p].decay, maximize=group["maximize"])
+                      for p, layout, step in zip(params, layouts, torch.stack(steps).tolist())]
+            self._route(BACKENDS, group, params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs, mask=group["mask"],
+                        alpha=group["alpha"], count_scale=group["count_scale"])

@@ -23,72 +23,79 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decoupled_decay_, scalar, step_tensor
 from . import _native
-from ._compile import Kernel, fusable_groups, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
+from ._backend import Backends
+from ._compile import Kernel, field_index, fusable_groups, hyper
+from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decay_, decay_factor,
+                         direction, scalar, step_tensor)
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_, two_pass
 
 __all__ = ["AdamStep", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
 
 
 class AdamStep(NamedTuple):
-    """The scalars of one Adam-family step for one parameter.
+    """The scalars of one Adam-family step for one parameter, in the order of the C
+    kernel's row (``AD_*`` of ``csrc/cpu_kernels.c``; a test keeps the two equal)::
 
-    ``m ← m_keep·m + m_gain·g``; ``v ← v_keep·v + v_gain·g²``;
-    ``u = (m / m_div) / (sqrt(v) / v_div + eps·eps_mul)``; decay with ``decay_lr``; step
-    with ``lr``; afterwards ``m, v ← rescale·m, rescale·v``.
+        g ← sign·g
+        m ← m_keep·m + m_gain·g   (m.lerp_(g, m_gain) where lerp: m_keep + m_gain = 1)
+        v ← v_keep·v + v_gain·g²
+        u = (m / m_div) / (sqrt(v) / v_div + eps)
+        p ← decay·p ;  p ← p − lr·u     (or the masked step of :mod:`leanopt.mask`)
+        m, v ← rescale·m, rescale·v
     """
 
-    lr: float | Tensor
-    decay_lr: float | Tensor
+    sign: float
     m_keep: float
     m_gain: float
+    lerp: float
     v_keep: float
     v_gain: float
-    m_div: float
     v_div: float
-    eps_mul: float = 1.0
+    eps: float
+    m_div: float
+    decay: float
+    lr: float
     rescale: float = 1.0
 
 
-def adam_step(lr: float | Tensor, beta1: float, beta2: float, step: float) -> AdamStep:
-    """AdamW's coefficients at ``step`` (as ``torch.optim.AdamW``)."""
+_F = field_index(AdamStep)  # the compiled kernel's column of each field
+
+
+def adam_step(lr: float, beta1: float, beta2: float, step: float, *, eps: float, weight_decay: float, maximize: bool,
+              m_keep: float | None = None, m_gain: float | None = None, v_keep: float | None = None,
+              v_gain: float | None = None, m_div: float | None = None, v_div: float | None = None,
+              rescale: float = 1.0) -> AdamStep:
+    """AdamW's coefficients at ``step`` (as ``torch.optim.AdamW``); a variant (AdamW-PMA)
+    passes its own moment weights and bias corrections in place of AdamW's."""
     bc1, bc2_sqrt = bias_corrections(beta1, beta2, step)
-    return AdamStep(lr, lr, beta1, 1 - beta1, beta2, 1 - beta2, bc1, bc2_sqrt)
+    m_keep = beta1 if m_keep is None else m_keep
+    m_gain = 1 - beta1 if m_gain is None else m_gain
+    return AdamStep(direction(maximize), m_keep, m_gain, float(m_keep + m_gain == 1), beta2 if v_keep is None else v_keep,
+                    1 - beta2 if v_gain is None else v_gain, bc2_sqrt if v_div is None else v_div, eps,
+                    bc1 if m_div is None else m_div, decay_factor(lr, weight_decay), lr, rescale)
 
 
-def alpha_adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    coeffs: list[AdamStep],
-    *,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    mask: str,
-    alpha: str,
-    count_scale: bool,
-) -> None:
+def alpha_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+               coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
     """Functional AlphaAdam step over lists of tensors (per-tensor reference path).
 
     With ``mask="none"`` and ``count_scale=False`` this is AdamW, operation for operation.
     """
     masked = mask_active(mask, count_scale)
     for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs, strict=True):
-        if maximize:
+        if c.sign < 0:
             g = -g
         phi = agreement(g, m) if mask == "async" else None  # m is still m_{t-1}
-        if c.m_keep + c.m_gain == 1:
+        if c.lerp:
             m.lerp_(g, c.m_gain)
         else:
             m.mul_(c.m_keep).add_(g, alpha=c.m_gain)
         v.mul_(c.v_keep).addcmul_(g, g, value=c.v_gain)
         if mask == "sync":
             phi = agreement(g, m)
-        decoupled_decay_(p, c.decay_lr, weight_decay)
-        denom = v.sqrt().div_(c.v_div).add_(eps * c.eps_mul)
+        decay_(p, c.decay)
+        denom = v.sqrt().div_(c.v_div).add_(c.eps)
         if masked:
             masked_update_(p, m.div(denom).div_(c.m_div), phi, c.lr, alpha=alpha, count_scale=count_scale)
         else:
@@ -100,84 +107,46 @@ def alpha_adam(
 
 def _adam_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], H: Tensor, sums: Tensor | None,
                  phase: str, mask: str, alpha: str, count_scale: bool) -> Tensor | None:
-    # H rows: [sign, m_keep, m_gain, v_keep, v_gain, 1/v_div, eps·eps_mul, decay, 1/m_div, lr, rescale]: one pass
-    # per tensor reading p, g, m, v and writing them (plus the sums pass with the mask)
+    # H: one AdamStep per row. One pass per tensor reading p, g, m, v and writing them (plus
+    # the sums pass with the mask)
     out = []
     for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
         h = H[i]
-        g = g * h[0]
-        m_new = m * h[1] + g * h[2]
-        v_new = v * h[3] + g * g * h[4]
-        u = m_new / (v_new.sqrt() * h[5] + h[6]) * h[8]  # one division per element: the step is compute-heavy
-        part = step_(p, u, h[7], h[9], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
-                     count_scale=count_scale)
+        g = g * h[_F.sign]
+        m_new = m * h[_F.m_keep] + g * h[_F.m_gain]
+        v_new = v * h[_F.v_keep] + g * g * h[_F.v_gain]
+        # one division per element (the step is compute-heavy): the divisors' reciprocals are scalars
+        u = m_new / (v_new.sqrt() * (1 / h[_F.v_div]) + h[_F.eps]) * (1 / h[_F.m_div])
+        part = step_(p, u, h[_F.decay], h[_F.lr], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask,
+                     alpha=alpha, count_scale=count_scale)
         if part is not None:  # the sums call writes nothing
             out.append(part)
             continue
-        m.copy_(m_new * h[10])
-        v.copy_(v_new * h[10])
+        m.copy_(m_new * h[_F.rescale])
+        v.copy_(v_new * h[_F.rescale])
     return torch.stack(out) if out else None
 
 
-_FUSED = Kernel(_adam_kernel)
-
-
-def alpha_adam_fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    coeffs: list[AdamStep],
-    *,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    mask: str,
-    alpha: str,
-    count_scale: bool,
-) -> None:
-    """:func:`alpha_adam` as fast kernels: one pass over each tensor's memory without the
-    mask, two with it (the per-tensor sums, then the update, recomputed rather than stored).
-    On the CPU, float32 and bfloat16 tensors go to the C kernel (:mod:`leanopt._native`), all
-    of them in one call; the rest to one compiled kernel per group of tensors
-    (:mod:`leanopt._compile`)."""
-    native, others = _native.split(len(params), lambda i: _native.supports(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]))
-    if native:
-        _adam_native(*([x[i] for i in native] for x in (params, grads, exp_avgs, exp_avg_sqs, coeffs)), eps=eps,
-                     weight_decay=weight_decay, maximize=maximize, mask=mask, alpha=alpha, count_scale=count_scale)
-    if others:
-        _alpha_adam_compiled(*([x[i] for i in others] for x in (params, grads, exp_avgs, exp_avg_sqs, coeffs)), eps=eps,
-                             weight_decay=weight_decay, maximize=maximize, mask=mask, alpha=alpha, count_scale=count_scale)
-
-
-def _adam_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 coeffs: list[AdamStep], *, eps: float, weight_decay: float, maximize: bool, mask: str, alpha: str,
-                 count_scale: bool) -> None:
-    """The step by the C kernel (:mod:`leanopt._native`)."""
-    rows = []
-    for p, c in zip(params, coeffs):
-        lr = float(c.lr)
-        if mask == "none" and count_scale:  # φ ≡ 1: the count scale is n/(n+1), a constant of the step
-            lr *= p.numel() / (p.numel() + 1)
-        rows.append((-1.0 if maximize else 1.0, c.m_keep, c.m_gain, float(c.m_keep + c.m_gain == 1), c.v_keep, c.v_gain,
-                     c.v_div, eps * c.eps_mul, c.m_div, 1 - float(c.decay_lr) * weight_decay, lr, c.rescale))
-    _native.adam(params, grads, exp_avgs, exp_avg_sqs, rows, mask=mask, alpha=alpha, count_scale=count_scale)
+_KERNEL = Kernel(_adam_kernel)
 
 
 def _alpha_adam_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                         coeffs: list[AdamStep], *, eps: float, weight_decay: float, maximize: bool, mask: str, alpha: str,
-                         count_scale: bool) -> None:
+                         coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
     """The step by compiled kernels (:mod:`leanopt._compile`), a few tensors per call."""
-    calls, rest = fusable_groups(params, exp_avgs, exp_avg_sqs)
-    for idx in calls:
-        rows = [[-1.0 if maximize else 1.0, c.m_keep, c.m_gain, c.v_keep, c.v_gain, 1 / c.v_div, eps * c.eps_mul,
-                 1 - float(c.decay_lr) * weight_decay, 1 / c.m_div, float(c.lr), c.rescale] for c in (coeffs[i] for i in idx)]
-        _FUSED.step([params[i].view(-1) for i in idx], [grads[i].reshape(-1) for i in idx], [exp_avgs[i].view(-1) for i in idx],
-                    [exp_avg_sqs[i].view(-1) for i in idx], H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha,
-                    count_scale=count_scale)
-    if rest:
-        alpha_adam(*([x[i] for i in rest] for x in (params, grads, exp_avgs, exp_avg_sqs, coeffs)), eps=eps,
-                   weight_decay=weight_decay, maximize=maximize, mask=mask, alpha=alpha, count_scale=count_scale)
+    for idx in fusable_groups(params):
+        two_pass(_KERNEL, *([x[i].view(-1) for i in idx] for x in (params, grads, exp_avgs, exp_avg_sqs)),
+                 H=hyper([coeffs[i] for i in idx], params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
+
+
+def _alpha_adam_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                       coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
+    """The step by the C kernel (:mod:`leanopt._native`), every tensor in one call."""
+    if mask == "none" and count_scale:  # φ ≡ 1: the count scale n/(n+1) is a constant of the step
+        coeffs = [c._replace(lr=c.lr * (p.numel() / (p.numel() + 1))) for p, c in zip(params, coeffs)]
+    _native.adam(params, grads, exp_avgs, exp_avg_sqs, coeffs, mask=mask, alpha=alpha, count_scale=count_scale)
+
+
+BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, native=_alpha_adam_native)
 
 
 class AlphaAdam(LeanOptimizer):
@@ -202,17 +171,19 @@ class AlphaAdam(LeanOptimizer):
         alpha: ``"squared"`` (default, Algorithm 1: ``||u||²/||φ⊙u||²``), ``"root"`` (Eq. 9) or ``"none"``.
         count_scale: scale the step by ``n/(||φ||₀+1)`` (Algorithm 1). Default True.
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: run each step as fast kernels, one pass over memory per tensor without a
-            mask, two with one, no full-size temporaries. float32 and bfloat16 tensors on
-            the CPU take hand-written C kernels (:mod:`leanopt._native`, built once per
-            machine in seconds), everything else ``torch.compile``d ones (the first step
-            compiles). Default False.
+        fused: which backend runs the step (:mod:`leanopt._backend`). ``None`` (default):
+            the fastest correct one for each tensor -- the C kernels (:mod:`leanopt._native`,
+            built once per machine in seconds) for float32 and bfloat16 CPU tensors, the
+            ``torch.compile``d kernels on CUDA (the first step compiles), the eager
+            reference elsewhere (float64, DTensor shards); one pass over memory per tensor
+            without a mask, two with one. ``True``: a fast kernel for every tensor, an
+            error naming a tensor none takes. ``False``: the eager reference.
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
     """
 
-    _checks = {"lr": NONNEG, "betas": Betas(), "eps": NONNEG, "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL,
+    _checks = {"lr": NONNEG, "betas": Betas(), "eps": NONNEG, "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL_OR_NONE,
                **mask_checks()}
     _state_keys = ("step", "exp_avg", "exp_avg_sq")
 
@@ -228,7 +199,7 @@ class AlphaAdam(LeanOptimizer):
         alpha: str | None = "squared",
         count_scale: bool | None = True,
         maximize: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
@@ -236,8 +207,8 @@ class AlphaAdam(LeanOptimizer):
         super().__init__(params, defaults)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> AdamStep:
-        beta1, beta2 = group["betas"]
-        return adam_step(lr, beta1, beta2, step)
+        return adam_step(lr, *group["betas"], step, eps=group["eps"], weight_decay=group["weight_decay"],
+                         maximize=group["maximize"])
 
     def _update(self) -> None:
         for group in self.param_groups:
@@ -256,12 +227,8 @@ class AlphaAdam(LeanOptimizer):
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 coeffs.append(self._coeffs(group, lr, state["step"].item()))
-            step = alpha_adam_fused if group["fused"] else alpha_adam
-            step(
-                params, grads, exp_avgs, exp_avg_sqs, coeffs,
-                eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-                mask=group["mask"], alpha=group["alpha"], count_scale=group["count_scale"],
-            )
+            self._route(BACKENDS, group, params, grads, exp_avgs, exp_avg_sqs, coeffs, mask=group["mask"],
+                        alpha=group["alpha"], count_scale=group["count_scale"])
 
 
 class CAdamW(AlphaAdam):
@@ -279,7 +246,7 @@ class CAdamW(AlphaAdam):
         weight_decay: float = 1e-2,
         *,
         maximize: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, mask="sync", alpha="none", count_scale=True, maximize=maximize,

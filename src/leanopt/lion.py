@@ -18,25 +18,36 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._optimizer import BOOL, NONNEG, Betas, LeanOptimizer, ParamsT, decoupled_decay_, scalar, step_tensor
 from . import _native
-from ._compile import Kernel, fusable_groups, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
+from ._backend import Backends
+from ._compile import Kernel, field_index, fusable_groups, hyper
+from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, decay_, decay_factor, direction, scalar,
+                         step_tensor)
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_, two_pass
 
 __all__ = ["Lion", "LionStep", "lion", "lion_step"]
 
 
 class LionStep(NamedTuple):
-    """``c = c_keep·m + c_gain·g``; ``m ← m_keep·m + m_gain·g``; decay with ``decay_lr``;
-    step ``lr·sign(c)``; afterwards ``m ← rescale·m``."""
+    """The scalars of one Lion-family step for one parameter, in the order of the C
+    kernel's row (``LI_*`` of ``csrc/cpu_kernels.c``)::
 
-    lr: float | Tensor
-    decay_lr: float | Tensor
+        g ← sign·g ;  c = c_keep·m + c_gain·g ;  m ← m_keep·m + m_gain·g
+        p ← decay·p ;  p ← p − lr·sign(c)   (or the masked step)
+        m ← rescale·m
+    """
+
+    sign: float
     c_keep: float
     c_gain: float
     m_keep: float
     m_gain: float
+    decay: float
+    lr: float
     rescale: float = 1.0
+
+
+_F = field_index(LionStep)
 
 
 def nan_sign(c: Tensor) -> Tensor:
@@ -46,33 +57,29 @@ def nan_sign(c: Tensor) -> Tensor:
     return c.sign().add_(c - c)
 
 
-def lion_step(lr: float | Tensor, beta1: float, beta2: float) -> LionStep:
-    return LionStep(lr, lr, beta1, 1 - beta1, beta2, 1 - beta2)
+def lion_step(lr: float, beta1: float, beta2: float, *, weight_decay: float, maximize: bool, c_keep: float | None = None,
+              c_gain: float | None = None, m_keep: float | None = None, m_gain: float | None = None,
+              decay_lr: float | None = None, rescale: float = 1.0) -> LionStep:
+    """Lion's coefficients (as ``lion-pytorch``); a variant (Lion-PMA) passes its own
+    interpolation and momentum weights, decay rate and rescale."""
+    return LionStep(direction(maximize), beta1 if c_keep is None else c_keep, 1 - beta1 if c_gain is None else c_gain,
+                    beta2 if m_keep is None else m_keep, 1 - beta2 if m_gain is None else m_gain,
+                    decay_factor(lr if decay_lr is None else decay_lr, weight_decay), lr, rescale)
 
 
-def lion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    coeffs: list[LionStep],
-    *,
-    weight_decay: float,
-    maximize: bool,
-    mask: str,
-    alpha: str,
-    count_scale: bool,
-) -> None:
+def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coeffs: list[LionStep], *, mask: str,
+         alpha: str, count_scale: bool) -> None:
     """Functional Lion step over lists of tensors (per-tensor reference path)."""
     masked = mask_active(mask, count_scale)
     for p, g, m, c in zip(params, grads, exp_avgs, coeffs, strict=True):
-        if maximize:
+        if c.sign < 0:
             g = -g
         phi = agreement(g, m) if mask == "async" else None
         update = nan_sign(m.mul(c.c_keep).add_(g, alpha=c.c_gain))
         m.mul_(c.m_keep).add_(g, alpha=c.m_gain)
         if mask == "sync":
             phi = agreement(g, m)
-        decoupled_decay_(p, c.decay_lr, weight_decay)
+        decay_(p, c.decay)
         if masked:
             masked_update_(p, update, phi, c.lr, alpha=alpha, count_scale=count_scale)
         else:
@@ -83,61 +90,39 @@ def lion(
 
 def _lion_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], H: Tensor, sums: Tensor | None, phase: str,
                  mask: str, alpha: str, count_scale: bool) -> Tensor | None:
-    # H rows: [sign, c_keep, c_gain, m_keep, m_gain, decay, lr, rescale]; one pass per tensor
-    # (plus the sums pass with the mask; Kernel.step)
+    # H: one LionStep per row; one pass per tensor (plus the sums pass with the mask)
     out = []
     for i, (p, g, m) in enumerate(zip(ps, gs, ms)):
         h = H[i]
-        g = g * h[0]
-        m_new = m * h[3] + g * h[4]
-        u = nan_sign(m * h[1] + g * h[2])
-        part = step_(p, u, h[5], h[6], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
-                     count_scale=count_scale)
+        g = g * h[_F.sign]
+        m_new = m * h[_F.m_keep] + g * h[_F.m_gain]
+        u = nan_sign(m * h[_F.c_keep] + g * h[_F.c_gain])
+        part = step_(p, u, h[_F.decay], h[_F.lr], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask,
+                     alpha=alpha, count_scale=count_scale)
         if part is not None:  # the sums call writes nothing
             out.append(part)
             continue
-        m.copy_(m_new * h[7])
+        m.copy_(m_new * h[_F.rescale])
     return torch.stack(out) if out else None
 
 
-_FUSED = Kernel(_lion_kernel)
+_KERNEL = Kernel(_lion_kernel)
 
 
-def _rows(c: LionStep, maximize: bool, weight_decay: float) -> list[float]:
-    """A tensor's scalars for both fast kernels: [sign, c_keep, c_gain, m_keep, m_gain, decay, lr, rescale]."""
-    return [-1.0 if maximize else 1.0, c.c_keep, c.c_gain, c.m_keep, c.m_gain, 1 - float(c.decay_lr) * weight_decay,
-            float(c.lr), c.rescale]
+def _lion_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coeffs: list[LionStep], *, mask: str,
+                   alpha: str, count_scale: bool) -> None:
+    for idx in fusable_groups(params):
+        two_pass(_KERNEL, *([x[i].view(-1) for i in idx] for x in (params, grads, exp_avgs)),
+                 H=hyper([coeffs[i] for i in idx], params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
 
 
-def lion_fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    coeffs: list[LionStep],
-    *,
-    weight_decay: float,
-    maximize: bool,
-    mask: str,
-    alpha: str,
-    count_scale: bool,
-) -> None:
-    """:func:`lion` as fast kernels: without the mask, float32 and bfloat16 tensors on the CPU
-    go to the C kernel (:mod:`leanopt._native`), all in one call; the rest to one compiled
-    kernel per group of tensors (:mod:`leanopt._compile`)."""
-    native, others = _native.split(len(params), lambda i: not mask_active(mask, count_scale) and _native.supports(
-        params[i], grads[i], exp_avgs[i]))
-    if native:
-        _native.lion([params[i] for i in native], [grads[i] for i in native], [exp_avgs[i] for i in native],
-                     [_rows(coeffs[i], maximize, weight_decay) for i in native])
-        params, grads, exp_avgs, coeffs = ([x[i] for i in others] for x in (params, grads, exp_avgs, coeffs))
-    calls, rest = fusable_groups(params, exp_avgs)
-    for idx in calls:
-        rows = [_rows(coeffs[i], maximize, weight_decay) for i in idx]
-        _FUSED.step([params[i].view(-1) for i in idx], [grads[i].reshape(-1) for i in idx], [exp_avgs[i].view(-1) for i in idx],
-                    H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
-    if rest:
-        lion(*([x[i] for i in rest] for x in (params, grads, exp_avgs, coeffs)), weight_decay=weight_decay,
-             maximize=maximize, mask=mask, alpha=alpha, count_scale=count_scale)
+def _lion_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coeffs: list[LionStep], *, mask: str,
+                 alpha: str, count_scale: bool) -> None:
+    _native.lion(params, grads, exp_avgs, coeffs)
+
+
+BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, native=_lion_native,
+                    native_takes=lambda row, o: not mask_active(o["mask"], o["count_scale"]))  # the C kernel: unmasked
 
 
 class Lion(LeanOptimizer):
@@ -153,15 +138,15 @@ class Lion(LeanOptimizer):
             ``u = sign(c)`` and ``m`` Lion's momentum. Default ``mask="none"`` (plain Lion);
             with a mask on, ``alpha`` and ``count_scale`` default to AlphaAdam's.
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: run each step as compiled kernels (``torch.compile``: one pass over memory
-            per tensor, two with a mask; the first step compiles, which takes seconds up
-            to a minute for a large model). Default False.
+        fused: which backend runs the step, as :class:`leanopt.AlphaAdam` (the C kernel
+            takes unmasked steps; masked ones on the CPU take the eager path by default).
+            Default None (the fastest).
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
     """
 
-    _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL, **mask_checks()}
+    _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL_OR_NONE, **mask_checks()}
     _state_keys = ("step", "exp_avg")
 
     def __init__(
@@ -175,7 +160,7 @@ class Lion(LeanOptimizer):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused,
@@ -183,7 +168,7 @@ class Lion(LeanOptimizer):
         super().__init__(params, defaults)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> LionStep:
-        return lion_step(lr, *group["betas"])
+        return lion_step(lr, *group["betas"], weight_decay=group["weight_decay"], maximize=group["maximize"])
 
     def _update(self) -> None:
         for group in self.param_groups:
@@ -200,8 +185,5 @@ class Lion(LeanOptimizer):
                 state["step"] += 1
                 exp_avgs.append(state["exp_avg"])
                 coeffs.append(self._coeffs(group, lr, state["step"].item()))
-            (lion_fused if group["fused"] else lion)(
-                params, grads, exp_avgs, coeffs,
-                weight_decay=group["weight_decay"], maximize=group["maximize"],
-                mask=group["mask"], alpha=group["alpha"], count_scale=group["count_scale"],
-            )
+            self._route(BACKENDS, group, params, grads, exp_avgs, coeffs, mask=group["mask"], alpha=group["alpha"],
+                        count_scale=group["count_scale"])

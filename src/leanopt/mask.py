@@ -21,19 +21,16 @@ optimizer's default path is untouched.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from contextvars import ContextVar
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._distributed import all_reduce_sums, is_dtensor
+from ._distributed import is_dtensor, reduce_later
 from ._optimizer import BOOL, OneOf, acc_dtype, finite_terms
 
-__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_",
-           "sharded_mask_sums"]
+__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_", "two_pass"]
 
 MASKS = ("none", "async", "sync")
 ALPHAS = ("squared", "root", "none")
@@ -114,36 +111,18 @@ def masked_update_(p: Tensor, u: Tensor, phi: Tensor | None, lr: float | Tensor,
 
     Sharded tensors: DTensors (FSDP2), or ``shard_of=(numel, group)`` when ``p``, ``u`` and
     ``phi`` are this rank's parts of a tensor of ``numel`` elements sharded over ``group``.
-    The whole-tensor sums then need a collective: inside :func:`sharded_mask_sums` (every
-    optimizer step) the update waits for the end of the step, when the sums of all such
-    tensors cross the ranks together."""
+    The whole-tensor sums then need a collective: the update waits for the end of the
+    optimizer step (:func:`leanopt._distributed.reduce_later`, holding this rank's shard of
+    ``u``), when the sums of all such tensors cross the ranks together."""
     if phi is not None and shard_of is None and _same_shards(p, u, phi):
         shard_of = (p.numel(), p.device_mesh.get_group())
         p, u, phi = p.to_local(), u.to_local(), phi.to_local()
     if phi is None or shard_of is None:
         apply_mask_(p, u, phi, None if phi is None else mask_sums(u, phi), lr, alpha=alpha, count_scale=count_scale)
         return
-    item = _Pending(p, u, phi, mask_sums(u, phi), lr, alpha, count_scale, *shard_of)
-    pending = _PENDING.get()
-    if pending is not None:
-        pending.append(item)
-    else:  # called outside an optimizer step: reduce this tensor's sums now
-        _apply_pending([item])
-
-
-class _Pending(NamedTuple):
-    p: Tensor  # this rank's shards
-    u: Tensor
-    phi: Tensor
-    sums: Tensor  # this rank's part of mask_sums
-    lr: float | Tensor
-    alpha: str
-    count_scale: bool
-    numel: int  # of the whole tensor
-    group: object
-
-
-_PENDING: ContextVar[list[_Pending] | None] = ContextVar("leanopt_pending_masked_updates", default=None)
+    numel, group = shard_of
+    reduce_later(mask_sums(u, phi), group, lambda total: apply_mask_(p, u, phi, total, lr, alpha=alpha,
+                                                                     count_scale=count_scale, numel=numel))
 
 
 def _same_shards(p: Tensor, u: Tensor, phi: Tensor) -> bool:
@@ -154,33 +133,6 @@ def _same_shards(p: Tensor, u: Tensor, phi: Tensor) -> bool:
 
     return (p.device_mesh.ndim == 1 and isinstance(p.placements[0], Shard) and is_dtensor(u) and is_dtensor(phi)
             and u.placements == p.placements and phi.placements == p.placements)
-
-
-@contextlib.contextmanager
-def sharded_mask_sums() -> Iterator[None]:
-    """A step's masked updates of sharded parameters, with one collective for all their sums.
-
-    Each tensor's mask needs whole-tensor sums (:func:`mask_sums`). Sharded, each rank has
-    a part of them; rather than a collective per tensor, the updates wait (holding this
-    rank's shard of ``u``: at most the local parameter bytes, until the end of the step),
-    then one ``all_reduce`` per process group sums every tensor's parts and the updates
-    are applied. Without DTensor parameters nothing waits and nothing is collective.
-    """
-    pending: list[_Pending] = []
-    token = _PENDING.set(pending)
-    try:
-        yield
-    finally:
-        _PENDING.reset(token)
-    _apply_pending(pending)
-
-
-def _apply_pending(pending: list[_Pending]) -> None:
-    sums = [item.sums for item in pending]
-    all_reduce_sums(sums, [item.group for item in pending])
-    for item, total in zip(pending, sums):
-        apply_mask_(item.p, item.u, item.phi, total, item.lr, alpha=item.alpha, count_scale=item.count_scale,
-                    numel=item.numel)
 
 
 # -- for the compiled steps (leanopt._compile), whose kernels make two calls when the mask
@@ -195,6 +147,15 @@ def phi_of(mask: str, g: Tensor, m_prev: Tensor | None, m_new: Tensor) -> Tensor
 def needs_sums(mask: str) -> bool:
     """Whether the masked step needs a first pass for :func:`mask_sums`."""
     return mask != "none"
+
+
+def two_pass(kernel: Callable[..., Any], *tensors: Any, H: Tensor, mask: str, alpha: str, count_scale: bool) -> None:
+    """One optimizer step through a compiled kernel ``kernel(*tensors, H, sums, phase, mask,
+    alpha, count_scale)`` whose tensors go through :func:`step_`: with a mask, a ``"sums"``
+    call first returns every tensor's :func:`mask_sums`, then the ``"apply"`` call
+    recomputes the update and writes it (two passes, no stored full-size tensors)."""
+    sums = kernel(*tensors, H, None, "sums", mask, alpha, count_scale) if needs_sums(mask) else None
+    kernel(*tensors, H, sums, "apply", mask, alpha, count_scale)
 
 
 def step_(

@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from ._optimizer import IntAtLeast, OneOf, ParamsT
-from .alpha_adam import AdamStep, AlphaAdam
-from .lion import Lion, LionStep
+from .alpha_adam import AdamStep, AlphaAdam, adam_step
+from .lion import Lion, LionStep, lion_step
 
 __all__ = ["AdamWPMA", "LionPMA", "PeriodPosition", "period_position", "adamw_pma_step", "lion_pma_step"]
 
@@ -60,7 +60,8 @@ def _moment_weights(pos: PeriodPosition, beta: float, k: int) -> tuple[float, fl
     return pos.s / (pos.s + 1), (1 - beta) / (pos.s + 1)
 
 
-def adamw_pma_step(lr: float | Tensor, beta1: float, beta2: float, step: int, k: int, variant: str) -> AdamStep:
+def adamw_pma_step(lr: float, beta1: float, beta2: float, step: int, k: int, variant: str, *, eps: float,
+                   weight_decay: float, maximize: bool) -> AdamStep:
     """AdamW-PMA's coefficients at ``step``.
 
     ``variant="released"``: exponent ``L = floor(t/K)+1`` for the bias corrections, no
@@ -70,27 +71,31 @@ def adamw_pma_step(lr: float | Tensor, beta1: float, beta2: float, step: int, k:
     pos = period_position(step, k)
     m_keep, m_gain = _moment_weights(pos, beta1, k)
     v_keep, v_gain = _moment_weights(pos, beta2, k)
+    moments = dict(m_keep=m_keep, m_gain=m_gain, v_keep=v_keep, v_gain=v_gain)
     lr_t = lr if pos.large else lr / math.sqrt(k)
+    common = dict(weight_decay=weight_decay, maximize=maximize)
     if variant == "paper":
         p = pos.period
-        return AdamStep(lr_t, lr_t, m_keep, m_gain, v_keep, v_gain, 1 - beta1**p, math.sqrt((1 - beta2**p) / k),
-                        rescale=float(k) if pos.large else 1.0)
+        return adam_step(lr_t, beta1, beta2, step, eps=eps, **common, **moments, m_div=1 - beta1**p,
+                         v_div=math.sqrt((1 - beta2**p) / k), rescale=float(k) if pos.large else 1.0)
     ell = pos.released_period
     bc1, bc2 = 1 - beta1**ell, 1 - beta2**ell
     if pos.large:
-        return AdamStep(lr_t, lr_t, m_keep, m_gain, v_keep, v_gain, bc1, math.sqrt(bc2))
-    return AdamStep(lr_t, lr_t, m_keep, m_gain, v_keep, v_gain, bc1, bc2, eps_mul=1 / bc2)
+        return adam_step(lr_t, beta1, beta2, step, eps=eps, **common, **moments, m_div=bc1, v_div=math.sqrt(bc2))
+    return adam_step(lr_t, beta1, beta2, step, eps=eps * (1 / bc2), **common, **moments, m_div=bc1, v_div=bc2)
 
 
-def lion_pma_step(lr: float | Tensor, beta1: float, beta2: float, step: int, k: int, variant: str) -> LionStep:
+def lion_pma_step(lr: float, beta1: float, beta2: float, step: int, k: int, variant: str, *, weight_decay: float,
+                  maximize: bool) -> LionStep:
     """Lion-PMA's coefficients at ``step``; ``variant="released"`` decays the weights with
     the full ``lr`` on small steps (the paper: ``lr/K``)."""
     pos = period_position(step, k)
     c_keep, c_gain = _moment_weights(pos, beta1, k)
     m_keep, m_gain = _moment_weights(pos, beta2, k)
     lr_t = lr if pos.large else lr / k
-    decay_lr = lr if variant == "released" else lr_t
-    return LionStep(lr_t, decay_lr, c_keep, c_gain, m_keep, m_gain, rescale=float(k) if pos.large else 1.0)
+    return lion_step(lr_t, beta1, beta2, weight_decay=weight_decay, maximize=maximize, c_keep=c_keep, c_gain=c_gain,
+                     m_keep=m_keep, m_gain=m_gain, decay_lr=lr if variant == "released" else lr_t,
+                     rescale=float(k) if pos.large else 1.0)
 
 
 _PMA_CHECKS = {"period": IntAtLeast(1), "variant": OneOf(VARIANTS)}
@@ -114,7 +119,7 @@ class AdamWPMA(AlphaAdam):
         mask, alpha, count_scale: the AlphaAdam mask component (:mod:`leanopt.mask`);
             default ``mask="none"``.
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: compiled kernels, as :class:`AlphaAdam`. Default False.
+        fused: the backend, as :class:`AlphaAdam`. Default None (the fastest).
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
@@ -136,7 +141,7 @@ class AdamWPMA(AlphaAdam):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
         self._extra_defaults = dict(period=period, variant=variant)
@@ -144,8 +149,8 @@ class AdamWPMA(AlphaAdam):
                          maximize=maximize, fused=fused, skip_nonfinite=skip_nonfinite)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> AdamStep:
-        beta1, beta2 = group["betas"]
-        return adamw_pma_step(lr, beta1, beta2, int(step), group["period"], group["variant"])
+        return adamw_pma_step(lr, *group["betas"], int(step), group["period"], group["variant"], eps=group["eps"],
+                              weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
 class LionPMA(Lion):
@@ -161,7 +166,7 @@ class LionPMA(Lion):
         variant: ``"paper"`` (default) or ``"released"`` (small steps decay with the full lr).
         mask, alpha, count_scale: the AlphaAdam mask component; default ``mask="none"``.
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: one compiled pass per tensor, as :class:`Lion`. Default False.
+        fused: the backend, as :class:`AlphaAdam`. Default None (the fastest).
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
@@ -182,7 +187,7 @@ class LionPMA(Lion):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
         self._extra_defaults = dict(period=period, variant=variant)
@@ -190,5 +195,5 @@ class LionPMA(Lion):
                          maximize=maximize, fused=fused, skip_nonfinite=skip_nonfinite)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> LionStep:
-        beta1, beta2 = group["betas"]
-        return lion_pma_step(lr, beta1, beta2, int(step), group["period"], group["variant"])
+        return lion_pma_step(lr, *group["betas"], int(step), group["period"], group["variant"],
+                             weight_decay=group["weight_decay"], maximize=group["maximize"])

@@ -16,75 +16,89 @@ and then kept as optimizer state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._optimizer import BOOL, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decoupled_decay_, finite_terms, scalar
 from . import _native
-from ._compile import Kernel, fusable_groups, hyper
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_
+from ._backend import Backends
+from ._compile import Kernel, field_index, fusable_groups, hyper
+from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decay_, decay_factor,
+                         decoupled_decay_, direction, finite_terms, scalar)
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_, two_pass
 
-__all__ = ["SGDSaI", "sgd_sai", "gsnr"]
+__all__ = ["SGDSaI", "SGDStep", "sgd_sai", "sgd_step", "gsnr"]
 
 
-def sgd_sai(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    scales: list[Tensor],
-    fresh: list[bool],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    weight_decay: float,
-    maximize: bool,
-    mask: str = "none",
-    alpha: str = "none",
-    count_scale: bool = False,
-) -> None:
+class SGDStep(NamedTuple):
+    """The scalars of one SGD-SaI step for one parameter, in the order of the C kernel's
+    row (``SG_*`` of ``csrc/cpu_kernels.c``)::
+
+        g ← sign·g ;  m ← keep·m + gain·g   (not for a fresh buffer, which already is g)
+        p ← decay·p ;  p ← p − lr·scale·m    (m is g where has_m = 0: no momentum)
+
+    ``scale`` is the parameter's state tensor; the C kernel takes its value in the record
+    (filled in by its adapter), the other paths read the tensor."""
+
+    sign: float
+    keep: float
+    gain: float
+    fresh: float
+    has_m: float
+    decay: float
+    lr: float
+    scale: float = float("nan")
+
+
+_F = field_index(SGDStep)
+
+
+def sgd_step(lr: float, momentum: float, *, fresh: bool, has_m: bool, weight_decay: float, maximize: bool) -> SGDStep:
+    """SGD-SaI's coefficients for one parameter (a fresh buffer keeps its value: ``m = g``)."""
+    keep, gain = (1.0, 0.0) if fresh else (momentum, 1 - momentum)
+    return SGDStep(direction(maximize), keep, gain, float(fresh), float(has_m), decay_factor(lr, weight_decay), lr)
+
+
+def sgd_sai(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], scales: list[Tensor],
+            coeffs: list[SGDStep], *, mask: str = "none", alpha: str = "none", count_scale: bool = False) -> None:
     """Functional SGD-SaI step over lists of tensors.
 
-    ``momentum_buffers[i]`` is None when ``momentum == 0``; ``fresh[i]`` marks a buffer
-    created at this step, whose value already is the first gradient (``m ← g``).
-    ``mask``, ``alpha``, ``count_scale``: the AlphaAdam component (:mod:`leanopt.mask`)
-    with ``u = scale·m``; a fresh buffer's ``m_{t−1}`` is zero (so the async mask
-    falls back to all ones at the first step).
+    ``momentum_buffers[i]`` is None when ``momentum == 0``. ``mask``, ``alpha``,
+    ``count_scale``: the AlphaAdam component (:mod:`leanopt.mask`) with ``u = scale·m``;
+    a fresh buffer's ``m_{t−1}`` is zero (so the async mask falls back to all ones at the
+    first step).
     """
     masked = mask_active(mask, count_scale)
-    for p, g, buf, scale, first in zip(params, grads, momentum_buffers, scales, fresh, strict=True):
-        if maximize:
+    for p, g, buf, scale, c in zip(params, grads, momentum_buffers, scales, coeffs, strict=True):
+        if c.sign < 0:
             g = -g
-        phi = agreement(g, buf) if mask == "async" and not first else None
-        if buf is None:
-            direction = g
-        else:
-            if not first:
-                buf.mul_(momentum).add_(g, alpha=1 - momentum)
-            direction = buf
+        phi = agreement(g, buf) if mask == "async" and not c.fresh else None
+        if buf is not None and not c.fresh:
+            buf.mul_(c.keep).add_(g, alpha=c.gain)
+        m = g if buf is None else buf
         if mask == "sync":
-            phi = agreement(g, direction)
-        decoupled_decay_(p, lr, weight_decay)
+            phi = agreement(g, m)
+        decay_(p, c.decay)
         if masked:
-            masked_update_(p, direction * scale, phi, lr, alpha=alpha, count_scale=count_scale)
+            masked_update_(p, m * scale, phi, c.lr, alpha=alpha, count_scale=count_scale)
         else:
-            p.addcmul_(direction, scale, value=-lr)
+            p.addcmul_(m, scale, value=-c.lr)
 
 
 def _sgd_sai_kernel(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor] | None, scales: list[Tensor], H: Tensor,
                     sums: Tensor | None, phase: str, mask: str, alpha: str, count_scale: bool) -> Tensor | None:
-    # H rows: [sign, keep, gain, decay, lr, prev]: one pass reading p, g, m and writing p, m
-    # (plus the sums pass with the mask). prev = 0 for a fresh buffer, whose m_{t-1} is zero.
+    # H: one SGDStep per row; one pass reading p, g, m and writing p, m (plus the sums pass
+    # with the mask). A fresh buffer's m_{t-1} is zero.
     out = []
     for i, (p, g, scale) in enumerate(zip(ps, gs, scales)):
         h = H[i]
-        g = g * h[0]
+        g = g * h[_F.sign]
         m = None if bufs is None else bufs[i]  # momentum = 0: the direction is g
-        m_new = g if m is None else m * h[1] + g * h[2]
-        m_prev = None if m is None else m * h[5]
-        part = step_(p, m_new * scale, h[3], h[4], g, m_prev, m_new, None if sums is None else sums[i], phase=phase, mask=mask,
-                     alpha=alpha, count_scale=count_scale)
+        m_new = g if m is None else m * h[_F.keep] + g * h[_F.gain]
+        m_prev = None if m is None else m * (1 - h[_F.fresh])
+        part = step_(p, m_new * scale, h[_F.decay], h[_F.lr], g, m_prev, m_new, None if sums is None else sums[i],
+                     phase=phase, mask=mask, alpha=alpha, count_scale=count_scale)
         if part is not None:  # the sums call writes nothing
             out.append(part)
             continue
@@ -93,51 +107,25 @@ def _sgd_sai_kernel(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor] | Non
     return torch.stack(out) if out else None
 
 
-_FUSED = Kernel(_sgd_sai_kernel)
+_KERNEL = Kernel(_sgd_sai_kernel)
 
 
-def sgd_sai_fused(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    scales: list[Tensor],
-    fresh: list[bool],
-    *,
-    lr: float | Tensor,
-    momentum: float,
-    weight_decay: float,
-    maximize: bool,
-    mask: str = "none",
-    alpha: str = "none",
-    count_scale: bool = False,
-) -> None:
-    """:func:`sgd_sai` as fast kernels: without the mask, float32 and bfloat16 tensors on the
-    CPU go to the C kernel (:mod:`leanopt._native`), all in one call; the rest to one
-    compiled kernel per group of tensors (:mod:`leanopt._compile`)."""
-    lr = float(lr)
-
-    def coefficients(i: int) -> tuple[float, float]:
-        return (1.0, 0.0) if fresh[i] else (momentum, 1 - momentum)  # a fresh buffer already is g
-
-    native, others = _native.split(len(params), lambda i: not mask_active(mask, count_scale) and _native.supports(
-        *(t for t in (params[i], grads[i], momentum_buffers[i], scales[i]) if t is not None)))
-    if native:
-        rows = [[-1.0 if maximize else 1.0, *coefficients(i), float(fresh[i]), float(momentum_buffers[i] is not None),
-                 1 - lr * weight_decay, lr, s] for i, s in zip(native, torch.stack([scales[i] for i in native]).tolist())]
-        _native.sgd_sai([params[i] for i in native], [grads[i] for i in native], [momentum_buffers[i] for i in native], rows)
-        params, grads, momentum_buffers, scales, fresh = (
-            [x[i] for i in others] for x in (params, grads, momentum_buffers, scales, fresh))
-    calls, rest = fusable_groups(params, momentum_buffers)
-    for idx in calls:
-        rows = [[-1.0 if maximize else 1.0, *coefficients(i), 1 - lr * weight_decay, lr, 0.0 if fresh[i] else 1.0]
-                for i in idx]
+def _sgd_sai_compiled(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], scales: list[Tensor],
+                      coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool) -> None:
+    for idx in fusable_groups(params, key=lambda i: momentum_buffers[i] is None):
         bufs = None if momentum_buffers[idx[0]] is None else [momentum_buffers[i].view(-1) for i in idx]
-        _FUSED.step([params[i].view(-1) for i in idx], [grads[i].reshape(-1) for i in idx], bufs, [scales[i] for i in idx],
-                    H=hyper(rows, params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
-    if rest:
-        sgd_sai(*([x[i] for i in rest] for x in (params, grads, momentum_buffers, scales, fresh)), lr=lr,
-                momentum=momentum, weight_decay=weight_decay, maximize=maximize, mask=mask, alpha=alpha,
-                count_scale=count_scale)
+        two_pass(_KERNEL, [params[i].view(-1) for i in idx], [grads[i].view(-1) for i in idx], bufs, [scales[i] for i in idx],
+                 H=hyper([coeffs[i] for i in idx], params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
+
+
+def _sgd_sai_native(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], scales: list[Tensor],
+                    coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool) -> None:
+    coeffs = [c._replace(scale=s) for c, s in zip(coeffs, torch.stack(scales).tolist())]  # one read of every scale
+    _native.sgd_sai(params, grads, momentum_buffers, coeffs)
+
+
+BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, native=_sgd_sai_native,
+                    native_takes=lambda row, o: not mask_active(o["mask"], o["count_scale"]))  # the C kernel: unmasked
 
 
 def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
@@ -176,9 +164,9 @@ class SGDSaI(LeanOptimizer):
         mask, alpha, count_scale: the AlphaAdam mask component (:mod:`leanopt.mask`) with
             ``u = scale·m``; default ``mask="none"``. ``mask="async"`` needs momentum > 0
             (without momentum there is no previous first moment).
-        fused: run each step as compiled kernels (``torch.compile``: one pass over memory
-            per tensor, two with a mask; the first step compiles, which takes seconds up
-            to a minute for a large model). Default False.
+        fused: which backend runs the step, as :class:`leanopt.AlphaAdam` (the C kernel
+            takes unmasked steps; masked ones on the CPU take the eager path by default).
+            Default None (the fastest).
         maximize: maximize the objective instead of minimizing it. Default False.
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
@@ -222,7 +210,7 @@ class SGDSaI(LeanOptimizer):
         "weight_decay": NONNEG,
         "variant": OneOf(("paper", "released")),
         "maximize": BOOL,
-        "fused": BOOL,
+        "fused": BOOL_OR_NONE,
         **mask_checks(),
     }
 
@@ -239,7 +227,7 @@ class SGDSaI(LeanOptimizer):
         alpha: str | None = None,
         count_scale: bool | None = None,
         maximize: bool = False,
-        fused: bool = False,
+        fused: bool | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, variant=variant, maximize=maximize,
@@ -333,17 +321,7 @@ class SGDSaI(LeanOptimizer):
                     # momentum switched on after the scales were fixed: start from zero
                     buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 bufs.append(buf if group["momentum"] != 0 else None)
-            (sgd_sai_fused if group["fused"] else sgd_sai)(
-                ps,
-                [g for _, g in todo],
-                bufs,
-                [self.state[p]["scale"] for p in ps],
-                [p in started for p in ps],
-                lr=lr,
-                momentum=group["momentum"],
-                weight_decay=wd,
-                maximize=group["maximize"],
-                mask=group["mask"],
-                alpha=group["alpha"],
-                count_scale=group["count_scale"],
-            )
+            coeffs = [sgd_step(lr, group["momentum"], fresh=p in started, has_m=buf is not None, weight_decay=wd,
+                               maximize=group["maximize"]) for p, buf in zip(ps, bufs)]
+            self._route(BACKENDS, group, ps, [g for _, g in todo], bufs, [self.state[p]["scale"] for p in ps], coeffs,
+                        mask=group["mask"], alpha=group["alpha"], count_scale=group["count_scale"])

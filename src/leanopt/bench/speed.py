@@ -48,9 +48,10 @@ class Impl:
 
 
 def implementations(device: str = "cpu") -> list[Impl]:
-    """Every leanopt optimizer and the peers that are installed. On the CPU, where the fused
-    steps run leanopt's C kernels, each also appears with them turned off ("fused, compiled":
-    torch.compile)."""
+    """Every leanopt optimizer and the peers that are installed. Each leanopt optimizer as a
+    user gets it ("default": the C kernels on the CPU, the compiled ones on CUDA), as its
+    eager reference (``fused=False``) and, on the CPU, with the C kernels turned off
+    ("compiled": ``fused=True`` through torch.compile)."""
     impls = [
         Impl("torch AdamW (for-loop)", "AdamW", "torch-adamw-loop"),
         Impl("torch AdamW (foreach)", "AdamW", "torch-adamw-foreach"),
@@ -59,10 +60,10 @@ def implementations(device: str = "cpu") -> list[Impl]:
     ]
     for name, family in (("adam-mini", "Adam-mini"), ("sgd-sai", "SGD-SaI"), ("lion", "Lion"), ("alpha-adam", "AlphaAdam"),
                          ("cadamw", "C-AdamW"), ("adamw-pma", "AdamW-PMA"), ("lion-pma", "Lion-PMA")):
-        impls.append(Impl(f"leanopt {name}", family, f"leanopt:{name}"))
-        impls.append(Impl(f"leanopt {name} (fused)", family, f"leanopt:{name}:fused"))
+        impls.append(Impl(f"leanopt {name} (default)", family, f"leanopt:{name}"))
+        impls.append(Impl(f"leanopt {name} (eager)", family, f"leanopt:{name}:eager"))
         if device == "cpu":
-            impls.append(Impl(f"leanopt {name} (fused, compiled)", family, f"leanopt:{name}:fused:compiled"))
+            impls.append(Impl(f"leanopt {name} (compiled)", family, f"leanopt:{name}:fused:compiled"))
     peers = [
         ("adam_mini", Impl("adam-mini 1.1.1 (released)", "Adam-mini", "adam_mini")),
         ("sgd_sai", Impl("sgd-sai 1.0.3 (released)", "SGD-SaI", "sgd_sai")),
@@ -100,7 +101,8 @@ def _build(spec: str, model):
         import leanopt
 
         _, name, *flags = spec.split(":")
-        return leanopt.create_optimizer(name, model, lr=1e-4, **({"fused": True} if "fused" in flags else {}))
+        fused = True if "fused" in flags else False if "eager" in flags else None
+        return leanopt.create_optimizer(name, model, lr=1e-4, fused=fused)
     if spec == "adam_mini":
         import contextlib
         import io
@@ -269,17 +271,22 @@ KERNELS: dict[str, tuple[str, str]] = {
 def _kernel_step(kind: str, t: dict[str, Any]):
     """One step of a C kernel over the probe tensors (float32, 1-D)."""
     from .. import _native
+    from ..adam_mini import adam_mini_step
+    from ..alpha_adam import adam_step
+    from ..lion import lion_step
+    from ..partition import BlockLayout
 
-    adam_row = [(1.0, 0.9, 0.1, 1.0, 0.999, 0.001, 0.5, 1e-8, 0.5, 0.999, 1e-4, 1.0)]
+    common = dict(weight_decay=0.1, maximize=False)
+    adam_row = [adam_step(1e-4, 0.9, 0.999, 10, eps=1e-8, **common)]
     if kind in ("alpha-adam", "adamw"):
         mask, alpha, count = ("async", "squared", True) if kind == "alpha-adam" else ("none", "none", False)
         return lambda: _native.adam([t["p"]], [t["g"]], [t["m"]], [t["v"]], adam_row, mask=mask, alpha=alpha, count_scale=count)
     if kind == "adam-mini":
         rows = t["p"].numel() // 768
         views = [t[k][:rows * 768].view(rows, 768) for k in "pgm"]
-        return lambda: _native.adam_mini_rows(*([x] for x in views), [t["v"][:rows]], [rows], [768],
-                                              [(1.0, 0.1, 0.999, 0.001, 768, 0.5, 1e-8, 0.999, 1e-3)])
-    return lambda: _native.lion([t["p"]], [t["g"]], [t["m"]], [(1.0, 0.9, 0.1, 0.99, 0.01, 0.999, 1e-4, 1.0)])
+        row = adam_mini_step(1e-3, 0.9, 0.999, 10, BlockLayout.per_lane((rows, 768)), eps=1e-8, decays=True, **common)
+        return lambda: _native.adam_mini_rows(*([x] for x in views), [t["v"][:rows]], [rows], [768], [row])
+    return lambda: _native.lion([t["p"]], [t["g"]], [t["m"]], [lion_step(1e-4, 0.9, 0.99, **common)])
 
 
 def patterns_worker(args: dict[str, Any]) -> dict[str, Any]:
@@ -466,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", nargs="*", help="implementations whose name contains one of these, or whose spec is one of "
-                   "them (e.g. torch-adamw-fused, leanopt:adam-mini, leanopt:adam-mini:fused)")
+                   "them (e.g. torch-adamw-fused, leanopt:adam-mini, leanopt:adam-mini:eager)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)

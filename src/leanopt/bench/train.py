@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -207,16 +207,38 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
                           "aside and start it afresh") from None
 
 
+@dataclass
+class _Session:
+    """One run's training in progress: what resume, the loop and the summary share."""
+
+    run_dir: Path
+    train: TrainConfig
+    run: RunSpec
+    fp: str
+    dp: DataParallel
+    device: str
+    steps: int  # optimizer steps of the whole run
+    model: nn.Module
+    net: nn.Module  # the model as the data-parallel wrapper runs it
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    data: Batches
+    val: list
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+    wall_before: float = 0.0  # seconds trained before the latest resume
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+
 def _train(run_dir: Path, train: TrainConfig, run: RunSpec, corpus: Corpus, fp: str, *,
            init_state: dict[str, torch.Tensor] | None, save_model: bool, progress: bool, stop_after: int | None,
            dp: DataParallel) -> dict[str, Any]:
     dp.barrier()  # rank 0 holds the folder now (and may have moved an old run aside)
-    summary_path = run_dir / "summary.json"
-    device = dp.device or train.device
-    steps = run.steps(train)
     dp.check(train.micro_batch)
-    rows = dp.part(train.micro_batch)
-
+    device = dp.device or train.device
     model = build_run_model(train, corpus.vocab_size, run.seed)
     if init_state is not None:
         model.load_state_dict(init_state)
@@ -225,96 +247,122 @@ def _train(run_dir: Path, train: TrainConfig, run: RunSpec, corpus: Corpus, fp: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. Adam-mini's partition notes on exotic models
         opt = create_optimizer(run.optimizer, model, lr=run.lr, **run.kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, train.warmup_frac, train.min_lr_frac))
+    steps = run.steps(train)
+    session = _Session(run_dir, train, run, fp, dp, device, steps, model, net, opt,
+                       torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, train.warmup_frac, train.min_lr_frac)),
+                       Batches(corpus.train, train.seq_len, train.micro_batch, run.seed),
+                       Batches(corpus.val, train.seq_len, train.micro_batch, 0).evenly_spaced(train.eval_batches))
+    _resume(session)
+    wall = _loop(session, progress=progress, stop_after=stop_after)
+    summary = _summary(session, wall)
+    state = get_model_state_dict(model, options=_FULL) if save_model else None
+    if dp.is_main:
+        if state is not None:
+            atomic_write(run_dir / "model.pt", lambda f: torch.save(state, f))
+        _write_results(run_dir / "results.jsonl", session.metrics)
+        write_json(run_dir / "summary.json", summary)
+        session.ckpt_path.unlink(missing_ok=True)
+    dp.barrier()  # the other ranks may read what rank 0 wrote (a base model, a summary)
+    return summary
 
-    data = Batches(corpus.train, train.seq_len, train.micro_batch, run.seed)
-    val = Batches(corpus.val, train.seq_len, train.micro_batch, 0).evenly_spaced(train.eval_batches)
-    metrics: list[dict[str, Any]] = []
-    step, wall_before = 0, 0.0
-    ckpt_path = run_dir / "checkpoint.pt"
-    if ckpt_path.is_file():
-        ckpt = _load_checkpoint(ckpt_path)
-        if ckpt.get("fingerprint") == fp and ckpt.get("format") == _CHECKPOINT_FORMAT:
-            set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
-            set_optimizer_state_dict(model, opt, ckpt["optim"], options=StateDictOptions(full_state_dict=True))
-            sched.load_state_dict(ckpt["sched"])
-            step, metrics, wall_before = ckpt["step"], ckpt["metrics"], ckpt["wall_s"]
-        elif dp.is_main:  # the same configuration, an earlier checkpoint format: nothing to resume from
-            warnings.warn(f"{ckpt_path} was written by an earlier leanopt version; starting {run.key} afresh")
 
-    def checkpoint(wall: float) -> None:
-        # full state dicts, keyed by parameter name: the same file for any world size
-        model_state, optim_state = get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, opt, options=_FULL)
-        if dp.is_main:
-            blob = {"fingerprint": fp, "format": _CHECKPOINT_FORMAT, "step": step, "model": model_state, "optim": optim_state,
-                    "sched": sched.state_dict(), "metrics": metrics, "wall_s": wall}
-            atomic_write(ckpt_path, lambda f: torch.save(blob, f))
-            _write_results(run_dir / "results.jsonl", metrics)
+def _resume(s: _Session) -> None:
+    """Continue from the run's checkpoint, if it holds this configuration."""
+    if not s.ckpt_path.is_file():
+        return
+    ckpt = _load_checkpoint(s.ckpt_path)
+    if ckpt.get("fingerprint") == s.fp and ckpt.get("format") == _CHECKPOINT_FORMAT:
+        set_model_state_dict(s.model, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(s.model, s.opt, ckpt["optim"], options=StateDictOptions(full_state_dict=True))
+        s.sched.load_state_dict(ckpt["sched"])
+        s.step, s.metrics, s.wall_before = ckpt["step"], ckpt["metrics"], ckpt["wall_s"]
+    elif s.dp.is_main:  # the same configuration, an earlier checkpoint format: nothing to resume from
+        warnings.warn(f"{s.ckpt_path} was written by an earlier leanopt version; starting {s.run.key} afresh")
 
-    def record_val() -> None:
-        micro = step * run.accum
-        loss = evaluate(net, val, device, train.bf16, dp)
-        metrics.append({"kind": "val", "step": step, "micro": micro, "samples": micro * train.micro_batch,
-                        "tokens": micro * train.micro_batch * train.seq_len, "loss": loss})
 
+def _checkpoint(s: _Session, wall: float) -> None:
+    # full state dicts, keyed by parameter name: the same file for any world size
+    model_state, optim_state = get_model_state_dict(s.model, options=_FULL), get_optimizer_state_dict(s.model, s.opt, options=_FULL)
+    if s.dp.is_main:
+        blob = {"fingerprint": s.fp, "format": _CHECKPOINT_FORMAT, "step": s.step, "model": model_state, "optim": optim_state,
+                "sched": s.sched.state_dict(), "metrics": s.metrics, "wall_s": wall}
+        atomic_write(s.ckpt_path, lambda f: torch.save(blob, f))
+        _write_results(s.run_dir / "results.jsonl", s.metrics)
+
+
+def _position(s: _Session) -> dict[str, int]:
+    micro = s.step * s.run.accum
+    return {"step": s.step, "micro": micro, "samples": micro * s.train.micro_batch,
+            "tokens": micro * s.train.micro_batch * s.train.seq_len}
+
+
+def _record_val(s: _Session) -> None:
+    s.metrics.append({"kind": "val", **_position(s), "loss": evaluate(s.net, s.val, s.device, s.train.bf16, s.dp)})
+
+
+def _loop(s: _Session, *, progress: bool, stop_after: int | None) -> float:
+    """Train from ``s.step`` to the end (or a divergence); returns the run's wall seconds."""
+    train, run, dp, device = s.train, s.run, s.dp, s.device
+    rows = dp.part(train.micro_batch)
     bar = None
     if progress and dp.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=step, desc=run.key, unit="step", leave=False, dynamic_ncols=True)
+        bar = tqdm(total=s.steps, initial=s.step, desc=run.key, unit="step", leave=False, dynamic_ncols=True)
     t_start = time.perf_counter()
-    if step == 0:
-        record_val()
+    if s.step == 0:
+        _record_val(s)
     ckpt_every = train.checkpoint_every or train.eval_every
-    model.train()
-    while step < steps:
-        opt.zero_grad(set_to_none=True)
+    s.model.train()
+    while s.step < s.steps:
+        s.opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for k in range(run.accum):
-            x, y = data.get(step * run.accum + k, rows)
-            with dp.accumulating(net, sync=k == run.accum - 1):
+            x, y = s.data.get(s.step * run.accum + k, rows)
+            with dp.accumulating(s.net, sync=k == run.accum - 1):
                 with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=train.bf16):
-                    _, loss = net(x.to(device), y.to(device))
+                    _, loss = s.net(x.to(device), y.to(device))
                 (loss / run.accum).backward()
             loss_sum += loss.item()
         loss_sum = dp.mean(loss_sum)  # every rank sees the same loss: they stop (diverged) together
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        opt.step()
+        s.opt.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         opt_ms = (time.perf_counter() - t0) * 1000
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        step += 1
-        micro = step * run.accum
-        metrics.append({"kind": "train", "step": step, "micro": micro, "samples": micro * train.micro_batch,
-                        "tokens": micro * train.micro_batch * train.seq_len, "lr": lr, "loss": loss_sum / run.accum,
-                        "opt_ms": opt_ms})
+        lr = s.opt.param_groups[0]["lr"]
+        s.sched.step()
+        s.step += 1
+        s.metrics.append({"kind": "train", **_position(s), "lr": lr, "loss": loss_sum / run.accum, "opt_ms": opt_ms})
+        micro = s.metrics[-1]["micro"]
         if not math.isfinite(loss_sum):
             # diverged: nothing more to learn from this run (a grid has many such)
-            metrics[-1]["diverged"] = True
+            s.metrics[-1]["diverged"] = True
             break
-        if micro % train.eval_every == 0 or step == steps:
-            record_val()
-        if micro % ckpt_every == 0 or step == steps:
-            checkpoint(wall_before + time.perf_counter() - t_start)
-            if stop_after is not None and micro >= stop_after and step < steps:
+        if micro % train.eval_every == 0 or s.step == s.steps:
+            _record_val(s)
+        if micro % ckpt_every == 0 or s.step == s.steps:
+            _checkpoint(s, s.wall_before + time.perf_counter() - t_start)
+            if stop_after is not None and micro >= stop_after and s.step < s.steps:
                 raise Interrupted(f"stopped after {micro} micro-batches")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / run.accum:.3f}", refresh=False)
     if bar is not None:
         bar.close()
-    wall = wall_before + time.perf_counter() - t_start
+    return s.wall_before + time.perf_counter() - t_start
 
+
+def _summary(s: _Session, wall: float) -> dict[str, Any]:
+    train, run, metrics = s.train, s.run, s.metrics
     vals = [m for m in metrics if m["kind"] == "val"]
     diverged = any(m.get("diverged") for m in metrics) or not math.isfinite(vals[-1]["loss"])
     times = [m["opt_ms"] for m in metrics if m["kind"] == "train"][3:] or [m["opt_ms"] for m in metrics if m["kind"] == "train"]
-    n_params = sum(p.numel() for p in model.parameters())
-    summary = {
-        "fingerprint": fp,
+    params = list(s.model.parameters())
+    return {
+        "fingerprint": s.fp,
         "key": run.key,
         "label": run.label,
         "group": run.group_name,
@@ -323,7 +371,7 @@ def _train(run_dir: Path, train: TrainConfig, run: RunSpec, corpus: Corpus, fp: 
         "lr": run.lr,
         "accum": run.accum,
         "seed": run.seed,
-        "steps": steps,
+        "steps": s.steps,
         "micro_steps": train.micro_steps,
         "samples": train.micro_steps * train.micro_batch,
         "tokens": train.micro_steps * train.micro_batch * train.seq_len,
@@ -331,24 +379,27 @@ def _train(run_dir: Path, train: TrainConfig, run: RunSpec, corpus: Corpus, fp: 
         "best_val": min(v["loss"] for v in vals),
         "val_curve": [[v["samples"], v["tokens"], v["loss"]] for v in vals],
         "diverged": diverged,
-        "n_params": n_params,
-        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "state_bytes": dp.whole(state_bytes(opt)),
-        "state_bytes_rank0": state_bytes(opt),  # FSDP2 shards the state: about state_bytes / world_size
-        "world_size": dp.world,
-        "parallel": dp.mode,
+        "n_params": sum(p.numel() for p in params),
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "state_bytes": s.dp.whole(state_bytes(s.opt)),
+        "state_bytes_rank0": state_bytes(s.opt),  # FSDP2 shards the state: about state_bytes / world_size
+        "world_size": s.dp.world,
+        "parallel": s.dp.mode,
+        # which implementation stepped the tensors (leanopt's router; torch's own are named by their flags)
+        "implementation": implementation(s.opt),
         "opt_step_ms": statistics.median(times),
         "opt_step_ms_p10": float(np.percentile(times, 10)),
         "opt_step_ms_p90": float(np.percentile(times, 90)),
         "wall_s": wall,
         "train": asdict(train),
     }
-    state = get_model_state_dict(model, options=_FULL) if save_model else None
-    if dp.is_main:
-        if state is not None:
-            atomic_write(run_dir / "model.pt", lambda f: torch.save(state, f))
-        _write_results(run_dir / "results.jsonl", metrics)
-        write_json(summary_path, summary)
-        ckpt_path.unlink(missing_ok=True)
-    dp.barrier()  # the other ranks may read what rank 0 wrote (a base model, a summary)
-    return summary
+
+
+def implementation(opt: torch.optim.Optimizer) -> str:
+    """How ``opt`` ran its latest step, in words: leanopt's backends with their tensor
+    counts (``native 12, eager 1``), or a torch optimizer's ``fused``/``foreach`` flag."""
+    backends = getattr(opt, "last_backends", None)
+    if backends:
+        return ", ".join(f"{b} {n}" for b, n in backends.items())
+    group = opt.param_groups[0]
+    return "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop"

@@ -42,7 +42,8 @@ static inline float round_bf16(float f) {
 
 /* per-tensor hyperparameters, one row of doubles per tensor, in these orders (_native.py
  * names them) */
-enum { AM_SIGN, AM_W, AM_BETA2, AM_GAIN2, AM_COUNT, AM_BC2_SQRT, AM_EPS, AM_DECAY, AM_LR_BC1, AM_N };
+enum { AM_SIGN, AM_W, AM_BETA2, AM_GAIN2, AM_COUNT, AM_BC2_SQRT, AM_EPS, AM_DECAY, AM_LR_BC1, AM_BC1, AM_LR, AM_V_GAIN,
+       AM_N }; /* AM_BC1 .. AM_V_GAIN: for the other paths (unused here) */
 enum { AD_SIGN, AD_M_KEEP, AD_M_GAIN, AD_LERP, AD_V_KEEP, AD_V_GAIN, AD_V_DIV, AD_EPS, AD_M_DIV, AD_DECAY, AD_LR,
        AD_RESCALE, AD_N };
 enum { LI_SIGN, LI_C_KEEP, LI_C_GAIN, LI_M_KEEP, LI_M_GAIN, LI_DECAY, LI_LR, LI_RESCALE, LI_N };
