@@ -190,7 +190,8 @@ static void SFX(ad_plain)(T *restrict p, const T *restrict g, T *restrict m, T *
 #undef AD_ADD
 }
 
-#define SIGN_BIT ((UINT_T)1 << (8 * sizeof(UINT_T) - 1))
+#define SIGN_SHIFT (8 * sizeof(UINT_T) - 1)
+#define SIGN_BIT ((UINT_T)1 << SIGN_SHIFT)
 
 /* pass 1 over [j0, j1): m, v and phi (in v's sign bit); sums[3] += ||u||^2, ||phi u||^2,
  * ||phi||_0 over the elements whose u^2 is finite (leanopt.mask.mask_sums): float32 over
@@ -200,32 +201,38 @@ static void SFX(ad_plain)(T *restrict p, const T *restrict g, T *restrict m, T *
 static void SFX(ad_sums)(const T *restrict g, T *restrict m, T *restrict v, int64_t j0, int64_t j1, const double *h,
                          int sync, double *sums) {
     AD_SCALARS
-#define AD_SUMS(M_NEW)                                                                  \
-    _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = c; j < e; ++j) { \
-        float gj = sign * LOAD(g, j), mo = LOAD(m, j);                                  \
-        float mn = M_NEW(mo, gj), vn = AD_V(LOAD(v, j), gj);                            \
-        float u = AD_U_MASKED(mn, vn);                                                  \
-        int phi = gj * (sync ? mn : mo) > 0.0f;                                         \
-        STORE(m, j, mn);                                                                \
-        RAW_STORE(v, j, (ENCODE(vn) & ~SIGN_BIT) | (phi ? SIGN_BIT : 0));               \
-        float q = u * u;                                                                \
-        int finite = q < INFINITY, kept = phi && finite;                                \
-        uu += finite ? q : 0.0f;                                                        \
-        su += kept ? q : 0.0f;                                                          \
-        count += kept ? 1.0f : 0.0f;                                                    \
+/* gcc 12 vectorizes this loop only in this form: an int phi (an unsigned one converted to
+ * float, or a "c ? 1.0f : 0.0f", leaves it scalar, 4x slower) */
+#define AD_SUMS(M_NEW)                                                                      \
+    {                                                                                       \
+        float uu = 0.0f, su = 0.0f, count = 0.0f;                                           \
+        _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = c; j < e; ++j) { \
+            float gj = sign * LOAD(g, j), mo = LOAD(m, j);                                  \
+            float mn = M_NEW(mo, gj), vn = AD_V(LOAD(v, j), gj);                            \
+            float u = AD_U_MASKED(mn, vn);                                                  \
+            int phi = gj * (sync ? mn : mo) > 0.0f;                                         \
+            STORE(m, j, mn);                                                                \
+            RAW_STORE(v, j, (ENCODE(vn) & ~SIGN_BIT) | ((UINT_T)phi << SIGN_SHIFT));        \
+            float q = u * u;                                                                \
+            int finite = q < INFINITY;                                                      \
+            float f = finite ? q : 0.0f, kept = (float)(phi & finite);                      \
+            uu += f;                                                                        \
+            su += f * kept;                                                                 \
+            count += kept;                                                                  \
+        }                                                                                   \
+        sums[0] += uu, sums[1] += su, sums[2] += count;                                     \
     }
     for (int64_t c = j0; c < j1; c += AD_CHUNK) {
         int64_t e = c + AD_CHUNK < j1 ? c + AD_CHUNK : j1;
-        float uu = 0.0f, su = 0.0f, count = 0.0f;
         AD_FORMS(AD_SUMS)
-        sums[0] += uu, sums[1] += su, sums[2] += count;
     }
 #undef AD_SUMS
 }
 
 /* pass 2 over [j0, j1): p moves by step (phi u), or by step u where the mask fell back ("all");
  * v gets its sign back (or m and v their rescale). phi multiplies u, so that a NaN u reaches p
- * also where phi = 0, as in the eager path */
+ * also where phi = 0, as in the eager path; as (float)phi, since gcc 12 takes phi ? 1 : 0 for a
+ * branch and leaves the whole loop scalar (4x slower) */
 static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j0, int64_t j1, const double *h, float step,
                           int all) {
     AD_SCALARS
@@ -236,7 +243,7 @@ static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j
         int phi = ((bits | select) & SIGN_BIT) != 0;                        \
         bits &= ~SIGN_BIT;                                                  \
         float vn = DECODE(bits), mn = LOAD(m, j);                           \
-        float sel = AD_U_MASKED(mn, vn) * (phi ? 1.0f : 0.0f);              \
+        float sel = AD_U_MASKED(mn, vn) * (float)phi;                       \
         STORE(p, j, fmaf(-sel, step, LOAD(p, j) * decay));                  \
         STATE                                                               \
     }
@@ -248,6 +255,7 @@ static void SFX(ad_apply)(T *restrict p, T *restrict m, T *restrict v, int64_t j
 #undef AD_APPLY
 }
 #undef SIGN_BIT
+#undef SIGN_SHIFT
 #undef AD_M_LOW
 #undef AD_M_HIGH
 #undef AD_M_KEEP_GAIN
