@@ -18,7 +18,8 @@ from torch import nn
 
 import leanopt
 from leanopt import AdamMini, PartitionWarning
-from leanopt.partition import BlockLayout, block_mean_sq, expand_blocks
+from leanopt.partition import BlockLayout
+from leanopt.partition.layout import block_mean_sq, expand_blocks
 from helpers import max_rel_diff, tiny_model, train
 
 

@@ -14,7 +14,7 @@ import torch
 import leanopt
 from leanopt.bench import data as bdata
 from leanopt.bench.config import ConfigError, RunSpec
-from leanopt.bench.report import crossing_samples, evaluate_claims, write_report
+from leanopt.bench.report import crossing_samples, evaluate_claims
 from leanopt.bench.tasks import PRESETS, get_task, run_task
 from leanopt.bench.train import Batches, Interrupted, lr_lambda, read_results
 from leanopt.cli import main

@@ -10,12 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import one_run_smoke
-from leanopt.bench.tasks import run_task
 from leanopt.cli import main
 
 

@@ -47,26 +47,11 @@ from ._optimizer import (
 from . import _native
 from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
-from ._distributed import all_reduce_sums, row_shard
+from ._distributed import all_reduce_sums
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, needs_sums, step_
-from .partition import (
-    BlockLayout,
-    BlockRule,
-    PartitionRow,
-    PartitionWarning,
-    apply_overrides,
-    block_elements,
-    block_sums,
-    partial_lane_sq,
-    expand_blocks,
-    lane_to_block,
-    name_rule,
-    partition_from_model,
-    partition_plain,
-    warn_fallbacks,
-    warn_unrecognized,
-    UNRECOGNIZED,
-)
+from .partition import UNRECOGNIZED, BlockLayout, BlockRule, PartitionRow, PartitionWarning, name_rule, partition_from_model
+from .partition.layout import BlockView, lane_to_block
+from .partition.rules import apply_overrides, partition_plain, warn_fallbacks, warn_unrecognized
 
 __all__ = ["AdamMini", "AdamMiniStep", "adam_mini", "adam_mini_step"]
 
@@ -108,31 +93,6 @@ def adam_mini_step(lr: float, beta1: float, beta2: float, step: float, layout: B
                         decay_factor(lr, weight_decay) if decays else 1.0, lr / bc1, bc1, lr, (1 - beta2) / count)
 
 
-def _blockwise(t: Tensor, lane_scale: Tensor, layout: BlockLayout, flat_offset: int = 0) -> tuple[Tensor, Tensor]:
-    """A contiguous ``t`` as a 2-D view and the lane scales (``expand_blocks``) that
-    broadcast against it. ``t`` is the whole tensor, or one rank's shard of it: the
-    elements from ``flat_offset`` on, which are whole rows of the layout's view (see
-    ``partial_lane_sq``)."""
-    rows, cols = layout.view
-    if flat_offset == 0 and t.numel() == layout.numel:
-        return t.view(layout.view), lane_scale
-    if layout.axis == 0 and rows == 1:  # a shard of a one-block tensor: a single scale
-        return t.view(1, -1), lane_scale.reshape(1, 1)
-    if layout.axis == 0:  # the shard's lanes are its rows
-        start = flat_offset // cols
-        lane_scale = lane_scale[start:start + t.numel() // cols]
-    return t.view(-1, cols), lane_scale
-
-
-def _sub_blockwise(p: Tensor, m: Tensor, lane_scale: Tensor, layout: BlockLayout, flat_offset: int = 0) -> None:
-    """``p -= m * scale`` with one scale per lane, broadcast without a full-size temporary."""
-    if not p.is_contiguous():  # rare (a transposed view registered as a parameter): one temporary is unavoidable
-        p.sub_((m.view(layout.view) * lane_scale).view(p.shape))
-        return
-    m2, scale = _blockwise(m, lane_scale, layout, flat_offset)
-    _blockwise(p, lane_scale, layout, flat_offset)[0].addcmul_(m2, scale, value=-1.0)
-
-
 def adam_mini(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
               layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str = "none", alpha: str = "none",
               count_scale: bool = False) -> None:
@@ -143,45 +103,35 @@ def adam_mini(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     ``u = m̂ / (sqrt(v̂_B) + eps)``.
     """
     masked = mask_active(mask, count_scale)
-    # pass 1: the block sums of g² (for a sharded parameter, this rank's part, summed over
-    # the ranks by one collective for all tensors)
-    shards = [row_shard(p) for p in params]
-    sums, groups = [], []
-    for p, g, layout, shard in zip(params, grads, layouts, shards, strict=True):
-        local, offset = (g, 0) if shard is None else (g.to_local(), shard.flat_offset)
-        sums.append(block_sums(partial_lane_sq(local, layout, acc_dtype(p), offset), layout))
-        groups.append(None if shard is None else shard.group)
-    all_reduce_sums(sums, groups)
-
-    for p, g, m, v, layout, c, block_sum, shard in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs, sums, shards,
-                                                       strict=True):
-        offset = 0
-        if shard is not None:
-            p, g, m, v = shard.local, g.to_local(), m.to_local(), v.to_local() if hasattr(v, "to_local") else v
-            offset = shard.flat_offset
+    blocks = [BlockView(p, layout) for p, layout in zip(params, layouts, strict=True)]
+    # the block sums of g² first: a shard's part of them, all shards' in one collective
+    sums = [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)]
+    all_reduce_sums(sums, [b.group for b in blocks])
+    for p, g, m, v, c, b, block_sum in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs, blocks, sums, strict=True):
+        p, g, m, v = (b.local(t) for t in (p, g, m, v))
         if c.sign < 0:
             g = -g
-        acc = acc_dtype(p)
-
         phi = agreement(g, m) if mask == "async" else None
-        m.lerp_(g, c.w)
+        m.lerp_(g, c.w)  # m ← β1·m + (1−β1)·g
         if mask == "sync":
             phi = agreement(g, m)
-        block_sq = block_sum / block_elements(layout, p.device, acc)
-        if v.dtype == acc:
-            v.mul_(c.beta2).add_(block_sq, alpha=c.gain2)
-            v_acc = v
-        else:  # low-precision params: update in float32, store rounded, use what is stored
-            v.copy_(v.to(acc).mul_(c.beta2).add_(block_sq, alpha=c.gain2))
-            v_acc = v.to(acc)
+        v_b = _block_ema_(v, b.means(block_sum), c.beta2, c.gain2)  # v_B ← β2·v_B + (1−β2)·mean_B(g²)
         decay_(p, c.decay)
-        denom = v_acc.sqrt().div_(c.bc2_sqrt).add_(c.eps)
+        denom = v_b.sqrt().div_(c.bc2_sqrt).add_(c.eps)  # sqrt(v̂_B) + eps
         if masked:
-            m2, scale = _blockwise(m.contiguous(), expand_blocks(1 / (c.bc1 * denom), layout).to(p.dtype), layout, offset)
-            masked_update_(p, (m2 * scale).view(p.shape), phi, c.lr, alpha=alpha, count_scale=count_scale,
-                           shard_of=None if shard is None else (layout.numel, shard.group))
+            masked_update_(p, b.scaled(m, 1 / (c.bc1 * denom)), phi, c.lr, alpha=alpha, count_scale=count_scale,
+                           shard_of=b.shard_of)
         else:
-            _sub_blockwise(p, m, expand_blocks(c.lr_bc1 / denom, layout).to(p.dtype), layout, offset)
+            b.sub_scaled_(p, m, c.lr_bc1 / denom)  # p ← p − lr·m̂/(sqrt(v̂_B) + eps)
+
+
+def _block_ema_(v: Tensor, x: Tensor, keep: float, gain: float) -> Tensor:
+    """``v ← keep·v + gain·x`` in ``x``'s (accumulation) dtype; returns v as used: a
+    low-precision v is updated in float32 and stored rounded, and what is stored is used."""
+    if v.dtype == x.dtype:
+        return v.mul_(keep).add_(x, alpha=gain)
+    v.copy_(v.to(x.dtype).mul_(keep).add_(x, alpha=gain))
+    return v.to(x.dtype)
 
 
 def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], lanes: list[Tensor] | None,

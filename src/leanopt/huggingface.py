@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._optimizer import trainable_named_parameters, unwrap_model
-from .partition import _is_norm
+from .partition.model import _is_norm
 from .registry import create_optimizer, optimizer_info
 
 __all__ = ["create_trainer_optimizer", "decay_parameter_names"]

@@ -398,8 +398,9 @@ def _fmt(v: float, spread: float | None = None, digits: int = 4) -> str:
 
 def _results_table(groups: Groups) -> list[str]:
     lines = [
-        "| run | seeds | val loss 20% | 40% | 60% | final (100%) | optimizer state | state / AdamW | opt. step (median) | wall |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | seeds | val loss 20% | 40% | 60% | final (100%) | optimizer state | state / AdamW | opt. step (median) | wall "
+        "| implementation |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     adamw_state = groups.mean("adamw", lambda r: r["state_bytes"]) if "adamw" in groups else None
     for name in sorted(groups.by_group):
@@ -410,9 +411,16 @@ def _results_table(groups: Groups) -> list[str]:
         lines.append(
             f"| {name} | {len(groups.by_group[name])} | " + " | ".join(cells)
             + f" | {sb / 2**20:.2f} MiB | {ratio} | {groups.mean(name, lambda r: r['opt_step_ms']):.2f} ms"
-            f" | {groups.mean(name, lambda r: r['wall_s']):.0f} s |"
+            f" | {groups.mean(name, lambda r: r['wall_s']):.0f} s | {_implementation(groups.by_group[name])} |"
         )
     return lines
+
+
+def _implementation(runs: list[dict]) -> str:
+    """What stepped the tensors (``leanopt.bench.train.implementation``), as the runs agree;
+    "?" for runs made before it was recorded."""
+    seen = {r.get("implementation", "?") for r in runs}
+    return seen.pop() if len(seen) == 1 else " / ".join(sorted(seen))
 
 
 def _sweep_table(summary: dict) -> list[str]:

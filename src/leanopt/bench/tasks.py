@@ -18,12 +18,11 @@ plain-SGD baseline runs without decay except in the robustness grid.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +208,13 @@ _add(TaskSpec(
                 bf16=True, device="cuda"),
     _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam", "alpha-adam-sync", "cadamw", "lion", "adamw-pma-k1"]), (0, 1)),
     PRESETS["pretrain"].claims,
+))
+_add(TaskSpec(
+    "gpu-check", "a short GPU pre-training for scripts/gpu-check: the 124M model, bf16 autocast, seq 512, 300 micro-batches, "
+    "the default (compiled) path of five optimizers, one seed",
+    TrainConfig("python", GPU_MODEL, seq_len=512, micro_batch=16, micro_steps=300, eval_every=50, eval_batches=8,
+                bf16=True, device="cuda"),
+    _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam", "lion"]), (0,)),
 ))
 _add(_finetune_task("finetune-gpu", GPU_MODEL, base_micro=2000, micro=640, batch=16, seq=512, device="cuda", bf16=True))
 
