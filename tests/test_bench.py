@@ -205,16 +205,35 @@ def fake_run(group, seed, final, samples=100, state=1.0, ms=1.0, curve=None, **k
             "opt_step_ms": ms, "val_curve": curve, "kwargs": {}, "accum": 1, **kw}
 
 
-def test_claim_verdicts_follow_the_noise_rules():
-    base = [fake_run("adamw", 0, 3.00, state=2.0), fake_run("adamw", 1, 3.04, state=2.0)]  # spread 0.04
-    on_par = base + [fake_run("adam-mini", 0, 3.05, state=1.01)]
-    worse = base + [fake_run("adam-mini", 0, 3.20, state=1.01)]
-    between = base + [fake_run("adam-mini", 0, 3.09, state=1.01)]
-    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": on_par})[0].verdict == "holds"
-    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": worse})[0].verdict == "does not hold"
-    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": between})[0].verdict == "inconclusive"
-    assert evaluate_claims({"claims": ["adam-mini-memory"], "runs": on_par})[0].verdict == "holds"
+def test_claim_verdicts_follow_the_paired_rules():
+    # AdamW at 3.00 / 3.04 / 3.02: margin 1 % = 0.0302; Adam-mini's paired differences decide
+    base = [fake_run("adamw", s, x, state=2.0) for s, x in enumerate((3.00, 3.04, 3.02))]
+
+    def with_mini(*diffs):
+        return base + [fake_run("adam-mini", s, b["final_val"] + d, state=1.01) for s, (b, d) in enumerate(zip(base, diffs))]
+
+    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": with_mini(0.004, 0.006, 0.005)})[0].verdict == "holds"
+    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": with_mini(-0.20, -0.21, -0.19)})[0].verdict == "holds"
+    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": with_mini(0.10, 0.11, 0.09)})[0].verdict == "does not hold"
+    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": with_mini(0.0, 0.06, 0.03)})[0].verdict == "inconclusive"
+    one_seed = [base[0], fake_run("adam-mini", 0, 3.001, state=1.01)]
+    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": one_seed})[0].verdict == "inconclusive"
+    v = evaluate_claims({"claims": ["adam-mini-loss"], "runs": with_mini(0.10, 0.11, 0.09)})[0]
+    assert "Δ +0.1000" in v.measured and "95% CI" in v.measured and "n=3" in v.measured
+    assert evaluate_claims({"claims": ["adam-mini-memory"], "runs": with_mini(0, 0, 0)})[0].verdict == "holds"
     assert evaluate_claims({"claims": ["sgd-sai-loss"], "runs": base})[0].verdict == "not measured"
+
+
+def test_the_paired_ci_overrules_a_wide_seed_spread():
+    # the seeds move both optimizers together (3.8 .. 4.6): the unpaired rule of earlier
+    # versions (difference within the larger max-min spread) called +0.10 "on par"; paired,
+    # every seed is 0.09-0.11 behind and the claim does not hold
+    runs = []
+    for seed, (level, d) in enumerate(((3.8, 0.09), (4.2, 0.11), (4.6, 0.10))):
+        runs += [fake_run("adamw", seed, level, state=2.0), fake_run("adam-mini", seed, level + d, state=1.01)]
+    spread = 4.6 - 3.8
+    assert abs(0.10) < spread  # what the old rule compared
+    assert evaluate_claims({"claims": ["adam-mini-loss"], "runs": runs})[0].verdict == "does not hold"
 
 
 def test_pma_speedup_claim():

@@ -3,14 +3,11 @@
 Everything here is computed from ``summary.json`` (and each run's summary), so a report
 can be regenerated at any time without training.
 
-Verdicts. Runs that differ only by seed form a group; a group's value is the mean over
-seeds and its *spread* the max − min. The noise level of a comparison is the larger
-spread of the two groups, and at least 0.5 % of the reference value (two seeds give a
-crude estimate; the floor keeps single-seed comparisons from claiming precision they do
-not have). A claim of *on par* holds when the difference is within the noise and does
-not hold beyond twice the noise; a claim of *better* holds when the gain exceeds the
-noise and does not hold when the result is worse by more than the noise; everything
-between is *inconclusive*.
+Verdicts (:mod:`leanopt.bench.stats`): a comparison takes the paired difference per seed
+(same seed = same initial weights and data for both optimizers), its mean and 95 %
+Student-t confidence interval over the common seeds, and judges the interval against a
+practical-equivalence margin of 1 % of the baseline's loss. Tables still show each group's
+mean ± half its spread across seeds, which describes the seeds, not the difference.
 """
 
 from __future__ import annotations
@@ -24,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import stats
 from .data import atomic_write, write_json
+from .stats import FAILS, HOLDS, INCONCLUSIVE, PairedDiff
 
 __all__ = ["write_report", "Verdict", "evaluate_claims", "crossing_samples"]
 
-HOLDS, FAILS, INCONCLUSIVE, MISSING = "holds", "does not hold", "inconclusive", "not measured"
-NOISE_FLOOR = 0.005
+MISSING = "not measured"
+NOISE_FLOOR = 0.005  # the lr x wd grid's margin (claim_sgd_sai_robust), 0.5 % of AdamW's mean
 
 
 @dataclass
@@ -77,22 +76,14 @@ def val_at(fraction: float) -> Callable[[dict], float]:
     return fn
 
 
-def noise(groups: Groups, a: str, b: str, fn: Callable[[dict], float]) -> float:
-    ref = abs(groups.mean(b, fn))
-    return max(groups.spread(a, fn), groups.spread(b, fn), NOISE_FLOOR * ref)
+def paired_diff(groups: Groups, ours: str, base: str, fn: Callable[[dict], float]) -> PairedDiff | None:
+    """``fn(ours) − fn(base)`` paired by seed (:func:`leanopt.bench.stats.paired`)."""
+    return stats.paired(stats.by_seed(groups.by_group[ours], fn), stats.by_seed(groups.by_group[base], fn))
 
 
-def on_par(delta: float, tol: float) -> str:
-    """``delta`` = ours − reference for a lower-is-better metric."""
-    if delta <= tol:
-        return HOLDS
-    return FAILS if delta > 2 * tol else INCONCLUSIVE
-
-
-def better(delta: float, tol: float) -> str:
-    if delta < -tol:
-        return HOLDS
-    return FAILS if delta > tol else INCONCLUSIVE
+def margin(groups: Groups, base: str, fn: Callable[[dict], float]) -> float:
+    """The practical-equivalence margin: :data:`leanopt.bench.stats.MARGIN` of the baseline."""
+    return stats.MARGIN * abs(groups.mean(base, fn))
 
 
 def _seeds(groups: Groups, name: str) -> str:
@@ -119,15 +110,18 @@ def crossing_samples(curve: list[list[float]], target: float) -> float | None:
 
 
 def _loss_claim(groups: Groups, ours: str, claim: str, paper: str) -> Verdict:
+    """"On par or better" than AdamW: non-inferiority of the paired final loss."""
     if ours not in groups or "adamw" not in groups:
         return Verdict(claim, paper, "needs runs of both optimizers", MISSING)
-    d = groups.mean(ours, final) - groups.mean("adamw", final)
-    tol = noise(groups, ours, "adamw", final)
+    d = paired_diff(groups, ours, "adamw", final)
+    if d is None:
+        return Verdict(claim, paper, "no seed in common", MISSING)
+    tol = margin(groups, "adamw", final)
     return Verdict(
         claim, paper,
         f"final val loss {groups.mean(ours, final):.4f} vs AdamW {groups.mean('adamw', final):.4f} "
-        f"(Δ {d:+.4f}, noise ±{tol:.4f}; {_seeds(groups, ours)} / {_seeds(groups, 'adamw')})",
-        on_par(d, tol),
+        f"(paired {d.text()}; margin ±{tol:.4f})",
+        stats.non_inferior(d, tol),
     )
 
 
@@ -172,10 +166,11 @@ def claim_alpha_adam_early(g, s):
     parts, verdicts = [], []
     for frac in (0.2, 0.4):
         fn = val_at(frac)
-        a, b = g.mean("alpha-adam", fn), g.mean("adamw", fn)
-        tol = noise(g, "alpha-adam", "adamw", fn)
-        parts.append(f"{frac:.0%}: {a:.4f} vs {b:.4f} ({(a - b) / b:+.2%}, noise ±{tol / b:.2%})")
-        verdicts.append(better(a - b, tol))
+        d, b = paired_diff(g, "alpha-adam", "adamw", fn), g.mean("adamw", fn)
+        if d is None:
+            return Verdict(claim, paper, "no seed in common", MISSING)
+        parts.append(f"{frac:.0%}: {g.mean('alpha-adam', fn):.4f} vs {b:.4f} ({d.mean / b:+.2%}; paired {d.text()})")
+        verdicts.append(stats.better(d))
     verdict = verdicts[0] if verdicts[0] == verdicts[1] else INCONCLUSIVE
     return Verdict(claim, paper, "val loss at " + "; ".join(parts), verdict)
 
@@ -186,10 +181,12 @@ def claim_alpha_adam_async(g, s):
         return Verdict(claim, paper, "needs runs of both masks", MISSING)
     parts, verdicts = [], []
     for label, fn in (("20%", val_at(0.2)), ("final", final)):
-        a, b = g.mean("alpha-adam", fn), g.mean("alpha-adam-sync", fn)
-        tol = noise(g, "alpha-adam", "alpha-adam-sync", fn)
-        parts.append(f"{label}: async {a:.4f} vs sync {b:.4f} (Δ {a - b:+.4f}, noise ±{tol:.4f})")
-        verdicts.append(better(a - b, tol))
+        d = paired_diff(g, "alpha-adam", "alpha-adam-sync", fn)
+        if d is None:
+            return Verdict(claim, paper, "no seed in common", MISSING)
+        parts.append(f"{label}: async {g.mean('alpha-adam', fn):.4f} vs sync {g.mean('alpha-adam-sync', fn):.4f} "
+                     f"(paired {d.text()})")
+        verdicts.append(stats.better(d))
     verdict = verdicts[0] if verdicts[0] == verdicts[1] else INCONCLUSIVE
     return Verdict(claim, paper, "; ".join(parts), verdict)
 
@@ -199,17 +196,17 @@ def claim_pma_k1(g, s):
     if "adamw-pma-k1" not in g or "adamw" not in g:
         return Verdict(claim, paper, "needs runs of both", MISSING)
     # Same seeds, same data, same betas. The benchmark's AdamW is torch's fused kernel,
-    # which rounds differently from AdamW-PMA's per-tensor path, and training amplifies
+    # which rounds differently from AdamW-PMA's C kernel, and training amplifies
     # last-bit differences; so the check is the on-par rule (the tests show AdamW-PMA with
     # K = 1 bit-identical to torch's for-loop and foreach AdamW).
     pairs = [(a, b) for a in g.by_group["adamw-pma-k1"] for b in g.by_group["adamw"] if a["seed"] == b["seed"]]
     if not pairs:
         return Verdict(claim, paper, "no common seed", MISSING)
     curve = max(abs(x[2] - y[2]) for a, b in pairs for x, y in zip(a["val_curve"], b["val_curve"]))
-    d = statistics.fmean(a["final_val"] - b["final_val"] for a, b in pairs)
-    tol = noise(g, "adamw-pma-k1", "adamw", final)
-    return Verdict(claim, paper, f"final val loss Δ {d:+.4f} (noise ±{tol:.4f}), max |Δ| along the curve {curve:.2e} "
-                   f"({len(pairs)} seed(s); reference: torch fused AdamW)", on_par(abs(d), tol))
+    d = paired_diff(g, "adamw-pma-k1", "adamw", final)
+    tol = margin(g, "adamw", final)
+    return Verdict(claim, paper, f"final val loss paired {d.text()} (margin ±{tol:.4f}), max |Δ| along the curve "
+                   f"{curve:.2e} (reference: torch fused AdamW)", stats.on_par(d, tol))
 
 
 def claim_pma_speedup(g, s):
@@ -472,7 +469,9 @@ def write_report(task_dir: str | Path) -> Path:
     if verdicts:
         lines += ["## Claims", "", "| claim | paper | measured here | verdict |", "|---|---|---|---|"]
         lines += [f"| {v.claim} | {v.paper} | {v.measured} | **{v.verdict}** |" for v in verdicts]
-        lines += ["", "Verdict rules: see `leanopt/bench/report.py` (noise = spread over seeds, at least 0.5% of the loss).", ""]
+        lines += ["", "Verdict rules (`leanopt/bench/stats.py`): Δ is the paired difference per seed (same init and data), "
+                  "with its 95% Student-t CI over the n common seeds, judged against a margin of 1% of the baseline; "
+                  "one seed gives no CI, hence inconclusive.", ""]
     if kind == "sweep":
         lines += ["## Learning-rate sweep", ""] + _sweep_table(summary) + [""]
     lines += ["## Results", "", "Values are means over seeds; ± is half the spread (max - min).", ""]
