@@ -258,7 +258,7 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                       count_scale: bool) -> None:
     """The step by the C kernel (:mod:`leanopt._native`): unmasked, row layouts."""
     _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, [layout.n_blocks for layout in layouts],
-                           [layout.numel // layout.n_blocks for layout in layouts], coeffs)
+                           [int(c.count) for c in coeffs], coeffs)
 
 
 BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, native=_adam_mini_native,

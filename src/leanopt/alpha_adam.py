@@ -68,12 +68,14 @@ def adam_step(lr: float, beta1: float, beta2: float, step: float, *, eps: float,
               rescale: float = 1.0) -> AdamStep:
     """AdamW's coefficients at ``step`` (as ``torch.optim.AdamW``); a variant (AdamW-PMA)
     passes its own moment weights and bias corrections in place of AdamW's."""
-    bc1, bc2_sqrt = bias_corrections(beta1, beta2, step)
+    if m_div is None or v_div is None:  # a variant that brings both needs no AdamW corrections
+        bc1, bc2_sqrt = bias_corrections(beta1, beta2, step)
+        m_div = bc1 if m_div is None else m_div
+        v_div = bc2_sqrt if v_div is None else v_div
     m_keep = beta1 if m_keep is None else m_keep
     m_gain = 1 - beta1 if m_gain is None else m_gain
     return AdamStep(direction(maximize), m_keep, m_gain, float(m_keep + m_gain == 1), beta2 if v_keep is None else v_keep,
-                    1 - beta2 if v_gain is None else v_gain, bc2_sqrt if v_div is None else v_div, eps,
-                    bc1 if m_div is None else m_div, decay_factor(lr, weight_decay), lr, rescale)
+                    1 - beta2 if v_gain is None else v_gain, v_div, eps, m_div, decay_factor(lr, weight_decay), lr, rescale)
 
 
 def alpha_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
