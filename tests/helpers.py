@@ -65,3 +65,8 @@ def state_equal(s1: dict, s2: dict) -> bool:
         elif a != b:
             return False
     return True
+
+
+def strip_timing(rows: list[dict]) -> list[dict]:
+    """Benchmark metrics without the clock readings (which differ between two runs)."""
+    return [{k: v for k, v in r.items() if k not in ("opt_ms", "step_ms", "wall_s")} for r in rows]

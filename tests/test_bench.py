@@ -14,6 +14,7 @@ import torch
 import leanopt
 from leanopt.bench import data as bdata
 from leanopt.bench.config import ConfigError, RunSpec
+from helpers import strip_timing
 from leanopt.bench.report import crossing_samples, evaluate_claims
 from leanopt.bench.tasks import PRESETS, get_task, run_task
 from leanopt.bench.train import Batches, Interrupted, lr_lambda, read_results
@@ -142,6 +143,12 @@ def test_smoke_end_to_end_and_report_regeneration(data_dir, tmp_path, capsys):
         assert [m["step"] for m in rows if m["kind"] == "train"] == list(range(1, r["steps"] + 1))
     report = (task_dir / "report.md").read_text()
     assert "## Claims" in report and "Adam-mini: ~50% less optimizer memory" in report
+    assert "## Tokens to AdamW's final loss" in report and "## Optimizer state at real scale" in report
+    for r in summary["runs"]:  # every validation carries its wall clock; the step's share is a fraction
+        walls = [row[3] for row in r["val_curve"]]
+        assert walls[0] == 0.0 and walls == sorted(walls) and 0 < r["opt_share"] < 1 and r["tokens_per_s"] > 0
+    scale = summary["memory_at_scale"]["tiny"]["state_bytes"]
+    assert scale["adam-mini"] < 0.6 * scale["adamw"]
     for png in ("loss_vs_tokens.png", "memory.png", "step_time.png"):
         assert (task_dir / png).read_bytes()[:4] == b"\x89PNG"
     claims = json.loads((task_dir / "claims.json").read_text())
@@ -151,10 +158,6 @@ def test_smoke_end_to_end_and_report_regeneration(data_dir, tmp_path, capsys):
     assert main(["report", str(task_dir)]) == 0
     # the same report, up to the environment lines (the command differs)
     assert (task_dir / "report.md").read_text().split("## Setup")[0] == report.split("## Setup")[0]
-
-
-def strip_timing(rows):
-    return [{k: v for k, v in r.items() if k not in ("opt_ms",)} for r in rows]
 
 
 def test_killed_run_restarts_with_an_identical_result(data_dir, tmp_path):
@@ -238,15 +241,22 @@ def test_the_paired_ci_overrules_a_wide_seed_spread():
 
 def test_pma_speedup_claim():
     curve_base = [[0, 0, 5.0], [50, 0, 4.0], [100, 0, 3.0]]
-    curve_fast = [[0, 0, 5.0], [50, 0, 3.0], [100, 0, 2.5]]  # reaches 3.0 at half the samples
-    runs = [fake_run("adamw-accum4", 0, 3.0, curve=curve_base, wall_s=10.0),
-            fake_run("adamw-pma4", 0, 2.5, curve=curve_fast, wall_s=12.5)]  # PMA: slower per sample (more steps)
+    # per seed, PMA reaches the baseline's final 3.0 at half the samples (seed 1: a little later)
+    curve_fast = {0: [[0, 0, 5.0], [50, 0, 3.0], [100, 0, 2.5]], 1: [[0, 0, 5.0], [50, 0, 3.02], [100, 0, 2.5]]}
+    runs = [fake_run("adamw-accum4", s, 3.0, curve=curve_base, wall_s=10.0) for s in (0, 1)]
+    runs += [fake_run("adamw-pma4", s, 2.5, curve=curve_fast[s], wall_s=12.5) for s in (0, 1)]  # PMA: slower per sample
     v = evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0]
-    assert v.claim.startswith("AdamW-PMA") and v.verdict == "holds" and "2.00x in samples, 1.60x in wall time" in v.measured
-    runs[1] = fake_run("adamw-pma4", 0, 3.5, curve=[[0, 0, 5.0], [50, 0, 4.5], [100, 0, 3.5]], wall_s=12.5)
-    assert evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0].verdict == "does not hold"
+    assert v.claim.startswith("AdamW-PMA") and v.verdict == "holds", v.measured
+    # geometric mean of 100/50 and 100/x1; wall at the run's throughput: 10 s / (12.5 s · 50/100) for seed 0
+    x1 = 50 + 50 * 0.02 / 0.52
+    assert f"{math.sqrt(2 * 100 / x1):.2f}x" in v.measured and "n=2" in v.measured and f"{math.sqrt(1.6 * 10 / (12.5 * x1 / 100)):.2f}x in wall time" in v.measured
+    slow = [[0, 0, 5.0], [50, 0, 4.5], [100, 0, 3.5]]
+    runs[2:] = [fake_run("adamw-pma4", s, 3.5, curve=slow, wall_s=12.5) for s in (0, 1)]
+    v = evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0]
+    assert v.verdict == "does not hold" and "on 0 of 2 seeds" in v.measured
     # one verdict per optimizer
-    lion = [fake_run("lion-accum4", 0, 3.0, curve=curve_base, wall_s=10.0), fake_run("lion-pma4", 0, 2.5, curve=curve_fast, wall_s=11.0)]
+    lion = [fake_run("lion-accum4", s, 3.0, curve=curve_base, wall_s=10.0) for s in (0, 1)]
+    lion += [fake_run("lion-pma4", s, 2.5, curve=curve_fast[s], wall_s=11.0) for s in (0, 1)]
     verdicts = evaluate_claims({"claims": ["pma-speedup"], "runs": runs + lion})
     assert [(v.claim.split(":")[0], v.verdict) for v in verdicts] == [("AdamW-PMA", "does not hold"), ("Lion-PMA", "holds")]
 
@@ -289,3 +299,66 @@ def test_tokenizer_follows_its_training_set(tmp_path):
     assert other["tokenizer_sha256"] != first["tokenizer_sha256"]
     assert other["tokenizer_trained_on"] != first["tokenizer_trained_on"]
     assert bdata.load_corpus(tmp_path, "t").meta["tokenizer_sha256"] == other["tokenizer_sha256"]
+
+
+def test_tokens_to_target_pairs_by_seed_and_reads_the_measured_wall_clock():
+    from leanopt.bench.report import Groups, target_speed
+
+    # rows: samples, tokens, loss, wall seconds
+    base = {s: fake_run("adamw", s, 3.0, curve=[[0, 0, 5.0, 0], [1, 100, 4.0, 10], [2, 200, 3.0 + 0.1 * s, 20]])
+            for s in (0, 1, 2)}
+    for s, b in base.items():
+        b["final_val"] = b["val_curve"][-1][2]
+    # reaches each seed's own target at 50 tokens (seed 0), 100 (seed 1), and never (seed 2)
+    ours = [fake_run("fast", 0, 2.0, curve=[[0, 0, 5.0, 0], [1, 50, 3.0, 8], [2, 200, 2.0, 40]]),
+            fake_run("fast", 1, 2.0, curve=[[0, 0, 5.0, 0], [1, 100, 3.1, 16], [2, 200, 2.0, 40]]),
+            fake_run("fast", 2, 3.5, curve=[[0, 0, 5.0, 0], [1, 100, 4.0, 16], [2, 200, 3.5, 40]])]
+    g = Groups(list(base.values()) + ours)
+    t = target_speed(g, "fast", "adamw")
+    assert (t.reached, t.n, t.tokens) == (2, 3, None) and "2 of 3 seeds" in t.text("AdamW")
+    g = Groups(list(base.values()) + ours[:2])  # seed 2 of "fast" not run: pairs are the common seeds
+    t = target_speed(g, "fast", "adamw")
+    assert (t.reached, t.n) == (2, 2)
+    assert t.tokens.mean == pytest.approx(math.sqrt(200 / 50 * 200 / 100))
+    assert t.wall.mean == pytest.approx(math.sqrt(20 / 8 * 20 / 16))  # from the recorded wall column
+
+
+def test_a_sweep_extends_its_grid_until_the_winner_is_inside():
+    from leanopt.bench.tasks import _sweep_runs, sweep_extension
+
+    runs = _sweep_runs({"adamw": 1e-3, "lion": 1e-4}, (0.5, 1.0, 2.0))
+    finals = {("adamw", 5e-4): 3.0, ("adamw", 1e-3): 2.9, ("adamw", 2e-3): 2.8,  # best at the upper edge
+              ("lion", 5e-5): 3.0, ("lion", 1e-4): 2.9, ("lion", 2e-4): 3.1}  # inside
+    summaries = [{"final_val": next(v for (n, lr), v in finals.items() if n == r.group_name and math.isclose(lr, r.lr))}
+                 for r in runs]
+    extra = sweep_extension(runs, summaries)
+    assert [(r.group_name, r.optimizer) for r in extra] == [("adamw", "adamw")] and extra[0].lr == pytest.approx(4e-3)
+    assert extra[0].kwargs["weight_decay"] == pytest.approx(2e-4 / 4e-3) and extra[0].label == "adamw-lr0.004"
+    # the new run wins again at the edge: one more; a diverged edge does not count as a winner
+    runs2, sums2 = runs + extra, summaries + [{"final_val": 2.7}]
+    assert [r.lr for r in sweep_extension(runs2, sums2)] == [pytest.approx(8e-3)]
+    sums3 = summaries + [{"final_val": float("nan")}]
+    assert sweep_extension(runs2, sums3) == []
+    masked = _sweep_runs({"adam-mini-async": 4e-3}, (1.0,))[0]
+    assert masked.optimizer == "adam-mini" and masked.kwargs["mask"] == "async"
+
+
+def test_state_at_scale_counts_what_a_real_step_allocates():
+    from leanopt.bench.memory import state_at_scale
+    from leanopt.bench.speed import MODELS
+    from leanopt.models import GPT, GPTConfig
+    from leanopt.registry import create_optimizer, state_bytes
+
+    runs = [("adamw", "adamw", {}), ("adam-mini", "adam-mini", {}), ("sgd-sai", "sgd-sai", {}),
+            ("masked", "adam-mini", {"mask": "async"}), ("lion", "lion", {})]
+    planned = state_at_scale(runs, ("tiny",))["tiny"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**MODELS["tiny"]))
+    assert planned["n_params"] == sum(p.numel() for p in model.parameters())
+    for label, name, kwargs in runs:
+        opt = create_optimizer(name, model, lr=1e-3, **kwargs)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert planned["state_bytes"][label] == state_bytes(opt), label
+    assert planned["state_bytes"]["adam-mini"] < 0.6 * planned["state_bytes"]["adamw"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_run_smoke
+from helpers import strip_timing
 from leanopt.bench.rundir import RunConflict, RunLocked, atomic_write, remove_stale_temporaries
 from leanopt.bench.tasks import run_task
 from leanopt.bench.train import read_results
@@ -146,5 +147,4 @@ def test_a_run_killed_while_writing_its_checkpoint_leaves_nothing_behind_after_t
     assert list(run.glob(".checkpoint.pt.*.tmp")), "the kill should have left a partial checkpoint"
     run_task(task, tmp_path / "killed", bench_data, **QUIET)  # resumes from the first checkpoint
     assert not list((tmp_path / "killed").rglob("*.tmp")) and not (run / ".lock").exists()
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "opt_ms"} for r in rows]  # noqa: E731
-    assert strip(read_results(run / "results.jsonl")) == strip(read_results(run_dir_of(tmp_path / "straight", task) / "results.jsonl"))
+    assert strip_timing(read_results(run / "results.jsonl")) == strip_timing(read_results(run_dir_of(tmp_path / "straight", task) / "results.jsonl"))

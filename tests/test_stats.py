@@ -68,3 +68,23 @@ def test_better_needs_the_whole_interval_below_zero(low, high, expected):
 
 def test_the_default_margin_is_one_percent():
     assert stats.MARGIN == 0.01
+
+
+def test_speed_up_ratios_take_the_geometric_mean_with_a_log_interval():
+    r = stats.ratio({0: 2.0, 1: 0.5})  # symmetric around 1 in log space
+    assert r.mean == pytest.approx(1.0) and r.n == 2
+    logs = [math.log(2.0), math.log(0.5)]
+    half = 12.706 * statistics.stdev(logs) / math.sqrt(2)
+    assert r.low == pytest.approx(math.exp(-half)) and r.high == pytest.approx(math.exp(half))
+    assert stats.ratio({3: 1.7}).has_interval is False and stats.ratio({}) is None
+    with pytest.raises(ValueError, match="positive"):
+        stats.ratio({0: 0.0, 1: 1.0})
+
+
+def test_at_least_a_speed_up():
+    tight = stats.ratio({0: 2.0, 1: 2.1, 2: 1.95})
+    assert stats.at_least(tight, 1.5) == HOLDS
+    assert stats.at_least(tight, 2.5) == INCONCLUSIVE  # above 1, below 2.5: neither
+    slow = stats.ratio({0: 0.8, 1: 0.85, 2: 0.82})
+    assert stats.at_least(slow, 1.5, floor=1.0) == FAILS
+    assert stats.at_least(stats.ratio({0: 3.0}), 1.5) == INCONCLUSIVE  # one seed, no interval

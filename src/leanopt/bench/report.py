@@ -70,7 +70,7 @@ def val_at(fraction: float) -> Callable[[dict], float]:
 
     def fn(r: dict) -> float:
         limit = fraction * r["samples"]
-        points = [loss for samples, _, loss in r["val_curve"] if samples <= limit + 1e-9 and samples > 0]
+        points = [row[2] for row in r["val_curve"] if 0 < row[0] <= limit + 1e-9]
         return points[-1] if points else r["val_curve"][0][2]
 
     return fn
@@ -90,18 +90,74 @@ def _seeds(groups: Groups, name: str) -> str:
     return f"{len(groups.by_group[name])} seed{'s' if len(groups.by_group[name]) > 1 else ''}"
 
 
-def crossing_samples(curve: list[list[float]], target: float) -> float | None:
-    """Samples at which a validation curve first reaches ``target`` (linear interpolation
-    between validations); None if it never does."""
+def crossing(curve: list[list[float]], target: float, column: int = 0) -> float | None:
+    """Where a validation curve (rows ``[samples, tokens, loss, wall_s]``) first reaches
+    ``target``: column ``column`` of that point, linearly interpolated between
+    validations; None if it never does (or the column was not recorded)."""
     prev = None
-    for samples, _, loss in curve:
-        if loss <= target:
-            if prev is None or prev[1] == loss:
-                return samples
-            s0, l0 = prev
-            return s0 + (samples - s0) * (l0 - target) / (l0 - loss)
-        prev = (samples, loss)
+    for row in curve:
+        if len(row) <= column or not math.isfinite(row[column]):
+            return None
+        if row[2] <= target:
+            if prev is None or prev[2] == row[2]:
+                return row[column]
+            return prev[column] + (row[column] - prev[column]) * (prev[2] - target) / (prev[2] - row[2])
+        prev = row
     return None
+
+
+def crossing_samples(curve: list[list[float]], target: float) -> float | None:
+    return crossing(curve, target, 0)
+
+
+@dataclass
+class TargetSpeed:
+    """Tokens-to-target: per common seed, the baseline's final validation loss is the
+    target; the speed-up is the baseline's tokens (wall seconds) to reach it over ours."""
+
+    reached: int
+    n: int
+    tokens: stats.Ratio | None  # None unless every seed reached the target
+    wall: stats.Ratio | None
+
+    def text(self, base: str) -> str:
+        if self.n == 0:
+            return "no seed in common"
+        if self.tokens is None:
+            return f"reaches {base}'s final loss on {self.reached} of {self.n} seeds"
+        wall = f"; wall {self.wall.mean:.2f}x" if self.wall else ""
+        return f"to {base}'s final loss: {self.tokens.text()} in tokens{wall}"
+
+
+def _wall_at(run: dict, target: float, column: int, position: float) -> float | None:
+    """The run's wall seconds when it reached ``target``: measured at the validations, or,
+    for summaries written before those were recorded, at the run's mean throughput."""
+    measured = crossing(run["val_curve"], target, 3)
+    if measured is not None:
+        return measured
+    end = run["val_curve"][-1][column]
+    return run["wall_s"] * position / end if end else None
+
+
+def target_speed(groups: Groups, ours: str, base: str, column: int = 1) -> TargetSpeed:
+    """:class:`TargetSpeed` of ``ours`` against ``base``; ``column``: 1 for tokens, 0 for
+    samples (the same ratio: both runs see the same micro-batches)."""
+    base_runs = {r["seed"]: r for r in groups.by_group[base]}
+    pairs = [(r, base_runs[r["seed"]]) for r in groups.by_group[ours] if r["seed"] in base_runs]
+    tokens, wall = {}, {}
+    for r, b in pairs:
+        target = b["final_val"]
+        if not math.isfinite(target):
+            continue
+        mine, theirs = crossing(r["val_curve"], target, column), crossing(b["val_curve"], target, column)
+        if mine and theirs:
+            tokens[r["seed"]] = theirs / mine
+            w_mine, w_theirs = _wall_at(r, target, column, mine), _wall_at(b, target, column, theirs)
+            if w_mine and w_theirs:
+                wall[r["seed"]] = w_theirs / w_mine
+    every = len(tokens) == len(pairs) and pairs
+    return TargetSpeed(len(tokens), len(pairs), stats.ratio(tokens) if every else None,
+                       stats.ratio(wall) if every and len(wall) == len(tokens) else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -120,9 +176,27 @@ def _loss_claim(groups: Groups, ours: str, claim: str, paper: str) -> Verdict:
     return Verdict(
         claim, paper,
         f"final val loss {groups.mean(ours, final):.4f} vs AdamW {groups.mean('adamw', final):.4f} "
-        f"(paired {d.text()}; margin ±{tol:.4f})",
+        f"(paired {d.text()}; margin ±{tol:.4f}); {target_speed(groups, ours, 'adamw').text('AdamW')}",
         stats.non_inferior(d, tol),
     )
+
+
+def _combination_claim(groups: Groups, ours: str, unmasked: str, claim: str) -> Verdict:
+    """leanopt's own: a memory-saving optimizer with AlphaAdam's asynchronous mask. It
+    holds when the paired final loss is better than AdamW's; the row also gives the
+    difference to the unmasked optimizer and the state it keeps."""
+    paper = "none (a combination no paper tried)"
+    if ours not in groups or "adamw" not in groups:
+        return Verdict(claim, paper, "needs runs of both optimizers", MISSING)
+    d = paired_diff(groups, ours, "adamw", final)
+    if d is None:
+        return Verdict(claim, paper, "no seed in common", MISSING)
+    ratio = groups.mean(ours, lambda r: r["state_bytes"]) / groups.mean("adamw", lambda r: r["state_bytes"])
+    text = (f"final val loss {groups.mean(ours, final):.4f} vs AdamW {groups.mean('adamw', final):.4f} (paired {d.text()}); "
+            f"{target_speed(groups, ours, 'adamw').text('AdamW')}; state {ratio:.3f}x AdamW's")
+    if unmasked in groups and (du := paired_diff(groups, ours, unmasked, final)) is not None:
+        text += f"; vs {unmasked} without the mask: {du.text()}"
+    return Verdict(claim, paper, text, stats.better(d))
 
 
 def _memory_claim(groups: Groups, ours: str, claim: str, paper: str) -> Verdict:
@@ -172,7 +246,16 @@ def claim_alpha_adam_early(g, s):
         parts.append(f"{frac:.0%}: {g.mean('alpha-adam', fn):.4f} vs {b:.4f} ({d.mean / b:+.2%}; paired {d.text()})")
         verdicts.append(stats.better(d))
     verdict = verdicts[0] if verdicts[0] == verdicts[1] else INCONCLUSIVE
-    return Verdict(claim, paper, "val loss at " + "; ".join(parts), verdict)
+    return Verdict(claim, paper, "val loss at " + "; ".join(parts) + f"; {target_speed(g, 'alpha-adam', 'adamw').text('AdamW')}",
+                   verdict)
+
+
+def claim_adam_mini_async(g, s):
+    return _combination_claim(g, "adam-mini-async", "adam-mini", "Adam-mini + asynchronous mask: better than AdamW at half the state")
+
+
+def claim_sgd_sai_async(g, s):
+    return _combination_claim(g, "sgd-sai-async", "sgd-sai", "SGD-SaI + asynchronous mask: better than AdamW at half the state")
 
 
 def claim_alpha_adam_async(g, s):
@@ -210,7 +293,8 @@ def claim_pma_k1(g, s):
 
 
 def claim_pma_speedup(g, s):
-    """One verdict per optimizer (AdamW-PMA, Lion-PMA): both variants and every K."""
+    """One verdict per optimizer (AdamW-PMA, Lion-PMA): both variants and every K. The
+    measure is samples-to-target (:func:`target_speed`) against K-step accumulation."""
     verdicts = []
     for base, pma_name in (("adamw", "AdamW-PMA"), ("lion", "Lion-PMA")):
         claim = f"{pma_name}: ~2x fewer samples than {base.replace('adamw', 'AdamW').replace('lion', 'Lion')} with gradient accumulation"
@@ -218,31 +302,16 @@ def claim_pma_speedup(g, s):
         rows, outcomes = [], []
         for name in sorted(n for n in g.by_group if n.startswith(f"{base}-accum")):
             k = name.rsplit("accum", 1)[1]
-            target = g.mean(name, final)
-            base_samples = g.values(name, lambda r: r["samples"])[0]
-            base_wall = g.mean(name, lambda r: r["wall_s"])
             for pma in sorted(n for n in g.by_group if n.startswith(f"{base}-pma{k}")):
-                speedups, time_speedups = [], []
-                for r in g.by_group[pma]:
-                    reached = crossing_samples(r["val_curve"], target)
-                    speedups.append(base_samples / reached if reached else 0.0)
-                    # wall time to the target, at the run's own (constant) throughput
-                    time_speedups.append(base_wall / (r["wall_s"] * reached / r["samples"]) if reached else 0.0)
-                sp = statistics.fmean(speedups)
-                spread = max(speedups) - min(speedups)
-                if all(x > 0 for x in speedups):
-                    rows.append(f"{pma}: {sp:.2f}x" + (f" (±{spread / 2:.2f})" if len(speedups) > 1 else "")
-                                + f" in samples, {statistics.fmean(time_speedups):.2f}x in wall time")
-                else:
-                    rows.append(f"{pma}: never reaches {name}'s final loss {target:.4f} (its own: {g.mean(pma, final):.4f})")
-                if not all(x > 0 for x in speedups) and sp < 1.0:
-                    outcomes.append(FAILS)
-                elif sp - spread / 2 >= 1.5:
-                    outcomes.append(HOLDS)
-                elif sp + spread / 2 < 1.2:
-                    outcomes.append(FAILS)
-                else:
-                    outcomes.append(INCONCLUSIVE)
+                t = target_speed(g, pma, name, column=0)
+                if t.tokens is None:
+                    rows.append(f"{pma}: {t.text(name).replace('final loss', f'final loss {g.mean(name, final):.4f}')} "
+                                f"(its own: {g.mean(pma, final):.4f})")
+                    outcomes.append(FAILS if t.reached == 0 else INCONCLUSIVE)
+                    continue
+                wall = f", {t.wall.mean:.2f}x in wall time" if t.wall else ""
+                rows.append(f"{pma}: {t.tokens.text()} in samples{wall}")
+                outcomes.append(stats.at_least(t.tokens, 1.5, floor=1.2))
         if not rows:
             continue
         verdict = outcomes[0] if len(set(outcomes)) == 1 else INCONCLUSIVE
@@ -284,6 +353,8 @@ CLAIMS: dict[str, Callable[[Groups, dict], Verdict | list[Verdict]]] = {
     "alpha-adam-async": claim_alpha_adam_async,
     "pma-k1": claim_pma_k1,
     "pma-speedup": claim_pma_speedup,
+    "adam-mini-async": claim_adam_mini_async,
+    "sgd-sai-async": claim_sgd_sai_async,
     "sgd-sai-robust": claim_sgd_sai_robust,
 }
 
@@ -353,6 +424,28 @@ def plot_bars(groups: Groups, path: Path, fn: Callable[[dict], float], ylabel: s
     plt.close(fig)
 
 
+def plot_lr(groups: Groups, path: Path, title: str) -> None:
+    """Final validation loss against lr, one line per optimizer (a sweep)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in sorted(groups.by_group):
+        runs = sorted(groups.by_group[name], key=lambda r: r["lr"])
+        ax.plot([r["lr"] for r in runs], [min(r["final_val"], CAP) if math.isfinite(r["final_val"]) else CAP for r in runs],
+                marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"final validation loss (diverged: {CAP:g})")
+    ax.set_title(title)
+    finite = [r["final_val"] for rs in groups.by_group.values() for r in rs if math.isfinite(r["final_val"])]
+    if finite:
+        ax.set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 2) + 0.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_grid(summary: dict, path: Path) -> None:
     plt = _plt()
     groups = Groups(summary["runs"])
@@ -395,9 +488,9 @@ def _fmt(v: float, spread: float | None = None, digits: int = 4) -> str:
 
 def _results_table(groups: Groups) -> list[str]:
     lines = [
-        "| run | seeds | val loss 20% | 40% | 60% | final (100%) | optimizer state | state / AdamW | opt. step (median) | wall "
-        "| implementation |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | seeds | val loss 20% | 40% | 60% | final (100%) | optimizer state | state / AdamW | opt. step (median) "
+        "| share of the training step | tokens/s | wall | implementation |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     adamw_state = groups.mean("adamw", lambda r: r["state_bytes"]) if "adamw" in groups else None
     for name in sorted(groups.by_group):
@@ -405,11 +498,43 @@ def _results_table(groups: Groups) -> list[str]:
         cells.append(_fmt(groups.mean(name, final), groups.spread(name, final)))
         sb = groups.mean(name, lambda r: r["state_bytes"])
         ratio = f"{sb / adamw_state:.3f}x" if adamw_state else "-"
+        share = groups.mean(name, lambda r: r.get("opt_share", math.nan))
+        speed = groups.mean(name, lambda r: r.get("tokens_per_s", math.nan))
         lines.append(
             f"| {name} | {len(groups.by_group[name])} | " + " | ".join(cells)
             + f" | {sb / 2**20:.2f} MiB | {ratio} | {groups.mean(name, lambda r: r['opt_step_ms']):.2f} ms"
+            f" | {'-' if math.isnan(share) else f'{share:.1%}'} | {'-' if math.isnan(speed) else f'{speed:,.0f}'}"
             f" | {groups.mean(name, lambda r: r['wall_s']):.0f} s | {_implementation(groups.by_group[name])} |"
         )
+    return lines
+
+
+def _target_table(groups: Groups, base: str = "adamw") -> list[str]:
+    """Tokens-to-target of every group against ``base`` (:func:`target_speed`)."""
+    lines = [f"| run | seeds reaching {base}'s final loss | speed-up in tokens (95% CI) | in wall time |", "|---|---|---|---|"]
+    for name in sorted(groups.by_group):
+        if name == base:
+            continue
+        t = target_speed(groups, name, base)
+        tokens = t.tokens.text() if t.tokens else "-"
+        wall = t.wall.text() if t.wall else "-"
+        lines.append(f"| {name} | {t.reached} of {t.n} | {tokens} | {wall} |")
+    return lines
+
+
+def _scale_table(summary: dict, groups: Groups) -> list[str]:
+    """Optimizer-state bytes of the runs' optimizers at real scale (``bench/memory.py``)."""
+    scale = summary["memory_at_scale"]
+    models = list(scale)
+    lines = ["| run | this model | " + " | ".join(f"{m} ({scale[m]['n_params'] / 1e6:,.0f}M params)" for m in models) + " |",
+             "|---|---|" + "---|" * len(models)]
+    this = {n: groups.mean(n, lambda r: r["state_bytes"]) / groups.mean(n, lambda r: r["param_bytes"]) for n in groups.by_group}
+    for name in sorted(groups.by_group):
+        cells = []
+        for m in models:
+            b = scale[m]["state_bytes"].get(name)
+            cells.append("-" if b is None else f"{b / 2**30:.2f} GiB ({b / scale[m]['n_params']:.2f} B/param)")
+        lines.append(f"| {name} | {this[name] * 4:.2f} B/param | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -430,7 +555,8 @@ def _sweep_table(summary: dict) -> list[str]:
         cells = ", ".join(f"{r['lr']:.3g} → {_fmt(r['final_val'], digits=3)}" for r in runs)
         finite = [r for r in runs if math.isfinite(r["final_val"])]
         best = min(finite, key=lambda r: r["final_val"])["lr"] if finite else float("nan")
-        lines.append(f"| {name} | {cells} | {best:.3g} | {LRS.get(name, float('nan')):.3g} |")
+        edge = " (at the grid's edge)" if finite and best in (runs[0]["lr"], runs[-1]["lr"]) else ""
+        lines.append(f"| {name} | {cells} | {best:.3g}{edge} | {LRS.get(name, float('nan')):.3g} |")
     return lines
 
 
@@ -455,6 +581,9 @@ def write_report(task_dir: str | Path) -> Path:
             fname = f"loss_vs_samples_k{k}.png"
             plot_curves(groups, task_dir / fname, 0, xlabel, f"{summary['task']}: K = {k}", names)
             figures.append((fname, f"Validation loss vs samples, K = {k}"))
+    elif kind == "sweep":
+        plot_lr(groups, task_dir / "loss_vs_lr.png", f"{summary['task']}: final validation loss vs learning rate")
+        figures.append(("loss_vs_lr.png", "Final validation loss vs learning rate"))
     else:
         plot_curves(groups, task_dir / "loss_vs_tokens.png", x_index, xlabel, f"{summary['task']}: validation loss")
         figures.append(("loss_vs_tokens.png", "Validation loss vs tokens (mean over seeds, band: min-max)"))
@@ -476,6 +605,17 @@ def write_report(task_dir: str | Path) -> Path:
         lines += ["## Learning-rate sweep", ""] + _sweep_table(summary) + [""]
     lines += ["## Results", "", "Values are means over seeds; ± is half the spread (max - min).", ""]
     lines += _results_table(groups) + [""]
+    if kind == "pretrain" and "adamw" in groups:
+        lines += ["## Tokens to AdamW's final loss", "",
+                  "Per seed, the tokens (and wall seconds) at which each run first reaches AdamW's final validation loss of "
+                  "the same seed (interpolated between validations); the speed-up is AdamW's over the run's, a geometric "
+                  "mean over seeds with a 95% t interval on the log ratios.", ""]
+        lines += _target_table(groups) + [""]
+    if summary.get("memory_at_scale"):
+        lines += ["## Optimizer state at real scale", "",
+                  "The same optimizers and arguments built on the meta device (shapes, no weights) for models of real "
+                  "size, float32 parameters (`leanopt/bench/memory.py`).", ""]
+        lines += _scale_table(summary, groups) + [""]
     lines += ["## Plots", ""] + [f"![{cap}]({f})" for f, cap in figures] + [""]
     corpus = summary["corpus"]
     lines += [

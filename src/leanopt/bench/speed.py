@@ -36,6 +36,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "gpt2-30m": dict(vocab_size=32000, dim=512, n_layers=6, n_heads=8, mlp_hidden=1408, tie_embeddings=True),
     "gpt2-124m": dict(vocab_size=50304, dim=768, n_layers=12, n_heads=12, mlp_hidden=2048, tie_embeddings=True),
     "llama-1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, mlp_hidden=5632),
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, mlp_hidden=11008),
     "tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, mlp_hidden=192, tie_embeddings=True),
 }
 

@@ -17,6 +17,10 @@ Verdicts, for a lower-is-better metric (a loss) and a practical-equivalence ``ma
   is above 0 (worse), else inconclusive.
 
 One seed gives no interval: every verdict on it is inconclusive.
+
+Speed-ups (tokens-to-target) are ratios per seed, ``r_s = baseline_s / X_s``; their
+summary is the geometric mean with the t interval taken on ``log r_s`` and mapped back
+(:func:`ratio`), so that 2x and 0.5x are equally far from 1.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["PairedDiff", "paired", "by_seed", "t975", "on_par", "non_inferior", "better", "MARGIN",
+__all__ = ["PairedDiff", "paired", "Ratio", "ratio", "at_least", "by_seed", "t975", "on_par", "non_inferior", "better", "MARGIN",
            "HOLDS", "FAILS", "INCONCLUSIVE"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
@@ -79,6 +83,50 @@ def paired(ours: dict[int, float], baseline: dict[int, float]) -> PairedDiff | N
         return PairedDiff(mean, math.nan, math.nan, len(d))
     half = t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
     return PairedDiff(mean, mean - half, mean + half, len(d))
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Geometric mean of per-seed ratios over ``n`` seeds, with its 95 % CI (``low``,
+    ``high``; NaN for one seed)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def has_interval(self) -> bool:
+        return self.n >= 2 and math.isfinite(self.low) and math.isfinite(self.high)
+
+    def text(self) -> str:
+        ci = f"95% CI [{self.low:.2f}, {self.high:.2f}]" if self.has_interval else "no CI (1 seed)"
+        return f"{self.mean:.2f}x, {ci}, n={self.n}"
+
+
+def ratio(values: dict[int, float]) -> Ratio | None:
+    """The geometric mean of positive per-seed ratios ``{seed: r}`` and its CI (a t
+    interval on the logarithms); None without a seed."""
+    if not values:
+        return None
+    if any(not (v > 0 and math.isfinite(v)) for v in values.values()):
+        raise ValueError(f"ratios must be positive and finite, got {sorted(values.values())}")
+    logs = [math.log(v) for v in values.values()]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return Ratio(math.exp(mean), math.nan, math.nan, 1)
+    half = t975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return Ratio(math.exp(mean), math.exp(mean - half), math.exp(mean + half), len(logs))
+
+
+def at_least(r: Ratio, target: float, floor: float = 1.0) -> str:
+    """A speed-up of at least ``target``: holds when the CI's lower end reaches it, does
+    not hold when its upper end stays below ``floor`` (no better than ``floor``)."""
+    if not r.has_interval:
+        return INCONCLUSIVE
+    if r.low >= target:
+        return HOLDS
+    return FAILS if r.high < floor else INCONCLUSIVE
 
 
 def on_par(diff: PairedDiff, margin: float) -> str:

@@ -31,6 +31,7 @@ import torch
 from .. import __version__
 from .config import ConfigError, ModelSpec, RunSpec, TrainConfig
 from .data import DataError, load_corpus
+from .memory import SCALE_MODELS, state_at_scale
 from .rundir import remove_stale_temporaries, write_json
 from .parallel import DataParallel
 from .train import train_run
@@ -39,6 +40,8 @@ __all__ = ["TaskSpec", "PRESETS", "LRS", "get_task", "run_task", "environment"]
 
 # Winners of `leanopt bench sweep` (see README, "How the learning rates were chosen").
 LRS: dict[str, float] = {
+    "adam-mini-async": 4e-3,
+    "sgd-sai-async": 2.0,
     "adamw": 2e-3,
     "adam-mini": 2e-3,
     "sgd-sai": 2.0,
@@ -49,7 +52,8 @@ LRS: dict[str, float] = {
 }
 # the sweep grid: factors of two around a family default (SGD-SaI's momentum is an EMA,
 # so its lr is ~1/(1-μ) = 10x that of torch's undampened SGD momentum)
-SWEEP_CENTER = {"adamw": 4e-3, "adam-mini": 4e-3, "alpha-adam": 4e-3, "cadamw": 4e-3, "lion": 1.6e-3, "sgd-sai": 1.0, "sgd": 0.2}
+SWEEP_CENTER = {"adamw": 4e-3, "adam-mini": 4e-3, "alpha-adam": 4e-3, "cadamw": 4e-3, "lion": 1.6e-3, "sgd-sai": 1.0, "sgd": 0.2,
+                "adam-mini-async": 4e-3, "sgd-sai-async": 1.0}
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 FINETUNE_LR_FACTOR = 0.3
 DECAY = 2e-4  # lr·wd: the decoupled weight decay's strength per step at peak lr, for every optimizer
@@ -69,6 +73,8 @@ class TaskSpec:
     claims: tuple[str, ...] = ()
     base: tuple[TrainConfig, RunSpec] | None = None  # pre-training whose model the runs start from
     kind: str = "pretrain"  # pretrain | finetune | robustness | sweep
+    scale_models: tuple[str, ...] = SCALE_MODELS  # models whose state bytes the report adds (bench/memory.py)
+    minutes: float = 0.0  # measured wall time of the whole preset on 2 CPU cores (0: short or unmeasured)
 
     def validate(self) -> None:
         self.train.validate()
@@ -93,18 +99,27 @@ def _seeded(runs: list[RunSpec], seeds: tuple[int, ...]) -> tuple[RunSpec, ...]:
     return tuple(replace(r, seed=s) for r in runs for s in seeds)
 
 
+# runs that are an optimizer with arguments: label -> (optimizer, arguments, whose lr)
+VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "alpha-adam-sync": ("alpha-adam", {"mask": "sync"}, "alpha-adam"),
+    "adamw-pma-k1": ("adamw-pma", {"period": 1, "betas": (0.9, 0.999)}, "adamw"),
+    # leanopt's own combinations: the memory-saving optimizers with AlphaAdam's mask
+    "adam-mini-async": ("adam-mini", {"mask": "async"}, "adam-mini-async"),
+    "sgd-sai-async": ("sgd-sai", {"mask": "async"}, "sgd-sai-async"),
+}
+
+
+def _run(label: str, lr: float | None = None, group: str = "") -> RunSpec:
+    """The run ``label`` (an optimizer or a :data:`VARIANTS` entry) at ``lr`` (default:
+    its preset lr), with the common weight-decay strength."""
+    optimizer, extra, lr_of = VARIANTS.get(label, (label, {}, label))
+    lr = LRS[lr_of] if lr is None else lr
+    name = f"{label}-lr{lr:.3g}" if group else label
+    return RunSpec(name, optimizer, lr, {**_opt_kwargs(optimizer, lr), **extra}, group=group)
+
+
 def _pretrain_runs(names: list[str]) -> list[RunSpec]:
-    runs = []
-    for n in names:
-        if n == "alpha-adam-sync":
-            lr = LRS["alpha-adam"]
-            runs.append(RunSpec("alpha-adam-sync", "alpha-adam", lr, {**_opt_kwargs("alpha-adam", lr), "mask": "sync"}))
-        elif n == "adamw-pma-k1":
-            lr = LRS["adamw"]
-            runs.append(RunSpec("adamw-pma-k1", "adamw-pma", lr, {**_opt_kwargs("adamw", lr), "period": 1, "betas": (0.9, 0.999)}))
-        else:
-            runs.append(RunSpec(n, n, LRS[n], _opt_kwargs(n, LRS[n])))
-    return runs
+    return [_run(n) for n in names]
 
 
 def _pma_pair_runs(base: str, pma: str, k: int, lr: float, variants: tuple[str, ...] = ("paper",)) -> list[RunSpec]:
@@ -131,30 +146,56 @@ def _robustness_runs() -> list[RunSpec]:
     return runs
 
 
-def _sweep_runs() -> list[RunSpec]:
-    return [
-        RunSpec(f"{n}-lr{SWEEP_CENTER[n] * f:.3g}", n, SWEEP_CENTER[n] * f, _opt_kwargs(n, SWEEP_CENTER[n] * f), group=n)
-        for n in SWEEP_CENTER
-        for f in SWEEP_FACTORS
-    ]
+def _sweep_runs(centers: dict[str, float], factors: tuple[float, ...]) -> list[RunSpec]:
+    return [_run(n, centers[n] * f, group=n) for n in centers for f in factors]
+
+
+SWEEP_MAX_RUNS = 9  # lrs per optimizer at most, edge extensions included
+
+
+def sweep_extension(runs: list[RunSpec], summaries: list[dict[str, Any]]) -> list[RunSpec]:
+    """The next runs of a sweep: for each optimizer whose best lr lies at an edge of its
+    grid, the lr one factor of two beyond it (until the winner is inside the grid)."""
+    extra = []
+    by_group: dict[str, list[tuple[RunSpec, dict]]] = {}
+    for r, s in zip(runs, summaries):
+        by_group.setdefault(r.group_name, []).append((r, s))
+    for group, pairs in by_group.items():
+        pairs.sort(key=lambda p: p[0].lr)
+        finite = [p for p in pairs if p[1]["final_val"] == p[1]["final_val"] and abs(p[1]["final_val"]) != float("inf")]
+        if not finite or len(pairs) >= SWEEP_MAX_RUNS:
+            continue
+        best = min(finite, key=lambda p: p[1]["final_val"])[0]
+        if best is pairs[0][0]:
+            lr = best.lr / 2
+        elif best is pairs[-1][0]:
+            lr = best.lr * 2
+        else:
+            continue
+        extra.append(replace(_run(group, lr, group=group), seed=best.seed))
+    return extra
 
 
 def _base(train: TrainConfig, lr: float) -> tuple[TrainConfig, RunSpec]:
     return train, RunSpec("base-adamw", "adamw", lr, {"weight_decay": DECAY / lr})
 
 
-def _finetune_task(name: str, model: ModelSpec, base_micro: int, micro: int, batch: int, seq: int, device: str = "cpu", bf16: bool = False) -> TaskSpec:
+def _finetune_task(name: str, model: ModelSpec, base_micro: int, micro: int, batch: int, seq: int, device: str = "cpu",
+                   bf16: bool = False, minutes: float = 0.0) -> TaskSpec:
     base_train = TrainConfig("python", model, seq_len=seq, micro_batch=16 if device == "cpu" else 32, micro_steps=base_micro,
                              eval_every=base_micro // 10, device=device, bf16=bf16)
-    ft = TrainConfig("shakespeare", model, seq_len=seq, micro_batch=batch, micro_steps=micro, eval_every=16, eval_batches=16,
+    # eval_every: 25 validations, a multiple of both K
+    ft = TrainConfig("shakespeare", model, seq_len=seq, micro_batch=batch, micro_steps=micro, eval_every=micro // 25,
+                     eval_batches=16,
                      warmup_frac=0.0, device=device, bf16=bf16, init_from="base")
     runs = []
     for k in (4, 8):
         runs += _pma_pair_runs("adamw", "adamw-pma", k, LRS["adamw"] * FINETUNE_LR_FACTOR, ("paper", "released"))
         runs += _pma_pair_runs("lion", "lion-pma", k, LRS["lion"] * FINETUNE_LR_FACTOR, ("paper", "released"))
     return TaskSpec(name, "PMA's claim: fine-tune a model pre-trained on Python code on Shakespeare; K-step accumulation "
-                    "against PMA with period K, same micro-batches", ft, _seeded(runs, (0, 1)), ("pma-speedup",),
-                    base=_base(base_train, LRS["adamw"]), kind="finetune")
+                    f"against PMA with period K, same micro-batches ({micro // 8} optimizer steps at K = 8)", ft,
+                    _seeded(runs, (0, 1)), ("pma-speedup",), base=_base(base_train, LRS["adamw"]), kind="finetune",
+                    minutes=minutes)
 
 
 PRESETS: dict[str, TaskSpec] = {}
@@ -164,32 +205,50 @@ def _add(task: TaskSpec) -> None:
     PRESETS[task.name] = task
 
 
+PRETRAIN = ["adamw", "adam-mini", "sgd-sai", "alpha-adam", "alpha-adam-sync", "cadamw", "lion", "adamw-pma-k1",
+            "adam-mini-async", "sgd-sai-async"]
+PRETRAIN_CLAIMS = ("adam-mini-loss", "adam-mini-memory", "sgd-sai-loss", "sgd-sai-memory", "sgd-sai-speed", "alpha-adam-early",
+                   "alpha-adam-async", "pma-k1", "adam-mini-async", "sgd-sai-async")
+# 1 200 optimizer steps of 16 x 128 = 2 048 tokens (2.5 M tokens, 1.3 tokens per parameter), 30 validations
+PRETRAIN_TRAIN = TrainConfig("python", DEMO_MODEL, seq_len=128, micro_batch=16, micro_steps=1200, eval_every=40, eval_batches=8)
+
 _add(TaskSpec(
     "smoke", "a seconds-long run of every code path, for the tests",
     TrainConfig("python", SMOKE_MODEL, seq_len=32, micro_batch=4, micro_steps=16, eval_every=4, eval_batches=2),
     _seeded(_pretrain_runs(["adamw"]), (0, 1)) + tuple(_pretrain_runs(["adam-mini", "sgd-sai", "alpha-adam", "adamw-pma-k1"]))
     + tuple(_pma_pair_runs("adamw", "adamw-pma", 2, LRS["adamw"])),
     ("adam-mini-loss", "adam-mini-memory", "sgd-sai-loss", "sgd-sai-memory", "sgd-sai-speed", "alpha-adam-early",
-     "pma-k1", "pma-speedup"),
+     "pma-k1", "pma-speedup"), scale_models=("tiny",),
 ))
 _add(TaskSpec(
     "quick", "what `./run demo` runs: AdamW (2 seeds), Adam-mini, SGD-SaI, AlphaAdam and AdamW-PMA (K=1, and K=4 "
-    "against 4-step accumulation) on Python source, a 1.1M-parameter GPT, ~4 minutes on 2 cores",
-    TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=240, eval_every=20, eval_batches=8),
-    _seeded(_pretrain_runs(["adamw"]), (0, 1)) + tuple(_pretrain_runs(["adam-mini", "sgd-sai", "alpha-adam", "adamw-pma-k1"]))
-    + tuple(_pma_pair_runs("adamw", "adamw-pma", 4, LRS["adamw"])),
+    "against 4-step accumulation) on Python source, a 1.1M-parameter GPT",
+    TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=240, eval_every=12, eval_batches=8),
+    _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam", "adamw-pma-k1"]), (0, 1))
+    + _seeded(_pma_pair_runs("adamw", "adamw-pma", 4, LRS["adamw"]), (0, 1)),
     ("adam-mini-loss", "adam-mini-memory", "sgd-sai-loss", "sgd-sai-memory", "sgd-sai-speed", "alpha-adam-early",
-     "pma-k1", "pma-speedup"),
+     "pma-k1", "pma-speedup"), minutes=6,
 ))
 _add(TaskSpec(
-    "pretrain", "pre-training on Python source: AdamW, Adam-mini, SGD-SaI, AlphaAdam (async and sync mask), C-AdamW, "
-    "Lion and AdamW-PMA with K=1, 2 seeds each, the 1.8M-parameter demo GPT",
-    TrainConfig("python", DEMO_MODEL, seq_len=128, micro_batch=16, micro_steps=400, eval_every=20, eval_batches=8),
-    _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam", "alpha-adam-sync", "cadamw", "lion", "adamw-pma-k1"]), (0, 1)),
-    ("adam-mini-loss", "adam-mini-memory", "sgd-sai-loss", "sgd-sai-memory", "sgd-sai-speed", "alpha-adam-early",
-     "alpha-adam-async", "pma-k1"),
+    "pretrain", "pre-training on Python source, 1 200 steps of 2 048 tokens: AdamW, Adam-mini, SGD-SaI, AlphaAdam (async "
+    "and sync mask), C-AdamW, Lion, AdamW-PMA with K=1, and Adam-mini and SGD-SaI with the asynchronous mask; 3 seeds each, "
+    "the 1.8M-parameter demo GPT",
+    PRETRAIN_TRAIN, _seeded(_pretrain_runs(PRETRAIN), (0, 1, 2)), PRETRAIN_CLAIMS, minutes=150,
 ))
-_add(_finetune_task("finetune", DEMO_MODEL, base_micro=400, micro=320, batch=8, seq=128))
+_add(TaskSpec(
+    "pretrain-long", "pretrain's model and data for 5x the tokens (6 000 steps, 12.3 M tokens): AdamW, Adam-mini, "
+    "AlphaAdam and SGD-SaI, 2 seeds, to see whether each gap to AdamW shrinks or grows with training length",
+    PRETRAIN_TRAIN.with_(micro_steps=6000, eval_every=200),
+    _seeded(_pretrain_runs(["adamw", "adam-mini", "alpha-adam", "sgd-sai"]), (0, 1)),
+    ("adam-mini-loss", "sgd-sai-loss", "alpha-adam-early"), minutes=200,
+))
+_add(TaskSpec(
+    "sweep-pretrain", "the learning-rate sweep at pretrain's own horizon: each optimizer at its preset lr x 1/2, 1, 2, "
+    "one seed, extended by factors of two until the winner is inside the grid",
+    PRETRAIN_TRAIN,
+    tuple(_sweep_runs({n: LRS[n] for n in PRETRAIN if n in LRS}, (0.5, 1.0, 2.0))), (), kind="sweep", minutes=150,
+))
+_add(_finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128))
 _add(TaskSpec(
     "robustness", "SGD-SaI's claim: a learning-rate x weight-decay grid (lr x 1/9..9, weight decay x 0, 1, 10) for SGD-SaI, "
     "AdamW, SGD-momentum and Adam-mini on a short pre-training",
@@ -200,14 +259,13 @@ _add(TaskSpec(
     "sweep", "the learning-rate sweep behind every preset's lr: each optimizer at lr x 1/4..4 around its family "
     "default, 100 steps of the quick pre-training; the best final val loss wins",
     TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=100, eval_every=20, eval_batches=8),
-    tuple(_sweep_runs()), (), kind="sweep",
+    tuple(_sweep_runs(SWEEP_CENTER, SWEEP_FACTORS)), (), kind="sweep",
 ))
 _add(TaskSpec(
     "pretrain-gpu", "pretrain on a GPU: a GPT-2-small-sized model (124M), bf16 autocast, seq 512",
     TrainConfig("python", GPU_MODEL, seq_len=512, micro_batch=32, micro_steps=2000, eval_every=100, eval_batches=16,
                 bf16=True, device="cuda"),
-    _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam", "alpha-adam-sync", "cadamw", "lion", "adamw-pma-k1"]), (0, 1)),
-    PRESETS["pretrain"].claims,
+    _seeded(_pretrain_runs(PRETRAIN), (0, 1, 2)), PRETRAIN_CLAIMS,
 ))
 _add(TaskSpec(
     "gpu-check", "a short GPU pre-training for scripts/gpu-check: the 124M model, bf16 autocast, seq 512, 300 micro-batches, "
@@ -216,7 +274,7 @@ _add(TaskSpec(
                 bf16=True, device="cuda"),
     _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam", "lion"]), (0,)),
 ))
-_add(_finetune_task("finetune-gpu", GPU_MODEL, base_micro=2000, micro=640, batch=16, seq=512, device="cuda", bf16=True))
+_add(_finetune_task("finetune-gpu", GPU_MODEL, base_micro=2000, micro=1600, batch=16, seq=512, device="cuda", bf16=True))
 
 
 def get_task(
@@ -275,6 +333,10 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
+def _duration(minutes: float) -> str:
+    return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
 def run_task(
     task: TaskSpec,
     out_dir: str | Path,
@@ -319,19 +381,27 @@ def run_task(
                   log=log)
         init_state = torch.load(cache / "model.pt", weights_only=True)
 
-    summaries = []
-    iterator = task.runs
+    if task.minutes:
+        log(f"[{task.name}] {len(task.runs)} runs, about {_duration(task.minutes)} on 2 CPU cores "
+            "(finished runs are kept: an interrupted invocation resumes where it stopped)")
+    runs, summaries = list(task.runs), []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(task.runs), desc=f"{task.name}", unit="run", dynamic_ncols=True)
-    for run in iterator:
-        summaries.append(train_run(task_dir / "runs" / run.key, task.train, run, corpus, init_state=init_state,
-                                   progress=progress, stop_after=stop_after, dp=dp, overwrite=overwrite, log=log))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(last=f"{run.key} {summaries[-1]['final_val']:.3f}", refresh=False)
+        bar = tqdm(total=len(runs), desc=f"{task.name}", unit="run", dynamic_ncols=True)
+    while len(summaries) < len(runs):
+        for run in runs[len(summaries):]:
+            summaries.append(train_run(task_dir / "runs" / run.key, task.train, run, corpus, init_state=init_state,
+                                       progress=progress, stop_after=stop_after, dp=dp, overwrite=overwrite, log=log))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(last=f"{run.key} {summaries[-1]['final_val']:.3f}", refresh=False)
+        if task.kind == "sweep":  # a winner at an edge of its grid: one more lr beyond it
+            extra = sweep_extension(runs, summaries)
+            runs += extra
+            if bar is not None:
+                bar.total += len(extra)
     if bar is not None:
         bar.close()
     summary = {
@@ -346,6 +416,10 @@ def run_task(
         "runs": summaries,
         "wall_s": time.perf_counter() - t0,
     }
+    if task.kind in ("pretrain", "finetune") and dp.is_main:
+        firsts = {r.label: r for r in task.runs}
+        summary["memory_at_scale"] = state_at_scale([(r.label, r.optimizer, r.kwargs) for r in firsts.values()],
+                                                    task.scale_models)
     if not dp.is_main:
         return task_dir / "report.md"
     write_json(task_dir / "summary.json", summary)

@@ -296,8 +296,11 @@ def _position(s: _Session) -> dict[str, int]:
             "tokens": micro * s.train.micro_batch * s.train.seq_len}
 
 
-def _record_val(s: _Session) -> None:
-    s.metrics.append({"kind": "val", **_position(s), "loss": evaluate(s.net, s.val, s.device, s.train.bf16, s.dp)})
+def _record_val(s: _Session, wall: float) -> None:
+    """A validation point; ``wall``: the run's seconds so far (training and validations,
+    across resumes), so that a loss can be placed in time as well as in tokens."""
+    s.metrics.append({"kind": "val", **_position(s), "loss": evaluate(s.net, s.val, s.device, s.train.bf16, s.dp),
+                      "wall_s": wall})
 
 
 def _loop(s: _Session, *, progress: bool, stop_after: int | None) -> float:
@@ -310,11 +313,13 @@ def _loop(s: _Session, *, progress: bool, stop_after: int | None) -> float:
 
         bar = tqdm(total=s.steps, initial=s.step, desc=run.key, unit="step", leave=False, dynamic_ncols=True)
     t_start = time.perf_counter()
+    elapsed = lambda: s.wall_before + time.perf_counter() - t_start  # noqa: E731
     if s.step == 0:
-        _record_val(s)
+        _record_val(s, 0.0)
     ckpt_every = train.checkpoint_every or train.eval_every
     s.model.train()
     while s.step < s.steps:
+        t_step = time.perf_counter()
         s.opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for k in range(run.accum):
@@ -331,20 +336,22 @@ def _loop(s: _Session, *, progress: bool, stop_after: int | None) -> float:
         s.opt.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        opt_ms = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        opt_ms, step_ms = (t1 - t0) * 1000, (t1 - t_step) * 1000
         lr = s.opt.param_groups[0]["lr"]
         s.sched.step()
         s.step += 1
-        s.metrics.append({"kind": "train", **_position(s), "lr": lr, "loss": loss_sum / run.accum, "opt_ms": opt_ms})
+        s.metrics.append({"kind": "train", **_position(s), "lr": lr, "loss": loss_sum / run.accum, "opt_ms": opt_ms,
+                          "step_ms": step_ms})
         micro = s.metrics[-1]["micro"]
         if not math.isfinite(loss_sum):
             # diverged: nothing more to learn from this run (a grid has many such)
             s.metrics[-1]["diverged"] = True
             break
         if micro % train.eval_every == 0 or s.step == s.steps:
-            _record_val(s)
+            _record_val(s, elapsed())
         if micro % ckpt_every == 0 or s.step == s.steps:
-            _checkpoint(s, s.wall_before + time.perf_counter() - t_start)
+            _checkpoint(s, elapsed())
             if stop_after is not None and micro >= stop_after and s.step < s.steps:
                 raise Interrupted(f"stopped after {micro} micro-batches")
         if bar is not None:
@@ -352,14 +359,17 @@ def _loop(s: _Session, *, progress: bool, stop_after: int | None) -> float:
             bar.set_postfix(loss=f"{loss_sum / run.accum:.3f}", refresh=False)
     if bar is not None:
         bar.close()
-    return s.wall_before + time.perf_counter() - t_start
+    return elapsed()
 
 
 def _summary(s: _Session, wall: float) -> dict[str, Any]:
     train, run, metrics = s.train, s.run, s.metrics
     vals = [m for m in metrics if m["kind"] == "val"]
     diverged = any(m.get("diverged") for m in metrics) or not math.isfinite(vals[-1]["loss"])
-    times = [m["opt_ms"] for m in metrics if m["kind"] == "train"][3:] or [m["opt_ms"] for m in metrics if m["kind"] == "train"]
+    steps = [m for m in metrics if m["kind"] == "train"]
+    steps = steps[3:] or steps  # the first steps allocate the state and warm the caches
+    times = [m["opt_ms"] for m in steps]
+    step_ms = statistics.median(m.get("step_ms", math.nan) for m in steps)
     params = list(s.model.parameters())
     return {
         "fingerprint": s.fp,
@@ -377,7 +387,8 @@ def _summary(s: _Session, wall: float) -> dict[str, Any]:
         "tokens": train.micro_steps * train.micro_batch * train.seq_len,
         "final_val": float("nan") if diverged else vals[-1]["loss"],
         "best_val": min(v["loss"] for v in vals),
-        "val_curve": [[v["samples"], v["tokens"], v["loss"]] for v in vals],
+        # [samples, tokens, loss, wall seconds] per validation
+        "val_curve": [[v["samples"], v["tokens"], v["loss"], v.get("wall_s", math.nan)] for v in vals],
         "diverged": diverged,
         "n_params": sum(p.numel() for p in params),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
@@ -390,6 +401,9 @@ def _summary(s: _Session, wall: float) -> dict[str, Any]:
         "opt_step_ms": statistics.median(times),
         "opt_step_ms_p10": float(np.percentile(times, 10)),
         "opt_step_ms_p90": float(np.percentile(times, 90)),
+        "step_ms": step_ms,  # median training step: forward, backward and optimizer
+        "opt_share": statistics.median(times) / step_ms,
+        "tokens_per_s": run.accum * train.micro_batch * train.seq_len / (step_ms / 1000),
         "wall_s": wall,
         "train": asdict(train),
     }
