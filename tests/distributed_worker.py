@@ -31,18 +31,27 @@ from helpers import batch, tiny_model  # noqa: E402
 from test_battery import CASES  # noqa: E402
 
 STEPS = 10
-GLOBAL_BATCH = 8
+GLOBAL_BATCH = 12  # divides by 1, 2, 3 and 4 data-parallel ranks
 # 3 heads of 8 rows and 24-element norms: split 12/12 over two ranks, the middle head
 # and every norm block straddle the shards. float64, so that comparisons see the math and
 # not the order of float32 gradient reductions (torch's own AdamW differs by 1.7e-5 after
 # 10 float32 steps under FSDP2)
 STRADDLING = dict(dim=24, n_heads=3, n_kv_heads=3, dtype=torch.float64)
+# dimensions that do not divide by 2 or 3 ranks: a 97-token vocabulary (tied embeddings), 5 query
+# heads of 4 rows over 1 key/value head (20 rows: 10/10 and 7/7/6, heads straddle; the key
+# projection's 4 rows leave the third rank empty), an MLP of 45 neurons
+UNEVEN = dict(vocab_size=97, dim=20, n_heads=5, n_kv_heads=1, mlp_hidden=45, tie_embeddings=True, dtype=torch.float64)
+# tensor parallelism splits heads and neurons evenly over 2 ranks; FSDP's dim 0 stays uneven (97)
+TP_MODEL = dict(vocab_size=97, dim=24, n_heads=4, n_kv_heads=2, mlp_hidden=46, tie_embeddings=True, dtype=torch.float64)
 DCP_OPTIMIZERS = ["adam-mini", "sgd-sai", "alpha-adam", "adamw-pma", "lion-pma"]
 FSDP_UNSUPPORTED = {"adafactor"}  # torch.optim.Adafactor itself fails on DTensor parameters
 # the mask component (whole-tensor sums) on optimizers whose default leaves it off
 VARIANTS = {"adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}), "sgd-sai+mask": ("sgd-sai", {"mask": "async"}),
-            "lion+mask": ("lion", {"mask": "sync"})}
+            "lion+mask": ("lion", {"mask": "sync"}), "sgd-sai-released": ("sgd-sai", {"variant": "released"}),
+            # adam-mini's own call form (parameter names with dim / n_heads) and its name rules given the model
+            "adam-mini-names": ("adam-mini", {"named": True}), "adam-mini-partition-names": ("adam-mini", {"partition": "names"})}
 RUNS = leanopt.list_optimizers() + list(VARIANTS)
+SHARDED_RUNS = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")]  # torch's own: not ours to test
 # a NaN at the first step after two clean ones, in a row of the second rank that belongs to a head
 # straddling the shards (rows 8-15 of 24): Adam-mini's block sum and the mask's sums cross ranks
 NONFINITE = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")]
@@ -51,25 +60,66 @@ BAD_PARAM, BAD_ELEMENT, BAD_STEP = "layers.0.self_attn.k_proj.weight", (13, 3), 
 
 
 def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, **overrides):
+    """The model of ``overrides``, wrapped by ``wrap`` ("ddp", "fsdp", "tp": tensor parallel
+    attention and MLP, "2d": TP inside FSDP2 on a (world/2, 2) mesh, or none), and its optimizer."""
     name, extra = VARIANTS.get(run, (run, {}))
     extra = {**extra, **(opt_kw or {})}
+    named = extra.pop("named", False)
     model = tiny_model(**overrides)
     if wrap == "ddp" and world > 1:
         wrapped = DDP(model)
-    elif wrap == "fsdp":
+    elif wrap in ("fsdp", "tp", "2d"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        wrapped = fully_shard(model, mesh=mesh)
+        if wrap == "2d":
+            mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+            dp, tp = mesh["dp"], mesh["tp"]
+        else:
+            dp = tp = init_device_mesh("cpu", (world,))
+        if wrap != "fsdp":
+            tensor_parallel(model, tp)
+        if wrap != "tp":
+            for block in model.layers:
+                fully_shard(block, mesh=dp)
+            fully_shard(model, mesh=dp)
+        wrapped = model
     else:
         wrapped = model
+    cfg = model.config
+    if extra.get("partition") == "names" or named:
+        extra.update(dim=cfg.dim, n_heads=cfg.n_heads, n_kv_heads=cfg.resolved_kv_heads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = leanopt.create_optimizer(name, wrapped, lr=CASES[name].lr, **CASES[name].kwargs, **extra)
+        if named:
+            opt = leanopt.AdamMini(wrapped.named_parameters(), lr=CASES[name].lr, **CASES[name].kwargs, **extra)
+        else:
+            opt = leanopt.create_optimizer(name, wrapped, lr=CASES[name].lr, **CASES[name].kwargs, **extra)
     return model, wrapped, opt
+
+
+def tensor_parallel(model, mesh) -> None:
+    """Megatron-style: q/k/v and gate/up column-wise (Shard(0) weights), o and down row-wise
+    (Shard(1): every output neuron's row straddles the ranks); each rank runs its heads."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    for block in model.layers:
+        parallelize_module(block, mesh, plan)
+        block.self_attn.n_heads //= mesh.size()
+        block.self_attn.n_kv_heads //= mesh.size()
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            replicate(norm, mesh)
+
+
+def replicate(module, mesh) -> None:
+    """``module``'s parameters as Replicate() DTensors over ``mesh``, its activations plain."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    distribute_module(module, mesh, input_fn=lambda mod, inputs, m: tuple(DTensor.from_local(x, m, [Replicate()]) for x in inputs),
+                      output_fn=lambda mod, out, m: out.to_local())
 
 
 def run_steps(wrapped, opt, steps, rank, world, first=0, inject=None) -> int:
@@ -77,7 +127,7 @@ def run_steps(wrapped, opt, steps, rank, world, first=0, inject=None) -> int:
     runs after each backward."""
     from torch.distributed.tensor.debug import CommDebugMode
 
-    share = GLOBAL_BATCH // world
+    share = GLOBAL_BATCH // world  # world, rank: of the data-parallel dimension
     for step in range(first, first + steps):
         x, y = batch(step, size=GLOBAL_BATCH)
         opt.zero_grad(set_to_none=True)
@@ -156,7 +206,24 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        if mode == "dcp":
+        if mode in ("uneven", "tp", "2d"):
+            wrap, model_kw = ("fsdp", UNEVEN) if mode == "uneven" else (mode, TP_MODEL)
+            dp_rank, dp_world = {"uneven": (rank, world), "tp": (0, 1), "2d": (rank // 2, world // 2)}[mode]
+            sizes = {}
+            for name in SHARDED_RUNS:
+                model, wrapped, opt = build(name, wrap, world, **model_kw)
+                if rank == 0 and name == SHARDED_RUNS[0]:  # what the layouts really were
+                    with open(os.path.join(out, "placements.json"), "w") as f:
+                        json.dump({n: [repr(pl) for pl in p.placements] if hasattr(p, "placements") else None
+                                   for n, p in model.named_parameters()}, f)
+                run_steps(wrapped, opt, STEPS, dp_rank, dp_world)
+                state = full_state(model)
+                sizes[name] = state_bytes(opt)
+                if rank == 0:
+                    torch.save(state, os.path.join(out, f"{name}.pt"))
+            with open(os.path.join(out, f"state_bytes_rank{rank}.json"), "w") as f:
+                json.dump(sizes, f)
+        elif mode == "dcp":
             ckpt_in, ckpt_out = (sys.argv[6] or None), (sys.argv[7] or None)
             for name in DCP_OPTIMIZERS:
                 dcp_round(name, rank, world, ckpt_in, ckpt_out, out)

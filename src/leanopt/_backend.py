@@ -13,11 +13,18 @@ records, ...), called as ``fn(*columns, **options)``:
 ``fused`` (a hyperparameter of every leanopt optimizer) chooses, per tensor:
 
 * ``None`` (default): the fastest correct path: native where the family's C kernel takes
-  the tensor, compiled on CUDA, eager elsewhere (float64, DTensor shards, non-contiguous
-  tensors, a machine where the C kernels cannot be built -- warned once, with the cause);
+  the tensor, compiled on CUDA, eager elsewhere (float64, non-contiguous tensors, a shard
+  whose step needs a statistic across shards, a machine where the C kernels cannot be
+  built -- warned once, with the cause);
 * ``True``: a fast kernel for every tensor, native where it can, compiled otherwise; a
-  tensor no kernel takes (a DTensor, a non-contiguous view) is an error naming it;
+  tensor no kernel takes (a non-contiguous view, such a shard) is an error naming it;
 * ``False``: the eager reference, everywhere.
+
+Sharded parameters (DTensors: FSDP2, tensor parallelism, both) are stepped as their local
+tensors: every backend sees plain tensors. A step that is elementwise runs on any backend;
+one with a statistic across elements (Adam-mini's blocks, the mask's sums) runs eager, with
+``pieces`` (:class:`leanopt._distributed.Piece`, one per tensor, None for a plain one)
+telling it which elements it holds and which process groups hold the rest.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Any
 from torch import Tensor
 
 from . import _native
-from ._distributed import is_dtensor
+from ._distributed import Piece, is_dtensor, local, piece_of
 
 __all__ = ["Backends", "EAGER", "COMPILED", "NATIVE", "route"]
 
@@ -50,28 +57,26 @@ class Backends:
     compiled: Callable[..., None]
     native: Callable[..., None] | None = None
     native_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
-
-
-def _kernel_ready(tensors: Sequence[Tensor]) -> bool:
-    """Whether a kernel can take these tensors as flat memory: plain, contiguous tensors
-    (DTensor shards take the eager path until the sharded kernels exist)."""
-    return all(t.is_contiguous() and not is_dtensor(t) for t in tensors)
+    # whether the step with these options is elementwise (a shard then takes any backend)
+    elementwise: Callable[[dict[str, Any]], bool] | None = None
 
 
 def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backends, options: dict[str, Any],
-          name_of: Callable[[int], str]) -> dict[str, list[int]]:
+          name_of: Callable[[int], str], pieces: list[Piece | None] | None) -> dict[str, list[int]]:
     plan: dict[str, list[int]] = {EAGER: [], COMPILED: [], NATIVE: []}
     if fused is False:
         plan[EAGER] = list(range(len(columns[0])))
         return plan
+    elementwise = backends.elementwise is not None and backends.elementwise(options)
     for i in range(len(columns[0])):
         row = [col[i] for col in columns]
         tensors = [t for t in row[:backends.streams] if t is not None]
-        if not _kernel_ready(tensors):
+        cross_shard = pieces is not None and pieces[i] is not None and bool(pieces[i].groups) and not elementwise
+        if cross_shard or not all(t.is_contiguous() for t in tensors):
             if fused:
                 p = tensors[0]
-                what = "a DTensor (sharded parameters take the eager path for now)" if is_dtensor(p) else (
-                    "not contiguous in memory" if not p.is_contiguous() else "held in a non-contiguous state tensor")
+                what = ("a shard of a sharded tensor whose step takes a statistic across the shards" if cross_shard else
+                        "not contiguous in memory" if not p.is_contiguous() else "held in a non-contiguous state tensor")
                 raise ValueError(f"fused=True: no fast kernel takes parameter {name_of(i)!r}: it is {what}; "
                                  f"use fused=None (the default) to run such tensors on the eager path")
             plan[EAGER].append(i)
@@ -93,11 +98,16 @@ def route(backends: Backends, fused: bool | None, columns: Sequence[Sequence[Any
     """Run one step of a family: each tensor (index of the columns) on the backend
     ``fused`` chooses for it (module docstring); returns how many tensors each took.
     ``name_of(i)``: the name of tensor ``i``'s parameter, for errors."""
-    plan = _plan(fused, columns, backends, options, name_of)
+    pieces = None
+    if any(is_dtensor(p) for p in columns[0]):
+        pieces = [piece_of(p, name_of(i)) for i, p in enumerate(columns[0])]
+        columns = [[local(t) if isinstance(t, Tensor) else t for t in col] for col in columns]
+    plan = _plan(fused, columns, backends, options, name_of, pieces)
     run = {EAGER: backends.eager, COMPILED: backends.compiled, NATIVE: backends.native}
     for backend in (NATIVE, COMPILED, EAGER):
         idx = plan[backend]
         if idx:
             whole = len(idx) == len(columns[0])
-            run[backend](*(col if whole else [col[i] for i in idx] for col in columns), **options)
+            extra = {"pieces": [pieces[i] for i in idx]} if backend == EAGER and pieces is not None else {}
+            run[backend](*(col if whole else [col[i] for i in idx] for col in columns), **options, **extra)
     return {b: len(i) for b, i in plan.items() if i}

@@ -12,6 +12,7 @@ DTensor.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import NamedTuple
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Shard", "is_dtensor", "row_shard", "all_reduce_sums", "all_finite", "batched_reductions", "reduce_later"]
+__all__ = ["Piece", "piece_of", "local", "is_dtensor", "all_reduce_sums", "all_finite", "batched_reductions", "reduce_later"]
 
 
 def _dtensor_cls():
@@ -35,66 +36,119 @@ def is_dtensor(t: object) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-class Shard(NamedTuple):
-    local: Tensor  # this rank's elements (a view sharing the parameter's storage)
-    flat_offset: int  # index of its first element in the full, row-major tensor
-    group: object  # the process group to reduce over
+class Piece(NamedTuple):
+    """This process's part of a DTensor, in the terms every statistic needs: which
+    elements of the whole tensor it holds and which process groups hold the rest.
+
+    The local tensor is the product of one set of global indices per dimension
+    (``index[d]``: a 1-D tensor of positions along dim ``d``, or None for all of them):
+    contiguous for ``Shard(d)``, even when the split is uneven (``torch.chunk``: the last
+    ranks get fewer rows, or none), strided for FSDP2's ``_StridedShard`` over a TP shard.
+    A partial sum over the local elements becomes the whole tensor's sum when it is added
+    over every group of ``groups`` (one per mesh dimension that splits the tensor; a
+    ``Replicate`` dimension holds copies and adds nothing)."""
+
+    shape: tuple[int, ...]  # the whole tensor's
+    index: tuple[Tensor | None, ...]
+    groups: tuple[object, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
-def row_shard(t: Tensor) -> Shard | None:
-    """This rank's part of a DTensor sharded along dim 0 (FSDP2's layout); None for a
-    plain tensor. Other placements are rejected with an explanation."""
-    DTensor = _dtensor_cls()
-    if DTensor is None or not isinstance(t, DTensor):
+def piece_of(t: Tensor, name: str = "a parameter") -> Piece | None:
+    """The :class:`Piece` of a DTensor; None for a plain tensor. Placements other than
+    ``Shard``/``_StridedShard``/``Replicate`` (a ``Partial`` parameter, whose local values
+    are not its values) raise a ValueError naming ``name``."""
+    if not is_dtensor(t):
         return None
+    key = (tuple(t.shape), tuple(t.placements), t.device_mesh)
+    if key not in _PIECES:
+        _PIECES[key] = _piece(key[0], key[2], key[1], name)
+    return _PIECES[key]
+
+
+_PIECES: dict[tuple, Piece] = {}  # a parameter's piece does not change between steps
+
+
+def _piece(shape: tuple[int, ...], mesh, placements: tuple, name: str) -> Piece:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor import Shard as ShardPlacement
+    from torch.distributed.tensor.placement_types import _StridedShard
 
-    mesh, placements = t.device_mesh, t.placements
-    if mesh.ndim != 1 or not (isinstance(placements[0], ShardPlacement) and placements[0].dim == 0) and not isinstance(placements[0], Replicate):
-        raise ValueError(f"leanopt: DTensor parameters must be sharded along dim 0 on a 1-D mesh (FSDP2), got {placements} on a {mesh.ndim}-D mesh")
-    local = t.to_local()
-    if isinstance(placements[0], Replicate):
-        return Shard(local, 0, None)
-    # torch.chunk semantics, as DTensor's Shard(0): ceil(n / world) rows per rank
-    rows = t.shape[0]
-    per_rank = -(-rows // mesh.size())
-    start = min(per_rank * mesh.get_local_rank(), rows)
-    return Shard(local, start * (t.numel() // rows if rows else 0), mesh.get_group())
+    index: list[Tensor | None] = [None] * len(shape)
+    groups = []
+    coordinate = mesh.get_coordinate()
+    # mesh dimensions split the tensor from left to right, each splitting what the
+    # previous ones left (the order torch.distributed.tensor applies them in)
+    for mesh_dim, placement in enumerate(placements):
+        if isinstance(placement, Replicate):
+            continue
+        if not isinstance(placement, (ShardPlacement, _StridedShard)):
+            raise ValueError(f"leanopt: parameter {name!r} has the placement {placement} on mesh dimension {mesh_dim}; "
+                             "supported placements are Shard(dim), FSDP2's strided shards and Replicate() (a Partial "
+                             "parameter holds summands, not values: redistribute it first)")
+        d = placement.dim
+        before = index[d]
+        size = shape[d] if before is None else before.numel()
+        n, offset = placement._local_shard_size_and_offset(size, mesh.size(mesh_dim), coordinate[mesh_dim],
+                                                           **_all_offsets(placement))
+        here = torch.arange(offset, offset + n) if isinstance(offset, int) else torch.tensor(offset, dtype=torch.long)
+        index[d] = here if before is None else before[here]
+        groups.append(mesh.get_group(mesh_dim))
+    return Piece(shape, tuple(index), tuple(groups))
 
 
-def all_reduce_sums(parts: list[Tensor], groups: list[object]) -> None:
-    """Sum every ``parts[i]`` over the ranks of ``groups[i]`` (None: local, nothing to do),
-    as one collective per distinct group on a flat concatenation."""
-    by_group: dict[int, list[int]] = {}
-    for i, group in enumerate(groups):
-        if group is not None:
-            by_group.setdefault(id(group), []).append(i)
-    for idx in by_group.values():
-        flat = torch.cat([parts[i].reshape(-1) for i in idx])
-        torch.distributed.all_reduce(flat, group=groups[idx[0]])
-        for i, chunk in zip(idx, flat.split([parts[i].numel() for i in idx])):
-            parts[i].copy_(chunk.view_as(parts[i]))
+def _all_offsets(placement) -> dict:
+    """``_StridedShard`` reports its (non-contiguous) positions only when asked for all."""
+    from torch.distributed.tensor.placement_types import _StridedShard, _StridedShardOffsetMode
+
+    return {"offset_mode": _StridedShardOffsetMode.ALL} if isinstance(placement, _StridedShard) else {}
+
+
+def local(t: Tensor) -> Tensor:
+    """A DTensor's local tensor (a view of its storage), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def all_reduce_sums(parts: list[Tensor], groups: list[tuple[object, ...] | None], op: str = "sum") -> None:
+    """Reduce every ``parts[i]`` in place over the process groups ``groups[i]`` (a
+    :class:`Piece`'s ``groups``; None or ``()``: local, nothing to do) with ``op`` ("sum"
+    or "max"). One collective per distinct group, each on a flat concatenation: a tensor
+    split along two mesh dimensions is reduced over one, then the other."""
+    reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+    depth = max((len(g) for g in groups if g), default=0)
+    for level in range(depth):
+        by_group: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            if g and level < len(g):
+                by_group.setdefault(id(g[level]), []).append(i)
+        for idx in by_group.values():
+            flat = torch.cat([parts[i].reshape(-1) for i in idx])
+            torch.distributed.all_reduce(flat, op=reduce_op, group=groups[idx[0]][level])
+            for i, chunk in zip(idx, flat.split([parts[i].numel() for i in idx])):
+                parts[i].copy_(chunk.view_as(parts[i]))
 
 
 class _Later(NamedTuple):
     parts: Tensor  # this rank's partial sums
-    group: object  # the process group to sum them over
+    groups: tuple[object, ...]  # the process groups to sum them over
     finish: Callable[[Tensor], None]  # what to do with the totals
 
 
 _LATER: ContextVar[list[_Later] | None] = ContextVar("leanopt_reductions_for_the_end_of_the_step", default=None)
 
 
-def reduce_later(parts: Tensor, group: object, finish: Callable[[Tensor], None]) -> None:
-    """Sum ``parts`` over ``group`` and call ``finish(totals)`` -- at the end of the
+def reduce_later(parts: Tensor, groups: tuple[object, ...], finish: Callable[[Tensor], None]) -> None:
+    """Sum ``parts`` over ``groups`` (a :class:`Piece`'s) and call ``finish(totals)`` -- at the end of the
     enclosing :func:`batched_reductions` (one collective for every such sum of the step),
     or now, outside one. ``finish`` must not need anything the rest of the step changes."""
     pending = _LATER.get()
     if pending is None:
-        _finish([_Later(parts, group, finish)])
+        _finish([_Later(parts, groups, finish)])
     else:
-        pending.append(_Later(parts, group, finish))
+        pending.append(_Later(parts, groups, finish))
 
 
 @contextlib.contextmanager
@@ -113,7 +167,7 @@ def batched_reductions() -> Iterator[None]:
 
 def _finish(pending: list[_Later]) -> None:
     parts = [item.parts for item in pending]
-    all_reduce_sums(parts, [item.group for item in pending])
+    all_reduce_sums(parts, [item.groups for item in pending])
     for item, total in zip(pending, parts):
         item.finish(total)
 
@@ -124,21 +178,6 @@ def all_finite(tensors: list[Tensor]) -> list[bool]:
     is skipped on all ranks or on none. One synchronization for the list."""
     if not tensors:
         return []
-    bad, groups = [], []
-    for t in tensors:
-        local = t.to_local() if is_dtensor(t) else t
-        bad.append((~torch.isfinite(local)).any().to(torch.float32).reshape(1))
-        groups.append(_mesh_groups(t))
-    for dim in range(max((len(g) for g in groups), default=0)):  # a 2-D mesh reduces over both dimensions
-        all_reduce_sums(bad, [g[dim] if dim < len(g) else None for g in groups])
+    bad = [(~torch.isfinite(local(t))).any().to(torch.float32).reshape(1) for t in tensors]
+    all_reduce_sums(bad, [p.groups if (p := piece_of(t)) else None for t in tensors])
     return [x == 0 for x in torch.cat([b.to(bad[0].device) for b in bad]).tolist()]
-
-
-def _mesh_groups(t: Tensor) -> list[object]:
-    """The process groups of every mesh dimension along which DTensor ``t`` is sharded."""
-    if not is_dtensor(t):
-        return []
-    from torch.distributed.tensor import Shard as ShardPlacement
-
-    mesh = t.device_mesh
-    return [mesh.get_group(d) for d, pl in enumerate(t.placements) if isinstance(pl, ShardPlacement)]

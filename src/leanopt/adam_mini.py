@@ -47,7 +47,7 @@ from ._optimizer import (
 from . import _native
 from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
-from ._distributed import all_reduce_sums
+from ._distributed import Piece, all_reduce_sums, is_dtensor, piece_of
 from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, needs_sums, step_
 from .partition import UNRECOGNIZED, BlockLayout, BlockRule, PartitionRow, PartitionWarning, name_rule, partition_from_model
 from .partition.layout import BlockView, lane_to_block
@@ -95,20 +95,22 @@ def adam_mini_step(lr: float, beta1: float, beta2: float, step: float, layout: B
 
 def adam_mini(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
               layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str = "none", alpha: str = "none",
-              count_scale: bool = False) -> None:
+              count_scale: bool = False, pieces: list[Piece | None] | None = None) -> None:
     """Functional Adam-mini step over lists of tensors (per-tensor reference path).
 
     ``exp_avg_sqs[i]`` holds one value per block of ``layouts[i]``. ``mask``, ``alpha``,
     ``count_scale``: the AlphaAdam component (:mod:`leanopt.mask`), with
-    ``u = m̂ / (sqrt(v̂_B) + eps)``.
+    ``u = m̂ / (sqrt(v̂_B) + eps)``. ``pieces``: of sharded tensors, which part each
+    tensor is (:mod:`leanopt._backend`); ``exp_avg_sqs`` are then whole on every rank.
     """
     masked = mask_active(mask, count_scale)
-    blocks = [BlockView(p, layout) for p, layout in zip(params, layouts, strict=True)]
-    # the block sums of g² first: a shard's part of them, all shards' in one collective
+    pieces = pieces or [None] * len(params)
+    blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
+    # the block sums of g² first: a shard's part of them, all shards' in one collective per group
     sums = [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)]
-    all_reduce_sums(sums, [b.group for b in blocks])
-    for p, g, m, v, c, b, block_sum in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs, blocks, sums, strict=True):
-        p, g, m, v = (b.local(t) for t in (p, g, m, v))
+    all_reduce_sums(sums, [b.groups for b in blocks])
+    for p, g, m, v, c, b, block_sum, piece in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs, blocks, sums, pieces,
+                                                  strict=True):
         if c.sign < 0:
             g = -g
         phi = agreement(g, m) if mask == "async" else None
@@ -120,7 +122,7 @@ def adam_mini(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
         denom = v_b.sqrt().div_(c.bc2_sqrt).add_(c.eps)  # sqrt(v̂_B) + eps
         if masked:
             masked_update_(p, b.scaled(m, 1 / (c.bc1 * denom)), phi, c.lr, alpha=alpha, count_scale=count_scale,
-                           shard_of=b.shard_of)
+                           piece=piece)
         else:
             b.sub_scaled_(p, m, c.lr_bc1 / denom)  # p ← p − lr·m̂/(sqrt(v̂_B) + eps)
 
@@ -546,6 +548,8 @@ class AdamMini(LeanOptimizer):
                     state["step"] = step_tensor()
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros(rule.layout.n_blocks, dtype=p.dtype, device=p.device)
+                    if is_dtensor(p):  # that its blocks can be summed across its shards: an error names it now
+                        BlockView(rule.layout, piece_of(p, self.param_name(p)), self.param_name(p))
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])

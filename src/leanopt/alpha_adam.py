@@ -28,7 +28,8 @@ from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decay_, decay_factor,
                          direction, scalar, step_tensor)
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_, two_pass
+from ._distributed import Piece
+from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, step_, two_pass
 
 __all__ = ["AdamStep", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
 
@@ -79,13 +80,15 @@ def adam_step(lr: float, beta1: float, beta2: float, step: float, *, eps: float,
 
 
 def alpha_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-               coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
+               coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool,
+               pieces: list[Piece | None] | None = None) -> None:
     """Functional AlphaAdam step over lists of tensors (per-tensor reference path).
 
     With ``mask="none"`` and ``count_scale=False`` this is AdamW, operation for operation.
+    ``pieces``: of sharded tensors, which part each tensor is (:mod:`leanopt._backend`).
     """
     masked = mask_active(mask, count_scale)
-    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs, strict=True):
+    for p, g, m, v, c, piece in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs, pieces or [None] * len(params), strict=True):
         if c.sign < 0:
             g = -g
         phi = agreement(g, m) if mask == "async" else None  # m is still m_{t-1}
@@ -99,7 +102,7 @@ def alpha_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
         decay_(p, c.decay)
         denom = v.sqrt().div_(c.v_div).add_(c.eps)
         if masked:
-            masked_update_(p, m.div(denom).div_(c.m_div), phi, c.lr, alpha=alpha, count_scale=count_scale)
+            masked_update_(p, m.div(denom).div_(c.m_div), phi, c.lr, alpha=alpha, count_scale=count_scale, piece=piece)
         else:
             p.addcdiv_(m, denom, value=-(c.lr / c.m_div))
         if c.rescale != 1:
@@ -148,7 +151,7 @@ def _alpha_adam_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     _native.adam(params, grads, exp_avgs, exp_avg_sqs, coeffs, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
-BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, native=_alpha_adam_native)
+BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, native=_alpha_adam_native, elementwise=unmasked)
 
 
 class AlphaAdam(LeanOptimizer):

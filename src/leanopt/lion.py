@@ -23,7 +23,8 @@ from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, decay_, decay_factor, direction, scalar,
                          step_tensor)
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_, two_pass
+from ._distributed import Piece
+from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, step_, two_pass
 
 __all__ = ["Lion", "LionStep", "lion", "lion_step"]
 
@@ -68,10 +69,11 @@ def lion_step(lr: float, beta1: float, beta2: float, *, weight_decay: float, max
 
 
 def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coeffs: list[LionStep], *, mask: str,
-         alpha: str, count_scale: bool) -> None:
-    """Functional Lion step over lists of tensors (per-tensor reference path)."""
+         alpha: str, count_scale: bool, pieces: list[Piece | None] | None = None) -> None:
+    """Functional Lion step over lists of tensors (per-tensor reference path); ``pieces``:
+    of sharded tensors, which part each tensor is (:mod:`leanopt._backend`)."""
     masked = mask_active(mask, count_scale)
-    for p, g, m, c in zip(params, grads, exp_avgs, coeffs, strict=True):
+    for p, g, m, c, piece in zip(params, grads, exp_avgs, coeffs, pieces or [None] * len(params), strict=True):
         if c.sign < 0:
             g = -g
         phi = agreement(g, m) if mask == "async" else None
@@ -81,7 +83,7 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coef
             phi = agreement(g, m)
         decay_(p, c.decay)
         if masked:
-            masked_update_(p, update, phi, c.lr, alpha=alpha, count_scale=count_scale)
+            masked_update_(p, update, phi, c.lr, alpha=alpha, count_scale=count_scale, piece=piece)
         else:
             p.add_(update, alpha=-c.lr)
         if c.rescale != 1:
@@ -122,7 +124,7 @@ def _lion_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
 
 
 BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, native=_lion_native,
-                    native_takes=lambda row, o: not mask_active(o["mask"], o["count_scale"]))  # the C kernel: unmasked
+                    native_takes=lambda row, o: unmasked(o), elementwise=unmasked)  # the C kernel: unmasked
 
 
 class Lion(LeanOptimizer):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._distributed import is_dtensor, reduce_later
+from ._distributed import Piece, reduce_later
 from ._optimizer import BOOL, OneOf, acc_dtype, finite_terms
 
 __all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_", "two_pass"]
@@ -56,6 +56,12 @@ def mask_defaults(mask: str, alpha: str | None, count_scale: bool | None) -> dic
 def mask_active(mask: str, count_scale: bool) -> bool:
     """Whether the component changes the update at all (with φ ≡ 1, α is always 1)."""
     return mask != "none" or count_scale
+
+
+def unmasked(options: dict[str, Any]) -> bool:
+    """A step's options (``mask``, ``count_scale``) leave the component off: the step is
+    elementwise (``leanopt._backend.Backends.elementwise``), any kernel takes a shard."""
+    return not mask_active(options["mask"], options["count_scale"])
 
 
 def agreement(g: Tensor, m: Tensor) -> Tensor:
@@ -106,33 +112,20 @@ def apply_mask_(p: Tensor, u: Tensor, phi: Tensor | None, sums: Tensor | None, l
 
 
 def masked_update_(p: Tensor, u: Tensor, phi: Tensor | None, lr: float | Tensor, *, alpha: str, count_scale: bool,
-                   shard_of: tuple[int, object] | None = None) -> None:
+                   piece: Piece | None = None) -> None:
     """``p ← p − η̂·α·(φ⊙u)`` for one tensor; ``phi=None`` means φ ≡ 1.
 
-    Sharded tensors: DTensors (FSDP2), or ``shard_of=(numel, group)`` when ``p``, ``u`` and
-    ``phi`` are this rank's parts of a tensor of ``numel`` elements sharded over ``group``.
-    The whole-tensor sums then need a collective: the update waits for the end of the
-    optimizer step (:func:`leanopt._distributed.reduce_later`, holding this rank's shard of
-    ``u``), when the sums of all such tensors cross the ranks together."""
-    if phi is not None and shard_of is None and _same_shards(p, u, phi):
-        shard_of = (p.numel(), p.device_mesh.get_group())
-        p, u, phi = p.to_local(), u.to_local(), phi.to_local()
-    if phi is None or shard_of is None:
+    ``piece``: when ``p``, ``u`` and ``phi`` are this process's part of a sharded tensor
+    (:class:`leanopt._distributed.Piece`), the whole-tensor sums need a collective: the
+    update waits for the end of the optimizer step (:func:`leanopt._distributed.reduce_later`,
+    holding this part of ``u``), when the sums of all such tensors cross the ranks together."""
+    if piece is None or not piece.groups:
         apply_mask_(p, u, phi, None if phi is None else mask_sums(u, phi), lr, alpha=alpha, count_scale=count_scale)
-        return
-    numel, group = shard_of
-    reduce_later(mask_sums(u, phi), group, lambda total: apply_mask_(p, u, phi, total, lr, alpha=alpha,
-                                                                     count_scale=count_scale, numel=numel))
-
-
-def _same_shards(p: Tensor, u: Tensor, phi: Tensor) -> bool:
-    """All three are DTensors sharded alike on a 1-D mesh (their local parts line up)."""
-    if not is_dtensor(p):
-        return False
-    from torch.distributed.tensor import Shard
-
-    return (p.device_mesh.ndim == 1 and isinstance(p.placements[0], Shard) and is_dtensor(u) and is_dtensor(phi)
-            and u.placements == p.placements and phi.placements == p.placements)
+    elif phi is None:  # φ ≡ 1 needs the whole tensor's size only
+        apply_mask_(p, u, None, None, lr, alpha=alpha, count_scale=count_scale, numel=piece.numel)
+    else:
+        reduce_later(mask_sums(u, phi), piece.groups, lambda total: apply_mask_(p, u, phi, total, lr, alpha=alpha,
+                                                                                count_scale=count_scale, numel=piece.numel))
 
 
 # -- for the compiled steps (leanopt._compile), whose kernels make two calls when the mask

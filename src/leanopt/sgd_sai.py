@@ -16,6 +16,7 @@ and then kept as optimizer state.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -26,7 +27,8 @@ from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decay_, decay_factor,
                          decoupled_decay_, direction, finite_terms, scalar)
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, step_, two_pass
+from ._distributed import Piece, all_reduce_sums, local, piece_of
+from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, step_, two_pass
 
 __all__ = ["SGDSaI", "SGDStep", "sgd_sai", "sgd_step", "gsnr"]
 
@@ -61,16 +63,18 @@ def sgd_step(lr: float, momentum: float, *, fresh: bool, has_m: bool, weight_dec
 
 
 def sgd_sai(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], scales: list[Tensor],
-            coeffs: list[SGDStep], *, mask: str = "none", alpha: str = "none", count_scale: bool = False) -> None:
+            coeffs: list[SGDStep], *, mask: str = "none", alpha: str = "none", count_scale: bool = False,
+            pieces: list[Piece | None] | None = None) -> None:
     """Functional SGD-SaI step over lists of tensors.
 
     ``momentum_buffers[i]`` is None when ``momentum == 0``. ``mask``, ``alpha``,
     ``count_scale``: the AlphaAdam component (:mod:`leanopt.mask`) with ``u = scale·m``;
     a fresh buffer's ``m_{t−1}`` is zero (so the async mask falls back to all ones at the
-    first step).
+    first step). ``pieces``: of sharded tensors, which part each tensor is (:mod:`leanopt._backend`).
     """
     masked = mask_active(mask, count_scale)
-    for p, g, buf, scale, c in zip(params, grads, momentum_buffers, scales, coeffs, strict=True):
+    for p, g, buf, scale, c, piece in zip(params, grads, momentum_buffers, scales, coeffs, pieces or [None] * len(params),
+                                          strict=True):
         if c.sign < 0:
             g = -g
         phi = agreement(g, buf) if mask == "async" and not c.fresh else None
@@ -81,7 +85,7 @@ def sgd_sai(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Te
             phi = agreement(g, m)
         decay_(p, c.decay)
         if masked:
-            masked_update_(p, m * scale, phi, c.lr, alpha=alpha, count_scale=count_scale)
+            masked_update_(p, m * scale, phi, c.lr, alpha=alpha, count_scale=count_scale, piece=piece)
         else:
             p.addcmul_(m, scale, value=-c.lr)
 
@@ -125,7 +129,7 @@ def _sgd_sai_native(params: list[Tensor], grads: list[Tensor], momentum_buffers:
 
 
 BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, native=_sgd_sai_native,
-                    native_takes=lambda row, o: not mask_active(o["mask"], o["count_scale"]))  # the C kernel: unmasked
+                    native_takes=lambda row, o: unmasked(o), elementwise=unmasked)  # the C kernel: unmasked
 
 
 def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
@@ -139,8 +143,37 @@ def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
         std = x.std() if x.numel() > 1 else torch.zeros((), dtype=acc, device=x.device)
         return norm / (std + eps), False
     var = x.var(correction=0)
-    degenerate = bool(x.numel() < 2 or (x.amax() == x.amin()).item())
+    # a meta tensor (state planned without weights: bench/memory.py) has no values to compare
+    degenerate = x.numel() < 2 or (not x.is_meta and bool((x.amax() == x.amin()).item()))
     return norm / torch.sqrt(var + eps), degenerate
+
+
+def gsnr_sharded(parts: list[tuple[Tensor, Piece, float, str]]) -> list[tuple[Tensor, bool, bool]]:
+    """:func:`gsnr` of sharded gradients ``(local part, piece, eps, variant)``, and whether
+    each is zero: the same statistics from every rank's partial sums (the variance in two
+    passes, as ``torch.var``), in three collectives per process group for the whole list."""
+    if not parts:
+        return []
+    xs = [finite_terms(g.detach().to(acc_dtype(g)).reshape(-1)) for g, _, _, _ in parts]
+    groups = [piece.groups for _, piece, _, _ in parts]
+    sums = [torch.stack([x.sum(), x.square().sum()]) for x in xs]
+    empty = [torch.tensor(-math.inf, dtype=x.dtype, device=x.device) for x in xs]
+    extremes = [torch.stack([x.amax() if x.numel() else e, -x.amin() if x.numel() else e, (g != 0).any().to(x.dtype)])
+                for x, e, (g, _, _, _) in zip(xs, empty, parts)]
+    all_reduce_sums(sums, groups)
+    all_reduce_sums(extremes, groups, op="max")
+    n = [piece.numel for _, piece, _, _ in parts]
+    spread = [(x - s[0] / k).square().sum().reshape(1) for x, s, k in zip(xs, sums, n)]
+    all_reduce_sums(spread, groups)
+    out = []
+    for (_, _, eps, variant), s, e, d, k in zip(parts, sums, extremes, spread, n):
+        norm, zero = s[1].sqrt(), not bool(e[2])
+        if variant == "released":
+            std = (d[0] / (k - 1)).sqrt() if k > 1 else torch.zeros_like(norm)
+            out.append((norm / (std + eps), False, zero))
+        else:
+            out.append((norm / torch.sqrt(d[0] / k + eps), k < 2 or bool(e[0] == -e[1]), zero))
+    return out
 
 
 def _started(state: dict[str, Any]) -> bool:
@@ -264,12 +297,20 @@ class SGDSaI(LeanOptimizer):
 
     def _initialize(self, pending: list[tuple[dict[str, Any], Tensor, Tensor]]) -> list[Tensor]:
         """Compute the scales of the blocks that have no scale yet; returns those started."""
-        stats = []
+        stats, sharded = [], []
         for group, p, g in pending:
             g = -g if group["maximize"] else g  # the first momentum is the (signed) gradient
-            snr, degenerate = gsnr(g, group["eps"], group["variant"])
-            zero = not bool(g.any())
+            piece = piece_of(p, self.param_name(p))
+            if piece is not None and piece.groups:
+                sharded.append((len(stats), (g.to_local(), piece, group["eps"], group["variant"])))
+                stats.append((group, p, g, None, False, False))
+                continue
+            g_local = local(g)
+            snr, degenerate = gsnr(g_local, group["eps"], group["variant"])
+            zero = not g_local.is_meta and not bool(g_local.any())
             stats.append((group, p, g, snr, degenerate, zero))
+        for (i, _), result in zip(sharded, gsnr_sharded([part for _, part in sharded])):
+            stats[i] = (*stats[i][:3], *result)
 
         snr_max = self._stored_max()
         if snr_max is None:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._distributed import row_shard
+from .._distributed import Piece
 from .._optimizer import finite_terms
 
-__all__ = ["BlockLayout", "BlockView", "lane_to_block", "block_mean_sq", "partial_lane_sq", "block_lane_sq", "block_sums",
+__all__ = ["BlockLayout", "BlockView", "lane_to_block", "block_mean_sq", "block_lane_sq", "block_sums",
            "block_elements", "expand_blocks"]
 
 
@@ -110,29 +110,7 @@ def lane_to_block(layout: BlockLayout, device: torch.device, dtype: torch.dtype)
 
 def block_mean_sq(g: Tensor, layout: BlockLayout, dtype: torch.dtype) -> Tensor:
     """``mean(g²)`` over every block, as a ``(n_blocks,)`` tensor of ``dtype``."""
-    return block_sums(partial_lane_sq(g, layout, dtype), layout) / block_elements(layout, g.device, dtype)
-
-
-def partial_lane_sq(g: Tensor, layout: BlockLayout, dtype: torch.dtype, flat_offset: int = 0) -> Tensor:
-    """Sum of g² per lane of ``layout`` over the elements ``g`` holds: the whole tensor
-    (``flat_offset=0``), or one rank's contiguous shard starting at ``flat_offset`` (whose
-    lanes outside the shard get 0, so the ranks' results add up to the full sums)."""
-    rows, cols = layout.view
-    if flat_offset == 0 and g.numel() == layout.numel:
-        return block_lane_sq(g.reshape(layout.view), layout.axis, dtype)
-    out = torch.zeros(layout.lanes, dtype=dtype, device=g.device)
-    if layout.axis == 0 and rows == 1:  # one lane, the whole tensor
-        out[:] = block_lane_sq(g.reshape(1, -1), 0, dtype)
-        return out
-    if flat_offset % cols or g.numel() % cols:
-        raise ValueError(f"a shard starting at element {flat_offset} with {g.numel()} elements does not hold whole rows "
-                         f"of the {layout.view} block view; shard parameters along dim 0")
-    part = block_lane_sq(g.reshape(-1, cols), layout.axis, dtype)
-    if layout.axis == 1:  # every row holds a part of every lane (column)
-        return part
-    start = flat_offset // cols
-    out[start:start + part.numel()] = part
-    return out
+    return block_sums(block_lane_sq(g.reshape(layout.view), layout.axis, dtype), layout) / block_elements(layout, g.device, dtype)
 
 
 def block_lane_sq(g2d: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
@@ -171,47 +149,49 @@ def expand_blocks(block_values: Tensor, layout: BlockLayout) -> Tensor:
 
 
 class BlockView:
-    """One parameter's blocks as this process holds them: the whole tensor, or its FSDP2
-    shard (whole rows of ``layout.view`` from element ``offset`` on). The optimizer step
-    asks it for the block sums of g² (a shard gives its part, which ``group`` adds up),
-    and for ``m`` scaled by one value per block, without a full-size temporary."""
+    """One parameter's blocks as this process holds them: the whole tensor, or its part of
+    a DTensor (a :class:`leanopt._distributed.Piece`: FSDP2 rows, tensor-parallel columns,
+    both on a 2-D mesh, split evenly or not). The optimizer step asks it for the block sums
+    of g² (a part gives its share, which ``groups`` add up) and for ``m`` scaled by one
+    value per block, without a full-size temporary.
 
-    def __init__(self, p: Tensor, layout: BlockLayout) -> None:
-        shard = row_shard(p)
-        self.layout = layout
-        self.sharded = shard is not None
-        self.offset = 0 if shard is None else shard.flat_offset
-        self.group = None if shard is None else shard.group
+    A part is viewed as a 2-D ``(local rows, local cols)`` tensor whose lanes are given by
+    ``lane_ids``: the lane of :attr:`layout` (a row or a column of ``layout.view``) of each
+    local row (axis 0) or column (axis 1)."""
+
+    def __init__(self, layout: BlockLayout, piece: Piece | None = None, name: str = "a parameter") -> None:
+        self.layout, self.piece = layout, piece
+        self.groups = piece.groups if piece is not None else ()
+        self.local_view: tuple[int, int] = layout.view
+        self.lane_ids: Tensor | None = None  # None: the whole tensor, lane i is row/column i
+        if piece is not None:
+            self.local_view, self.lane_ids = _local_lanes(layout, piece, name)
 
     @property
-    def shard_of(self) -> tuple[int, object] | None:
-        """``(elements of the whole tensor, process group)`` of a shard, else None."""
-        return (self.layout.numel, self.group) if self.sharded else None
-
-    def local(self, t: Tensor) -> Tensor:
-        """This process's elements of ``t`` (a parameter, its gradient or state)."""
-        return t.to_local() if self.sharded and hasattr(t, "to_local") else t
+    def numel(self) -> int:
+        """Elements of the whole tensor."""
+        return self.layout.numel
 
     def sq_sums(self, g: Tensor, dtype: torch.dtype) -> Tensor:
         """Sum of g² per block over the elements held here (``dtype``: the accumulation's)."""
-        return block_sums(partial_lane_sq(self.local(g), self.layout, dtype, self.offset), self.layout)
+        axis = self.layout.axis
+        part = block_lane_sq(g.reshape(self.local_view), axis, dtype)
+        if self.lane_ids is not None:
+            part = torch.zeros(self.layout.lanes, dtype=dtype, device=g.device).index_add_(0, self.lane_ids.to(g.device), part)
+        return block_sums(part, self.layout)
 
     def means(self, sums: Tensor) -> Tensor:
         """Whole-tensor block sums → block means."""
         return sums / block_elements(self.layout, sums.device, sums.dtype)
 
     def _rows(self, t: Tensor, block_values: Tensor) -> tuple[Tensor, Tensor]:
-        # a contiguous local t as a 2-D view, and one value per lane that broadcasts against it
+        # t (contiguous, local) as its 2-D view, and one value per local lane broadcasting against it
         lane = expand_blocks(block_values, self.layout).to(t.dtype)
-        rows, cols = self.layout.view
-        if not self.sharded:
-            return t.view(self.layout.view), lane
-        if self.layout.axis == 0 and rows == 1:  # a shard of a one-block tensor: a single scale
-            return t.view(1, -1), lane.reshape(1, 1)
-        if self.layout.axis == 0:  # the shard's lanes are its rows
-            start = self.offset // cols
-            lane = lane[start:start + t.numel() // cols]
-        return t.view(-1, cols), lane
+        if self.lane_ids is not None:
+            ids = self.lane_ids.to(t.device)
+            lane = lane.reshape(-1).index_select(0, ids)
+            lane = lane.view(-1, 1) if self.layout.axis == 0 else lane.view(1, -1)
+        return t.view(self.local_view), lane
 
     def scaled(self, m: Tensor, block_values: Tensor) -> Tensor:
         """``m`` (local) times its block's value, shaped as ``m``."""
@@ -223,5 +203,66 @@ class BlockView:
         if not p.is_contiguous():  # rare (a transposed view registered as a parameter): one temporary is unavoidable
             p.sub_(self.scaled(m, block_values).view(p.shape))
             return
-        m2, lane = self._rows(m, block_values)
+        m2, lane = self._rows(m.contiguous(), block_values)
         self._rows(p, block_values)[0].addcmul_(m2, lane, value=-1.0)
+
+
+def _split(shape: tuple[int, ...], rows: int) -> tuple[int, int] | None:
+    """``(k, q)`` with ``rows = prod(shape[:k]) · q`` and ``q`` dividing ``shape[k]``: where
+    the block view's rows end among the tensor's dimensions (``q = 1``: between two). None
+    if the view's rows do not line up with the dimensions."""
+    before = 1
+    for k, n in enumerate(shape):
+        if rows == before:
+            return k, 1
+        if rows % before == 0 and n % (rows // before) == 0:
+            return (k + 1, 1) if rows // before == n else (k, rows // before)
+        before *= n
+    return (len(shape), 1) if rows == before else None
+
+
+def _combined(shape: tuple[int, ...], index: tuple[Tensor | None, ...], dims: range) -> Tensor:
+    """Row-major flat positions, over dimensions ``dims``, of the local elements' indices."""
+    flat = torch.zeros(1, dtype=torch.long)
+    for d in dims:
+        i = torch.arange(shape[d]) if index[d] is None else index[d]
+        flat = (flat[:, None] * shape[d] + i[None, :]).reshape(-1)
+    return flat
+
+
+def _lanes_of_piece(layout: BlockLayout, shape: tuple[int, ...], index: tuple[Tensor | None, ...]) -> tuple[tuple[int, int], Tensor] | None:
+    split = _split(shape, layout.view[0])
+    if split is None:
+        return None
+    k, q = split
+    n = len(shape)
+    sizes = [shape[d] if index[d] is None else index[d].numel() for d in range(n)]
+    a, b, c = math.prod(sizes[:k]), (sizes[k] if k < n else 1), math.prod(sizes[k + 1:])
+    if layout.axis == 0:
+        rows = _combined(shape, index, range(k))
+        if q > 1:  # the view's rows cut dimension k: q of its rows in each of them
+            ik = torch.arange(shape[k]) if index[k] is None else index[k]
+            rows = (rows[:, None] * q + (ik // (shape[k] // q))[None, :]).reshape(-1)
+            return (a * b, c), rows
+        return (a, b * c), rows
+    if q > 1:
+        ik = torch.arange(shape[k]) if index[k] is None else index[k]
+        cols = ((ik % (shape[k] // q))[:, None] * math.prod(shape[k + 1:]) + _combined(shape, index, range(k + 1, n))[None, :])
+        return (a, b * c), cols.reshape(-1)
+    return (a, b * c), _combined(shape, index, range(k, n))
+
+
+# (layout, id(piece)) -> (piece, result): pieces are cached by _distributed.piece_of, so an
+# id stays the same piece (which the entry keeps alive)
+_LANES: dict[tuple[BlockLayout, int], tuple[Piece, tuple[tuple[int, int], Tensor] | None]] = {}
+
+
+def _local_lanes(layout: BlockLayout, piece: Piece, name: str) -> tuple[tuple[int, int], Tensor]:
+    key = (layout, id(piece))
+    if key not in _LANES:
+        _LANES[key] = (piece, _lanes_of_piece(layout, piece.shape, piece.index))
+    out = _LANES[key][1]
+    if out is None:
+        raise ValueError(f"leanopt: the blocks of parameter {name!r} (a {layout.view} view of its {piece.shape} elements) "
+                         "do not line up with its dimensions, so they cannot be reduced across its shards")
+    return out
