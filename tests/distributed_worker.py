@@ -43,7 +43,7 @@ STRADDLING = dict(dim=24, n_heads=3, n_kv_heads=3, dtype=torch.float64)
 UNEVEN = dict(vocab_size=97, dim=20, n_heads=5, n_kv_heads=1, mlp_hidden=45, tie_embeddings=True, dtype=torch.float64)
 # tensor parallelism splits heads and neurons evenly over 2 ranks; FSDP's dim 0 stays uneven (97)
 TP_MODEL = dict(vocab_size=97, dim=24, n_heads=4, n_kv_heads=2, mlp_hidden=46, tie_embeddings=True, dtype=torch.float64)
-DCP_OPTIMIZERS = ["adam-mini", "sgd-sai", "alpha-adam", "adamw-pma", "lion-pma"]
+DCP_OPTIMIZERS = ["adam-mini", "sgd-sai", "alpha-adam", "cadamw", "lion", "adamw-pma", "lion-pma"]
 FSDP_UNSUPPORTED = {"adafactor"}  # torch.optim.Adafactor itself fails on DTensor parameters
 # the mask component (whole-tensor sums) on optimizers whose default leaves it off
 VARIANTS = {"adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}), "sgd-sai+mask": ("sgd-sai", {"mask": "async"}),
@@ -51,6 +51,7 @@ VARIANTS = {"adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}),
             # adam-mini's own call form (parameter names with dim / n_heads) and its name rules given the model
             "adam-mini-names": ("adam-mini", {"named": True}), "adam-mini-partition-names": ("adam-mini", {"partition": "names"})}
 RUNS = leanopt.list_optimizers() + list(VARIANTS)
+FAST_ON_SHARDS = ["lion", "sgd-sai", "adamw-pma", "lion-pma"]  # elementwise steps (no mask)
 SHARDED_RUNS = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")]  # torch's own: not ours to test
 # a NaN at the first step after two clean ones, in a row of the second rank that belongs to a head
 # straddling the shards (rows 8-15 of 24): Adam-mini's block sum and the mask's sums cross ranks
@@ -96,6 +97,37 @@ def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, **overrid
         else:
             opt = leanopt.create_optimizer(name, wrapped, lr=CASES[name].lr, **CASES[name].kwargs, **extra)
     return model, wrapped, opt
+
+
+def partial_error() -> str:
+    """What a Partial (pending-sum) parameter gets from an optimizer: its error message."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    w = torch.nn.Parameter(DTensor.from_local(torch.ones(4, 3), mesh, [Partial()]))
+    w.grad = DTensor.from_local(torch.ones(4, 3), mesh, [Partial()])
+    opt = leanopt.AlphaAdam([("pending.weight", w)])
+    try:
+        opt.step()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def fsdp1_errors() -> dict[str, str]:
+    """What FSDP1 models get from an optimizer (flat parameters, then use_orig_params=True)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    out = {}
+    for orig in (False, True):
+        model = FullyShardedDataParallel(tiny_model(), use_orig_params=orig, device_id=torch.device("cpu"))
+        try:
+            leanopt.create_optimizer("adam-mini", model)
+            out[f"fsdp1-orig-{orig}"] = "no error"
+        except ValueError as e:
+            out[f"fsdp1-orig-{orig}"] = str(e)
+    return out
 
 
 def tensor_parallel(model, mesh) -> None:
@@ -179,23 +211,24 @@ def nonfinite(run: str, rank: int = 0, world: int = 1, wrap: str = "ddp", skip: 
     return out, opt.nonfinite_skips
 
 
-def dcp_round(name, rank, world, ckpt_in, ckpt_out, out):
+def dcp_round(name, rank, world, ckpt_in, ckpt_out, out, wrap="fsdp", model_kw=STRADDLING):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
 
-    model, wrapped, opt = build(name, "fsdp", world, **STRADDLING)
+    model, wrapped, opt = build(name, wrap, world, **model_kw)
+    dp_rank, dp_world = {"tp": (0, 1), "2d": (rank // 2, world // 2)}.get(wrap, (rank, world))
     if ckpt_in:
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
         dcp.load(state, checkpoint_id=os.path.join(ckpt_in, name))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
     else:
-        run_steps(wrapped, opt, STEPS // 2, rank, world)
+        run_steps(wrapped, opt, STEPS // 2, dp_rank, dp_world)
     if ckpt_out:
         dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                  checkpoint_id=os.path.join(ckpt_out, name))
-    run_steps(wrapped, opt, STEPS - STEPS // 2, rank, world, first=STEPS // 2)
+    run_steps(wrapped, opt, STEPS - STEPS // 2, dp_rank, dp_world, first=STEPS // 2)
     state = full_state(model)
     if rank == 0:
         torch.save(state, os.path.join(out, f"{name}.pt"))
@@ -209,30 +242,52 @@ if __name__ == "__main__":
         if mode in ("uneven", "tp", "2d"):
             wrap, model_kw = ("fsdp", UNEVEN) if mode == "uneven" else (mode, TP_MODEL)
             dp_rank, dp_world = {"uneven": (rank, world), "tp": (0, 1), "2d": (rank // 2, world // 2)}[mode]
-            sizes = {}
+            sizes, collectives = {}, {}
             for name in SHARDED_RUNS:
                 model, wrapped, opt = build(name, wrap, world, **model_kw)
                 if rank == 0 and name == SHARDED_RUNS[0]:  # what the layouts really were
                     with open(os.path.join(out, "placements.json"), "w") as f:
                         json.dump({n: [repr(pl) for pl in p.placements] if hasattr(p, "placements") else None
                                    for n, p in model.named_parameters()}, f)
-                run_steps(wrapped, opt, STEPS, dp_rank, dp_world)
+                collectives[name] = run_steps(wrapped, opt, STEPS, dp_rank, dp_world)
                 state = full_state(model)
                 sizes[name] = state_bytes(opt)
                 if rank == 0:
                     torch.save(state, os.path.join(out, f"{name}.pt"))
             with open(os.path.join(out, f"state_bytes_rank{rank}.json"), "w") as f:
                 json.dump(sizes, f)
+            with open(os.path.join(out, f"collectives_rank{rank}.json"), "w") as f:
+                json.dump(collectives, f)
+            if mode == "uneven":  # float32: the elementwise steps take the C kernels on each local shard
+                fast = {}
+                for name in FAST_ON_SHARDS:
+                    finals = {}
+                    for fused in (None, False):
+                        model, wrapped, opt = build(name, wrap, world, {"fused": fused}, **{**model_kw, "dtype": torch.float32})
+                        run_steps(wrapped, opt, STEPS, dp_rank, dp_world)
+                        finals[fused] = (full_state(model), dict(opt.last_backends))
+                    diff = max(((finals[None][0][k] - v).norm() / v.norm()).item() for k, v in finals[False][0].items())
+                    fast[name] = {"backends": finals[None][1], "eager_backends": finals[False][1], "diff": diff}
+                if rank == 0:
+                    with open(os.path.join(out, "fast.json"), "w") as f:
+                        json.dump(fast, f)
+            if mode == "tp":
+                errors = {"partial": partial_error(), **fsdp1_errors()}
+                if rank == 0:
+                    with open(os.path.join(out, "refused.json"), "w") as f:
+                        json.dump(errors, f)
         elif mode == "dcp":
             ckpt_in, ckpt_out = (sys.argv[6] or None), (sys.argv[7] or None)
+            wrap, shapes = (sys.argv[8], sys.argv[9]) if len(sys.argv) > 8 else ("fsdp", "straddling")
+            model_kw = {"straddling": STRADDLING, "uneven": UNEVEN, "tp": TP_MODEL}[shapes]
             for name in DCP_OPTIMIZERS:
-                dcp_round(name, rank, world, ckpt_in, ckpt_out, out)
+                dcp_round(name, rank, world, ckpt_in, ckpt_out, out, wrap, model_kw)
         else:
             sizes, collectives = {}, {}
             for name in RUNS:
                 if mode == "fsdp" and name in FSDP_UNSUPPORTED:
                     continue
-                model, wrapped, opt = build(name, mode, world, **(STRADDLING if mode == "fsdp" else {}))
+                model, wrapped, opt = build(name, mode, world, **(STRADDLING if mode == "fsdp" else {"dtype": torch.float64}))
                 collectives[name] = run_steps(wrapped, opt, STEPS, rank, world)
                 state = full_state(model)
                 sizes[name] = state_bytes(opt)  # this rank's shards

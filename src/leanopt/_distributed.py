@@ -86,7 +86,7 @@ def _piece(shape: tuple[int, ...], mesh, placements: tuple, name: str) -> Piece:
         if isinstance(placement, Replicate):
             continue
         if not isinstance(placement, (ShardPlacement, _StridedShard)):
-            raise ValueError(f"leanopt: parameter {name!r} has the placement {placement} on mesh dimension {mesh_dim}; "
+            raise ValueError(f"leanopt: parameter {name!r} has the placement {placement!r} on mesh dimension {mesh_dim}; "
                              "supported placements are Shard(dim), FSDP2's strided shards and Replicate() (a Partial "
                              "parameter holds summands, not values: redistribute it first)")
         d = placement.dim

@@ -244,6 +244,9 @@ class LeanOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__} can only optimize floating-point tensors, got {p.dtype}")
             if p.is_complex():
                 raise ValueError(f"{type(self).__name__} does not support complex parameters")
+        names = param_group.get("param_names") or [f"param_groups[{len(self.param_groups)}][{i}]" for i in range(len(param_group["params"]))]
+        for p, name in zip(param_group["params"], names):
+            _refuse_fsdp1(type(self).__name__, p, name)
         super().add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -402,6 +405,23 @@ class LeanOptimizer(torch.optim.Optimizer):
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _refuse_fsdp1(optimizer: str, p: Tensor, name: str) -> None:
+    """FSDP1 (``FullyShardedDataParallel``) hides each tensor's shape: a flat parameter
+    concatenates many tensors (``use_orig_params=False``), and with ``use_orig_params=True``
+    each rank's tensors are flat slices of it. Per-tensor and per-block statistics (Adam-mini's
+    blocks, SGD-SaI's g-SNR, the mask's sums) would be computed over the wrong elements and
+    train silently wrong, so such parameters are refused. FSDP2 keeps the shapes (DTensors)."""
+    if type(p).__name__ == "FlatParameter" or "_flat_param" in name:
+        raise ValueError(f"{optimizer}: parameter {name!r} is an FSDP1 flat parameter (FullyShardedDataParallel with "
+                         "use_orig_params=False): it concatenates many tensors, so no per-tensor or per-block statistic "
+                         "can be right. Shard with FSDP2 (torch.distributed.fsdp.fully_shard), whose parameters keep their "
+                         "shapes; use_orig_params=True does not help either (each rank holds flat slices)")
+    if getattr(p, "_fsdp_flattened", False):
+        raise ValueError(f"{optimizer}: parameter {name!r} belongs to an FSDP1 module (FullyShardedDataParallel, "
+                         "use_orig_params=True): each rank holds a flat slice of it, so its per-tensor and per-block "
+                         "statistics cannot be computed. Shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead")
 
 
 def user_stacklevel() -> int:
