@@ -619,3 +619,44 @@ def test_given_head_geometry_that_does_not_fit_raises():
     model = nn.ModuleDict({"attn": Attn(), "embed_tokens": nn.Embedding(10, 10)})
     with pytest.raises(ValueError, match=r"does not fit attn.q_proj.weight.*heads=3"):
         AdamMini(model, n_heads=3)
+
+
+LAYOUTS_OF_SHARDS = [
+    ((12, 10), BlockLayout.per_lane((12, 10))),  # a row per block (output neurons)
+    ((12, 10), BlockLayout.per_lane((12, 10), axis=1)),  # a column per block (transposed weights)
+    ((12, 10), BlockLayout((3, 40), 0, ((3, 1),))),  # adam-mini's heads: 4 rows each, cut by any row split
+    ((12, 10), BlockLayout.lanes_of((12, 10), 0, ((8, 4), (4, 2)))),  # q heads of 4 rows, then kv heads of 2
+    ((12, 10), BlockLayout.whole(120)),
+    ((12,), BlockLayout.element(12)),  # a bias
+    ((3, 4, 5), BlockLayout((12, 5), 0, ((12, 1),))),  # experts' neurons
+    ((3, 4, 5), BlockLayout((3, 20), 0, ((3, 1),))),  # one block per expert
+]
+
+
+@pytest.mark.parametrize("shape,layout", LAYOUTS_OF_SHARDS, ids=lambda x: str(x))
+def test_block_sums_and_scaling_of_any_part_of_a_tensor(shape, layout):
+    """A shard holding any set of indices per dimension (uneven rows, TP columns, strided
+    rows) gives its share of every block's sum of g², and scales its own elements by their
+    blocks' values: checked against the whole tensor with the other elements zeroed."""
+    from leanopt._distributed import Piece
+    from leanopt.partition.layout import BlockView, block_lane_sq, block_sums
+
+    gen = torch.Generator().manual_seed(len(shape) * 7 + layout.n_blocks)
+    for trial in range(6):
+        index = tuple(None if trial % 3 == 0 and d == len(shape) - 1 else
+                      torch.randperm(n, generator=gen)[: max(1, n // 2 + trial % 2)].sort().values for d, n in enumerate(shape))
+        if trial == 5:
+            index = (torch.tensor([], dtype=torch.long),) + index[1:]  # an empty shard
+        full = torch.randn(shape, dtype=torch.float64, generator=gen)
+        mask = torch.zeros(shape, dtype=torch.bool)
+        mask[torch.meshgrid(*[torch.arange(n) if i is None else i for n, i in zip(shape, index)], indexing="ij")] = True
+        part = full[torch.meshgrid(*[torch.arange(n) if i is None else i for n, i in zip(shape, index)], indexing="ij")]
+        view = BlockView(layout, Piece(shape, index, ()))
+        expected = block_sums(block_lane_sq((full * mask).reshape(layout.view), layout.axis, torch.float64), layout)
+        torch.testing.assert_close(view.sq_sums(part.contiguous(), torch.float64), expected, rtol=1e-12, atol=0)
+        values = torch.rand(layout.n_blocks, dtype=torch.float64, generator=gen) + 0.5
+        whole = BlockView(layout).scaled(full, values)
+        torch.testing.assert_close(view.scaled(part.contiguous(), values), whole[mask].view(part.shape))
+        p = part.clone().contiguous()
+        view.sub_scaled_(p, part.contiguous(), values)
+        torch.testing.assert_close(p, part - whole[mask].view(part.shape))

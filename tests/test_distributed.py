@@ -164,11 +164,13 @@ def test_torchrun_bench_equals_one_process(bench_data, tmp_path):
         run_task(task(), tmp_path / "fsdp", bench_data, stop_after=6, **quiet)
     torchrun("fsdp", bench_data, tmp_path / "fsdp")
     torchrun("ddp", bench_data, tmp_path / "ddp")
+    torchrun("tp", bench_data, tmp_path / "tp")
+    torchrun("fsdp+tp", bench_data, tmp_path / "fsdp+tp", world=4)
     for run in task().runs:
         one = tmp_path / "one" / "smoke" / "runs" / run.key
         ref = read_results(one / "results.jsonl")
         ref_summary = json.loads((one / "summary.json").read_text())
-        for mode in ("ddp", "fsdp"):
+        for mode in ("ddp", "fsdp", "tp", "fsdp+tp"):
             path = tmp_path / mode / "smoke" / "runs" / run.key
             got = read_results(path / "results.jsonl")  # written once, by rank 0
             assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in ref]
@@ -181,11 +183,14 @@ def test_torchrun_bench_equals_one_process(bench_data, tmp_path):
             for a, b in zip(got, ref):
                 assert abs(a["loss"] - b["loss"]) <= tol * abs(b["loss"]), f"{mode} {run.key} {a} vs {b}"
             summary = json.loads((path / "summary.json").read_text())
-            assert (summary["world_size"], summary["parallel"]) == (2, mode)
+            assert (summary["world_size"], summary["parallel"]) == (4 if mode == "fsdp+tp" else 2, mode)
+            assert summary["state_bytes"] == ref_summary["state_bytes"]  # the whole state, counted once
             if mode == "ddp":  # every rank holds the whole state
-                assert summary["state_bytes"] == ref_summary["state_bytes"]
-            else:  # each rank holds about half (its shards, plus small replicated parts such as Adam-mini's v)
+                assert summary["state_bytes_rank0"] == ref_summary["state_bytes"]
+            elif mode == "fsdp":  # each rank holds about half (its shards, plus small replicated parts such as Adam-mini's v)
                 assert summary["state_bytes_rank0"] <= 0.56 * ref_summary["state_bytes"], summary
+            else:  # TP shards the attention and MLP (embeddings and norms stay whole); FSDP2 halves the rest
+                assert summary["state_bytes_rank0"] <= (0.9 if mode == "tp" else 0.45) * ref_summary["state_bytes"], summary
     assert (tmp_path / "fsdp" / "smoke" / "report.md").is_file()
 
 

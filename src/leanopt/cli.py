@@ -9,7 +9,7 @@
 * ``leanopt prepare`` — the benchmark corpora and tokenizer (:mod:`leanopt.bench.data`).
 * ``leanopt bench PRESET`` — train and compare optimizers, write a report with the
   papers' claims checked (:mod:`leanopt.bench.tasks`); data-parallel under
-  ``torchrun --nproc_per_node=N -m leanopt bench PRESET [--parallel fsdp]``.
+  ``torchrun --nproc_per_node=N -m leanopt bench PRESET [--parallel ddp|fsdp|tp|fsdp+tp]``.
 * ``leanopt report RUN_DIR`` — regenerate a report from saved results.
 * ``leanopt speed`` — optimizer-step time against the memory-bandwidth floor
   (:mod:`leanopt.bench.speed`).
@@ -34,6 +34,7 @@ from .adam_mini import AdamMini
 from .models import PRESETS, build_model
 from .models.hf import HFConfigError, build_hf_model
 from .partition import format_partition
+from .bench.parallel import MODES as PARALLEL_MODES
 from .registry import create_optimizer, list_optimizers, optimizer_info, state_bytes
 
 __all__ = ["main", "measure_state_ratio"]
@@ -195,9 +196,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when stderr is not a terminal)")
     p.add_argument("--overwrite", action="store_true",
                    help="rerun runs whose folder holds another configuration, moving the old folder aside (never deleted)")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
-                   help="under torchrun: DistributedDataParallel (default) or FSDP2 sharding; each rank reads its "
-                        "slice of every micro-batch")
+    p.add_argument("--parallel", choices=list(PARALLEL_MODES), default=None,
+                   help="under torchrun: DistributedDataParallel (default), FSDP2 sharding, tensor parallelism, or "
+                        "FSDP2 x TP (TP over pairs of ranks); each data-parallel rank reads its slice of every micro-batch")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("speed", help="optimizer-step time against the memory-bandwidth floor (leanopt speed --help)",

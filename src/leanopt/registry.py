@@ -81,11 +81,12 @@ def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any], **kw
     return info.factory(model_or_params, **args)
 
 
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of an optimizer's state tensors held by this process (the step counters left
-    out): under FSDP2, this rank's shards."""
+def state_bytes(opt: torch.optim.Optimizer, whole: bool = False) -> int:
+    """Bytes of an optimizer's state tensors (the step counters left out): held by this
+    process (under FSDP2 or TP, this rank's shards), or with ``whole`` those of the whole
+    state once (a sharded tensor at its full size, a replicated one once)."""
     return sum(
-        (v.to_local() if is_dtensor(v) else v).numel() * v.element_size()
+        (v.to_local() if is_dtensor(v) and not whole else v).numel() * v.element_size()
         for st in opt.state.values()
         for k, v in st.items()
         if isinstance(v, torch.Tensor) and k != "step"

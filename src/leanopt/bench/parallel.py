@@ -1,9 +1,12 @@
-"""Data-parallel benchmark runs: ``torchrun --nproc_per_node=N -m leanopt bench ...``.
+"""Parallel benchmark runs: ``torchrun --nproc_per_node=N -m leanopt bench ... --parallel MODE``.
 
-Every rank builds the same model (same seed), wraps it in ``DistributedDataParallel``
-(``--parallel ddp``) or shards it with FSDP2's ``fully_shard`` (``--parallel fsdp``), and
-reads only its own slice of every micro-batch: the global batch, the data order and so
-the result are those of a single process (to rounding). Losses are averaged over the
+Every rank builds the same model (same seed) and wraps it in ``DistributedDataParallel``
+(``ddp``), shards it with FSDP2's ``fully_shard`` (``fsdp``), splits its attention heads and
+MLP neurons over the ranks with tensor parallelism (``tp``: q/k/v and gate/up column-wise,
+o and down row-wise, as Megatron and torchtitan), or both on a 2-D mesh (``fsdp+tp``: TP
+over pairs of ranks, FSDP2 across the pairs). Each data-parallel rank reads only its own
+slice of every micro-batch (the ranks of one TP group read the same): the global batch, the
+data order and so the result are those of a single process (to rounding). Losses are averaged over the
 ranks; metrics, checkpoints and reports are written by rank 0 alone. Checkpoints hold
 full (unsharded) state dicts, so a run interrupted under one world size resumes under
 another, or in a single process.
@@ -26,7 +29,8 @@ from .config import ConfigError
 
 __all__ = ["MODES", "DataParallel", "init_data_parallel"]
 
-MODES = ("ddp", "fsdp")
+MODES = ("ddp", "fsdp", "tp", "fsdp+tp")
+TP_PAIR = 2  # the tensor-parallel degree of fsdp+tp
 
 
 @dataclass(frozen=True)
@@ -46,16 +50,27 @@ class DataParallel:
     def active(self) -> bool:
         return self.world > 1
 
+    @property
+    def tp(self) -> int:
+        """Ranks per tensor-parallel group (1: none)."""
+        return {"tp": self.world, "fsdp+tp": TP_PAIR}.get(self.mode, 1) if self.active else 1
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.tp
+
     def check(self, micro_batch: int) -> None:
-        if micro_batch % self.world:
-            raise ConfigError(f"micro_batch {micro_batch} cannot be split evenly over {self.world} ranks; "
+        if self.mode == "fsdp+tp" and self.world % TP_PAIR:
+            raise ConfigError(f"--parallel fsdp+tp needs an even number of ranks (TP over pairs), got {self.world}")
+        if micro_batch % self.dp_world:
+            raise ConfigError(f"micro_batch {micro_batch} cannot be split evenly over {self.dp_world} data-parallel ranks; "
                               f"choose a world size that divides it")
 
     def part(self, n: int) -> slice:
         """This rank's rows of a micro-batch of ``n`` windows (equal slices, so the mean of
-        the ranks' mean losses is the mean over the whole micro-batch)."""
-        per = n // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
+        the ranks' mean losses is the mean over the whole micro-batch; a TP group shares one)."""
+        per, dp_rank = n // self.dp_world, self.rank // self.tp
+        return slice(dp_rank * per, (dp_rank + 1) * per)
 
     def wrap(self, model: nn.Module, device: str) -> nn.Module:
         """The module to run forward and backward through. FSDP2 shards ``model`` in place
@@ -67,11 +82,17 @@ class DataParallel:
             from torch.nn.parallel import DistributedDataParallel
 
             return DistributedDataParallel(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None)
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        for block in _blocks(model):  # one unit per transformer block (gathered just before use), then the rest
-            fully_shard(block)
-        fully_shard(model)
+        kind = device.split(":")[0]
+        mesh = init_device_mesh(kind, (self.dp_world, self.tp), mesh_dim_names=("dp", "tp"))
+        if self.tp > 1:
+            tensor_parallel(model, mesh["tp"])
+        if self.mode in ("fsdp", "fsdp+tp"):
+            for block in _blocks(model):  # one unit per transformer block (gathered just before use), then the rest
+                fully_shard(block, mesh=mesh["dp"])
+            fully_shard(model, mesh=mesh["dp"])
         return model
 
     def mean(self, value: float) -> float:
@@ -84,13 +105,6 @@ class DataParallel:
         torch.distributed.all_reduce(t)
         return t.item() / self.world
 
-    def whole(self, local: int) -> int:
-        """The size of something of which each rank holds its shard (FSDP2: the sum over the
-        ranks) or a full replica (DDP, one process: ``local`` itself)."""
-        if self.mode != "fsdp" or not self.active:
-            return local
-        return int(round(self.mean(float(local)) * self.world))
-
     def barrier(self) -> None:
         """Wait for every rank (e.g. until rank 0 has written a file the others read)."""
         if self.active:
@@ -100,7 +114,7 @@ class DataParallel:
     def accumulating(self, net: nn.Module, sync: bool) -> Iterator[None]:
         """Backward passes inside reduce gradients across ranks only when ``sync`` (the last
         micro-batch of an optimizer step), not after every micro-batch."""
-        if not self.active or sync:
+        if not self.active or sync or self.mode == "tp":  # TP alone: no gradient to reduce across ranks
             yield
         elif self.mode == "ddp":
             with net.no_sync():
@@ -111,6 +125,29 @@ class DataParallel:
                 yield
             finally:
                 net.set_requires_gradient_sync(True)
+
+
+def tensor_parallel(model: nn.Module, mesh) -> None:
+    """Megatron-style tensor parallelism of leanopt's GPT over ``mesh``: q/k/v and gate/up
+    column-wise (``Shard(0)`` weights), o and down row-wise (``Shard(1)``); each rank runs
+    its share of the heads. Norms and embeddings stay whole on every rank."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from ..models import GPT
+
+    if not isinstance(model, GPT):
+        raise ConfigError("--parallel tp / fsdp+tp supports leanopt's GPT models (not --hf-config models)")
+    cfg, n = model.config, mesh.size()
+    for what, value in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.resolved_kv_heads), ("mlp_hidden", cfg.resolved_mlp_hidden)):
+        if value % n:
+            raise ConfigError(f"tensor parallelism over {n} ranks needs {what} divisible by {n}, got {value}")
+    plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    for block in model.layers:
+        parallelize_module(block, mesh, plan)
+        block.self_attn.n_heads //= n  # the attention reshapes by its local heads
+        block.self_attn.n_kv_heads //= n
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList | list:

@@ -392,8 +392,8 @@ def _summary(s: _Session, wall: float) -> dict[str, Any]:
         "diverged": diverged,
         "n_params": sum(p.numel() for p in params),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
-        "state_bytes": s.dp.whole(state_bytes(s.opt)),
-        "state_bytes_rank0": state_bytes(s.opt),  # FSDP2 shards the state: about state_bytes / world_size
+        "state_bytes": state_bytes(s.opt, whole=True),
+        "state_bytes_rank0": state_bytes(s.opt),  # FSDP2 / TP shard the state: about state_bytes / world_size
         "world_size": s.dp.world,
         "parallel": s.dp.mode,
         # which implementation stepped the tensors (leanopt's router; torch's own are named by their flags)

@@ -160,17 +160,12 @@ class BlockView:
     local row (axis 0) or column (axis 1)."""
 
     def __init__(self, layout: BlockLayout, piece: Piece | None = None, name: str = "a parameter") -> None:
-        self.layout, self.piece = layout, piece
+        self.layout = layout
         self.groups = piece.groups if piece is not None else ()
         self.local_view: tuple[int, int] = layout.view
         self.lane_ids: Tensor | None = None  # None: the whole tensor, lane i is row/column i
         if piece is not None:
             self.local_view, self.lane_ids = _local_lanes(layout, piece, name)
-
-    @property
-    def numel(self) -> int:
-        """Elements of the whole tensor."""
-        return self.layout.numel
 
     def sq_sums(self, g: Tensor, dtype: torch.dtype) -> Tensor:
         """Sum of g² per block over the elements held here (``dtype``: the accumulation's)."""
