@@ -212,6 +212,27 @@ def nonfinite(run: str, rank: int = 0, world: int = 1, wrap: str = "ddp", skip: 
     return out, opt.nonfinite_skips
 
 
+def train_all(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -> None:
+    """Train every run of ``names``; rank 0 saves each one's full parameters and the first
+    one's placements; every rank its state bytes and the collectives of its last step."""
+    sizes, collectives = {}, {}
+    for name in names:
+        model, wrapped, opt = build(name, wrap, world, **model_kw)
+        if rank == 0 and name == names[0]:  # what the layouts really were
+            with open(os.path.join(out, "placements.json"), "w") as f:
+                json.dump({n: [repr(pl) for pl in p.placements] if hasattr(p, "placements") else None
+                           for n, p in model.named_parameters()}, f)
+        collectives[name] = run_steps(wrapped, opt, STEPS, dp_rank, dp_world)
+        state = full_state(model)
+        sizes[name] = state_bytes(opt)  # this rank's shards
+        if rank == 0:
+            torch.save(state, os.path.join(out, f"{name}.pt"))
+    with open(os.path.join(out, f"state_bytes_rank{rank}.json"), "w") as f:
+        json.dump(sizes, f)
+    with open(os.path.join(out, f"collectives_rank{rank}.json"), "w") as f:
+        json.dump(collectives, f)
+
+
 def dcp_round(name, rank, world, ckpt_in, ckpt_out, out, wrap="fsdp", model_kw=STRADDLING):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -243,22 +264,7 @@ if __name__ == "__main__":
         if mode in ("uneven", "tp", "2d"):
             wrap, model_kw = ("fsdp", UNEVEN) if mode == "uneven" else (mode, TP_MODEL)
             dp_rank, dp_world = {"uneven": (rank, world), "tp": (0, 1), "2d": (rank // 2, world // 2)}[mode]
-            sizes, collectives = {}, {}
-            for name in SHARDED_RUNS:
-                model, wrapped, opt = build(name, wrap, world, **model_kw)
-                if rank == 0 and name == SHARDED_RUNS[0]:  # what the layouts really were
-                    with open(os.path.join(out, "placements.json"), "w") as f:
-                        json.dump({n: [repr(pl) for pl in p.placements] if hasattr(p, "placements") else None
-                                   for n, p in model.named_parameters()}, f)
-                collectives[name] = run_steps(wrapped, opt, STEPS, dp_rank, dp_world)
-                state = full_state(model)
-                sizes[name] = state_bytes(opt)
-                if rank == 0:
-                    torch.save(state, os.path.join(out, f"{name}.pt"))
-            with open(os.path.join(out, f"state_bytes_rank{rank}.json"), "w") as f:
-                json.dump(sizes, f)
-            with open(os.path.join(out, f"collectives_rank{rank}.json"), "w") as f:
-                json.dump(collectives, f)
+            train_all(SHARDED_RUNS, wrap, world, model_kw, rank, dp_rank, dp_world, out)
             if mode == "tp":
                 errors = {"partial": partial_error(), **fsdp1_errors()}
                 if rank == 0:
@@ -271,20 +277,8 @@ if __name__ == "__main__":
             for name in DCP_OPTIMIZERS:
                 dcp_round(name, rank, world, ckpt_in, ckpt_out, out, wrap, model_kw)
         else:
-            sizes, collectives = {}, {}
-            for name in RUNS:
-                if mode == "fsdp" and name in FSDP_UNSUPPORTED:
-                    continue
-                model, wrapped, opt = build(name, mode, world, **(STRADDLING if mode == "fsdp" else {"dtype": torch.float64}))
-                collectives[name] = run_steps(wrapped, opt, STEPS, rank, world)
-                state = full_state(model)
-                sizes[name] = state_bytes(opt)  # this rank's shards
-                if rank == 0:
-                    torch.save(state, os.path.join(out, f"{name}.pt"))
-            with open(os.path.join(out, f"state_bytes_rank{rank}.json"), "w") as f:
-                json.dump(sizes, f)
-            with open(os.path.join(out, f"collectives_rank{rank}.json"), "w") as f:
-                json.dump(collectives, f)
+            names = [n for n in RUNS if not (mode == "fsdp" and n in FSDP_UNSUPPORTED)]
+            train_all(names, mode, world, STRADDLING if mode == "fsdp" else {"dtype": torch.float64}, rank, rank, world, out)
             if mode == "fsdp":  # float32: the elementwise steps take the C kernels on each local shard
                 fast = {}
                 for name in FAST_ON_SHARDS:

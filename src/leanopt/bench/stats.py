@@ -30,7 +30,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["PairedDiff", "paired", "Ratio", "ratio", "at_least", "by_seed", "t975", "on_par", "non_inferior", "better", "MARGIN",
+__all__ = ["Estimate", "PairedDiff", "paired", "Ratio", "ratio", "at_least", "by_seed", "t975", "on_par", "non_inferior", "better", "MARGIN",
            "HOLDS", "FAILS", "INCONCLUSIVE"]
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive"
@@ -53,9 +53,8 @@ def t975(df: int) -> float:
 
 
 @dataclass(frozen=True)
-class PairedDiff:
-    """Mean paired difference ``ours − baseline`` over ``n`` seeds, with its 95 % CI
-    (``low``, ``high``; NaN for one seed)."""
+class Estimate:
+    """A value over ``n`` seeds with its 95 % CI (``low``, ``high``; NaN for one seed)."""
 
     mean: float
     low: float
@@ -65,6 +64,10 @@ class PairedDiff:
     @property
     def has_interval(self) -> bool:
         return self.n >= 2 and math.isfinite(self.low) and math.isfinite(self.high)
+
+
+class PairedDiff(Estimate):
+    """Mean paired difference ``ours − baseline``."""
 
     def text(self, digits: int = 4) -> str:
         ci = f"95% CI [{self.low:+.{digits}f}, {self.high:+.{digits}f}]" if self.has_interval else "no CI (1 seed)"
@@ -85,19 +88,8 @@ def paired(ours: dict[int, float], baseline: dict[int, float]) -> PairedDiff | N
     return PairedDiff(mean, mean - half, mean + half, len(d))
 
 
-@dataclass(frozen=True)
-class Ratio:
-    """Geometric mean of per-seed ratios over ``n`` seeds, with its 95 % CI (``low``,
-    ``high``; NaN for one seed)."""
-
-    mean: float
-    low: float
-    high: float
-    n: int
-
-    @property
-    def has_interval(self) -> bool:
-        return self.n >= 2 and math.isfinite(self.low) and math.isfinite(self.high)
+class Ratio(Estimate):
+    """Geometric mean of per-seed ratios."""
 
     def text(self) -> str:
         ci = f"95% CI [{self.low:.2f}, {self.high:.2f}]" if self.has_interval else "no CI (1 seed)"
