@@ -90,8 +90,10 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 def test_ctrl_c_says_how_to_resume(bench_data, tmp_path):
     out = tmp_path / "runs"
+    # SIGINT as a terminal delivers it, also when this suite itself runs in the background
+    # (a shell's background jobs inherit SIGINT ignored, and Python then keeps it ignored)
     proc = subprocess.Popen([sys.executable, "-m", "leanopt", *bench(bench_data, out)], stderr=subprocess.PIPE, text=True,
-                            stdout=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(out.rglob(".lock")) and time.time() < deadline:  # training has begun
         time.sleep(0.05)
