@@ -18,6 +18,7 @@ plain-SGD baseline runs without decay except in the robustness grid.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
@@ -162,7 +163,7 @@ def sweep_extension(runs: list[RunSpec], summaries: list[dict[str, Any]]) -> lis
         by_group.setdefault(r.group_name, []).append((r, s))
     for group, pairs in by_group.items():
         pairs.sort(key=lambda p: p[0].lr)
-        finite = [p for p in pairs if p[1]["final_val"] == p[1]["final_val"] and abs(p[1]["final_val"]) != float("inf")]
+        finite = [p for p in pairs if math.isfinite(p[1]["final_val"])]
         if not finite or len(pairs) >= SWEEP_MAX_RUNS:
             continue
         best = min(finite, key=lambda p: p[1]["final_val"])[0]
