@@ -101,6 +101,11 @@ def route(backends: Backends, fused: bool | None, columns: Sequence[Sequence[Any
     pieces = None
     if any(is_dtensor(p) for p in columns[0]):
         pieces = [piece_of(p, name_of(i)) for i, p in enumerate(columns[0])]
+        for i, (p, g) in enumerate(zip(columns[0], columns[1])):  # the gradient's local part must line up
+            if is_dtensor(p) and (not is_dtensor(g) or tuple(g.placements) != tuple(p.placements)):
+                raise ValueError(f"leanopt: the gradient of parameter {name_of(i)!r} is placed "
+                                 f"{tuple(g.placements) if is_dtensor(g) else 'as a plain tensor'}, the parameter "
+                                 f"{tuple(p.placements)}; redistribute the gradient like its parameter")
         columns = [[local(t) if isinstance(t, Tensor) else t for t in col] for col in columns]
     plan = _plan(fused, columns, backends, options, name_of, pieces)
     run = {EAGER: backends.eager, COMPILED: backends.compiled, NATIVE: backends.native}

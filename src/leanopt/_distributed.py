@@ -63,13 +63,15 @@ def piece_of(t: Tensor, name: str = "a parameter") -> Piece | None:
     are not its values) raise a ValueError naming ``name``."""
     if not is_dtensor(t):
         return None
-    key = (tuple(t.shape), tuple(t.placements), t.device_mesh)
+    mesh = t.device_mesh
+    # keyed by the mesh object itself: equal meshes of a re-created process group hold other groups
+    key = (tuple(t.shape), tuple(t.placements), id(mesh))
     if key not in _PIECES:
-        _PIECES[key] = _piece(key[0], key[2], key[1], name)
-    return _PIECES[key]
+        _PIECES[key] = (mesh, _piece(key[0], mesh, key[1], name))  # the entry keeps its mesh (and id) alive
+    return _PIECES[key][1]
 
 
-_PIECES: dict[tuple, Piece] = {}  # a parameter's piece does not change between steps
+_PIECES: dict[tuple, tuple[object, Piece]] = {}  # a parameter's piece does not change between steps
 
 
 def _piece(shape: tuple[int, ...], mesh, placements: tuple, name: str) -> Piece:
