@@ -77,7 +77,7 @@ _PIECES: dict[tuple, tuple[object, Piece]] = {}  # a parameter's piece does not 
 def _piece(shape: tuple[int, ...], mesh, placements: tuple, name: str) -> Piece:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor import Shard as ShardPlacement
-    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.distributed.tensor.placement_types import _StridedShard, _StridedShardOffsetMode
 
     index: list[Tensor | None] = [None] * len(shape)
     groups = []
@@ -94,19 +94,13 @@ def _piece(shape: tuple[int, ...], mesh, placements: tuple, name: str) -> Piece:
         d = placement.dim
         before = index[d]
         size = shape[d] if before is None else before.numel()
-        n, offset = placement._local_shard_size_and_offset(size, mesh.size(mesh_dim), coordinate[mesh_dim],
-                                                           **_all_offsets(placement))
+        # a strided shard reports its (non-contiguous) positions only when asked for all of them
+        every = {"offset_mode": _StridedShardOffsetMode.ALL} if isinstance(placement, _StridedShard) else {}
+        n, offset = placement._local_shard_size_and_offset(size, mesh.size(mesh_dim), coordinate[mesh_dim], **every)
         here = torch.arange(offset, offset + n) if isinstance(offset, int) else torch.tensor(offset, dtype=torch.long)
         index[d] = here if before is None else before[here]
         groups.append(mesh.get_group(mesh_dim))
     return Piece(shape, tuple(index), tuple(groups))
-
-
-def _all_offsets(placement) -> dict:
-    """``_StridedShard`` reports its (non-contiguous) positions only when asked for all."""
-    from torch.distributed.tensor.placement_types import _StridedShard, _StridedShardOffsetMode
-
-    return {"offset_mode": _StridedShardOffsetMode.ALL} if isinstance(placement, _StridedShard) else {}
 
 
 def local(t: Tensor) -> Tensor:

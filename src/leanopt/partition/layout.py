@@ -167,39 +167,41 @@ class BlockView:
         if piece is not None:
             self.local_view, self.lane_ids = _local_lanes(layout, piece, name)
 
+    def _ids(self, device: torch.device) -> Tensor:
+        """:attr:`lane_ids` on ``device``, copied there once."""
+        if self.lane_ids.device != device:
+            self.lane_ids = self.lane_ids.to(device)
+        return self.lane_ids
+
     def sq_sums(self, g: Tensor, dtype: torch.dtype) -> Tensor:
         """Sum of g² per block over the elements held here (``dtype``: the accumulation's)."""
-        axis = self.layout.axis
-        part = block_lane_sq(g.reshape(self.local_view), axis, dtype)
+        part = block_lane_sq(g.reshape(self.local_view), self.layout.axis, dtype)
         if self.lane_ids is not None:
-            part = torch.zeros(self.layout.lanes, dtype=dtype, device=g.device).index_add_(0, self.lane_ids.to(g.device), part)
+            part = torch.zeros(self.layout.lanes, dtype=dtype, device=g.device).index_add_(0, self._ids(g.device), part)
         return block_sums(part, self.layout)
 
     def means(self, sums: Tensor) -> Tensor:
         """Whole-tensor block sums → block means."""
         return sums / block_elements(self.layout, sums.device, sums.dtype)
 
-    def _rows(self, t: Tensor, block_values: Tensor) -> tuple[Tensor, Tensor]:
-        # t (contiguous, local) as its 2-D view, and one value per local lane broadcasting against it
-        lane = expand_blocks(block_values, self.layout).to(t.dtype)
-        if self.lane_ids is not None:
-            ids = self.lane_ids.to(t.device)
-            lane = lane.reshape(-1).index_select(0, ids)
-            lane = lane.view(-1, 1) if self.layout.axis == 0 else lane.view(1, -1)
-        return t.view(self.local_view), lane
+    def _lane(self, block_values: Tensor, dtype: torch.dtype) -> Tensor:
+        # one value per local lane, broadcasting against the local 2-D view
+        lane = expand_blocks(block_values, self.layout).to(dtype)
+        if self.lane_ids is None:
+            return lane
+        lane = lane.reshape(-1).index_select(0, self._ids(lane.device))
+        return lane.view(-1, 1) if self.layout.axis == 0 else lane.view(1, -1)
 
     def scaled(self, m: Tensor, block_values: Tensor) -> Tensor:
         """``m`` (local) times its block's value, shaped as ``m``."""
-        m2, lane = self._rows(m.contiguous(), block_values)
-        return (m2 * lane).view(m.shape)
+        return (m.contiguous().view(self.local_view) * self._lane(block_values, m.dtype)).view(m.shape)
 
     def sub_scaled_(self, p: Tensor, m: Tensor, block_values: Tensor) -> None:
         """``p -= m · value of its block`` (local tensors), without a full-size temporary."""
         if not p.is_contiguous():  # rare (a transposed view registered as a parameter): one temporary is unavoidable
             p.sub_(self.scaled(m, block_values).view(p.shape))
             return
-        m2, lane = self._rows(m.contiguous(), block_values)
-        self._rows(p, block_values)[0].addcmul_(m2, lane, value=-1.0)
+        p.view(self.local_view).addcmul_(m.contiguous().view(self.local_view), self._lane(block_values, p.dtype), value=-1.0)
 
 
 def _split(shape: tuple[int, ...], rows: int) -> tuple[int, int] | None:
