@@ -75,7 +75,7 @@ class TaskSpec:
     base: tuple[TrainConfig, RunSpec] | None = None  # pre-training whose model the runs start from
     kind: str = "pretrain"  # pretrain | finetune | robustness | sweep
     scale_models: tuple[str, ...] = SCALE_MODELS  # models whose state bytes the report adds (bench/memory.py)
-    minutes: float = 0.0  # measured wall time of the whole preset on 2 CPU cores (0: short or unmeasured)
+    minutes: float = 0.0  # the whole preset's wall time on 2 CPU cores, estimated from measured runs (0: short)
 
     def validate(self) -> None:
         self.train.validate()
