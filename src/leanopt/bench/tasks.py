@@ -97,7 +97,8 @@ def _opt_kwargs(name: str, lr: float) -> dict[str, Any]:
 
 
 def _seeded(runs: list[RunSpec], seeds: tuple[int, ...]) -> tuple[RunSpec, ...]:
-    return tuple(replace(r, seed=s) for r in runs for s in seeds)
+    # Seed-major, so a preset stopped part-way already has complete pairs: every optimizer on seed 0 first.
+    return tuple(replace(r, seed=s) for s in seeds for r in runs)
 
 
 # runs that are an optimizer with arguments: label -> (optimizer, arguments, whose lr)
@@ -307,7 +308,7 @@ def get_task(
         if not seeds:
             raise ConfigError("--seeds needs at least one seed")
         firsts = {r.label: r for r in task.runs}
-        runs = tuple(replace(r, seed=s) for r in firsts.values() for s in seeds)
+        runs = _seeded(list(firsts.values()), seeds)
     base = (adjust(task.base[0], True), task.base[1]) if task.base else None
     return replace(task, train=adjust(task.train, False), runs=runs, base=base)
 
