@@ -16,7 +16,11 @@ This module holds what is common to all of them:
 * loading older checkpoints (Python-number ``step`` entries, missing group keys);
 * the rejection of sparse gradients;
 * the non-finite gradient rule (``docs/algorithms.md`` §0): :func:`finite_terms` for the
-  statistics shared across elements, and the opt-in ``skip_nonfinite``.
+  statistics shared across elements, and the opt-in ``skip_nonfinite``;
+* the precision of the state and of the update (:mod:`leanopt.precision`): every family asks
+  :meth:`LeanOptimizer._element_state` for its per-element state and gets a tensor to step in
+  place, stored back compactly (bf16, int8, int4) after the step; ``stochastic_rounding``
+  steps bfloat16 parameters through float32 copies rounded back stochastically.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import precision as _precision
 from ._backend import Backends, route
-from ._distributed import all_finite, batched_reductions
+from ._distributed import all_finite, batched_reductions, is_dtensor
+from .precision import MOMENT, SECOND
 
 __all__ = ["LeanOptimizer", "Interval", "IntAtLeast", "OneOf", "Betas", "ParamsT", "unwrap_model", "trainable_named_parameters"]
 
@@ -209,7 +216,7 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     _checks: dict[str, Any] = {}
     # checks every leanopt optimizer shares, merged under each class's own
-    _common_checks: dict[str, Any] = {"skip_nonfinite": BOOL}
+    _common_checks: dict[str, Any] = {"skip_nonfinite": BOOL, **_precision.precision_checks()}
     # hyperparameters a variant adds to its parent's (PMA's period and variant): set by the
     # variant's __init__ before it calls the parent's, which puts them into the defaults
     _extra_defaults: dict[str, Any] = {}
@@ -220,6 +227,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         self._group_keys = tuple(defaults)  # the hyperparameters every group must have
         self.last_nonfinite: list[str] = []  # names skip_nonfinite skipped in the latest step
         self.last_backends: dict[str, int] = {}  # tensors per backend in the latest step
+        self._stores: list[tuple[dict[str, Any], Tensor, str, Tensor]] = []  # working state to store back
+        self._positions: dict[Tensor, int] = {}  # each parameter's place, for its rounding stream
         super().__init__(normalize_params(params), defaults)
 
     # -- validation ---------------------------------------------------------------------
@@ -247,7 +256,26 @@ class LeanOptimizer(torch.optim.Optimizer):
         names = param_group.get("param_names") or [f"param_groups[{len(self.param_groups)}][{i}]" for i in range(len(param_group["params"]))]
         for p, name in zip(param_group["params"], names):
             _refuse_fsdp1(type(self).__name__, p, name)
+        self._check_precision({**self.defaults, **param_group}, zip(param_group["params"], names))
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if _precision.uses_rounding(group):
+            group.setdefault("rounding_seed", _precision.new_seed())
+            group.setdefault("rounding_step", 0)
+        self._positions = {}
+
+    def _check_precision(self, group: Mapping[str, Any], named: Iterable[tuple[Tensor, str]]) -> None:
+        me = type(self).__name__
+        prec = group.get("state_precision", "param")
+        _precision.check_state_keys(me, prec, self._element_kinds)
+        compact = prec != "param"
+        for p, name in named:
+            if group.get("stochastic_rounding") and p.dtype != torch.bfloat16:
+                raise ValueError(f"{me}: stochastic_rounding=True is for bfloat16 parameters; parameter {name!r} is "
+                                 f"{p.dtype}, whose update needs no rounding to bfloat16")
+            if (compact or group.get("stochastic_rounding")) and is_dtensor(p):
+                raise ValueError(f"{me}: state_precision={prec!r} / stochastic_rounding on sharded (DTensor) parameter "
+                                 f"{name!r} is not supported yet; use state_precision='param' under FSDP2 and TP")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; a subclass's own
@@ -258,7 +286,8 @@ class LeanOptimizer(torch.optim.Optimizer):
     # -- state_dict ---------------------------------------------------------------------
     # state entries every stepped parameter has, and those shaped like the parameter
     _state_keys: tuple[str, ...] = ()
-    _per_element_state: tuple[str, ...] = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+    # per-element state, each a first moment / momentum (MOMENT) or a second moment (SECOND)
+    _element_kinds: dict[str, str] = {"exp_avg": MOMENT, "exp_avg_sq": SECOND, "momentum_buffer": MOMENT}
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -268,7 +297,7 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     def _expected_shape(self, p: Tensor, key: str) -> tuple[int, ...] | None:
         """The shape state ``key`` of ``p`` must have (None: not checked)."""
-        if key in self._per_element_state:
+        if key in self._element_kinds:
             return tuple(p.shape)
         return () if key == "step" else None
 
@@ -278,6 +307,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         ``ValueError`` naming the parameter, with this optimizer unchanged."""
         self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
+        self._restore_compact(state_dict)
 
     def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
         me = type(self).__name__
@@ -304,6 +334,9 @@ class LeanOptimizer(torch.optim.Optimizer):
                                  f"this state (keys: {', '.join(map(str, st))}); was it saved by another optimizer?")
             for key, value in st.items():
                 want = self._expected_shape(p, key)
+                kind = self._element_kinds.get(key)
+                if kind is not None and isinstance(value, Tensor) and _precision.format_of(st, key, kind, p) == "int4":
+                    want = _precision.code_shape(p, "int4")
                 if isinstance(value, Tensor) and want is not None and tuple(value.shape) != want:
                     raise ValueError(f"{me}.load_state_dict: state {key!r} of parameter {self.param_name(p)!r} has shape "
                                      f"{tuple(value.shape)}, expected {want}; {self._shape_hint(key)}")
@@ -390,6 +423,10 @@ class LeanOptimizer(torch.optim.Optimizer):
         self.last_nonfinite, self.last_backends = [], {}
         with batched_reductions():  # sums of sharded tensors that can wait cross the ranks once
             self._update()
+        self._store_state()
+        for group in self.param_groups:
+            if _precision.uses_rounding(group):  # the next step draws other bits
+                group["rounding_step"] = group.get("rounding_step", 0) + 1
         return loss
 
     def _update(self) -> None:  # pragma: no cover - abstract
@@ -397,10 +434,101 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     def _route(self, backends: Backends, group: dict[str, Any], *columns: list[Any], **options: Any) -> None:
         """One group's step through the family's ``backends``, each tensor on the backend
-        ``group["fused"]`` chooses (:mod:`leanopt._backend`); counted in ``last_backends``."""
-        used = route(backends, group["fused"], columns, options, name_of=lambda i: self.param_name(columns[0][i]))
+        ``group["fused"]`` chooses (:mod:`leanopt._backend`); counted in ``last_backends``.
+        Then the group's compact state is stored back, and with ``stochastic_rounding`` the
+        parameters, stepped as float32 copies, are rounded back to bfloat16."""
+        params = columns[0]
+        # a 16-bit parameter whose state is stepped as float32 working copies (or whose update
+        # is rounded stochastically) is stepped in float32 too, with its gradient
+        upcast = [p.dtype in (torch.bfloat16, torch.float16) and (group.get("stochastic_rounding") or
+                                                                  group.get("state_precision", "param") != "param")
+                  for p in params]
+        if any(upcast):
+            columns = ([p.float() if up else p for p, up in zip(params, upcast)],
+                       [g.float() if up else g for g, up in zip(columns[1], upcast)], *columns[2:])
+        used = route(backends, group["fused"], columns, options, name_of=lambda i: self.param_name(params[i]))
         for backend, n in used.items():
             self.last_backends[backend] = self.last_backends.get(backend, 0) + n
+        for p, work, up in zip(params, columns[0], upcast):
+            if up and group.get("stochastic_rounding"):
+                _precision.stochastic_round_(p, work, self._rounding_generator(group, p, 0))
+            elif up:
+                p.copy_(work)
+        self._store_state()
+
+    # -- state precision (leanopt.precision) ----------------------------------------------
+    def _element_state(self, group: dict[str, Any], p: Tensor, key: str,
+                       memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
+        """Per-element state ``key`` of ``p``, created as zeros where missing, as the tensor
+        the step updates in place: the stored tensor itself at the parameter's precision,
+        else a float working copy decoded from the compact form, stored back after the step."""
+        state, kind = self.state[p], self._element_kinds[key]
+        fmt = _precision.stored_format(group, key, kind, p)
+        if fmt == "param" and (key not in state or _precision.format_of(state, key, kind, p) == "param"):
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=memory_format)
+            return state[key]
+        if key in state:
+            work = _precision.decode(state, key, kind, p)
+        else:
+            work = torch.zeros(p.shape, dtype=_precision.working_dtype(p), device=p.device)
+        self._stores.append((group, p, key, work))
+        return work
+
+    def _set_element_state(self, group: dict[str, Any], p: Tensor, key: str, value: Tensor) -> None:
+        """``state[key] ← value`` in the group's format (a copy: ``value`` is not kept)."""
+        self._stores.append((group, p, key, value.detach().to(_precision.working_dtype(p), copy=True,
+                                                                memory_format=torch.contiguous_format)))
+        self._store_state()
+
+    def _store_state(self) -> None:
+        for group, p, key, work in self._stores:
+            kind, state = self._element_kinds[key], self.state[p]
+            fmt = _precision.stored_format(group, key, kind, p)
+            rounding = self._rounding_generator(group, p, 1 + list(self._element_kinds).index(key)) if fmt == "bf16" else None
+            entries = _precision.encode(work, fmt, kind, p, group.get("state_block_size", 256), rounding)
+            for stale in _precision.stored_keys(key, "int8"):
+                state.pop(stale, None)
+            for suffix, value in entries.items():
+                state[key + suffix] = value
+        self._stores = []
+
+    def _rounding_generator(self, group: dict[str, Any], p: Tensor, stream: int) -> torch.Generator | None:
+        """The generator of ``p``'s rounding bits in this step (``stream``: 0 the parameter,
+        1 + i its i-th state); None where the group rounds nothing stochastically."""
+        if not _precision.uses_rounding(group):
+            return None
+        if not self._positions:
+            self._positions = {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        return _precision.rounding_generator(group.get("rounding_seed", 0), group.get("rounding_step", 0),
+                                             self._positions[p] * 8 + stream, p.device)
+
+    def _restore_compact(self, state_dict: Mapping[str, Any]) -> None:
+        """After torch's ``load_state_dict``, which casts every state tensor to a floating-point
+        parameter's dtype: codes, block scales and bf16 state as they were saved; then any
+        state saved in another format than the group's converted, with a one-line note."""
+        converted: dict[tuple[str, str], int] = {}
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for i, p in zip(saved_group["params"], group["params"]):
+                saved, state = state_dict["state"].get(i), self.state.get(p)
+                if not saved or state is None:
+                    continue
+                for key, value in saved.items():
+                    if isinstance(key, str) and isinstance(value, Tensor) and (
+                            key.endswith(_precision.SCALE_SUFFIX) or value.dtype in _precision.COMPACT_DTYPES):
+                        state[key] = value.to(device=p.device, copy=True)
+                for key, kind in self._element_kinds.items():
+                    if key not in state:
+                        continue
+                    have, want = _precision.format_of(state, key, kind, p), _precision.stored_format(group, key, kind, p)
+                    if not _precision.same_storage(have, want, p):
+                        self._stores.append((group, p, key, _precision.decode(state, key, kind, p, have)))
+                        converted[(have, want)] = converted.get((have, want), 0) + 1
+        self._store_state()
+        if converted:
+            what = ", ".join(f"{n} from {a} to {b}" for (a, b), n in converted.items())
+            warnings.warn(f"leanopt: {type(self).__name__}.load_state_dict converted state tensors saved at another "
+                          f"state_precision ({what})", UserWarning, stacklevel=user_stacklevel())
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

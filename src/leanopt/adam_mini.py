@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .precision import MOMENT, precision_defaults
 from ._optimizer import (
     BOOL,
     BOOL_OR_NONE,
@@ -339,6 +340,15 @@ class AdamMini(LeanOptimizer):
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
+        state_precision, state_block_size, state_min_size, stochastic_rounding: the
+            precision of the state and of bfloat16 updates (:mod:`leanopt.precision`,
+            ``docs/algorithms.md`` §8). ``state_precision``: ``"param"`` (default: the
+            parameter's dtype), ``"bf16"`` (written with stochastic rounding), ``"int8"``,
+            ``"int4"`` (int4 momenta, int8 second moments), or a dict by state name; int8/int4
+            blocks hold ``state_block_size`` elements (a power of two, default 256) and tensors
+            under ``state_min_size`` elements (default 4096) keep the parameter's precision.
+            ``stochastic_rounding=True`` (bfloat16 parameters only): the update is computed
+            in float32 and rounded back stochastically, so pure-bf16 weights keep learning.
 
     Reductions run in float32 (float64 for float64 parameters); state tensors take the
     parameter's dtype, as in ``torch.optim`` (a ``state_dict`` round trip casts them so).
@@ -380,6 +390,10 @@ class AdamMini(LeanOptimizer):
         maximize: bool = False,
         fused: bool | None = None,
         skip_nonfinite: bool = False,
+        state_precision: str | dict[str, str] = "param",
+        state_block_size: int = 256,
+        state_min_size: int = 4096,
+        stochastic_rounding: bool = False,
     ) -> None:
         for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
             _positive_int_or_none(name, value)
@@ -423,7 +437,8 @@ class AdamMini(LeanOptimizer):
         self._warned_plain = self._constructed = False
 
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
-                        skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale))
+                        skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale),
+                        **precision_defaults(state_precision, state_block_size, state_min_size, stochastic_rounding))
         super().__init__(params, defaults)
         # the model-wide table served construction; keeping it would pin (and deepcopy)
         # every model tensor, also the frozen ones
@@ -522,6 +537,7 @@ class AdamMini(LeanOptimizer):
 
     # -- state ----------------------------------------------------------------------------
     _state_keys = ("step", "exp_avg", "exp_avg_sq")
+    _element_kinds = {"exp_avg": MOMENT}  # v is one value per block, kept at the parameter's precision
 
     def _expected_shape(self, p: Tensor, key: str) -> tuple[int, ...] | None:
         if key == "exp_avg_sq":
@@ -546,11 +562,10 @@ class AdamMini(LeanOptimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = step_tensor()
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros(rule.layout.n_blocks, dtype=p.dtype, device=p.device)
                     if is_dtensor(p):  # that its blocks can be summed across its shards: an error names it now
                         BlockView(rule.layout, piece_of(p, self.param_name(p)), self.param_name(p))
-                exp_avgs.append(state["exp_avg"])
+                exp_avgs.append(self._element_state(group, p, "exp_avg", torch.contiguous_format))
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
                 layouts.append(rule.layout)

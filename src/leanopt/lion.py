@@ -21,6 +21,7 @@ from torch import Tensor
 from . import _native
 from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
+from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, decay_, decay_factor, direction, scalar,
                          step_tensor)
 from ._distributed import Piece
@@ -146,6 +147,15 @@ class Lion(LeanOptimizer):
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
+        state_precision, state_block_size, state_min_size, stochastic_rounding: the
+            precision of the state and of bfloat16 updates (:mod:`leanopt.precision`,
+            ``docs/algorithms.md`` §8). ``state_precision``: ``"param"`` (default: the
+            parameter's dtype), ``"bf16"`` (written with stochastic rounding), ``"int8"``,
+            ``"int4"`` (int4 momenta, int8 second moments), or a dict by state name; int8/int4
+            blocks hold ``state_block_size`` elements (a power of two, default 256) and tensors
+            under ``state_min_size`` elements (default 4096) keep the parameter's precision.
+            ``stochastic_rounding=True`` (bfloat16 parameters only): the update is computed
+            in float32 and rounded back stochastically, so pure-bf16 weights keep learning.
     """
 
     _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL_OR_NONE, **mask_checks()}
@@ -164,9 +174,14 @@ class Lion(LeanOptimizer):
         maximize: bool = False,
         fused: bool | None = None,
         skip_nonfinite: bool = False,
+        state_precision: str | dict[str, str] = "param",
+        state_block_size: int = 256,
+        state_min_size: int = 4096,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=fused,
-                        skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale), **self._extra_defaults)
+                        skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale),
+                        **precision_defaults(state_precision, state_block_size, state_min_size, stochastic_rounding), **self._extra_defaults)
         super().__init__(params, defaults)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> LionStep:
@@ -183,9 +198,8 @@ class Lion(LeanOptimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = step_tensor()
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                exp_avgs.append(state["exp_avg"])
+                exp_avgs.append(self._element_state(group, p, "exp_avg"))
                 coeffs.append(self._coeffs(group, lr, state["step"].item()))
             self._route(BACKENDS, group, params, grads, exp_avgs, coeffs, mask=group["mask"], alpha=group["alpha"],
                         count_scale=group["count_scale"])

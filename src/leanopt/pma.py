@@ -123,6 +123,15 @@ class AdamWPMA(AlphaAdam):
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
+        state_precision, state_block_size, state_min_size, stochastic_rounding: the
+            precision of the state and of bfloat16 updates (:mod:`leanopt.precision`,
+            ``docs/algorithms.md`` §8). ``state_precision``: ``"param"`` (default: the
+            parameter's dtype), ``"bf16"`` (written with stochastic rounding), ``"int8"``,
+            ``"int4"`` (int4 momenta, int8 second moments), or a dict by state name; int8/int4
+            blocks hold ``state_block_size`` elements (a power of two, default 256) and tensors
+            under ``state_min_size`` elements (default 4096) keep the parameter's precision.
+            ``stochastic_rounding=True`` (bfloat16 parameters only): the update is computed
+            in float32 and rounded back stochastically, so pure-bf16 weights keep learning.
     """
 
     _checks = {**AlphaAdam._checks, **_PMA_CHECKS}
@@ -143,10 +152,15 @@ class AdamWPMA(AlphaAdam):
         maximize: bool = False,
         fused: bool | None = None,
         skip_nonfinite: bool = False,
+        state_precision: str | dict[str, str] = "param",
+        state_block_size: int = 256,
+        state_min_size: int = 4096,
+        stochastic_rounding: bool = False,
     ) -> None:
         self._extra_defaults = dict(period=period, variant=variant)
         super().__init__(params, lr, betas, eps, weight_decay, mask=mask, alpha=alpha, count_scale=count_scale,
-                         maximize=maximize, fused=fused, skip_nonfinite=skip_nonfinite)
+                         maximize=maximize, fused=fused, skip_nonfinite=skip_nonfinite,
+                         state_precision=state_precision, state_block_size=state_block_size, state_min_size=state_min_size, stochastic_rounding=stochastic_rounding)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> AdamStep:
         return adamw_pma_step(lr, *group["betas"], int(step), group["period"], group["variant"], eps=group["eps"],
@@ -170,6 +184,15 @@ class LionPMA(Lion):
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
+        state_precision, state_block_size, state_min_size, stochastic_rounding: the
+            precision of the state and of bfloat16 updates (:mod:`leanopt.precision`,
+            ``docs/algorithms.md`` §8). ``state_precision``: ``"param"`` (default: the
+            parameter's dtype), ``"bf16"`` (written with stochastic rounding), ``"int8"``,
+            ``"int4"`` (int4 momenta, int8 second moments), or a dict by state name; int8/int4
+            blocks hold ``state_block_size`` elements (a power of two, default 256) and tensors
+            under ``state_min_size`` elements (default 4096) keep the parameter's precision.
+            ``stochastic_rounding=True`` (bfloat16 parameters only): the update is computed
+            in float32 and rounded back stochastically, so pure-bf16 weights keep learning.
     """
 
     _checks = {**Lion._checks, **_PMA_CHECKS}
@@ -189,10 +212,15 @@ class LionPMA(Lion):
         maximize: bool = False,
         fused: bool | None = None,
         skip_nonfinite: bool = False,
+        state_precision: str | dict[str, str] = "param",
+        state_block_size: int = 256,
+        state_min_size: int = 4096,
+        stochastic_rounding: bool = False,
     ) -> None:
         self._extra_defaults = dict(period=period, variant=variant)
         super().__init__(params, lr, betas, weight_decay, mask=mask, alpha=alpha, count_scale=count_scale,
-                         maximize=maximize, fused=fused, skip_nonfinite=skip_nonfinite)
+                         maximize=maximize, fused=fused, skip_nonfinite=skip_nonfinite,
+                         state_precision=state_precision, state_block_size=state_block_size, state_min_size=state_min_size, stochastic_rounding=stochastic_rounding)
 
     def _coeffs(self, group: dict[str, Any], lr: float, step: float) -> LionStep:
         return lion_pma_step(lr, *group["betas"], int(step), group["period"], group["variant"],

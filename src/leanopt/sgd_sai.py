@@ -25,6 +25,7 @@ from torch import Tensor
 from . import _native
 from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
+from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decay_, decay_factor,
                          decoupled_decay_, direction, finite_terms, scalar)
 from ._distributed import Piece, all_reduce_sums, local, piece_of
@@ -204,6 +205,15 @@ class SGDSaI(LeanOptimizer):
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
+        state_precision, state_block_size, state_min_size, stochastic_rounding: the
+            precision of the state and of bfloat16 updates (:mod:`leanopt.precision`,
+            ``docs/algorithms.md`` §8). ``state_precision``: ``"param"`` (default: the
+            parameter's dtype), ``"bf16"`` (written with stochastic rounding), ``"int8"``,
+            ``"int4"`` (int4 momenta, int8 second moments), or a dict by state name; int8/int4
+            blocks hold ``state_block_size`` elements (a power of two, default 256) and tensors
+            under ``state_min_size`` elements (default 4096) keep the parameter's precision.
+            ``stochastic_rounding=True`` (bfloat16 parameters only): the update is computed
+            in float32 and rounded back stochastically, so pure-bf16 weights keep learning.
 
     ``variant="paper"``: ``scale = snr / max_k snr_k`` with the biased variance of the
     paper's Sec. 4.1, so every scale lies in (0, 1]. The maximum is taken over the
@@ -262,9 +272,14 @@ class SGDSaI(LeanOptimizer):
         maximize: bool = False,
         fused: bool | None = None,
         skip_nonfinite: bool = False,
+        state_precision: str | dict[str, str] = "param",
+        state_block_size: int = 256,
+        state_min_size: int = 4096,
+        stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, eps=eps, weight_decay=weight_decay, variant=variant, maximize=maximize,
-                        fused=fused, skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale))
+                        fused=fused, skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale),
+                        **precision_defaults(state_precision, state_block_size, state_min_size, stochastic_rounding))
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -293,7 +308,7 @@ class SGDSaI(LeanOptimizer):
         if group["variant"] == "paper":
             state["snr_max"] = torch.full((), float("nan"), dtype=p.dtype, device=p.device)
         if group["momentum"] != 0:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            self._element_state(group, p, "momentum_buffer", torch.contiguous_format)
 
     def _initialize(self, pending: list[tuple[dict[str, Any], Tensor, Tensor]]) -> list[Tensor]:
         """Compute the scales of the blocks that have no scale yet; returns those started."""
@@ -335,7 +350,7 @@ class SGDSaI(LeanOptimizer):
             if group["variant"] == "paper" and snr_max is not None:
                 state["snr_max"] = snr_max.to(dtype=p.dtype, device=p.device)
             if group["momentum"] != 0:
-                state["momentum_buffer"] = g.detach().clone(memory_format=torch.contiguous_format)
+                self._set_element_state(group, p, "momentum_buffer", g)
             started.append(p)
         return started
 
@@ -356,12 +371,9 @@ class SGDSaI(LeanOptimizer):
                 continue
             ps = [p for p, _ in todo]
             bufs = []
-            for p in ps:
-                buf = self.state[p].get("momentum_buffer")
-                if group["momentum"] != 0 and buf is None:
-                    # momentum switched on after the scales were fixed: start from zero
-                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                bufs.append(buf if group["momentum"] != 0 else None)
+            for p in ps:  # (momentum switched on after the scales were fixed starts from zero)
+                bufs.append(self._element_state(group, p, "momentum_buffer", torch.contiguous_format)
+                            if group["momentum"] != 0 else None)
             coeffs = [sgd_step(lr, group["momentum"], fresh=p in started, has_m=buf is not None, weight_decay=wd,
                                maximize=group["maximize"]) for p, buf in zip(ps, bufs)]
             self._route(BACKENDS, group, ps, [g for _, g in todo], bufs, [self.state[p]["scale"] for p in ps], coeffs,

@@ -1,0 +1,308 @@
+"""Low-precision optimizer state and stochastic rounding, shared by every leanopt optimizer.
+
+The math and the choices: ``docs/algorithms.md`` §8. Each per-element state tensor (a first
+moment ``m``, a second moment ``v``, a momentum buffer) is *stored* in one of four formats
+and *stepped* as a float working tensor::
+
+    "param"  the parameter's dtype, as torch.optim (the default: no conversion at all)
+    "bf16"   bfloat16, written with stochastic rounding (E[stored] = value, so EMA updates
+             smaller than half a bf16 step are kept on average instead of rounded away)
+    "int8"   blockwise absmax codes: blocks of ``block_size`` consecutive elements along
+             the last dimension (a ragged last block), one float32 absmax per block;
+             momenta signed, x = a·sign(c)·(|c|/127)²; second moments in the square-root
+             domain, sqrt(v) = a·(c/255)², a positive v never stored as 0
+    "int4"   momenta only: x = a·sign(c)·(|c|/7)², two codes per byte
+
+The square map (a power-2 companding) gives small entries of a block finer steps than a
+linear map: the relative error of an entry a hundredth of its block's max is ~10x smaller
+(``tests/test_precision.py`` measures it). Blocks run along the last dimension so that a
+tensor sharded along its first one (FSDP2) never splits a block.
+
+Tensors smaller than ``min_size`` elements keep the parameter's precision under int8 and
+int4, as torchao and bitsandbytes do: their state is a negligible share of the bytes.
+
+Stochastic rounding draws its bits from a counter-based stream: the group's seed, the
+group's rounding-step counter and the tensor's position (both kept in the param group,
+so a resumed run draws the same bits as an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+__all__ = ["PRECISIONS", "MOMENT", "SECOND", "precision_checks", "precision_defaults", "stored_format", "format_of",
+           "zeros", "decode", "encode", "stored_keys", "stochastic_round_", "rounding_generator", "bytes_per_element"]
+
+PRECISIONS = ("param", "bf16", "int8", "int4")
+MOMENT, SECOND = "moment", "second"  # the two kinds of per-element state
+SCALE_SUFFIX = "_absmax"  # the state key of a quantized tensor's block scales: key + suffix
+
+COMPACT_DTYPES = (torch.bfloat16, torch.int8, torch.uint8)  # what stored state may be, besides the parameter's dtype
+_CODE_MAX = {("int8", MOMENT): 127, ("int8", SECOND): 255, ("int4", MOMENT): 7}
+
+
+# -- arguments ---------------------------------------------------------------------------
+
+
+class _PrecisionCheck:
+    def check(self, name: str, value: Any) -> None:
+        items = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for key, prec in items:
+            if key is not None and not isinstance(key, str):
+                raise ValueError(f"Invalid {name}: keys must be state names (str), got {key!r}")
+            if prec not in PRECISIONS:
+                where = f"[{key!r}]" if key is not None else ""
+                raise ValueError(f"Invalid {name}{where}: {prec!r}; {name} must be one of "
+                                 f"{', '.join(map(repr, PRECISIONS))} (or a dict of them by state name)")
+
+
+class _BlockSizeCheck:
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2 or value & (value - 1):
+            raise ValueError(f"Invalid {name}: {value!r}; {name} must be a power of two >= 2 (e.g. 256)")
+
+
+class _MinSizeCheck:
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"Invalid {name}: {value!r}; {name} must be an int >= 0 (elements)")
+
+
+class _RoundingCheck:
+    def check(self, name: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r}; {name} must be True or False")
+
+
+def precision_checks() -> dict[str, Any]:
+    """Hyperparameter checks for the precision arguments, to merge into ``_checks``."""
+    return {"state_precision": _PrecisionCheck(), "state_block_size": _BlockSizeCheck(),
+            "state_min_size": _MinSizeCheck(), "stochastic_rounding": _RoundingCheck()}
+
+
+def precision_defaults(state_precision: str | Mapping[str, str], state_block_size: int, state_min_size: int,
+                       stochastic_rounding: bool) -> dict[str, Any]:
+    """The group entries of the precision arguments (a dict precision copied, so that a
+    group never shares the caller's dict)."""
+    prec = dict(state_precision) if isinstance(state_precision, Mapping) else state_precision
+    return {"state_precision": prec, "state_block_size": state_block_size, "state_min_size": state_min_size,
+            "stochastic_rounding": stochastic_rounding}
+
+
+def check_state_keys(owner: str, precision: Any, kinds: Mapping[str, str]) -> None:
+    """A dict precision names only this optimizer's per-element states, and never int4 for
+    a second moment (four bits cannot hold the range of g²): ``ValueError`` naming it."""
+    if not isinstance(precision, Mapping):
+        return
+    for key, prec in precision.items():
+        if key not in kinds:
+            raise ValueError(f"{owner}: state_precision names {key!r}, which is not a per-element state of {owner} "
+                             f"(those are: {', '.join(kinds)})")
+        if prec == "int4" and kinds[key] == SECOND:
+            raise ValueError(f"{owner}: state_precision[{key!r}] = 'int4': int4 is for momenta only; a second moment "
+                             "needs 'int8' or 'bf16'")
+
+
+# -- formats -----------------------------------------------------------------------------
+
+
+def stored_format(group: Mapping[str, Any], key: str, kind: str, p: Tensor) -> str:
+    """The format state ``key`` (of ``kind``) of parameter ``p`` is stored in, for ``group``.
+
+    The string ``"int4"`` means int4 momenta and int8 second moments; bfloat16 state of a
+    bfloat16 parameter under ``stochastic_rounding`` is written with stochastic rounding too."""
+    prec = group.get("state_precision", "param")
+    prec = prec.get(key, "param") if isinstance(prec, Mapping) else prec
+    if prec == "int4" and kind == SECOND:
+        prec = "int8"
+    if prec in ("int8", "int4") and p.numel() < max(group.get("state_min_size", 0), 1):
+        prec = "param"
+    if prec == "param" and p.dtype == torch.bfloat16 and group.get("stochastic_rounding"):
+        prec = "bf16"
+    return prec
+
+
+def same_storage(a: str, b: str, p: Tensor) -> bool:
+    """Whether formats ``a`` and ``b`` store the same tensor (bf16 *is* a bf16 parameter's dtype)."""
+    return a == b or ({a, b} == {"param", "bf16"} and p.dtype == torch.bfloat16)
+
+
+def stored_keys(key: str, fmt: str) -> tuple[str, ...]:
+    """The state entries that hold ``key`` in format ``fmt``."""
+    return (key, key + SCALE_SUFFIX) if fmt in ("int8", "int4") else (key,)
+
+
+def format_of(state: Mapping[str, Any], key: str, kind: str, p: Tensor) -> str:
+    """The format ``state[key]`` is in now (what a loaded checkpoint holds)."""
+    value = state[key]
+    if key + SCALE_SUFFIX in state:
+        return "int8" if value.dtype == torch.int8 or kind == SECOND else "int4"
+    return "bf16" if value.dtype == torch.bfloat16 and p.dtype != torch.bfloat16 else "param"
+
+
+def working_dtype(p: Tensor) -> torch.dtype:
+    """The dtype a compact state is stepped in: the parameter's, at least float32."""
+    return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _n_blocks(last: int, block: int) -> int:
+    return -(-last // block)
+
+
+def _shape(p: Tensor) -> tuple[int, ...]:
+    return tuple(p.shape) if p.dim() else (1,)
+
+
+def code_shape(p: Tensor, fmt: str) -> tuple[int, ...]:
+    *lead, last = _shape(p)
+    return (*lead, -(-last // 2)) if fmt == "int4" else (*lead, last)
+
+
+def scale_shape(p: Tensor, block: int) -> tuple[int, ...]:
+    *lead, last = _shape(p)
+    return (*lead, _n_blocks(last, block))
+
+
+def zeros(fmt: str, kind: str, p: Tensor, block: int) -> dict[str, Tensor]:
+    """Fresh (zero) stored entries of one state, by suffix (``""`` the codes or tensor)."""
+    if fmt == "param":
+        return {"": torch.zeros_like(p, memory_format=torch.contiguous_format)}
+    if fmt == "bf16":
+        return {"": torch.zeros(p.shape, dtype=torch.bfloat16, device=p.device)}
+    code_dtype = torch.int8 if (fmt, kind) == ("int8", MOMENT) else torch.uint8
+    codes = torch.zeros(code_shape(p, fmt), dtype=code_dtype, device=p.device)
+    if fmt == "int4":
+        codes.fill_(0x88)  # both nibbles hold code 0 (stored with an offset of 8)
+    return {"": codes, SCALE_SUFFIX: torch.zeros(scale_shape(p, block), dtype=torch.float32, device=p.device)}
+
+
+def _block_of(last: int, n_blocks: int, key: str) -> int:
+    """The block size stored codes were made with, from their number of blocks: for powers
+    of two it is unique whenever there are 2 or more blocks (one block: the whole row), so a
+    state saved with another ``state_block_size`` still decodes."""
+    if n_blocks <= 1:
+        return max(last, 1)
+    block = 1 << math.ceil(math.log2(-(-last // n_blocks)))
+    if _n_blocks(last, block) != n_blocks:
+        raise ValueError(f"state {key!r}: {n_blocks} block scales do not fit rows of {last} elements")
+    return block
+
+
+def _blocks(x: Tensor, block: int) -> tuple[Tensor, int]:
+    """``x`` (…, L) as (…, n_blocks, block), zero-padded; and L."""
+    last = x.shape[-1]
+    pad = _n_blocks(last, block) * block - last
+    xb = F.pad(x, (0, pad)) if pad else x
+    return xb.reshape(*x.shape[:-1], -1, block), last
+
+
+def _unblock(xb: Tensor, last: int) -> Tensor:
+    return xb.reshape(*xb.shape[:-2], -1)[..., :last]
+
+
+def _pack4(codes: Tensor) -> Tensor:
+    """int codes in [-7, 7] (…, L) → bytes (…, ceil(L/2)), low nibble first, offset 8."""
+    u = (codes + 8).to(torch.uint8)
+    if u.shape[-1] % 2:
+        u = F.pad(u, (0, 1), value=8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def _unpack4(packed: Tensor, last: int) -> Tensor:
+    lo, hi = packed & 15, packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1)[..., :last].to(torch.int16) - 8
+
+
+def decode(state: Mapping[str, Any], key: str, kind: str, p: Tensor, fmt: str | None = None) -> Tensor:
+    """The float working tensor (shape and device of ``p``) of stored state ``key``."""
+    fmt = format_of(state, key, kind, p) if fmt is None else fmt
+    dtype = working_dtype(p)
+    if fmt in ("param", "bf16"):
+        return state[key].to(dtype, copy=True).reshape(p.shape)
+    scales = state[key + SCALE_SUFFIX]
+    shape = _shape(p)
+    codes = _unpack4(state[key], shape[-1]) if fmt == "int4" else state[key]
+    top = _CODE_MAX[(fmt, kind)]
+    y = codes.to(dtype).div_(top)
+    y = y.abs().square_().mul_(y.sign()) if kind == MOMENT else y.square_()
+    yb, last = _blocks(y, _block_of(shape[-1], scales.shape[-1], key))
+    x = _unblock(yb * scales.to(dtype).unsqueeze(-1), last)
+    if kind == SECOND:
+        x = x.square()
+    return x.reshape(p.shape)
+
+
+def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+    """The stored entries (by suffix, as :func:`zeros`) of working tensor ``x``."""
+    if fmt == "param":
+        return {"": x.to(p.dtype)}
+    if fmt == "bf16":
+        out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+        stochastic_round_(out, x, generator)
+        return {"": out}
+    top = _CODE_MAX[(fmt, kind)]
+    x = x.reshape(_shape(p)).to(working_dtype(p))
+    if kind == SECOND:
+        x = x.clamp(min=0).sqrt()
+    xb, last = _blocks(x, block)
+    scales = xb.abs().amax(dim=-1).to(torch.float32)
+    safe = torch.where(scales > 0, scales, 1.0).to(xb.dtype).unsqueeze(-1)
+    y = _unblock(xb / safe, last)
+    c = y.abs().sqrt_().mul_(top).round_()
+    if kind == SECOND:  # a positive v never becomes 0: its update would be divided by eps alone
+        c = torch.where(y > 0, c.clamp(min=1), c)
+        codes = c.to(torch.uint8)
+    else:
+        c = c.mul_(y.sign())
+        codes = _pack4(c.to(torch.int16)) if fmt == "int4" else c.to(torch.int8)
+    return {"": codes, SCALE_SUFFIX: scales}
+
+
+def bytes_per_element(fmt: str, block: int) -> float:
+    """Bytes a format stores per element of a large tensor (codes plus block scales)."""
+    return {"param": 4.0, "bf16": 2.0, "int8": 1 + 4 / block, "int4": 0.5 + 4 / block}[fmt]
+
+
+# -- stochastic rounding -----------------------------------------------------------------
+
+_STREAM_MIX = 0x9E3779B97F4A7C15  # splits (seed, step, position) into distinct generator seeds
+
+
+def rounding_generator(seed: int, step: int, position: int, device: torch.device) -> torch.Generator | None:
+    """The generator of tensor ``position``'s rounding bits at rounding step ``step``."""
+    if device.type == "meta":  # shapes only (state sizes at scale): no bits to draw
+        return None
+    mixed = (seed * _STREAM_MIX + step * 1_000_003 + position * 7_919) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+def stochastic_round_(out: Tensor, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """``out ← x`` rounded to bfloat16 stochastically: up with probability equal to the
+    fraction of a bf16 step that ``x`` lies above the value below it (unbiased). Adds 16
+    random bits below the bf16 mantissa of ``x``'s float32 bits and truncates; ±Inf and NaN
+    stay what they are. ``out`` is bfloat16 (or a float tensor that receives the result)."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = torch.where(torch.isfinite(x), (bits + noise) & -65536, bits & -65536).view(torch.float32)
+    rounded = torch.where(torch.isnan(x), x.to(torch.float32), rounded)
+    out.copy_(rounded.reshape(out.shape))
+    return out
+
+
+def uses_rounding(group: Mapping[str, Any]) -> bool:
+    """Whether a group writes anything with stochastic rounding (bf16 state, bf16 updates)."""
+    prec = group.get("state_precision", "param")
+    values = prec.values() if isinstance(prec, Mapping) else (prec,)
+    return bool(group.get("stochastic_rounding")) or "bf16" in values
+
+
+def new_seed() -> int:
+    """A rounding seed from torch's initial seed (set by ``torch.manual_seed``): reproducible
+    under a seed, and drawn without touching torch's random stream."""
+    return int(torch.initial_seed() % (2**31 - 1))
