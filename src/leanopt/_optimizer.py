@@ -304,9 +304,20 @@ class LeanOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, after checking everything first: the class that
         saved it, and every parameter's state entries and their shapes. A mismatch raises
-        ``ValueError`` naming the parameter, with this optimizer unchanged."""
+        ``ValueError`` naming the parameter, with this optimizer unchanged. The precision
+        arguments (``state_precision``, ``state_block_size``, ``state_min_size``,
+        ``stochastic_rounding``) stay this optimizer's: a state saved at another precision is
+        converted to it, with a one-line note."""
         self._check_loadable(state_dict)
+        # how this optimizer stores its state is its own (the saved state is converted to it);
+        # every other hyperparameter comes from the checkpoint, as in torch
+        kept = [{k: g[k] for k in _precision.precision_checks() if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, own in zip(self.param_groups, kept):
+            group.update(own)
+            if _precision.uses_rounding(group):
+                group.setdefault("rounding_seed", _precision.new_seed())
+                group.setdefault("rounding_step", 0)
         self._restore_compact(state_dict)
 
     def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:

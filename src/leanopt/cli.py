@@ -22,6 +22,7 @@ full disk, Ctrl-C) prints one line, with a hint where one helps, and exits non-z
 from __future__ import annotations
 
 import argparse
+import inspect
 import errno
 import sys
 import warnings
@@ -73,7 +74,29 @@ def cmd_list(args: argparse.Namespace) -> int:
             ratio = "n/a"
             print(f"  ({name}: {e})", file=sys.stderr)
         print(f"{name:<11} {ratio:>12}  {info.state:<28} {info.paper}")
+    if args.precisions:
+        _list_precisions()
+    else:
+        print("\n(leanopt list --precisions adds the bytes per parameter of every state_precision, GPT-2-small shapes)")
     return 0
+
+
+def _list_precisions() -> None:
+    """Bytes of state per parameter at every ``state_precision``, measured on a
+    GPT-2-small-shaped model on the meta device (shapes only: no weights, a second or two)."""
+    from .bench.memory import state_at_scale
+    from .precision import PRECISIONS
+
+    names = [n for n in list_optimizers() if "state_precision" in inspect.signature(optimizer_info(n).factory).parameters]
+    runs = [(f"{n}/{prec}", n, {"state_precision": prec}) for n in names for prec in PRECISIONS]
+    row = state_at_scale(runs, models=("gpt2-124m",))["gpt2-124m"]
+    n_params = row["n_params"]
+    print(f"\nbytes of optimizer state per parameter by state_precision, measured on GPT-2-small shapes "
+          f"({n_params / 1e6:.0f}M float32 parameters, meta device; int4: momenta int4, second moments int8; "
+          f"tensors under 4096 elements stay float32)")
+    print(f"{'name':<11} " + " ".join(f"{prec:>7}" for prec in PRECISIONS))
+    for n in names:
+        print(f"{n:<11} " + " ".join(f"{row['state_bytes'][f'{n}/{prec}'] / n_params:>7.3f}" for prec in PRECISIONS))
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
@@ -159,6 +182,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list the optimizers with their measured state size")
     p.add_argument("--model", default="demo", choices=list(PRESETS), help="GPT preset to measure on (default: demo)")
+    p.add_argument("--precisions", action="store_true",
+                   help="also measure the state bytes per parameter of every state_precision on GPT-2-small shapes (~10 s)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("partition", help="print Adam-mini's partition and its state memory against AdamW")

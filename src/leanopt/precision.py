@@ -223,6 +223,8 @@ def decode(state: Mapping[str, Any], key: str, kind: str, p: Tensor, fmt: str | 
     """The float working tensor (shape and device of ``p``) of stored state ``key``."""
     fmt = format_of(state, key, kind, p) if fmt is None else fmt
     dtype = working_dtype(p)
+    if p.is_meta:
+        return torch.empty(p.shape, dtype=dtype, device=p.device)
     if fmt in ("param", "bf16"):
         return state[key].to(dtype, copy=True).reshape(p.shape)
     scales = state[key + SCALE_SUFFIX]
@@ -242,6 +244,8 @@ def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, generator: tor
     """The stored entries (by suffix, as :func:`zeros`) of working tensor ``x``."""
     if fmt == "param":
         return {"": x.to(p.dtype)}
+    if x.is_meta:  # shapes only (state sizes at scale, leanopt.bench.memory)
+        return zeros(fmt, kind, p, block)
     if fmt == "bf16":
         out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
         stochastic_round_(out, x, generator)

@@ -1,0 +1,211 @@
+"""Low-precision state and stochastic rounding (leanopt.precision, docs/algorithms.md §8).
+
+The battery (test_battery.py) runs every precision of every optimizer; here: the codes
+themselves against independent formulas, the rounding's statistics, the failure that
+stochastic rounding exists to prevent, bad input, and conversion between precisions.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import leanopt
+from leanopt import precision as P
+from helpers import tiny_model, train
+
+
+def roundtrip(x: torch.Tensor, fmt: str, kind: str, block: int = 256) -> torch.Tensor:
+    like = torch.empty(x.shape)
+    state = {"m" + suffix: v for suffix, v in P.encode(x, fmt, kind, like, block, None).items()}
+    return P.decode(state, "m", kind, like)
+
+
+def test_int8_codes_match_the_formula_blockwise_along_the_last_dimension():
+    torch.manual_seed(0)
+    x = torch.randn(3, 300)  # 300 = 256 + a ragged block of 44
+    codes = P.encode(x, "int8", P.MOMENT, x, 256, None)
+    assert codes[""].dtype == torch.int8 and codes[""].shape == (3, 300)
+    absmax = torch.stack([x[:, :256].abs().amax(1), x[:, 256:].abs().amax(1)], dim=1)
+    torch.testing.assert_close(codes["_absmax"], absmax)
+    # x ≈ a·sign(c)·(c/127)², c = round(127·sqrt(|x|/a)): written out independently
+    a = torch.cat([absmax[:, :1].expand(3, 256), absmax[:, 1:].expand(3, 44)], dim=1)
+    want = (torch.sqrt(x.abs() / a) * 127).round() * x.sign()
+    assert torch.equal(codes[""].to(torch.float32), want)
+    back = roundtrip(x, "int8", P.MOMENT)
+    # the worst error is half a code step at the top of the block: a·(1 − (126.5/127)²)
+    assert ((back - x).abs() <= a * (1 - (126.5 / 127) ** 2) + 1e-7).all()
+
+
+def test_the_square_code_map_is_finer_than_a_linear_one_for_small_entries():
+    torch.manual_seed(0)
+    x = torch.distributions.StudentT(torch.tensor(3.0)).sample((64, 256))
+    a = x.abs().amax(1, keepdim=True)
+    linear = (x / a * 127).round() / 127 * a
+    square = roundtrip(x, "int8", P.MOMENT)
+    small = x.abs() < 0.05 * a
+    rel = lambda y: ((y - x)[small].abs() / x[small].abs()).mean().item()  # noqa: E731
+    assert rel(square) < 0.6 * rel(linear), (rel(square), rel(linear))
+    assert (square - x).norm() < (linear - x).norm()
+
+
+def test_second_moments_are_coded_in_the_root_domain_and_never_become_zero():
+    torch.manual_seed(0)
+    v = torch.randn(4, 512).square()
+    v[0, 0] = 1e-30  # far below the block's resolution: kept as the smallest code, not 0
+    back = roundtrip(v, "int8", P.SECOND)
+    assert (back > 0).all()
+    codes = P.encode(v, "int8", P.SECOND, v, 256, None)[""]
+    assert codes.dtype == torch.uint8 and codes[0, 0] == 1
+    big = v > 1e-2 * v.amax()
+    assert ((back - v)[big].abs() / v[big]).max() < 0.1
+
+
+def test_int4_packs_two_codes_per_byte_and_decodes_to_the_nearest_level():
+    torch.manual_seed(0)
+    x = torch.randn(5, 33)  # odd length: the last byte holds one code
+    codes = P.encode(x, "int4", P.MOMENT, x, 16, None)[""]
+    assert codes.dtype == torch.uint8 and codes.shape == (5, 17)
+    back = roundtrip(x, "int4", P.MOMENT, block=16)
+    levels = torch.tensor([(c / 7) ** 2 for c in range(8)])
+    blocks = [(0, 16), (16, 32), (32, 33)]
+    for lo, hi in blocks:
+        a = x[:, lo:hi].abs().amax(1, keepdim=True)
+        y = x[:, lo:hi].abs() / a
+        nearest = levels[(y.sqrt() * 7).round().long()]  # nearest in the root domain
+        torch.testing.assert_close(back[:, lo:hi], nearest * a * x[:, lo:hi].sign())
+
+
+def test_a_state_saved_with_another_block_size_still_decodes():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1000)
+    for block in (2, 64, 128, 512, 2048):
+        state = {"m" + s: v for s, v in P.encode(x, "int8", P.MOMENT, x, block, None).items()}
+        assert (P.decode(state, "m", P.MOMENT, x) - x).abs().max() < 0.02 * x.abs().max()
+
+
+def test_stochastic_rounding_is_unbiased_and_round_to_nearest_is_not():
+    x = torch.full((200_000,), 1.0 + 2.0**-10)  # an eighth of the way from bf16 1.0 to 1.0078125
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    P.stochastic_round_(out, x, torch.Generator().manual_seed(0))
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    assert abs(out.float().mean().item() - x[0].item()) < 3e-5  # std of the mean: 2^-7·sqrt(p(1-p)/n) ≈ 1e-5
+    assert x.bfloat16().float().mean().item() == 1.0
+    special = torch.tensor([math.inf, -math.inf, math.nan, -3.0, 0.0])
+    got = P.stochastic_round_(torch.empty(5, dtype=torch.bfloat16), special, None).float()
+    assert got[0] == math.inf and got[1] == -math.inf and got[2].isnan() and got[3] == -3.0 and got[4] == 0.0
+
+
+def _bf16_fit(stochastic: bool, seed: int = 0, steps: int = 200) -> nn.Parameter:
+    # every Adam step (~lr) is below half a bf16 step of weights near 1 (2^-8): rounding to
+    # nearest loses all of them, stochastic rounding keeps them on average
+    torch.manual_seed(seed)
+    w = nn.Parameter(torch.ones(256, dtype=torch.bfloat16))
+    opt = leanopt.AlphaAdam([w], lr=1e-3, mask="none", alpha="none", count_scale=False, weight_decay=0.0,
+                            stochastic_rounding=stochastic)
+    target = 1.1 + 0.01 * torch.randn(256)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((w.float() - target) ** 2).sum().backward()
+        opt.step()
+    return w
+
+
+def test_pure_bf16_training_stalls_without_stochastic_rounding_and_learns_with_it():
+    stalled, learned = _bf16_fit(False), _bf16_fit(True)
+    assert (stalled.float() == 1.0).all()
+    assert abs(learned.float().mean().item() - 1.1) < 0.02  # 200 steps of ~1e-3 reach the target
+
+
+def test_stochastic_rounding_is_reproducible_under_a_seed():
+    assert torch.equal(_bf16_fit(True, seed=3, steps=20), _bf16_fit(True, seed=3, steps=20))
+    assert not torch.equal(_bf16_fit(True, seed=3, steps=20), _bf16_fit(True, seed=4, steps=20))
+
+
+def test_bf16_state_keeps_small_ema_updates_that_round_to_nearest_loses():
+    # β2 = 0.999 from v = 1: each step moves v by 1e-3, under half a bf16 step (2^-8)
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.zeros(4096))
+    opt = leanopt.AlphaAdam([p], lr=0.0, betas=(0.9, 0.999), mask="none", alpha="none", count_scale=False,
+                            state_precision="bf16")
+    p.grad = torch.ones(4096)
+    opt.step()
+    opt.state[p]["exp_avg_sq"].fill_(1.0)
+    for _ in range(200):
+        p.grad = torch.zeros(4096)
+        opt.step()
+    v = opt.state[p]["exp_avg_sq"].float()
+    assert opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+    exact = 0.999**200  # 0.8186
+    assert abs(v.mean().item() - exact) < 0.01
+    assert torch.tensor(1.0).bfloat16() * 0.999 == 1.0  # round to nearest would never have moved
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"state_precision": "fp8"}, "state_precision"),
+    ({"state_precision": {"exp_avg": "int2"}}, r"state_precision\['exp_avg'\]"),
+    ({"state_precision": {"exp_avg_sq": "int4"}}, "int4 is for momenta only"),
+    ({"state_precision": {"momentum": "int8"}}, "not a per-element state"),
+    ({"state_block_size": 100}, "state_block_size"),
+    ({"state_block_size": 0}, "state_block_size"),
+    ({"state_block_size": 256.0}, "state_block_size"),
+    ({"state_min_size": -1}, "state_min_size"),
+    ({"stochastic_rounding": True}, "stochastic_rounding=True is for bfloat16"),
+    ({"stochastic_rounding": 1}, "stochastic_rounding"),
+])
+def test_bad_precision_arguments_raise_naming_them(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        leanopt.AlphaAdam(tiny_model().parameters(), **kwargs)
+
+
+def test_a_bad_precision_in_a_param_group_names_the_group():
+    ps = list(tiny_model().parameters())
+    with pytest.raises(ValueError, match="state_block_size.*param group 1"):
+        leanopt.Lion([{"params": ps[:2]}, {"params": ps[2:], "state_block_size": 3}])
+
+
+def test_loading_a_state_of_another_precision_converts_it_with_a_note():
+    model = tiny_model()
+    saved_by = leanopt.AlphaAdam(model.parameters(), state_precision="param", state_min_size=0)
+    train(model, saved_by, 3)
+    saved = saved_by.state_dict()
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    buf.seek(0)
+    loader = leanopt.AlphaAdam(model.parameters(), state_precision="int8", state_min_size=0)
+    with pytest.warns(UserWarning, match=r"converted state tensors .*from param to int8") as caught:
+        loader.load_state_dict(torch.load(buf, weights_only=True))
+    assert len(caught) == 1
+    for p in model.parameters():
+        st, full = loader.state[p], saved_by.state[p]
+        assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
+        m = P.decode(st, "exp_avg", P.MOMENT, p)
+        assert (m - full["exp_avg"]).abs().max() <= 0.02 * full["exp_avg"].abs().max() + 1e-12
+    # and back: int8 → param restores the decoded values, and steps on
+    back = leanopt.AlphaAdam(model.parameters(), state_min_size=0)
+    with pytest.warns(UserWarning, match="from int8 to param"):
+        back.load_state_dict(loader.state_dict())
+    assert all(back.state[p]["exp_avg"].dtype == torch.float32 for p in model.parameters())
+    train(model, back, 1)
+
+
+def test_the_same_precision_loads_without_a_note(recwarn):
+    model = tiny_model()
+    opt = leanopt.AdamMini(model, state_precision="int4", state_min_size=0)
+    train(model, opt, 2)
+    other = leanopt.AdamMini(model, state_precision="int4", state_min_size=0)
+    other.load_state_dict(opt.state_dict())
+    assert not [w for w in recwarn if "converted" in str(w.message)]
+
+
+def test_small_tensors_keep_full_precision_by_default():
+    model = tiny_model()
+    opt = leanopt.SGDSaI(model.parameters(), lr=0.1, state_precision="int8")
+    train(model, opt, 2)
+    for p in model.parameters():
+        buf = opt.state[p]["momentum_buffer"]
+        assert buf.dtype == (torch.int8 if p.numel() >= 4096 else torch.float32), (p.shape, buf.dtype)
