@@ -52,6 +52,11 @@ VARIANTS = {"adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}),
             # adam-mini's own call form (parameter names with dim / n_heads) and its name rules given the model
             "adam-mini-names": ("adam-mini", {"named": True}), "adam-mini-partition-names": ("adam-mini", {"partition": "names"})}
 RUNS = leanopt.list_optimizers() + list(VARIANTS)
+# compact state under DDP (replicated parameters: every rank quantizes the same averaged step)
+PRECISION_RUNS = {"adam-mini-int8": ("adam-mini", {"state_precision": "int8", "state_min_size": 0}),
+                  "alpha-adam-int4": ("alpha-adam", {"state_precision": "int4", "state_min_size": 0}),
+                  "sgd-sai-bf16": ("sgd-sai", {"state_precision": "bf16"}),
+                  "lion-pure-bf16": ("lion", {"stochastic_rounding": True})}
 FAST_ON_SHARDS = ["lion", "sgd-sai", "adamw-pma", "lion-pma"]  # elementwise steps (no mask)
 SHARDED_RUNS = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")]  # torch's own: not ours to test
 # a NaN at the first step after two clean ones, in a row of the second rank that belongs to a head
@@ -61,10 +66,11 @@ NONFINITE_SKIP = ["alpha-adam", "adam-mini"]
 BAD_PARAM, BAD_ELEMENT, BAD_STEP = "layers.0.self_attn.k_proj.weight", (13, 3), 2
 
 
-def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, **overrides):
+def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, seed: int | None = None, **overrides):
     """The model of ``overrides``, wrapped by ``wrap`` ("ddp", "fsdp", "tp": tensor parallel
-    attention and MLP, "2d": TP inside FSDP2 on a (world/2, 2) mesh, or none), and its optimizer."""
-    name, extra = VARIANTS.get(run, (run, {}))
+    attention and MLP, "2d": TP inside FSDP2 on a (world/2, 2) mesh, or none), and its optimizer
+    (built after ``torch.manual_seed(seed)`` when ``seed`` is given)."""
+    name, extra = {**VARIANTS, **PRECISION_RUNS}.get(run, (run, {}))
     extra = {**extra, **(opt_kw or {})}
     named = extra.pop("named", False)
     model = tiny_model(**overrides)
@@ -89,6 +95,8 @@ def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, **overrid
     else:
         wrapped = model
     cfg = model.config
+    if seed is not None:
+        torch.manual_seed(seed)
     if extra.get("partition") == "names" or named:
         extra.update(dim=cfg.dim, n_heads=cfg.n_heads, n_kv_heads=cfg.resolved_kv_heads)
     with warnings.catch_warnings():
@@ -279,6 +287,16 @@ if __name__ == "__main__":
         else:
             names = [n for n in RUNS if not (mode == "fsdp" and n in FSDP_UNSUPPORTED)]
             train_all(names, mode, world, STRADDLING if mode == "fsdp" else {"dtype": torch.float64}, rank, rank, world, out)
+            if mode == "ddp":
+                for name in PRECISION_RUNS:
+                    # pure bf16 with a torch seed per rank, as users often set: the replicas
+                    # must still draw the same rounding bits (the optimizer agrees on rank 0's)
+                    pure = name == "lion-pure-bf16"
+                    model, wrapped, opt = build(name, "ddp", world, seed=rank if pure else None,
+                                                dtype=torch.bfloat16 if pure else torch.float64)
+                    run_steps(wrapped, opt, STEPS, rank, world)
+                    if pure or rank == 0:
+                        torch.save(full_state(model), os.path.join(out, f"{name}-rank{rank}.pt"))
             if mode == "fsdp":  # float32: the elementwise steps take the C kernels on each local shard
                 fast = {}
                 for name in FAST_ON_SHARDS:

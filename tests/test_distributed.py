@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import leanopt
+from helpers import tiny_model
 from distributed_worker import (
-    BAD_ELEMENT, BAD_PARAM, DCP_OPTIMIZERS, FSDP_UNSUPPORTED, NONFINITE, NONFINITE_SKIP, RUNS, SHARDED_RUNS, STRADDLING, TP_MODEL,
+    BAD_ELEMENT, BAD_PARAM, DCP_OPTIMIZERS, FSDP_UNSUPPORTED, NONFINITE, NONFINITE_SKIP, PRECISION_RUNS, RUNS, SHARDED_RUNS, STRADDLING, TP_MODEL,
     UNEVEN, build, nonfinite, run_steps, train)
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
@@ -62,6 +63,22 @@ def test_ddp_two_processes_equal_one(ddp_results, name):
     distributed = torch.load(ddp_results / f"{name}.pt", weights_only=True)
     diff, key = rel(distributed, train(name, dtype=torch.float64))  # float64: the math, not the rounding
     assert diff <= 1e-5, f"{name}: {key} differs by {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", [n for n in PRECISION_RUNS if n != "lion-pure-bf16"])
+def test_ddp_with_compact_state_equals_one_process(ddp_results, name):
+    distributed = torch.load(ddp_results / f"{name}-rank0.pt", weights_only=True)
+    diff, key = rel(distributed, train(name, dtype=torch.float64))
+    assert diff <= 1e-5, f"{name}: {key} differs by {diff:.2e}"
+
+
+def test_ddp_pure_bf16_replicas_stay_identical_under_rank_seeds(ddp_results):
+    # each rank seeded torch differently before building the optimizer; stochastic rounding
+    # with per-rank bits would make the bf16 replicas drift apart within a step
+    ranks = [torch.load(ddp_results / f"lion-pure-bf16-rank{r}.pt", weights_only=True) for r in range(2)]
+    init = tiny_model(dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    assert not torch.equal(ranks[0]["layers.0.mlp.up_proj.weight"], init["layers.0.mlp.up_proj.weight"])
 
 
 @pytest.mark.parametrize("name", [n for n in RUNS if n not in FSDP_UNSUPPORTED])

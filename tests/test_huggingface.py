@@ -40,10 +40,13 @@ def run(out, name, resume=None, **opt_kwargs):
     return model, optimizer
 
 
-@pytest.mark.parametrize("name,kwargs", [("adam-mini", {}), ("sgd-sai", {"lr": 0.5}), ("adamw-pma", {"period": 4}), ("alpha-adam", {})])
+@pytest.mark.parametrize("name,kwargs", [("adam-mini", {}), ("sgd-sai", {"lr": 0.5}), ("adamw-pma", {"period": 4}), ("alpha-adam", {}),
+                                         ("adam-mini", {"state_precision": "int8", "state_min_size": 0})])
 def test_trainer_resume_equals_an_uninterrupted_run(tmp_path, name, kwargs):
     straight, _ = run(tmp_path / "a", name, **kwargs)  # also writes checkpoint-3, mid-run (and mid-period for PMA)
-    resumed, _ = run(tmp_path / "b", name, resume=str(tmp_path / "a" / "checkpoint-3"), **kwargs)
+    resumed, opt = run(tmp_path / "b", name, resume=str(tmp_path / "a" / "checkpoint-3"), **kwargs)
+    if "state_precision" in kwargs:  # the Trainer's checkpoint kept the int8 codes as they were
+        assert {v.dtype for st in opt.state.values() for k, v in st.items() if k == "exp_avg"} == {torch.int8}
     moved = False
     start = tiny_llama()
     for (n, p), q, p0 in zip(straight.named_parameters(), resumed.parameters(), start.parameters()):

@@ -20,7 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Piece", "piece_of", "local", "is_dtensor", "all_reduce_sums", "all_finite", "batched_reductions", "reduce_later"]
+__all__ = ["Piece", "piece_of", "local", "is_dtensor", "all_reduce_sums", "all_finite", "batched_reductions", "reduce_later",
+           "rank_zero_ints"]
 
 
 def _dtensor_cls():
@@ -177,3 +178,15 @@ def all_finite(tensors: list[Tensor]) -> list[bool]:
     bad = [(~torch.isfinite(local(t))).any().to(torch.float32).reshape(1) for t in tensors]
     all_reduce_sums(bad, [p.groups if (p := piece_of(t)) else None for t in tensors])
     return [x == 0 for x in torch.cat([b.to(bad[0].device) for b in bad]).tolist()]
+
+
+def rank_zero_ints(values: list[int]) -> list[int]:
+    """Rank 0's ``values`` on every rank of the default process group (``values`` itself when
+    there is none): one broadcast. Collective: every rank must call it at the same point."""
+    dist = torch.distributed
+    if not values or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    return [int(v) for v in t.tolist()]

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import precision as _precision
 from ._backend import Backends, route
-from ._distributed import all_finite, batched_reductions, is_dtensor
+from ._distributed import all_finite, batched_reductions, is_dtensor, rank_zero_ints
 from .precision import MOMENT, SECOND
 
 __all__ = ["LeanOptimizer", "Interval", "IntAtLeast", "OneOf", "Betas", "ParamsT", "unwrap_model", "trainable_named_parameters"]
@@ -262,6 +262,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         if _precision.uses_rounding(group):
             group.setdefault("rounding_seed", _precision.new_seed())
             group.setdefault("rounding_step", 0)
+            self._seeds_agreed = False
         self._positions = {}
 
     def _check_precision(self, group: Mapping[str, Any], named: Iterable[tuple[Tensor, str]]) -> None:
@@ -318,6 +319,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             if _precision.uses_rounding(group):
                 group.setdefault("rounding_seed", _precision.new_seed())
                 group.setdefault("rounding_step", 0)
+                self._seeds_agreed = False
         self._restore_compact(state_dict)
 
     def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
@@ -432,6 +434,8 @@ class LeanOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.last_nonfinite, self.last_backends = [], {}
+        if not getattr(self, "_seeds_agreed", True):
+            self._agree_on_rounding_seeds()
         with batched_reductions():  # sums of sharded tensors that can wait cross the ranks once
             self._update()
         self._store_state()
@@ -439,6 +443,16 @@ class LeanOptimizer(torch.optim.Optimizer):
             if _precision.uses_rounding(group):  # the next step draws other bits
                 group["rounding_step"] = group.get("rounding_step", 0) + 1
         return loss
+
+    def _agree_on_rounding_seeds(self) -> None:
+        # Replicated parameters (DDP) must draw the same rounding bits on every rank, or the
+        # replicas drift apart; each rank's seed came from its own torch.initial_seed(), which
+        # users often offset by the rank. Rank 0's seeds win, once (at the first step after
+        # the groups or their seeds changed, a point every rank of a training loop reaches).
+        groups = [g for g in self.param_groups if "rounding_seed" in g]
+        for group, seed in zip(groups, rank_zero_ints([g["rounding_seed"] for g in groups])):
+            group["rounding_seed"] = seed
+        self._seeds_agreed = True
 
     def _update(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
