@@ -73,13 +73,15 @@ def test_cli_list_measures_state_per_parameter(capsys):
 
 def test_cli_list_precisions_measures_every_precision_on_gpt2_small(capsys, monkeypatch):
     from leanopt import cli
-    # two of the optimizers (every one costs a second): torch's own are left out by the CLI itself
-    monkeypatch.setattr(cli, "list_optimizers", lambda: ["adamw", "adam-mini", "alpha-adam"])
+    # three of the optimizers (every one costs a second); "adamw" has compact state through
+    # leanopt.AdamW, torch's SGD none: the CLI itself leaves it out
+    monkeypatch.setattr(cli, "list_optimizers", lambda: ["adamw", "sgd", "adam-mini", "alpha-adam"])
     cli._list_precisions()
     out = capsys.readouterr().out
     rows = {m.group(1): [float(x) for x in m.group(2).split()]
             for m in re.finditer(r"^([a-z-]+)\s+([0-9. ]+)$", out, re.M)}
-    assert set(rows) == {"adam-mini", "alpha-adam"}
+    assert set(rows) == {"adamw", "adam-mini", "alpha-adam"}
+    assert rows["adamw"][:3] == pytest.approx([8.0, 4.0, 2.0 + 8 / 256], abs=0.02)  # fp32 AdamW keeps 8 bytes
     param, bf16, int8, int4 = rows["adam-mini"]
     assert 4.0 < param < 4.05 and bf16 == pytest.approx(param / 2, abs=0.01)
     assert int8 <= 1.05 and int4 <= 0.55  # the smallest state of any adaptive optimizer

@@ -8,7 +8,7 @@ Each optimizer is a functional core over lists of tensors plus a thin
 """
 
 from .adam_mini import AdamMini, adam_mini
-from .alpha_adam import AlphaAdam, CAdamW, alpha_adam
+from .alpha_adam import AdamW, AlphaAdam, CAdamW, alpha_adam
 from .lion import Lion, lion
 from .partition import PartitionRow, PartitionWarning
 from .pma import AdamWPMA, LionPMA
@@ -20,6 +20,7 @@ __version__ = "0.2.0"
 __all__ = [
     "AdamMini",
     "SGDSaI",
+    "AdamW",
     "AlphaAdam",
     "CAdamW",
     "Lion",

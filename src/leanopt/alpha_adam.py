@@ -32,7 +32,7 @@ from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, Param
 from ._distributed import Piece
 from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, step_, two_pass
 
-__all__ = ["AdamStep", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
+__all__ = ["AdamStep", "AdamW", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
 
 
 class AdamStep(NamedTuple):
@@ -272,5 +272,36 @@ class CAdamW(AlphaAdam):
         stochastic_rounding: bool = False,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, mask="sync", alpha="none", count_scale=True, maximize=maximize,
-                         fused=fused, skip_nonfinite=skip_nonfinite,
-                         state_precision=state_precision, state_block_size=state_block_size, state_min_size=state_min_size, stochastic_rounding=stochastic_rounding)
+                         fused=fused, skip_nonfinite=skip_nonfinite, state_precision=state_precision,
+                         state_block_size=state_block_size, state_min_size=state_min_size,
+                         stochastic_rounding=stochastic_rounding)
+
+
+class AdamW(AlphaAdam):
+    """AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101), the same update as
+    ``torch.optim.AdamW`` (``docs/algorithms.md`` §4 and §7): AlphaAdam with the mask off,
+    no α and no count scale. It exists for what torch's AdamW lacks -- compact state
+    (``state_precision="int8"`` …) and stochastic rounding of bfloat16 parameters, §8 --
+    and is what ``create_optimizer("adamw", …)`` builds when one of those is asked for.
+    Arguments as :class:`AlphaAdam`, without the mask ones."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        maximize: bool = False,
+        fused: bool | None = None,
+        skip_nonfinite: bool = False,
+        state_precision: str | dict[str, str] = "param",
+        state_block_size: int = 256,
+        state_min_size: int = 4096,
+        stochastic_rounding: bool = False,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, mask="none", alpha="none", count_scale=False, maximize=maximize,
+                         fused=fused, skip_nonfinite=skip_nonfinite, state_precision=state_precision,
+                         state_block_size=state_block_size, state_min_size=state_min_size,
+                         stochastic_rounding=stochastic_rounding)

@@ -8,6 +8,7 @@ would make every comparison flatter than it is.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,9 @@ from torch import nn
 from ._distributed import is_dtensor
 from ._optimizer import trainable_named_parameters, unwrap_model
 from .adam_mini import AdamMini
-from .alpha_adam import AlphaAdam, CAdamW
+from .alpha_adam import AdamW, AlphaAdam, CAdamW
 from .lion import Lion
+from .precision import precision_checks
 from .pma import AdamWPMA, LionPMA
 from .sgd_sai import SGDSaI
 
@@ -99,9 +101,21 @@ def _adafactor(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
     return torch.optim.Adafactor(*args, **kwargs)
 
 
+def _adamw(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` (fused), or leanopt's :class:`AdamW` -- the same update -- when a
+    precision argument (``state_precision``, ``stochastic_rounding``, …) asks for what
+    torch's lacks; ``fused`` then keeps leanopt's meaning (True: its C kernels)."""
+    if set(kwargs) & set(precision_checks()):
+        return AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **{"fused": True, **kwargs})
+
+
+_adamw.__signature__ = inspect.signature(AdamW)  # what it takes, for callers that ask (the Trainer helper)
+
+
 register(OptimizerInfo(
-    "adamw", torch.optim.AdamW, "Loshchilov & Hutter 2019, arXiv:1711.05101 (torch.optim)",
-    "2 (m, v)", defaults={"fused": True},
+    "adamw", _adamw, "Loshchilov & Hutter 2019, arXiv:1711.05101 (torch.optim; leanopt.AdamW for compact state)",
+    "2 (m, v)",
 ))
 register(OptimizerInfo(
     "adam-mini", AdamMini, "Zhang et al. 2024, arXiv:2406.16793",
