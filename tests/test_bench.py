@@ -227,6 +227,21 @@ def test_claim_verdicts_follow_the_paired_rules():
     assert evaluate_claims({"claims": ["sgd-sai-loss"], "runs": base})[0].verdict == "not measured"
 
 
+def test_state_precision_claims_compare_each_optimizer_with_its_full_precision_self():
+    runs = []
+    for seed, level in enumerate((3.00, 3.40, 3.20)):  # a wide spread that moves every arm together
+        runs += [fake_run("adamw", seed, level + 0.5, state=8.0, n_params=1),  # another optimizer: never the baseline
+                 fake_run("adam-mini", seed, level, state=4.0, n_params=1),
+                 fake_run("adam-mini-int8", seed, level + 0.002 * (seed - 1), state=1.0, n_params=1),
+                 fake_run("adam-mini-int4", seed, level + 0.05 + 0.001 * seed, state=0.5, n_params=1)]
+    v = {x.claim.split(" state")[0]: x for x in evaluate_claims({"claims": ["state-precision"], "runs": runs})}
+    assert set(v) == {"adam-mini with int8", "adam-mini with int4 momenta"}
+    assert v["adam-mini with int8"].verdict == "holds" and "n=3" in v["adam-mini with int8"].measured
+    assert "0.25x its full-precision state" in v["adam-mini with int8"].measured
+    assert v["adam-mini with int4 momenta"].verdict == "does not hold"  # +0.05 on every seed: beyond 1 % of 3.2
+    assert evaluate_claims({"claims": ["state-precision"], "runs": runs[:2]})[0].verdict == "not measured"
+
+
 def test_the_paired_ci_overrules_a_wide_seed_spread():
     # the seeds move both optimizers together (3.8 .. 4.6): the unpaired rule of earlier
     # versions (difference within the larger max-min spread) called +0.10 "on par"; paired,

@@ -341,6 +341,38 @@ def claim_sgd_sai_robust(g, s):
     return Verdict(claim, paper, f"final val loss over the grid (lower is better; diverged runs count as {CAP:g}): {text}", verdict)
 
 
+PRECISION_LABELS = {"int8": "int8", "int4": "int4 momenta", "bf16": "bf16"}
+
+
+def claim_state_precision(g, s):
+    """leanopt's own (issue: the smallest state): each optimizer with compact state
+    (runs ``<base>-int8``, ``-int4``, ``-bf16``) against its full-precision self on the same
+    seeds: on par or better (non-inferior within the margin) on the paired final loss,
+    with the state it keeps."""
+    verdicts = []
+    for name in sorted(g.by_group):
+        base, _, prec = name.rpartition("-")
+        if prec not in PRECISION_LABELS or base not in g:
+            continue
+        claim = f"{base} with {PRECISION_LABELS[prec]} state: trains as well as at full precision"
+        paper = "none of the four (8-bit AdamW: on par, Dettmers et al. 2022, arXiv:2110.02861)"
+        d = paired_diff(g, name, base, final)
+        if d is None:
+            verdicts.append(Verdict(claim, paper, "no seed in common", MISSING))
+            continue
+        tol = margin(g, base, final)
+        per_param = g.mean(name, lambda r: r["state_bytes"] / r["n_params"])
+        ratio = g.mean(name, lambda r: r["state_bytes"]) / g.mean(base, lambda r: r["state_bytes"])
+        verdicts.append(Verdict(
+            claim, paper,
+            f"final val loss {g.mean(name, final):.4f} vs {g.mean(base, final):.4f} (paired {d.text()}; margin ±{tol:.4f}); "
+            f"state {per_param:.2f} B/param, {ratio:.2f}x its full-precision state (this small model keeps many "
+            "tensors under state_min_size at full precision; leanopt list --precisions: GPT-2-small)",
+            stats.non_inferior(d, tol)))
+    return verdicts or [Verdict("compact state trains as well as full precision", "none", "needs runs <opt>-int8/-bf16 and <opt>",
+                                MISSING)]
+
+
 CAP = 10.0  # the loss a diverged run counts as, in grid means
 
 CLAIMS: dict[str, Callable[[Groups, dict], Verdict | list[Verdict]]] = {
@@ -356,6 +388,7 @@ CLAIMS: dict[str, Callable[[Groups, dict], Verdict | list[Verdict]]] = {
     "adam-mini-async": claim_adam_mini_async,
     "sgd-sai-async": claim_sgd_sai_async,
     "sgd-sai-robust": claim_sgd_sai_robust,
+    "state-precision": claim_state_precision,
 }
 
 

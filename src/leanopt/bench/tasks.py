@@ -76,6 +76,7 @@ class TaskSpec:
     kind: str = "pretrain"  # pretrain | finetune | robustness | sweep
     scale_models: tuple[str, ...] = SCALE_MODELS  # models whose state bytes the report adds (bench/memory.py)
     minutes: float = 0.0  # the whole preset's wall time on 2 CPU cores, estimated from measured runs (0: short)
+    runs_from: str = ""  # the preset whose run folders these runs live in (a run both have is trained once)
 
     def validate(self) -> None:
         self.train.validate()
@@ -108,6 +109,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     # leanopt's own combinations: the memory-saving optimizers with AlphaAdam's mask
     "adam-mini-async": ("adam-mini", {"mask": "async"}, "adam-mini-async"),
     "sgd-sai-async": ("sgd-sai", {"mask": "async"}, "sgd-sai-async"),
+    # compact optimizer state (leanopt.precision) at the full-precision optimizer's lr
+    **{f"{n}-{prec}": (n, {"state_precision": prec}, n) for n in ("adamw", "adam-mini", "sgd-sai", "alpha-adam")
+       for prec in ("int8", "bf16")},
+    "adam-mini-int4": ("adam-mini", {"state_precision": "int4"}, "adam-mini"),
 }
 
 
@@ -233,7 +238,16 @@ _add(TaskSpec(
     "pretrain", "pre-training on Python source, 1 200 steps of 2 048 tokens: AdamW, Adam-mini, SGD-SaI, AlphaAdam (async "
     "and sync mask), C-AdamW, Lion, AdamW-PMA with K=1, and Adam-mini and SGD-SaI with the asynchronous mask; 3 seeds each, "
     "the 1.8M-parameter demo GPT",
-    PRETRAIN_TRAIN, _seeded(_pretrain_runs(PRETRAIN), (0, 1, 2)), PRETRAIN_CLAIMS, minutes=150,
+    PRETRAIN_TRAIN, _seeded(_pretrain_runs(PRETRAIN), (0, 1, 2)), PRETRAIN_CLAIMS, minutes=270,  # 9 min a run
+))
+PRECISION = ["adamw", "adam-mini", "sgd-sai", "alpha-adam"]
+_add(TaskSpec(
+    "precision", "compact optimizer state against full precision: AdamW, Adam-mini, SGD-SaI and AlphaAdam with int8 and "
+    "bf16 state, Adam-mini with int4 momenta, beside their full-precision selves; pretrain's model, data and horizon, "
+    "3 seeds (the full-precision runs are pretrain's own: run folders shared, trained once)",
+    PRETRAIN_TRAIN,
+    _seeded(_pretrain_runs([v for n in PRECISION for v in (n, f"{n}-int8", f"{n}-bf16")] + ["adam-mini-int4"]), (0, 1, 2)),
+    ("state-precision",), minutes=270, runs_from="pretrain",  # 27 runs of its own, 9-11 min each
 ))
 _add(TaskSpec(
     "pretrain-long", "pretrain's model and data for 5x the tokens (6 000 steps, 12.3 M tokens): AdamW, Adam-mini, "
@@ -392,7 +406,7 @@ def run_task(
         bar = tqdm(total=len(runs), desc=f"{task.name}", unit="run", dynamic_ncols=True)
     while len(summaries) < len(runs):
         for run in runs[len(summaries):]:
-            summaries.append(train_run(task_dir / "runs" / run.key, task.train, run, corpus, init_state=init_state,
+            summaries.append(train_run(Path(out_dir) / (task.runs_from or task.name) / "runs" / run.key, task.train, run, corpus, init_state=init_state,
                                        progress=progress, stop_after=stop_after, dp=dp, overwrite=overwrite, log=log))
             if bar is not None:
                 bar.update(1)
