@@ -257,3 +257,46 @@ def test_compact_adamw_tracks_full_precision_at_least_as_closely_as_the_peers():
     # (int4 here: 4-bit momenta with 8-bit second moments, torchao's 4-bit has both at 4)
     assert 0 < error["bf16"] < error["int8"] <= min(error["bnb-8bit"], error["torchao-8bit"]), error
     assert error["int4"] <= error["torchao-4bit"], error
+
+
+# -- the C codec (leanopt/csrc/cpu_codec.h) against the formulas and the eager codec ------
+
+
+@pytest.mark.parametrize("fmt,kind", [("int8", P.MOMENT), ("int8", P.SECOND), ("int4", P.MOMENT)])
+def test_the_c_codec_gives_the_formula_and_agrees_with_the_eager_one(fmt, kind, monkeypatch):
+    from leanopt import _native
+    if _native.library() is None:
+        pytest.skip("no C kernels on this machine")
+    torch.manual_seed(0)
+    x = torch.randn(37, 300) * 1e-3  # a ragged last block of 44
+    if kind == P.SECOND:
+        x = x.square()
+        x[0, :5] = 0.0
+    like = torch.empty(x.shape)
+    fast = P.encode(x, fmt, kind, like, 256, None)
+    # the formula in float64: block scales, then c = round(top · sqrt(|x|/a)) (second moments: in the root domain)
+    top = {"int8": 127 if kind == P.MOMENT else 255, "int4": 7}[fmt]
+    root = x.double().sqrt() if kind == P.SECOND else x.double()
+    a = torch.cat([root[:, :256].abs().amax(1, keepdim=True).expand(-1, 256),
+                   root[:, 256:].abs().amax(1, keepdim=True).expand(-1, 44)], 1)
+    exact = (root.abs() / a).sqrt() * top
+    want = exact.round() * root.sign()
+    if kind == P.SECOND:
+        want = torch.where(root > 0, want.clamp(min=1), want)
+    codes = fast[""].to(torch.int16)
+    if fmt == "int4":
+        codes = torch.stack([codes & 15, codes >> 4], -1).reshape(37, -1)[:, :300] - 8
+    near_tie = ((exact - exact.floor()) - 0.5).abs() < 1e-4  # float32 may round these either way
+    assert torch.equal(codes[~near_tie].double(), want[~near_tie])
+    assert (codes[near_tie].double() - want[near_tie]).abs().max() <= 1 if near_tie.any() else True
+    # the eager codec: the same decoded values from the same codes, codes at most one step apart
+    # (torch's vectorized sqrt is not always correctly rounded; the C one is)
+    monkeypatch.setattr(P, "_fast", lambda *a: False)
+    slow = P.encode(x, fmt, kind, like, 256, None)
+    eager = P.decode({"m": fast[""], "m_absmax": fast["_absmax"]}, "m", kind, like, fmt)
+    monkeypatch.undo()
+    assert torch.equal(P.decode({"m": fast[""], "m_absmax": fast["_absmax"]}, "m", kind, like, fmt), eager)
+    torch.testing.assert_close(fast["_absmax"], slow["_absmax"], rtol=2e-7, atol=0)
+    off = (fast[""].to(torch.int16) - slow[""].to(torch.int16)) if fmt == "int8" else None
+    if off is not None:
+        assert off.abs().max() <= 1 and (off != 0).float().mean() < 1e-3

@@ -40,9 +40,9 @@ from torch import Tensor
 
 from ._distributed import is_dtensor
 
-__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream"]
+__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream", "codec"]
 
-_SOURCES = ("cpu_kernels.c", "cpu_kernels_body.h")
+_SOURCES = ("cpu_kernels.c", "cpu_kernels_body.h", "cpu_codec.h")
 # -ffp-contract=off: every operation rounds, as the eager path's tensor operations do
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -133,7 +133,9 @@ def library() -> ctypes.CDLL | None:
                 ints, ptr = [ctypes.c_int] * 3, ctypes.c_void_p
                 for name, argtypes in (("leanopt_adam_mini_rows", ints + [ptr] * 7), ("leanopt_adam", ints + [ptr] * 6 + ints),
                                        ("leanopt_elementwise", ints + [ptr] * 5 + [ctypes.c_int]),
-                                       ("leanopt_stream", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr])):
+                                       ("leanopt_stream", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr]),
+                                       ("leanopt_codec", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, *[ctypes.c_int64] * 3,
+                                                          *[ctypes.c_int] * 3])):
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 _lib = lib
@@ -237,3 +239,19 @@ def stream(reads: Sequence[Tensor], writes: Sequence[Tensor]) -> None:
     rc = lib.leanopt_stream(torch.get_num_threads(), n, len(reads), len(writes), _pointers(reads), _pointers(writes or reads))
     if rc != 0:
         raise ValueError(f"stream: {len(reads)} reads and {len(writes)} writes; at most 4 and 3")
+
+
+def codec(encode: bool, values: Tensor, codes: Tensor, scales: Tensor, block: int, second: bool, packed: bool,
+          top: int) -> None:
+    """Blockwise codes of compact state (:mod:`leanopt.precision`) in one pass: ``encode``
+    float32 ``values`` (rows along the last dimension) into ``codes`` and ``scales``, or
+    decode them into ``values``. All contiguous CPU tensors of the shapes precision.py
+    gives; the caller checked :func:`library`."""
+    lib = library()
+    assert lib is not None
+    last = values.shape[-1] if values.dim() else 1
+    rc = lib.leanopt_codec(torch.get_num_threads(), int(encode), values.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+                           values.numel() // max(last, 1), last, block, int(second), int(packed), top)
+    if rc != 0:
+        raise ValueError(f"codec: bad arguments (block {block}, rows of {last})")
+    torch.autograd.graph.increment_version([codes, scales] if encode else [values])

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from . import _native
+
 __all__ = ["PRECISIONS", "MOMENT", "SECOND", "precision_checks", "precision_defaults", "stored_format", "format_of",
            "zeros", "decode", "encode", "stored_keys", "stochastic_round_", "rounding_generator", "bytes_per_element"]
 
@@ -229,11 +231,16 @@ def decode(state: Mapping[str, Any], key: str, kind: str, p: Tensor, fmt: str | 
         return state[key].to(dtype, copy=True).reshape(p.shape)
     scales = state[key + SCALE_SUFFIX]
     shape = _shape(p)
-    codes = _unpack4(state[key], shape[-1]) if fmt == "int4" else state[key]
     top = _CODE_MAX[(fmt, kind)]
+    block = _block_of(shape[-1], scales.shape[-1], key)
+    if _fast(dtype, state[key], scales):
+        out = torch.empty(p.shape, dtype=dtype)
+        _native.codec(False, out, state[key], scales, block, kind == SECOND, fmt == "int4", top)
+        return out
+    codes = _unpack4(state[key], shape[-1]) if fmt == "int4" else state[key]
     y = codes.to(dtype).div_(top)
     y = y.abs().square_().mul_(y.sign()) if kind == MOMENT else y.square_()
-    yb, last = _blocks(y, _block_of(shape[-1], scales.shape[-1], key))
+    yb, last = _blocks(y, block)
     x = _unblock(yb * scales.to(dtype).unsqueeze(-1), last)
     if kind == SECOND:
         x = x.square()
@@ -252,6 +259,10 @@ def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, generator: tor
         return {"": out}
     top = _CODE_MAX[(fmt, kind)]
     x = x.reshape(_shape(p)).to(working_dtype(p))
+    if _fast(x.dtype, x):
+        out = zeros(fmt, kind, p, block)
+        _native.codec(True, x.contiguous(), out[""], out[SCALE_SUFFIX], block, kind == SECOND, fmt == "int4", top)
+        return out
     if kind == SECOND:
         x = x.clamp(min=0).sqrt()
     xb, last = _blocks(x, block)
@@ -266,6 +277,13 @@ def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, generator: tor
         c = c.mul_(y.sign())
         codes = _pack4(c.to(torch.int16)) if fmt == "int4" else c.to(torch.int8)
     return {"": codes, SCALE_SUFFIX: scales}
+
+
+def _fast(dtype: torch.dtype, *tensors: Tensor) -> bool:
+    """Whether the C codec (one pass, :func:`leanopt._native.codec`) takes these tensors:
+    float32 working values on the CPU, contiguous; it gives the bits of the eager codec."""
+    return (dtype == torch.float32 and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and _native.library() is not None)
 
 
 def bytes_per_element(fmt: str, block: int) -> float:

@@ -88,11 +88,20 @@ def state_bytes(opt: torch.optim.Optimizer, whole: bool = False) -> int:
     process (under FSDP2 or TP, this rank's shards), or with ``whole`` those of the whole
     state once (a sharded tensor at its full size, a replicated one once)."""
     return sum(
-        (v.to_local() if is_dtensor(v) and not whole else v).numel() * v.element_size()
+        _tensor_bytes(v.to_local() if is_dtensor(v) and not whole else v)
         for st in opt.state.values()
         for k, v in st.items()
         if isinstance(v, torch.Tensor) and k != "step"
     )
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    # a wrapper subclass that stores other tensors (torchao's quantized optimizer state)
+    # reports its logical dtype; its bytes are those of the tensors inside
+    if type(t) is not torch.Tensor and not is_dtensor(t) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
 
 
 def _adafactor(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:

@@ -65,7 +65,15 @@ def implementations(device: str = "cpu") -> list[Impl]:
         impls.append(Impl(f"leanopt {name} (eager)", family, f"leanopt:{name}:eager"))
         if device == "cpu":
             impls.append(Impl(f"leanopt {name} (compiled)", family, f"leanopt:{name}:fused:compiled"))
+    # compact state (leanopt.precision), each as a user gets it by default
+    for name, family in (("adamw", "AdamW"), ("adam-mini", "Adam-mini"), ("sgd-sai", "SGD-SaI"), ("lion", "Lion"),
+                         ("alpha-adam", "AlphaAdam")):
+        for prec in ("bf16", "int8", "int4"):
+            impls.append(Impl(f"leanopt {name} ({prec} state)", family, f"leanopt:{name}:{prec}"))
     peers = [
+        ("torchao", Impl("torchao AdamW8bit", "AdamW", "torchao:AdamW8bit")),
+        ("torchao", Impl("torchao AdamW4bit", "AdamW", "torchao:AdamW4bit")),
+        ("bitsandbytes", Impl("bitsandbytes AdamW8bit", "AdamW", "bnb:AdamW8bit")),
         ("adam_mini", Impl("adam-mini 1.1.1 (released)", "Adam-mini", "adam_mini")),
         ("sgd_sai", Impl("sgd-sai 1.0.3 (released)", "SGD-SaI", "sgd_sai")),
         ("lion_pytorch", Impl("lion-pytorch", "Lion", "lion_pytorch")),
@@ -101,9 +109,20 @@ def _build(spec: str, model):
     if spec.startswith("leanopt:"):
         import leanopt
 
+        from ..precision import PRECISIONS
+
         _, name, *flags = spec.split(":")
         fused = True if "fused" in flags else False if "eager" in flags else None
-        return leanopt.create_optimizer(name, model, lr=1e-4, fused=fused)
+        compact = {"state_precision": f for f in flags if f in PRECISIONS}
+        return leanopt.create_optimizer(name, model, lr=1e-4, fused=fused, **compact)
+    if spec.startswith("torchao:"):
+        import torchao.optim
+
+        return getattr(torchao.optim, spec.split(":")[1])(params, lr=1e-4)
+    if spec == "bnb:AdamW8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4)
     if spec == "adam_mini":
         import contextlib
         import io

@@ -285,3 +285,4 @@ int leanopt_stream(int nt, int64_t n, int nin, int nout, float **in, float **out
     }
     return 0;
 }
+#include "cpu_codec.h"
