@@ -44,7 +44,7 @@ STRADDLING = dict(dim=24, n_heads=3, n_kv_heads=3, vocab_size=97, mlp_hidden=45,
 UNEVEN = dict(vocab_size=97, dim=20, n_heads=5, n_kv_heads=1, mlp_hidden=45, tie_embeddings=True, dtype=torch.float64)
 # tensor parallelism splits heads and neurons evenly over 2 ranks; FSDP's dim 0 stays uneven (97)
 TP_MODEL = dict(vocab_size=97, dim=24, n_heads=4, n_kv_heads=2, mlp_hidden=46, tie_embeddings=True, dtype=torch.float64)
-DCP_OPTIMIZERS = ["adam-mini", "sgd-sai", "alpha-adam", "cadamw", "lion", "adamw-pma", "lion-pma"]
+DCP_OPTIMIZERS = ["adam-mini", "sgd-sai", "alpha-adam", "cadamw", "lion", "adamw-pma", "lion-pma", "alpha-adam-int4"]
 FSDP_UNSUPPORTED = {"adafactor"}  # torch.optim.Adafactor itself fails on DTensor parameters
 # the mask component (whole-tensor sums) on optimizers whose default leaves it off
 VARIANTS = {"adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}), "sgd-sai+mask": ("sgd-sai", {"mask": "async"}),
@@ -53,12 +53,18 @@ VARIANTS = {"adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}),
             "adam-mini-names": ("adam-mini", {"named": True}), "adam-mini-partition-names": ("adam-mini", {"partition": "names"})}
 RUNS = leanopt.list_optimizers() + list(VARIANTS)
 # compact state under DDP (replicated parameters: every rank quantizes the same averaged step)
-PRECISION_RUNS = {"adam-mini-int8": ("adam-mini", {"state_precision": "int8", "state_min_size": 0}),
-                  "alpha-adam-int4": ("alpha-adam", {"state_precision": "int4", "state_min_size": 0}),
+# (every matrix quantized -- vectors of under 64 elements stay full, as FSDP2 splits them along the rows
+# blocks run along --; blocks of 4: rows of 45 end in a ragged block, TP's 12 columns of o_proj per rank
+# are whole blocks. Its 23 of down_proj are not, and TP would keep them full: down_proj is a full-precision
+# param group on every layout, as a user moving checkpoints between TP and other layouts would set it)
+PRECISION_RUNS = {"adam-mini-int8": ("adam-mini", {"state_precision": "int8", "state_min_size": 64, "state_block_size": 4}),
+                  "alpha-adam-int4": ("alpha-adam", {"state_precision": "int4", "state_min_size": 64, "state_block_size": 4}),
                   "sgd-sai-bf16": ("sgd-sai", {"state_precision": "bf16"}),
                   "lion-pure-bf16": ("lion", {"stochastic_rounding": True})}
 FAST_ON_SHARDS = ["lion", "sgd-sai", "adamw-pma", "lion-pma"]  # elementwise steps (no mask)
-SHARDED_RUNS = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")]  # torch's own: not ours to test
+# torch's own are not ours to test; compact state: blocks run along rows, so each rank codes its
+# own rows (a tensor split along its rows, TP's Shard(1), keeps full precision)
+SHARDED_RUNS = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")] + ["adam-mini-int8", "alpha-adam-int4"]
 # a NaN at the first step after two clean ones, in a row of the second rank that belongs to a head
 # straddling the shards (rows 8-15 of 24): Adam-mini's block sum and the mask's sums cross ranks
 NONFINITE = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")]
@@ -101,7 +107,13 @@ def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, seed: int
         extra.update(dim=cfg.dim, n_heads=cfg.n_heads, n_kv_heads=cfg.resolved_kv_heads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if named:
+        if run in PRECISION_RUNS and "state_block_size" in extra:
+            every = list(model.named_parameters())
+            groups = [{"params": [(n, p) for n, p in every if "down_proj" not in n]},
+                      {"params": [(n, p) for n, p in every if "down_proj" in n], "state_precision": "param"}]
+            kw = {"lr": CASES[name].lr, **CASES[name].kwargs, **extra}
+            opt = leanopt.AdamMini(groups, model=model, **kw) if name == "adam-mini" else leanopt.create_optimizer(name, groups, **kw)
+        elif named:
             opt = leanopt.AdamMini(wrapped.named_parameters(), lr=CASES[name].lr, **CASES[name].kwargs, **extra)
         else:
             opt = leanopt.create_optimizer(name, wrapped, lr=CASES[name].lr, **CASES[name].kwargs, **extra)
@@ -286,6 +298,7 @@ if __name__ == "__main__":
                 dcp_round(name, rank, world, ckpt_in, ckpt_out, out, wrap, model_kw)
         else:
             names = [n for n in RUNS if not (mode == "fsdp" and n in FSDP_UNSUPPORTED)]
+            names += ["adam-mini-int8", "alpha-adam-int4"] if mode == "fsdp" else []
             train_all(names, mode, world, STRADDLING if mode == "fsdp" else {"dtype": torch.float64}, rank, rank, world, out)
             if mode == "ddp":
                 for name in PRECISION_RUNS:

@@ -81,7 +81,7 @@ def test_ddp_pure_bf16_replicas_stay_identical_under_rank_seeds(ddp_results):
     assert not torch.equal(ranks[0]["layers.0.mlp.up_proj.weight"], init["layers.0.mlp.up_proj.weight"])
 
 
-@pytest.mark.parametrize("name", [n for n in RUNS if n not in FSDP_UNSUPPORTED])
+@pytest.mark.parametrize("name", [n for n in RUNS if n not in FSDP_UNSUPPORTED] + ["adam-mini-int8", "alpha-adam-int4"])
 def test_fsdp2_two_processes_equal_one(fsdp_results, name):
     # heads and norm blocks straddle the shards: Adam-mini's block means, SGD-SaI's g-SNR
     # and AlphaAdam's mask sums must be taken over the whole block
@@ -263,6 +263,11 @@ def test_sharded_state_is_split_over_the_ranks(sharded_results):
         sizes = [rank[name] for rank in per_rank]
         # per-element state splits with the parameters; Adam-mini's per-block v is whole on every rank
         assert max(sizes) < 0.75 * total, f"{name} ({mode}): {sizes} of {total}"
+    # int8/int4 codes and their block scales split with the rows too (TP's Shard(1) tensors
+    # keep full precision: their blocks would straddle the ranks)
+    compact = state_bytes_of("alpha-adam-int4", **(UNEVEN if mode == "uneven" else TP_MODEL))
+    sizes = [rank["alpha-adam-int4"] for rank in per_rank]
+    assert compact < 0.5 * whole["alpha-adam"] and max(sizes) < (0.85 if mode == "tp" else 0.75) * compact, (sizes, compact)
 
 
 def state_bytes_of(name: str, **model_kw) -> int:

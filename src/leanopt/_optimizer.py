@@ -269,14 +269,10 @@ class LeanOptimizer(torch.optim.Optimizer):
         me = type(self).__name__
         prec = group.get("state_precision", "param")
         _precision.check_state_keys(me, prec, self._element_kinds)
-        compact = prec != "param"
         for p, name in named:
             if group.get("stochastic_rounding") and p.dtype != torch.bfloat16:
                 raise ValueError(f"{me}: stochastic_rounding=True is for bfloat16 parameters; parameter {name!r} is "
                                  f"{p.dtype}, whose update needs no rounding to bfloat16")
-            if (compact or group.get("stochastic_rounding")) and is_dtensor(p):
-                raise ValueError(f"{me}: state_precision={prec!r} / stochastic_rounding on sharded (DTensor) parameter "
-                                 f"{name!r} is not supported yet; use state_precision='param' under FSDP2 and TP")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; a subclass's own
@@ -496,7 +492,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         if key in state:
             work = _precision.decode(state, key, kind, p)
         else:
-            work = torch.zeros(p.shape, dtype=_precision.working_dtype(p), device=p.device)
+            work = torch.zeros_like(p, dtype=_precision.working_dtype(p), memory_format=torch.contiguous_format)
         self._stores.append((group, p, key, work))
         return work
 

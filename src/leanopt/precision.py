@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from . import _native
+from ._distributed import is_dtensor, local
 
 __all__ = ["PRECISIONS", "MOMENT", "SECOND", "precision_checks", "precision_defaults", "stored_format", "format_of",
            "zeros", "decode", "encode", "stored_keys", "stochastic_round_", "rounding_generator", "bytes_per_element"]
@@ -123,11 +124,31 @@ def stored_format(group: Mapping[str, Any], key: str, kind: str, p: Tensor) -> s
     prec = prec.get(key, "param") if isinstance(prec, Mapping) else prec
     if prec == "int4" and kind == SECOND:
         prec = "int8"
-    if prec in ("int8", "int4") and p.numel() < max(group.get("state_min_size", 0), 1):
+    if prec in ("int8", "int4") and (p.numel() < max(group.get("state_min_size", 0), 1)
+                                     or blocks_straddle(p, group.get("state_block_size", 256))):
         prec = "param"
     if prec == "param" and p.dtype == torch.bfloat16 and group.get("stochastic_rounding"):
         prec = "bf16"
     return prec
+
+
+def blocks_straddle(p: Tensor, block: int) -> bool:
+    """Whether blocks of ``block`` elements along the last dimension of a sharded (DTensor)
+    ``p`` would straddle two ranks. They do not when no placement splits that dimension
+    (FSDP2's ``Shard(0)`` of a matrix), or when it is split evenly into whole blocks
+    (tensor parallelism's row-wise ``Shard(1)`` of 4096 columns over 8 ranks, blocks of
+    256). Otherwise (a sharded vector, an uneven split) the state keeps the parameter's
+    precision, so that the blocks, and the checkpoint, are the same on every layout that
+    quantizes the tensor."""
+    if not is_dtensor(p):
+        return False
+    last, cols = max(p.dim() - 1, 0), p.shape[-1] if p.dim() else 1
+    for size, pl in zip(p.device_mesh.shape, p.placements):
+        if pl.is_shard() and pl.dim % max(p.dim(), 1) == last:
+            if type(pl).__name__ != "Shard" or p.dim() < 2 or cols % size or (cols // size) % block:
+                return True
+            cols //= size
+    return False
 
 
 def same_storage(a: str, b: str, p: Tensor) -> bool:
@@ -199,13 +220,13 @@ def _block_of(last: int, n_blocks: int, key: str) -> int:
 def _blocks(x: Tensor, block: int) -> tuple[Tensor, int]:
     """``x`` (…, L) as (…, n_blocks, block), zero-padded; and L."""
     last = x.shape[-1]
-    pad = _n_blocks(last, block) * block - last
-    xb = F.pad(x, (0, pad)) if pad else x
-    return xb.reshape(*x.shape[:-1], -1, block), last
+    n = _n_blocks(last, block)
+    xb = F.pad(x, (0, n * block - last)) if n * block > last else x
+    return xb.reshape(*x.shape[:-1], n, block), last  # sizes spelled out: a shard may hold no rows
 
 
 def _unblock(xb: Tensor, last: int) -> Tensor:
-    return xb.reshape(*xb.shape[:-2], -1)[..., :last]
+    return xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])[..., :last]
 
 
 def _pack4(codes: Tensor) -> Tensor:
@@ -218,12 +239,24 @@ def _pack4(codes: Tensor) -> Tensor:
 
 def _unpack4(packed: Tensor, last: int) -> Tensor:
     lo, hi = packed & 15, packed >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1)[..., :last].to(torch.int16) - 8
+    return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :last].to(torch.int16) - 8
+
+
+def _like(t: Tensor, p: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Local tensor ``t`` as a DTensor laid out as ``p`` (whole shape ``shape``), or ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
 
 def decode(state: Mapping[str, Any], key: str, kind: str, p: Tensor, fmt: str | None = None) -> Tensor:
-    """The float working tensor (shape and device of ``p``) of stored state ``key``."""
+    """The float working tensor (shape and device of ``p``) of stored state ``key``. For a
+    sharded ``p`` each rank decodes its own rows (blocks never straddle ranks)."""
     fmt = format_of(state, key, kind, p) if fmt is None else fmt
+    if is_dtensor(p):
+        mine = {k: local(state[k]) for k in stored_keys(key, fmt)}
+        return _like(decode(mine, key, kind, local(p), fmt), p, tuple(p.shape))
     dtype = working_dtype(p)
     if p.is_meta:
         return torch.empty(p.shape, dtype=dtype, device=p.device)
@@ -248,9 +281,14 @@ def decode(state: Mapping[str, Any], key: str, kind: str, p: Tensor, fmt: str | 
 
 
 def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, generator: torch.Generator | None) -> dict[str, Tensor]:
-    """The stored entries (by suffix, as :func:`zeros`) of working tensor ``x``."""
+    """The stored entries (by suffix, as :func:`zeros`) of working tensor ``x``; for a
+    sharded ``p``, DTensors laid out as ``p`` (each rank encodes its own rows)."""
     if fmt == "param":
         return {"": x.to(p.dtype)}
+    if is_dtensor(p):
+        mine = encode(local(x), fmt, kind, local(p), block, generator)
+        shapes = {"": tuple(p.shape) if fmt == "bf16" else code_shape(p, fmt), SCALE_SUFFIX: scale_shape(p, block)}
+        return {suffix: _like(t, p, shapes[suffix]) for suffix, t in mine.items()}
     if x.is_meta:  # shapes only (state sizes at scale, leanopt.bench.memory)
         return zeros(fmt, kind, p, block)
     if fmt == "bf16":
@@ -308,7 +346,11 @@ def stochastic_round_(out: Tensor, x: Tensor, generator: torch.Generator | None)
     """``out ← x`` rounded to bfloat16 stochastically: up with probability equal to the
     fraction of a bf16 step that ``x`` lies above the value below it (unbiased). Adds 16
     random bits below the bf16 mantissa of ``x``'s float32 bits and truncates; ±Inf and NaN
-    stay what they are. ``out`` is bfloat16 (or a float tensor that receives the result)."""
+    stay what they are. ``out`` is bfloat16 (or a float tensor that receives the result);
+    DTensors round their local shards."""
+    if is_dtensor(out):
+        stochastic_round_(local(out), local(x), generator)
+        return out
     bits = x.to(torch.float32).contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
     rounded = torch.where(torch.isfinite(x), (bits + noise) & -65536, bits & -65536).view(torch.float32)
