@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import precision as _precision
 from ._backend import Backends, route
-from ._distributed import all_finite, batched_reductions, is_dtensor, rank_zero_ints
+from ._distributed import all_finite, batched_reductions, rank_zero_ints
 from .precision import MOMENT, SECOND
 
 __all__ = ["LeanOptimizer", "Interval", "IntAtLeast", "OneOf", "Betas", "ParamsT", "unwrap_model", "trainable_named_parameters"]

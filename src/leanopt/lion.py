@@ -147,15 +147,10 @@ class Lion(LeanOptimizer):
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
-        state_precision, state_block_size, state_min_size, stochastic_rounding: the
-            precision of the state and of bfloat16 updates (:mod:`leanopt.precision`,
-            ``docs/algorithms.md`` §8). ``state_precision``: ``"param"`` (default: the
-            parameter's dtype), ``"bf16"`` (written with stochastic rounding), ``"int8"``,
-            ``"int4"`` (int4 momenta, int8 second moments), or a dict by state name; int8/int4
-            blocks hold ``state_block_size`` elements (a power of two, default 256) and tensors
-            under ``state_min_size`` elements (default 4096) keep the parameter's precision.
-            ``stochastic_rounding=True`` (bfloat16 parameters only): the update is computed
-            in float32 and rounded back stochastically, so pure-bf16 weights keep learning.
+        state_precision, state_block_size, state_min_size, stochastic_rounding: how the
+            state is stored (``"param"``, ``"bf16"``, ``"int8"``, ``"int4"``) and whether
+            bfloat16 parameters are rounded stochastically; the same on every leanopt
+            optimizer (:mod:`leanopt.precision`, ``docs/algorithms.md`` §8).
     """
 
     _checks = {"lr": NONNEG, "betas": Betas(), "weight_decay": NONNEG, "maximize": BOOL, "fused": BOOL_OR_NONE, **mask_checks()}

@@ -13,6 +13,17 @@ and *stepped* as a float working tensor::
              domain, sqrt(v) = a·(c/255)², a positive v never stored as 0
     "int4"   momenta only: x = a·sign(c)·(|c|/7)², two codes per byte
 
+The arguments, the same on every leanopt optimizer and per param group:
+
+* ``state_precision``: one of the formats above (default ``"param"``), or a dict by state
+  name (``{"exp_avg": "int4", "exp_avg_sq": "int8"}``); ``"int4"`` stores int4 momenta and
+  int8 second moments (four bits cannot hold the range of g²).
+* ``state_block_size``: elements per int8/int4 block, a power of two >= 2 (default 256).
+* ``state_min_size``: tensors with fewer elements keep the parameter's precision under
+  int8 and int4 (default 4096).
+* ``stochastic_rounding``: bfloat16 parameters only; the step runs in float32 and the
+  new parameter is rounded to bfloat16 stochastically, so pure-bf16 weights keep learning.
+
 The square map (a power-2 companding) gives small entries of a block finer steps than a
 linear map: the relative error of an entry a hundredth of its block's max is ~10x smaller
 (``tests/test_precision.py`` measures it). Blocks run along the last dimension so that a
