@@ -91,13 +91,31 @@ def test_a_state_saved_with_another_block_size_still_decodes():
 def test_stochastic_rounding_is_unbiased_and_round_to_nearest_is_not():
     x = torch.full((200_000,), 1.0 + 2.0**-10)  # an eighth of the way from bf16 1.0 to 1.0078125
     out = torch.empty_like(x, dtype=torch.bfloat16)
-    P.stochastic_round_(out, x, torch.Generator().manual_seed(0))
+    P.stochastic_round_(out, x, P.rounding_key(0, 0, 0))
     assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2.0**-7}
     assert abs(out.float().mean().item() - x[0].item()) < 3e-5  # std of the mean: 2^-7·sqrt(p(1-p)/n) ≈ 1e-5
     assert x.bfloat16().float().mean().item() == 1.0
     special = torch.tensor([math.inf, -math.inf, math.nan, -3.0, 0.0])
     got = P.stochastic_round_(torch.empty(5, dtype=torch.bfloat16), special, None).float()
     assert got[0] == math.inf and got[1] == -math.inf and got[2].isnan() and got[3] == -3.0 and got[4] == 0.0
+
+
+def test_the_c_and_eager_stochastic_rounding_draw_the_same_bits(monkeypatch):
+    from leanopt import _native
+    if _native.library() is None:
+        pytest.skip("no C kernels on this machine")
+    torch.manual_seed(0)
+    x = torch.randn(100_003) * torch.logspace(-30, 30, 100_003)
+    x[:4] = torch.tensor([math.inf, -math.inf, math.nan, torch.finfo(torch.float32).max])
+    fast = P.stochastic_round_(torch.empty(x.shape, dtype=torch.bfloat16), x, 12345)
+    monkeypatch.setattr(_native, "library", lambda: None)
+    eager = P.stochastic_round_(torch.empty(x.shape, dtype=torch.bfloat16), x, 12345)
+    assert torch.equal(fast[4:], eager[4:]) and fast[3] == eager[3]  # the largest float may round up to inf
+    assert fast[0] == math.inf and fast[1] == -math.inf and fast[2].isnan() and eager[2].isnan()
+    # each result is one of the two bf16 neighbours of x
+    lo = x[4:].bfloat16().float()
+    assert ((fast[4:].float() - x[4:]).abs() <= (x[4:].abs() * 2.0**-7)).all() and not torch.equal(fast[4:].float(), lo)
+    assert not torch.equal(fast, P.stochastic_round_(torch.empty(x.shape, dtype=torch.bfloat16), x, 12346))
 
 
 def _bf16_fit(stochastic: bool, seed: int = 0, steps: int = 200) -> nn.Parameter:

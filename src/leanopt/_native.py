@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ._distributed import is_dtensor
 
-__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream", "codec"]
+__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round"]
 
 _SOURCES = ("cpu_kernels.c", "cpu_kernels_body.h", "cpu_codec.h")
 # -ffp-contract=off: every operation rounds, as the eager path's tensor operations do
@@ -135,7 +135,8 @@ def library() -> ctypes.CDLL | None:
                                        ("leanopt_elementwise", ints + [ptr] * 5 + [ctypes.c_int]),
                                        ("leanopt_stream", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr]),
                                        ("leanopt_codec", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, *[ctypes.c_int64] * 3,
-                                                          *[ctypes.c_int] * 3])):
+                                                          *[ctypes.c_int] * 3]),
+                                       ("leanopt_stochastic_round", [ctypes.c_int, ptr, ptr, ctypes.c_int64, ctypes.c_uint32])):
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 _lib = lib
@@ -255,3 +256,13 @@ def codec(encode: bool, values: Tensor, codes: Tensor, scales: Tensor, block: in
     if rc != 0:
         raise ValueError(f"codec: bad arguments (block {block}, rows of {last})")
     torch.autograd.graph.increment_version([codes, scales] if encode else [values])
+
+
+def stochastic_round(out: Tensor, values: Tensor, key: int) -> None:
+    """``out`` (bfloat16) ← float32 ``values`` rounded stochastically with the bits of
+    :func:`leanopt.precision.rounding_bits` (one pass; contiguous CPU tensors, checked by
+    the caller)."""
+    lib = library()
+    assert lib is not None
+    lib.leanopt_stochastic_round(torch.get_num_threads(), values.data_ptr(), out.data_ptr(), values.numel(), key)
+    torch.autograd.graph.increment_version([out])

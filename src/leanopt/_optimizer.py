@@ -472,7 +472,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             self.last_backends[backend] = self.last_backends.get(backend, 0) + n
         for p, work, up in zip(params, columns[0], upcast):
             if up and group.get("stochastic_rounding"):
-                _precision.stochastic_round_(p, work, self._rounding_generator(group, p, 0))
+                _precision.stochastic_round_(p, work, self._rounding_key(group, p, 0))
             elif up:
                 p.copy_(work)
         self._store_state()
@@ -506,7 +506,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         for group, p, key, work in self._stores:
             kind, state = self._element_kinds[key], self.state[p]
             fmt = _precision.stored_format(group, key, kind, p)
-            rounding = self._rounding_generator(group, p, 1 + list(self._element_kinds).index(key)) if fmt == "bf16" else None
+            rounding = self._rounding_key(group, p, 1 + list(self._element_kinds).index(key)) if fmt == "bf16" else None
             entries = _precision.encode(work, fmt, kind, p, group.get("state_block_size", 256), rounding)
             for stale in _precision.stored_keys(key, "int8"):
                 state.pop(stale, None)
@@ -514,15 +514,15 @@ class LeanOptimizer(torch.optim.Optimizer):
                 state[key + suffix] = value
         self._stores = []
 
-    def _rounding_generator(self, group: dict[str, Any], p: Tensor, stream: int) -> torch.Generator | None:
-        """The generator of ``p``'s rounding bits in this step (``stream``: 0 the parameter,
-        1 + i its i-th state); None where the group rounds nothing stochastically."""
+    def _rounding_key(self, group: dict[str, Any], p: Tensor, stream: int) -> int | None:
+        """The key of ``p``'s rounding bits in this step (``stream``: 0 the parameter, 1 + i
+        its i-th state); None where the group rounds nothing stochastically."""
         if not _precision.uses_rounding(group):
             return None
         if not self._positions:
             self._positions = {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
-        return _precision.rounding_generator(group.get("rounding_seed", 0), group.get("rounding_step", 0),
-                                             self._positions[p] * 8 + stream, p.device)
+        return _precision.rounding_key(group.get("rounding_seed", 0), group.get("rounding_step", 0),
+                                       self._positions[p] * 8 + stream)
 
     def _restore_compact(self, state_dict: Mapping[str, Any]) -> None:
         """After torch's ``load_state_dict``, which casts every state tensor to a floating-point

@@ -32,9 +32,10 @@ tensor sharded along its first one (FSDP2) never splits a block.
 Tensors smaller than ``min_size`` elements keep the parameter's precision under int8 and
 int4, as torchao and bitsandbytes do: their state is a negligible share of the bytes.
 
-Stochastic rounding draws its bits from a counter-based stream: the group's seed, the
-group's rounding-step counter and the tensor's position (both kept in the param group,
-so a resumed run draws the same bits as an uninterrupted one).
+Stochastic rounding draws its bits from a counter-based hash of each element's index and
+a key made of the group's seed, the group's rounding-step counter and the tensor's
+position (both kept in the param group, so a resumed run draws the same bits as an
+uninterrupted one); the C kernel and the eager code draw the same bits.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from . import _native
 from ._distributed import is_dtensor, local
 
 __all__ = ["PRECISIONS", "MOMENT", "SECOND", "precision_checks", "precision_defaults", "stored_format", "format_of",
-           "zeros", "decode", "encode", "stored_keys", "stochastic_round_", "rounding_generator", "bytes_per_element"]
+           "zeros", "decode", "encode", "stored_keys", "stochastic_round_", "rounding_key", "rounding_bits",
+           "bytes_per_element"]
 
 PRECISIONS = ("param", "bf16", "int8", "int4")
 MOMENT, SECOND = "moment", "second"  # the two kinds of per-element state
@@ -291,20 +293,20 @@ def decode(state: Mapping[str, Any], key: str, kind: str, p: Tensor, fmt: str | 
     return x.reshape(p.shape)
 
 
-def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, generator: torch.Generator | None) -> dict[str, Tensor]:
+def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, key: int | None) -> dict[str, Tensor]:
     """The stored entries (by suffix, as :func:`zeros`) of working tensor ``x``; for a
     sharded ``p``, DTensors laid out as ``p`` (each rank encodes its own rows)."""
     if fmt == "param":
         return {"": x.to(p.dtype)}
     if is_dtensor(p):
-        mine = encode(local(x), fmt, kind, local(p), block, generator)
+        mine = encode(local(x), fmt, kind, local(p), block, key)
         shapes = {"": tuple(p.shape) if fmt == "bf16" else code_shape(p, fmt), SCALE_SUFFIX: scale_shape(p, block)}
         return {suffix: _like(t, p, shapes[suffix]) for suffix, t in mine.items()}
     if x.is_meta:  # shapes only (state sizes at scale, leanopt.bench.memory)
         return zeros(fmt, kind, p, block)
     if fmt == "bf16":
         out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
-        stochastic_round_(out, x, generator)
+        stochastic_round_(out, x, key)
         return {"": out}
     top = _CODE_MAX[(fmt, kind)]
     x = x.reshape(_shape(p)).to(working_dtype(p))
@@ -342,30 +344,48 @@ def bytes_per_element(fmt: str, block: int) -> float:
 
 # -- stochastic rounding -----------------------------------------------------------------
 
-_STREAM_MIX = 0x9E3779B97F4A7C15  # splits (seed, step, position) into distinct generator seeds
+_M32 = 0xFFFFFFFF
 
 
-def rounding_generator(seed: int, step: int, position: int, device: torch.device) -> torch.Generator | None:
-    """The generator of tensor ``position``'s rounding bits at rounding step ``step``."""
-    if device.type == "meta":  # shapes only (state sizes at scale): no bits to draw
-        return None
-    mixed = (seed * _STREAM_MIX + step * 1_000_003 + position * 7_919) % (2**63 - 1)
-    return torch.Generator(device=device).manual_seed(mixed)
+def rounding_key(seed: int, step: int, position: int) -> int:
+    """The 32-bit key of tensor ``position``'s rounding bits at rounding step ``step``."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB) >> 7 & _M32
 
 
-def stochastic_round_(out: Tensor, x: Tensor, generator: torch.Generator | None) -> Tensor:
+def rounding_bits(key: int, n: int, device: torch.device) -> Tensor:
+    """16 random bits for each of ``n`` elements (int64): a counter-based hash of the
+    element's index and ``key``, the same bits as the C kernel's (``csrc/cpu_codec.h``).
+    Every product stays under 2**63."""
+    x = (torch.arange(n, dtype=torch.int64, device=device) * 0x9E3779B1 + key) & _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x6C8E9CF5) & _M32
+    x ^= x >> 16
+    return x & 0xFFFF
+
+
+def stochastic_round_(out: Tensor, x: Tensor, key: int | None) -> Tensor:
     """``out ← x`` rounded to bfloat16 stochastically: up with probability equal to the
     fraction of a bf16 step that ``x`` lies above the value below it (unbiased). Adds 16
-    random bits below the bf16 mantissa of ``x``'s float32 bits and truncates; ±Inf and NaN
-    stay what they are. ``out`` is bfloat16 (or a float tensor that receives the result);
-    DTensors round their local shards."""
+    random bits (:func:`rounding_bits` of ``key``) below the bf16 mantissa of ``x``'s
+    float32 bits and truncates; ±Inf and NaN stay what they are. ``out`` is bfloat16 (or a
+    float tensor that receives the result); DTensors round their local shards. One C pass
+    for contiguous CPU tensors."""
+    key = 0 if key is None else key
     if is_dtensor(out):
-        stochastic_round_(local(out), local(x), generator)
+        stochastic_round_(local(out), local(x), key)
         return out
-    bits = x.to(torch.float32).contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
-    rounded = torch.where(torch.isfinite(x), (bits + noise) & -65536, bits & -65536).view(torch.float32)
-    rounded = torch.where(torch.isnan(x), x.to(torch.float32), rounded)
+    if out.is_meta:
+        return out
+    if (out.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == out.device.type == "cpu"
+            and out.is_contiguous() and x.is_contiguous() and out.numel() == x.numel() and _native.library() is not None):
+        _native.stochastic_round(out, x, key)
+        return out
+    bits = x.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    noise = rounding_bits(key, bits.numel(), bits.device).to(torch.int32)
+    rounded = torch.where(torch.isfinite(x.reshape(-1)), (bits + noise) & -65536, bits & -65536).view(torch.float32)
+    rounded = torch.where(torch.isnan(x.reshape(-1)), x.reshape(-1).to(torch.float32), rounded)
     out.copy_(rounded.reshape(out.shape))
     return out
 

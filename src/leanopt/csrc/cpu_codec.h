@@ -102,3 +102,29 @@ int leanopt_codec(int nt, int encode, void *X, void *C, void *S, int64_t R, int6
     }
     return 0;
 }
+
+/* Stochastic rounding of float32 to bfloat16 (leanopt/precision.py, stochastic_round_): add 16
+ * bits of a counter-based hash of the element's index and `key` below the bf16 mantissa, then
+ * truncate; +-Inf and NaN unchanged. The hash is precision.rounding_bits's, bit for bit. */
+CODEC_INLINE uint32_t rounding_bits(uint64_t i, uint32_t key) {
+    uint32_t x = (uint32_t)i * 0x9E3779B1u + key;
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x6C8E9CF5u;
+    x ^= x >> 16;
+    return x & 0xFFFFu;
+}
+
+int leanopt_stochastic_round(int nt, const float *X, uint16_t *out, int64_t n, uint32_t key) {
+    if (nt < 1 || nt > 1024 || n < 0) return 1;
+#pragma omp parallel for num_threads(n >= 65536 ? nt : 1) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t u = f32_bits(X[i]);
+        uint32_t finite = (u & 0x7f800000u) != 0x7f800000u;
+        uint32_t r = finite ? u + rounding_bits((uint64_t)i, key) : u;
+        if (!finite && (u & 0x7fffffu)) r = u | 0x400000u; /* a NaN stays a (quiet) NaN */
+        out[i] = (uint16_t)(r >> 16);
+    }
+    return 0;
+}
