@@ -31,7 +31,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -457,7 +457,35 @@ class LeanOptimizer(torch.optim.Optimizer):
         """One group's step through the family's ``backends``, each tensor on the backend
         ``group["fused"]`` chooses (:mod:`leanopt._backend`); counted in ``last_backends``.
         Then the group's compact state is stored back, and with ``stochastic_rounding`` the
-        parameters, stepped as float32 copies, are rounded back to bfloat16."""
+        parameters, stepped as float32 copies, are rounded back to bfloat16.
+
+        Compact state (:meth:`_element_state`'s :class:`_Deferred` entries) is decoded a slice
+        of tensors at a time (about :data:`SLICE_ELEMENTS` elements), stepped and encoded
+        again before the next slice, so that the float working copies of a step never
+        exceed one slice's: the step's peak memory stays near the compact state's."""
+        if not any(isinstance(x, _Deferred) for column in columns[2:] for x in column):
+            self._route_slice(backends, group, columns, options)
+            return
+        start, size = 0, 0
+        for i, p in enumerate(columns[0]):
+            size += p.numel()
+            if size >= SLICE_ELEMENTS or i == len(columns[0]) - 1:
+                part = [[self._working(x) for x in column[start:i + 1]] for column in columns]
+                self._route_slice(backends, group, part, options)
+                start, size = i + 1, 0
+
+    def _working(self, x: Any) -> Any:
+        """A deferred compact state decoded into its float working tensor (stored back by
+        :meth:`_store_state`); anything else as it is."""
+        if not isinstance(x, _Deferred):
+            return x
+        state, kind = self.state[x.p], self._element_kinds[x.key]
+        work = _precision.decode(state, x.key, kind, x.p)
+        self._stores.append((x.group, x.p, x.key, work))
+        return work
+
+    def _route_slice(self, backends: Backends, group: dict[str, Any], columns: list[list[Any]] | tuple,
+                     options: dict[str, Any]) -> None:
         params = columns[0]
         # a 16-bit parameter whose state is stepped as float32 working copies (or whose update
         # is rounded stochastically) is stepped in float32 too, with its gradient
@@ -480,21 +508,19 @@ class LeanOptimizer(torch.optim.Optimizer):
     # -- state precision (leanopt.precision) ----------------------------------------------
     def _element_state(self, group: dict[str, Any], p: Tensor, key: str,
                        memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
-        """Per-element state ``key`` of ``p``, created as zeros where missing, as the tensor
-        the step updates in place: the stored tensor itself at the parameter's precision,
-        else a float working copy decoded from the compact form, stored back after the step."""
+        """Per-element state ``key`` of ``p``, created as zeros where missing, for the step
+        to update in place: the stored tensor itself at the parameter's precision; else a
+        :class:`_Deferred` handle that :meth:`_route` decodes into a float working copy when
+        it steps ``p``, and stores back right after."""
         state, kind = self.state[p], self._element_kinds[key]
         fmt = _precision.stored_format(group, key, kind, p)
         if fmt == "param" and (key not in state or _precision.format_of(state, key, kind, p) == "param"):
             if key not in state:
                 state[key] = torch.zeros_like(p, memory_format=memory_format)
             return state[key]
-        if key in state:
-            work = _precision.decode(state, key, kind, p)
-        else:
-            work = torch.zeros_like(p, dtype=_precision.working_dtype(p), memory_format=torch.contiguous_format)
-        self._stores.append((group, p, key, work))
-        return work
+        if key not in state:
+            self._set_element_state(group, p, key, torch.zeros_like(p, dtype=_precision.working_dtype(p)))
+        return _Deferred(group, p, key)
 
     def _set_element_state(self, group: dict[str, Any], p: Tensor, key: str, value: Tensor) -> None:
         """``state[key] ← value`` in the group's format (a copy: ``value`` is not kept)."""
@@ -550,6 +576,17 @@ class LeanOptimizer(torch.optim.Optimizer):
             what = ", ".join(f"{n} from {a} to {b}" for (a, b), n in converted.items())
             warnings.warn(f"leanopt: {type(self).__name__}.load_state_dict converted state tensors saved at another "
                           f"state_precision ({what})", UserWarning, stacklevel=user_stacklevel())
+
+
+SLICE_ELEMENTS = 1 << 23  # parameters' elements whose compact state is decoded at once (32 MiB a float32 state)
+
+
+class _Deferred(NamedTuple):
+    """A compact per-element state, decoded when its tensor is stepped (:meth:`LeanOptimizer._route`)."""
+
+    group: dict[str, Any]
+    p: Tensor
+    key: str
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
