@@ -318,3 +318,38 @@ def test_the_c_codec_gives_the_formula_and_agrees_with_the_eager_one(fmt, kind, 
     off = (fast[""].to(torch.int16) - slow[""].to(torch.int16)) if fmt == "int8" else None
     if off is not None:
         assert off.abs().max() <= 1 and (off != 0).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("name,precision", [("adamw", "int8"), ("adamw", "int4"), ("adamw", {"exp_avg": "int4", "exp_avg_sq": "param"}),
+                                            ("lion", "int8"), ("sgd-sai", "int4")])
+def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, precision, monkeypatch):
+    """``native-compact`` (decode, step and encode each block in one pass) against the
+    sliced path (the C codec, the C kernel over the whole tensor, the C codec again)."""
+    import dataclasses
+    import importlib
+    from leanopt import _native
+    if _native.library() is None:
+        pytest.skip("no C kernels on this machine")
+    module = importlib.import_module({"adamw": "leanopt.alpha_adam", "lion": "leanopt.lion", "sgd-sai": "leanopt.sgd_sai"}[name])
+
+    def run(one_pass: bool):
+        if not one_pass:
+            monkeypatch.setattr(module, "BACKENDS", dataclasses.replace(module.BACKENDS, compact=None))
+        model = tiny_model(dim=64, n_heads=4, n_kv_heads=4, mlp_hidden=256)
+        opt = leanopt.create_optimizer(name, model, lr=0.5 if name == "sgd-sai" else 1e-3, state_precision=precision,
+                                       state_min_size=0, state_block_size=128)
+        for step in range(4):
+            opt.zero_grad()
+            loss_of(model, step).backward()
+            opt.step()
+        monkeypatch.undo()
+        return model, opt
+
+    (fast, fast_opt), (sliced, sliced_opt) = run(True), run(False)
+    assert fast_opt.last_backends == {"native-compact": len(list(fast.parameters()))}
+    assert "native-compact" not in sliced_opt.last_backends
+    for p, q in zip(fast.parameters(), sliced.parameters()):
+        assert torch.equal(p, q)
+        for key, value in fast_opt.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, sliced_opt.state[q][key]), key

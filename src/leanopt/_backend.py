@@ -38,9 +38,10 @@ from torch import Tensor
 from . import _native
 from ._distributed import Piece, is_dtensor, local, piece_of
 
-__all__ = ["Backends", "EAGER", "COMPILED", "NATIVE", "route"]
+__all__ = ["Backends", "EAGER", "COMPILED", "NATIVE", "COMPACT", "route"]
 
 EAGER, COMPILED, NATIVE = "eager", "compiled", "native"
+COMPACT = "native-compact"  # the C step over int8/int4 state in one pass (Backends.compact)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class Backends:
     native_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
     # whether the step with these options is elementwise (a shard then takes any backend)
     elementwise: Callable[[dict[str, Any]], bool] | None = None
+    # the C step of an elementwise step over int8/int4 state in one pass (state columns hold
+    # leanopt._native.CompactState entries; LeanOptimizer._route picks the tensors it takes)
+    compact: Callable[..., None] | None = None
 
 
 def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backends, options: dict[str, Any],

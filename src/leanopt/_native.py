@@ -33,14 +33,15 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._distributed import is_dtensor
 
-__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round"]
+__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
+           "CompactState", "compact_step", "COMPACT_MAX_BLOCK"]
 
 _SOURCES = ("cpu_kernels.c", "cpu_kernels_body.h", "cpu_codec.h")
 # -ffp-contract=off: every operation rounds, as the eager path's tensor operations do
@@ -136,7 +137,10 @@ def library() -> ctypes.CDLL | None:
                                        ("leanopt_stream", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr]),
                                        ("leanopt_codec", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, *[ctypes.c_int64] * 3,
                                                           *[ctypes.c_int] * 3]),
-                                       ("leanopt_stochastic_round", [ctypes.c_int, ptr, ptr, ctypes.c_int64, ctypes.c_uint32])):
+                                       ("leanopt_stochastic_round", [ctypes.c_int, ptr, ptr, ctypes.c_int64, ctypes.c_uint32]),
+                                       ("leanopt_compact_step", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int,
+                                                                 ptr, ptr, ctypes.c_int, *[ctypes.c_int64] * 3, ptr,
+                                                                 ctypes.c_int])):
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 _lib = lib
@@ -266,3 +270,45 @@ def stochastic_round(out: Tensor, values: Tensor, key: int) -> None:
     assert lib is not None
     lib.leanopt_stochastic_round(torch.get_num_threads(), values.data_ptr(), out.data_ptr(), values.numel(), key)
     torch.autograd.graph.increment_version([out])
+
+
+COMPACT_MAX_BLOCK = 4096  # csrc/cpu_codec.h: the blocks a one-pass compact step decodes on its stack
+_FAMILIES = {"adam": 0, "lion": 1, "sgd_sai": 2}
+
+
+class CompactState(NamedTuple):
+    """A state tensor in int8/int4 codes, as a one-pass compact step reads and writes it."""
+
+    codes: Tensor
+    scales: Tensor
+    fmt: str  # "int8" or "int4"
+    block: int
+
+
+def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v: Tensor | CompactState | None,
+                 hyper: Sequence[float], scaled: bool = False) -> None:
+    """One step of ``family`` ("adam" unmasked, "lion", "sgd_sai") over one float32 CPU
+    tensor whose states are float32 tensors or :class:`CompactState` codes: each block
+    decoded, stepped and encoded again in one pass (``csrc/cpu_codec.h``). ``hyper``: the
+    family's step record, as for :func:`adam`, :func:`lion`, :func:`sgd_sai`."""
+    lib = library()
+    assert lib is not None
+    last = p.shape[-1] if p.dim() else 1
+
+    def parts(s: Tensor | CompactState | None) -> tuple[int | None, int | None, int, int]:
+        if s is None:
+            return None, None, 0, last
+        if isinstance(s, CompactState):
+            return s.codes.data_ptr(), s.scales.data_ptr(), 2 if s.fmt == "int4" else 1, s.block
+        return s.data_ptr(), None, 0, last
+
+    (m_ptr, ms_ptr, fm, block), (v_ptr, vs_ptr, fv, v_block) = parts(m), parts(v)
+    if v is not None and isinstance(m, CompactState) and isinstance(v, CompactState) and block != v_block:
+        raise ValueError(f"compact_step: the states' blocks differ ({block} and {v_block})")
+    block = block if isinstance(m, CompactState) else v_block
+    rc = lib.leanopt_compact_step(torch.get_num_threads(), _FAMILIES[family], p.data_ptr(), g.data_ptr(), m_ptr, ms_ptr, fm,
+                                  v_ptr, vs_ptr, fv, p.numel() // max(last, 1), last, block, _doubles([hyper]),
+                                  int(scaled))
+    if rc != 0:
+        raise ValueError(f"compact_step: bad arguments ({family}, block {block}, rows of {last})")
+    torch.autograd.graph.increment_version([p] + [s.codes if isinstance(s, CompactState) else s for s in (m, v) if s is not None])

@@ -37,8 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from . import precision as _precision
-from ._backend import Backends, route
-from ._distributed import all_finite, batched_reductions, rank_zero_ints
+from . import _native
+from ._backend import COMPACT, Backends, route
+from ._distributed import all_finite, batched_reductions, is_dtensor, rank_zero_ints
 from .precision import MOMENT, SECOND
 
 __all__ = ["LeanOptimizer", "Interval", "IntAtLeast", "OneOf", "Betas", "ParamsT", "unwrap_model", "trainable_named_parameters"]
@@ -466,13 +467,57 @@ class LeanOptimizer(torch.optim.Optimizer):
         if not any(isinstance(x, _Deferred) for column in columns[2:] for x in column):
             self._route_slice(backends, group, columns, options)
             return
+        columns = self._route_compact(backends, group, columns, options)
+        # sharded tensors in one slice: their statistics cross the ranks once per step (and
+        # each rank's working copies are those of its shards only)
+        limit = math.inf if any(is_dtensor(p) for p in columns[0]) else SLICE_ELEMENTS
         start, size = 0, 0
         for i, p in enumerate(columns[0]):
             size += p.numel()
-            if size >= SLICE_ELEMENTS or i == len(columns[0]) - 1:
+            if size >= limit or i == len(columns[0]) - 1:
                 part = [[self._working(x) for x in column[start:i + 1]] for column in columns]
                 self._route_slice(backends, group, part, options)
                 start, size = i + 1, 0
+
+    def _route_compact(self, backends: Backends, group: dict[str, Any], columns: tuple[list[Any], ...],
+                       options: dict[str, Any]) -> list[list[Any]]:
+        """Step the tensors the family's one-pass C kernel over int8/int4 state takes
+        (``backends.compact``: elementwise steps, float32 CPU tensors, states already in the
+        group's format); returns the columns of the others."""
+        if (backends.compact is None or group["fused"] is False or backends.elementwise is None
+                or not backends.elementwise(options) or _native.library() is None):
+            return list(columns)
+        fast, views = [], []
+        for i, (p, g) in enumerate(zip(columns[0], columns[1])):
+            row = [self._compact_view(column[i]) for column in columns[2:backends.streams]]
+            if (_native.supports(p, g) and p.dtype == torch.float32 and _NO not in row
+                    and any(isinstance(v, _native.CompactState) for v in row)):
+                fast.append(i)
+                views.append(row)
+        if not fast:
+            return list(columns)
+        picked = [[column[i] for i in fast] for column in columns]
+        for k in range(2, backends.streams):
+            picked[k] = [row[k - 2] for row in views]
+        backends.compact(*picked, **options)
+        self.last_backends[COMPACT] = self.last_backends.get(COMPACT, 0) + len(fast)
+        keep = [i for i in range(len(columns[0])) if i not in set(fast)]
+        return [[column[i] for i in keep] for column in columns]
+
+    def _compact_view(self, x: Any) -> Any:
+        """A state entry as the one-pass compact kernel takes it: int8/int4 codes already in
+        the group's format (a :class:`leanopt._native.CompactState`), a float32 tensor as it
+        is; ``_NO`` for anything else (a format to convert, a missing buffer)."""
+        if isinstance(x, _Deferred):
+            state, kind = self.state[x.p], self._element_kinds[x.key]
+            have = _precision.format_of(state, x.key, kind, x.p)
+            block = _precision.block_of(state, x.key, x.p) if have in ("int8", "int4") else 0
+            if have != _precision.stored_format(x.group, x.key, kind, x.p) or not 0 < block <= _native.COMPACT_MAX_BLOCK:
+                return _NO
+            return _native.CompactState(state[x.key], state[x.key + _precision.SCALE_SUFFIX], have, block)
+        if isinstance(x, Tensor) and x.dtype == torch.float32 and _native.supports(x):
+            return x
+        return _NO
 
     def _working(self, x: Any) -> Any:
         """A deferred compact state decoded into its float working tensor (stored back by
@@ -579,6 +624,9 @@ class LeanOptimizer(torch.optim.Optimizer):
 
 
 SLICE_ELEMENTS = 1 << 23  # parameters' elements whose compact state is decoded at once (32 MiB a float32 state)
+
+
+_NO = object()  # a state entry the one-pass compact kernel cannot take
 
 
 class _Deferred(NamedTuple):

@@ -152,7 +152,17 @@ def _alpha_adam_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     _native.adam(params, grads, exp_avgs, exp_avg_sqs, coeffs, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
-BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, native=_alpha_adam_native, elementwise=unmasked)
+def _alpha_adam_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Any],
+                        coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
+    """The unmasked step over int8/int4 state, one pass per tensor (:func:`leanopt._native.compact_step`)."""
+    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs):
+        if count_scale:  # as _alpha_adam_native
+            c = c._replace(lr=c.lr * (p.numel() / (p.numel() + 1)))
+        _native.compact_step("adam", p, g, m, v, c, scaled=count_scale)
+
+
+BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, native=_alpha_adam_native, elementwise=unmasked,
+                    compact=_alpha_adam_compact)
 
 
 class AlphaAdam(LeanOptimizer):

@@ -124,8 +124,15 @@ def _lion_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     _native.lion(params, grads, exp_avgs, coeffs)
 
 
+def _lion_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], coeffs: list[LionStep], *, mask: str,
+                  alpha: str, count_scale: bool) -> None:
+    for p, g, m, c in zip(params, grads, exp_avgs, coeffs):  # int8/int4 momenta, one pass per tensor
+        _native.compact_step("lion", p, g, m, None, c)
+
+
 BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, native=_lion_native,
-                    native_takes=lambda row, o: unmasked(o), elementwise=unmasked)  # the C kernel: unmasked
+                    native_takes=lambda row, o: unmasked(o), elementwise=unmasked,  # the C kernel: unmasked
+                    compact=_lion_compact)
 
 
 class Lion(LeanOptimizer):

@@ -230,6 +230,11 @@ def _block_of(last: int, n_blocks: int, key: str) -> int:
     return block
 
 
+def block_of(state: Mapping[str, Any], key: str, p: Tensor) -> int:
+    """The block size of ``p``'s int8/int4 state ``key``, from the shapes of its codes and scales."""
+    return _block_of(_shape(p)[-1], state[key + SCALE_SUFFIX].shape[-1], key)
+
+
 def _blocks(x: Tensor, block: int) -> tuple[Tensor, int]:
     """``x`` (…, L) as (…, n_blocks, block), zero-padded; and L."""
     last = x.shape[-1]

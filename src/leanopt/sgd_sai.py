@@ -129,8 +129,16 @@ def _sgd_sai_native(params: list[Tensor], grads: list[Tensor], momentum_buffers:
     _native.sgd_sai(params, grads, momentum_buffers, coeffs)
 
 
+def _sgd_sai_compact(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Any], scales: list[Tensor],
+                     coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool) -> None:
+    coeffs = [c._replace(scale=s) for c, s in zip(coeffs, torch.stack(scales).tolist())]
+    for p, g, m, c in zip(params, grads, momentum_buffers, coeffs):  # int8/int4 momenta, one pass per tensor
+        _native.compact_step("sgd_sai", p, g, m, None, c)
+
+
 BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, native=_sgd_sai_native,
-                    native_takes=lambda row, o: unmasked(o), elementwise=unmasked)  # the C kernel: unmasked
+                    native_takes=lambda row, o: unmasked(o), elementwise=unmasked,  # the C kernel: unmasked
+                    compact=_sgd_sai_compact)
 
 
 def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:

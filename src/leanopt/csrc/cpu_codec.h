@@ -13,57 +13,87 @@
 
 #define CODEC_INLINE static inline __attribute__((always_inline))
 
-CODEC_INLINE int codec_get(const uint8_t *row, int64_t j, int kind, int packed) {
-    if (packed) return (int)((row[j >> 1] >> ((j & 1) * 4)) & 15) - 8;
-    return kind ? (int)row[j] : (int)(int8_t)row[j];
+/* one code's value: a sign(c) (|c|/top)^2, or for a second moment (a (c/top)^2)^2 */
+CODEC_INLINE float value_of(int c, float a, int kind, float top) {
+    float y = (float)c / top;
+    if (kind) {
+        float s = (y * y) * a;
+        return s * s;
+    }
+    return copysignf(fabsf(y) * fabsf(y), y) * a;
 }
 
-CODEC_INLINE void decode_block(const uint8_t *codes, float a, float *out, int64_t j0, int64_t j1, int kind, int packed,
-                               float top) {
-    for (int64_t j = j0; j < j1; ++j) {
-        float y = (float)codec_get(codes, j, kind, packed) / top;
-        if (kind) {
-            float s = (y * y) * a;
-            out[j] = s * s;
-        } else {
-            out[j] = copysignf(fabsf(y) * fabsf(y), y) * a;
-        }
+/* elements [j0, j1) of a row of codes into out[0 .. j1 - j0) */
+CODEC_INLINE void decode_block(const uint8_t *restrict codes, float a, float *restrict out, int64_t j0, int64_t j1,
+                               int kind, int packed, float top) {
+    if (!packed) {
+        for (int64_t j = j0; j < j1; ++j) out[j - j0] = value_of(kind ? (int)codes[j] : (int)(int8_t)codes[j], a, kind, top);
+        return;
     }
+    /* two codes a byte, low nibble first, offset 8; j0 is even. A byte index, which vectorizes */
+    int64_t k0 = j0 / 2, k1 = j1 / 2;
+    for (int64_t k = k0; k < k1; ++k) {
+        int b = codes[k];
+        out[2 * (k - k0)] = value_of((b & 15) - 8, a, 0, top);
+        out[2 * (k - k0) + 1] = value_of((b >> 4) - 8, a, 0, top);
+    }
+    if (j1 & 1) out[j1 - 1 - j0] = value_of((codes[k1] & 15) - 8, a, 0, top);
 }
 
 /* sqrt(max(v, 0)), a NaN kept (as torch's clamp then sqrt) */
 CODEC_INLINE float root_of(float v) { return sqrtf(v > 0 || v != v ? v : 0.0f); }
 
-CODEC_INLINE void encode_block(const float *x, uint8_t *codes, float *scale, int64_t j0, int64_t j1, int kind, int packed,
-                               float top) {
-    float a = 0.0f;
+/* round(top sqrt(|y|)) capped at top (a NaN y gives top; a compare, which vectorizes where fminf does not) */
+CODEC_INLINE float code_of(float y, float top) {
+    float c = (sqrtf(fabsf(y)) * top + 0x1.8p23f) - 0x1.8p23f;
+    return c < top ? c : top;
+}
+
+/* x[0 .. j1 - j0) into elements [j0, j1) of a row of codes, and the block's scale */
+CODEC_INLINE void encode_block(const float *restrict x, uint8_t *restrict codes, float *restrict scale, int64_t j0,
+                               int64_t j1, int kind, int packed, float top) {
+    /* the largest |x| (sqrt(max(x, 0)) for a second moment: sqrt is monotonic) as the largest
+     * bit pattern, which the compiler vectorizes (a float max it may not reorder); a NaN
+     * anywhere makes the scale NaN, as torch's amax */
+    int32_t most = 0;
     int nan = 0;
     for (int64_t j = j0; j < j1; ++j) {
-        float v = kind ? root_of(x[j]) : fabsf(x[j]);
-        nan |= v != v;
-        a = v > a ? v : a;
+        float xv = x[j - j0];
+        int32_t b = (int32_t)f32_bits(kind ? xv : fabsf(xv));
+        most = b > most ? b : most;
+        nan |= xv != xv;
     }
-    a = nan ? NAN : a; /* a NaN is the block's scale, as torch's amax */
+    float a = kind ? sqrtf(f32_of_bits((uint32_t)most)) : f32_of_bits((uint32_t)most);
+    a = nan ? NAN : a;
     *scale = a;
     float safe = a > 0 ? a : 1.0f;
-    for (int64_t j = j0; j < j1; ++j) {
-        float y = (kind ? root_of(x[j]) : x[j]) / safe;
-        /* fminf: the code of a non-finite block stays in range */
-        float c = fminf(nearbyintf(sqrtf(fabsf(y)) * top), top);
-        if (kind) {
-            codes[j] = (uint8_t)(y > 0 && c < 1 ? 1.0f : c);
-        } else if (packed) {
-            int q = (int)copysignf(c, y) + 8;
-            uint8_t *b = codes + (j >> 1);
-            *b = (j & 1) ? (uint8_t)((*b & 15) | (q << 4)) : (uint8_t)((*b & 0xf0) | q);
-        } else {
-            codes[j] = (uint8_t)(int8_t)copysignf(c, y);
+    /* c = round(top sqrt(|y|)), half to even: adding and subtracting 1.5 * 2^23 rounds a float
+     * in [0, 2^22) to an integer in the current (nearest-even) mode, as nearbyintf, and
+     * vectorizes; code_of keeps the code of a non-finite block (NaN y) in range */
+#define CODE_OF(y) code_of(y, top)
+    if (kind) {
+        for (int64_t j = j0; j < j1; ++j) {
+            float y = root_of(x[j - j0]) / safe, c = CODE_OF(y);
+            codes[j] = (uint8_t)(int32_t)(y > 0 && c < 1 ? 1.0f : c); /* via int32: GCC vectorizes that */
+        }
+    } else if (!packed) {
+        for (int64_t j = j0; j < j1; ++j) {
+            float y = x[j - j0] / safe;
+            codes[j] = (uint8_t)(int32_t)copysignf(CODE_OF(y), y);
+        }
+    } else { /* two codes a byte, offset 8; blocks start at even j (B is even) */
+        int64_t k0 = j0 / 2, k1 = j1 / 2;
+        for (int64_t k = k0; k < k1; ++k) {
+            float y0 = x[2 * (k - k0)] / safe, y1 = x[2 * (k - k0) + 1] / safe;
+            int32_t q0 = (int32_t)copysignf(CODE_OF(y0), y0) + 8, q1 = (int32_t)copysignf(CODE_OF(y1), y1) + 8;
+            codes[k] = (uint8_t)(q0 | (q1 << 4));
+        }
+        if (j1 & 1) { /* the row's last element, alone in its byte with the pad nibble */
+            float y = x[j1 - 1 - j0] / safe;
+            codes[k1] = (uint8_t)(((int32_t)copysignf(CODE_OF(y), y) + 8) | (8 << 4));
         }
     }
-    if (packed && (j1 & 1)) { /* a row of odd length: its pad nibble holds code 0 */
-        uint8_t *b = codes + (j1 >> 1);
-        *b = (uint8_t)((*b & 15) | (8 << 4));
-    }
+#undef CODE_OF
 }
 
 /* one block of one format, the format's flags constants (the compiler specializes each) */
@@ -89,7 +119,7 @@ int leanopt_codec(int nt, int encode, void *X, void *C, void *S, int64_t R, int6
 #pragma omp parallel for num_threads(items * B >= 65536 ? nt : 1) schedule(static)
     for (int64_t i = 0; i < items; ++i) {
         int64_t r = i / nb, k = i % nb, j0 = k * B, j1 = j0 + B < L ? j0 + B : L;
-        float *xr = x + r * L;
+        float *xr = x + r * L + j0;
         uint8_t *cr = c + r * row_bytes;
         switch (form) {
             case 0: codec_block(0, xr, cr, s + i, j0, j1, 0, 0, ftop); break;
@@ -125,6 +155,65 @@ int leanopt_stochastic_round(int nt, const float *X, uint16_t *out, int64_t n, u
         uint32_t r = finite ? u + rounding_bits((uint64_t)i, key) : u;
         if (!finite && (u & 0x7fffffu)) r = u | 0x400000u; /* a NaN stays a (quiet) NaN */
         out[i] = (uint16_t)(r >> 16);
+    }
+    return 0;
+}
+
+/* ---- one-pass steps over compact state ------------------------------------------------------
+ * The unmasked Adam family (family 0), Lion (1) and SGD-SaI (2) on one float32 tensor of R rows
+ * of L elements whose per-element states are compact: each block is decoded into a buffer on
+ * the stack, stepped by the same code as the full-precision kernels (ad_plain, lion_plain,
+ * sgd_plain), and encoded again -- one pass over memory, no temporaries. A state's format:
+ * 0 float32 (M or V itself, MS/VS unused), 1 int8, 2 int4 (momenta only). */
+#define COMPACT_MAX_BLOCK 4096
+
+/* each format's loops with its flags as constants, so that the compiler vectorizes them */
+CODEC_INLINE float *compact_load(void *S, const float *scales, int fmt, int kind, int64_t r, int64_t i, int64_t L,
+                                 int64_t j0, int64_t j1, float *buf) {
+    if (fmt == 0) return (float *)S + r * L + j0;
+    const uint8_t *row = (const uint8_t *)S + r * (fmt == 2 ? (L + 1) / 2 : L);
+    if (fmt == 2)
+        decode_block(row, scales[i], buf, j0, j1, 0, 1, 7.0f);
+    else if (kind)
+        decode_block(row, scales[i], buf, j0, j1, 1, 0, 255.0f);
+    else
+        decode_block(row, scales[i], buf, j0, j1, 0, 0, 127.0f);
+    return buf;
+}
+
+CODEC_INLINE void compact_store(void *S, float *scales, int fmt, int kind, int64_t r, int64_t i, int64_t L, int64_t j0,
+                                int64_t j1, const float *buf) {
+    if (fmt == 0) return; /* stepped in place */
+    uint8_t *row = (uint8_t *)S + r * (fmt == 2 ? (L + 1) / 2 : L);
+    if (fmt == 2)
+        encode_block(buf, row, scales + i, j0, j1, 0, 1, 7.0f);
+    else if (kind)
+        encode_block(buf, row, scales + i, j0, j1, 1, 0, 255.0f);
+    else
+        encode_block(buf, row, scales + i, j0, j1, 0, 0, 127.0f);
+}
+
+/* h: the family's row of doubles (AD_N, LI_N or SG_N); scaled: ad_plain's. Returns 0, or 1 for a
+ * bad argument. */
+int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, float *MS, int fm, void *V, float *VS,
+                         int fv, int64_t R, int64_t L, int64_t B, const double *h, int scaled) {
+    if (nt < 1 || nt > 1024 || family < 0 || family > 2 || L < 1 || R < 0 || B < 1 || ((B & 1) && B < L)) return 1;
+    if ((B < L ? B : L) > COMPACT_MAX_BLOCK || fm < 0 || fm > 2 || fv < 0 || fv > 1 || (family == 0 && !V)) return 1;
+    int64_t nb = (L + B - 1) / B, items = R * nb;
+#pragma omp parallel for num_threads(R * L >= 65536 ? nt : 1) schedule(static)
+    for (int64_t i = 0; i < items; ++i) {
+        float mbuf[COMPACT_MAX_BLOCK], vbuf[COMPACT_MAX_BLOCK];
+        int64_t r = i / nb, j0 = (i % nb) * B, j1 = j0 + B < L ? j0 + B : L, off = r * L + j0;
+        float *m = compact_load(M, MS, fm, 0, r, i, L, j0, j1, mbuf);
+        float *v = family == 0 ? compact_load(V, VS, fv, 1, r, i, L, j0, j1, vbuf) : NULL;
+        if (family == 0)
+            ad_plain_f32(P + off, G + off, m, v, 0, j1 - j0, h, scaled);
+        else if (family == 1)
+            lion_plain_f32(P + off, G + off, m, 0, j1 - j0, h);
+        else
+            sgd_plain_f32(P + off, G + off, m, 0, j1 - j0, h);
+        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m);
+        if (family == 0) compact_store(V, VS, fv, 1, r, i, L, j0, j1, v);
     }
     return 0;
 }
