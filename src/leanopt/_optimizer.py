@@ -501,7 +501,8 @@ class LeanOptimizer(torch.optim.Optimizer):
             picked[k] = [row[k - 2] for row in views]
         backends.compact(*picked, **options)
         self.last_backends[COMPACT] = self.last_backends.get(COMPACT, 0) + len(fast)
-        keep = [i for i in range(len(columns[0])) if i not in set(fast)]
+        taken = set(fast)
+        keep = [i for i in range(len(columns[0])) if i not in taken]
         return [[column[i] for i in keep] for column in columns]
 
     def _compact_view(self, x: Any) -> Any:
