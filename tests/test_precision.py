@@ -321,7 +321,7 @@ def test_the_c_codec_gives_the_formula_and_agrees_with_the_eager_one(fmt, kind, 
 
 
 @pytest.mark.parametrize("name,precision", [("adamw", "int8"), ("adamw", "int4"), ("adamw", {"exp_avg": "int4", "exp_avg_sq": "param"}),
-                                            ("lion", "int8"), ("sgd-sai", "int4")])
+                                            ("lion", "int8"), ("sgd-sai", "int4"), ("adam-mini", "int8"), ("adam-mini", "int4")])
 def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, precision, monkeypatch):
     """``native-compact`` (decode, step and encode each block in one pass) against the
     sliced path (the C codec, the C kernel over the whole tensor, the C codec again)."""
@@ -330,7 +330,8 @@ def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, 
     from leanopt import _native
     if _native.library() is None:
         pytest.skip("no C kernels on this machine")
-    module = importlib.import_module({"adamw": "leanopt.alpha_adam", "lion": "leanopt.lion", "sgd-sai": "leanopt.sgd_sai"}[name])
+    module = importlib.import_module({"adamw": "leanopt.alpha_adam", "lion": "leanopt.lion", "sgd-sai": "leanopt.sgd_sai",
+                                      "adam-mini": "leanopt.adam_mini"}[name])
 
     def run(one_pass: bool):
         if not one_pass:

@@ -60,9 +60,11 @@ class Backends:
     native_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
     # whether the step with these options is elementwise (a shard then takes any backend)
     elementwise: Callable[[dict[str, Any]], bool] | None = None
-    # the C step of an elementwise step over int8/int4 state in one pass (state columns hold
-    # leanopt._native.CompactState entries; LeanOptimizer._route picks the tensors it takes)
+    # the C step over int8/int4 state in one pass (state columns hold leanopt._native.CompactState
+    # entries; LeanOptimizer._route picks the tensors it takes): for the rows compact_takes(row,
+    # options) accepts, by default those of an elementwise step
     compact: Callable[..., None] | None = None
+    compact_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
 
 
 def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backends, options: dict[str, Any],

@@ -41,7 +41,8 @@ from torch import Tensor
 from ._distributed import is_dtensor
 
 __all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
-           "CompactState", "compact_step", "COMPACT_MAX_BLOCK"]
+           "CompactState", "compact_step", "adam_mini_compact",
+           "COMPACT_MAX_BLOCK", "COMPACT_MAX_SPAN"]
 
 _SOURCES = ("cpu_kernels.c", "cpu_kernels_body.h", "cpu_codec.h")
 # -ffp-contract=off: every operation rounds, as the eager path's tensor operations do
@@ -140,7 +141,9 @@ def library() -> ctypes.CDLL | None:
                                        ("leanopt_stochastic_round", [ctypes.c_int, ptr, ptr, ctypes.c_int64, ctypes.c_uint32]),
                                        ("leanopt_compact_step", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int,
                                                                  ptr, ptr, ctypes.c_int, *[ctypes.c_int64] * 3, ptr,
-                                                                 ctypes.c_int])):
+                                                                 ctypes.c_int]),
+                                       ("leanopt_adam_mini_compact", [ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
+                                                                      *[ctypes.c_int64] * 4, ptr])):
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 _lib = lib
@@ -273,6 +276,7 @@ def stochastic_round(out: Tensor, values: Tensor, key: int) -> None:
 
 
 COMPACT_MAX_BLOCK = 4096  # csrc/cpu_codec.h: the blocks a one-pass compact step decodes on its stack
+COMPACT_MAX_SPAN = 1 << 20  # ... and the spans (elements) of Adam-mini's, decoded into a buffer per thread
 _FAMILIES = {"adam": 0, "lion": 1, "sgd_sai": 2}
 
 
@@ -312,3 +316,20 @@ def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v:
     if rc != 0:
         raise ValueError(f"compact_step: bad arguments ({family}, block {block}, rows of {last})")
     torch.autograd.graph.increment_version([p] + [s.codes if isinstance(s, CompactState) else s for s in (m, v) if s is not None])
+
+
+def adam_mini_compact(p: Tensor, g: Tensor, m: CompactState, v: Tensor, blocks: int, count: int,
+                      hyper: Sequence[float]) -> None:
+    """Adam-mini's unmasked step over one float32 CPU tensor of ``blocks`` contiguous blocks
+    of ``count`` elements (a row layout, as :func:`adam_mini_rows`) whose momentum is
+    compact: spans of ``max(count, rows of codes)`` elements decoded, stepped and encoded
+    again in one pass. The caller checked that one of the two divides the other."""
+    lib = library()
+    assert lib is not None
+    last = p.shape[-1] if p.dim() else 1
+    rc = lib.leanopt_adam_mini_compact(torch.get_num_threads(), p.data_ptr(), g.data_ptr(), m.codes.data_ptr(),
+                                       m.scales.data_ptr(), 2 if m.fmt == "int4" else 1, v.data_ptr(), blocks, count, last,
+                                       m.block, _doubles([hyper]))
+    if rc != 0:
+        raise ValueError(f"adam_mini_compact: {'no memory' if rc == 2 else 'bad arguments'} ({blocks} x {count}, rows of {last})")
+    torch.autograd.graph.increment_version([p, m.codes, v])

@@ -482,13 +482,15 @@ class LeanOptimizer(torch.optim.Optimizer):
     def _route_compact(self, backends: Backends, group: dict[str, Any], columns: tuple[list[Any], ...],
                        options: dict[str, Any]) -> list[list[Any]]:
         """Step the tensors the family's one-pass C kernel over int8/int4 state takes
-        (``backends.compact``: elementwise steps, float32 CPU tensors, states already in the
-        group's format); returns the columns of the others."""
-        if (backends.compact is None or group["fused"] is False or backends.elementwise is None
-                or not backends.elementwise(options) or _native.library() is None):
+        (``backends.compact``, for the rows ``backends.compact_takes`` accepts: float32 CPU
+        tensors whose states are already in the group's format); returns the columns of the others."""
+        if backends.compact is None or group["fused"] is False or _native.library() is None:
             return list(columns)
+        takes = backends.compact_takes or (lambda row, o: backends.elementwise is not None and backends.elementwise(o))
         fast, views = [], []
         for i, (p, g) in enumerate(zip(columns[0], columns[1])):
+            if not takes([column[i] for column in columns], options):
+                continue
             row = [self._compact_view(column[i]) for column in columns[2:backends.streams]]
             if (_native.supports(p, g) and p.dtype == torch.float32 and _NO not in row
                     and any(isinstance(v, _native.CompactState) for v in row)):

@@ -264,8 +264,28 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                            [int(c.count) for c in coeffs], coeffs)
 
 
+def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
+    return not mask_active(options["mask"], options["count_scale"]) and _kind(row[4]) in _NATIVE_KINDS
+
+
+def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
+    """The one-pass compact kernel's cases: the C kernel's, where a block's elements and a
+    row of the momentum's codes (the tensor's last dimension) tile each other."""
+    p, count = row[0], int(row[5].count)
+    last = p.shape[-1] if p.dim() else 1
+    return (_native_takes(row, options) and (count % last == 0 or last % count == 0)
+            and max(count, last) <= _native.COMPACT_MAX_SPAN)
+
+
+def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Tensor],
+                       layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
+                       count_scale: bool) -> None:
+    for p, g, m, v, layout, c in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs):  # int8/int4 m, one pass
+        _native.adam_mini_compact(p, g, m, v, layout.n_blocks, int(c.count), c)
+
+
 BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, native=_adam_mini_native,
-                    native_takes=lambda row, o: not mask_active(o["mask"], o["count_scale"]) and _kind(row[4]) in _NATIVE_KINDS)
+                    native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes)
 
 
 PARTITIONS = ("auto", "model", "names", "plain")

@@ -217,3 +217,49 @@ int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, 
     }
     return 0;
 }
+
+/* Adam-mini without a mask over one float32 tensor of R blocks of C contiguous elements (the
+ * row layouts of leanopt_adam_mini_rows), whose momentum is compact (fm: 1 int8, 2 int4; rows
+ * of L elements, blocks of B along them) and whose v is float32, one per block. The tensor is
+ * cut into spans of max(C, L) elements, whole blocks and whole rows of codes both (the caller
+ * checks that one of C, L divides the other); each span's momentum is decoded into a buffer,
+ * stepped by am_rows and encoded again. Returns 0, 1 for a bad argument, 2 without memory. */
+#define COMPACT_MAX_SPAN (1 << 20)
+
+int leanopt_adam_mini_compact(int nt, float *P, const float *G, void *M, float *MS, int fm, float *V, int64_t R, int64_t C,
+                              int64_t L, int64_t B, const double *h) {
+    int64_t span = C > L ? C : L;
+    if (nt < 1 || nt > 1024 || fm < 1 || fm > 2 || C < 1 || L < 1 || R < 0 || B < 1 || ((B & 1) && B < L)) return 1;
+    if (span % C || span % L || span > COMPACT_MAX_SPAN || (R * C) % span) return 1;
+    int64_t spans = R * C / span, blocks_per_span = span / C, rows_per_span = span / L, nb = (L + B - 1) / B;
+    int failed = 0;
+#pragma omp parallel num_threads(R * C >= 65536 ? nt : 1)
+    {
+        float *buf = malloc((size_t)span * sizeof(float));
+        if (!buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < spans; ++s) {
+            if (!buf) continue;
+            for (int64_t t = 0; t < rows_per_span; ++t) {
+                int64_t row = s * rows_per_span + t;
+                for (int64_t k = 0; k < nb; ++k) {
+                    int64_t j0 = k * B, j1 = j0 + B < L ? j0 + B : L;
+                    compact_load(M, MS, fm, 0, row, row * nb + k, L, j0, j1, buf + t * L + j0);
+                }
+            }
+            am_rows_f32(P + s * span, G + s * span, buf, V + s * blocks_per_span, C, 0, blocks_per_span, h);
+            for (int64_t t = 0; t < rows_per_span; ++t) {
+                int64_t row = s * rows_per_span + t;
+                for (int64_t k = 0; k < nb; ++k) {
+                    int64_t j0 = k * B, j1 = j0 + B < L ? j0 + B : L;
+                    compact_store(M, MS, fm, 0, row, row * nb + k, L, j0, j1, buf + t * L + j0);
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? 2 : 0;
+}
