@@ -354,3 +354,24 @@ def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, 
         for key, value in fast_opt.state[p].items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, sliced_opt.state[q][key]), key
+
+
+def test_a_nonfinite_gradient_spoils_its_block_of_int8_state_and_skip_nonfinite_keeps_it(recwarn):
+    # docs/algorithms.md §8: the block's scale becomes NaN, so the whole block decodes to NaN
+    # (at full precision only the element would); skip_nonfinite leaves the state as it was
+    for skip in (False, True):
+        w = nn.Parameter(torch.randn(4, 64))
+        opt = leanopt.AdamW([w], lr=1e-3, state_precision="int8", state_min_size=0, state_block_size=16,
+                            skip_nonfinite=skip)
+        w.grad = torch.randn(4, 64)
+        opt.step()
+        before = P.decode(opt.state[w], "exp_avg", P.MOMENT, w)
+        w.grad = torch.randn(4, 64)
+        w.grad[1, 20] = float("nan")
+        opt.step()
+        m = P.decode(opt.state[w], "exp_avg", P.MOMENT, w)
+        if skip:
+            assert torch.equal(m, before) and opt.nonfinite_skips == 1
+        else:
+            bad = ~torch.isfinite(m)
+            assert bad[1, 16:32].all() and int(bad.sum()) == 16  # that block of 16, and only it
