@@ -375,3 +375,16 @@ def test_a_nonfinite_gradient_spoils_its_block_of_int8_state_and_skip_nonfinite_
         else:
             bad = ~torch.isfinite(m)
             assert bad[1, 16:32].all() and int(bad.sum()) == 16  # that block of 16, and only it
+
+
+def test_loading_a_state_of_another_block_size_converts_it_with_a_note():
+    w = nn.Parameter(torch.randn(8, 512))
+    saved = leanopt.AdamW([w], lr=1e-3, state_precision="int8", state_min_size=0, state_block_size=128)
+    w.grad = torch.randn(8, 512)
+    saved.step()
+    opt = leanopt.AdamW([w], lr=1e-3, state_precision="int8", state_min_size=0, state_block_size=256)
+    with pytest.warns(UserWarning, match="int8 in blocks of 128 to int8 in blocks of 256"):
+        opt.load_state_dict(saved.state_dict())
+    assert opt.state[w]["exp_avg_absmax"].shape == (8, 2)
+    want = P.decode(saved.state[w], "exp_avg", P.MOMENT, w)
+    assert (P.decode(opt.state[w], "exp_avg", P.MOMENT, w) - want).abs().max() <= 0.02 * want.abs().max()

@@ -616,9 +616,14 @@ class LeanOptimizer(torch.optim.Optimizer):
                     if key not in state:
                         continue
                     have, want = _precision.format_of(state, key, kind, p), _precision.stored_format(group, key, kind, p)
-                    if not _precision.same_storage(have, want, p):
+                    # another block size counts as another format (its scales have another shape)
+                    reblock = have in ("int8", "int4") and have == want and tuple(
+                        state[key + _precision.SCALE_SUFFIX].shape) != _precision.scale_shape(p, group["state_block_size"])
+                    if reblock or not _precision.same_storage(have, want, p):
                         self._stores.append((group, p, key, _precision.decode(state, key, kind, p, have)))
-                        converted[(have, want)] = converted.get((have, want), 0) + 1
+                        label = (f"{have} in blocks of {_precision.block_of(state, key, p)}",
+                                 f"{want} in blocks of {group['state_block_size']}") if reblock else (have, want)
+                        converted[label] = converted.get(label, 0) + 1
         self._store_state()
         if converted:
             what = ", ".join(f"{n} from {a} to {b}" for (a, b), n in converted.items())

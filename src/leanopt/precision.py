@@ -337,7 +337,9 @@ def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, key: int | Non
 
 def _fast(dtype: torch.dtype, *tensors: Tensor) -> bool:
     """Whether the C codec (one pass, :func:`leanopt._native.codec`) takes these tensors:
-    float32 working values on the CPU, contiguous; it gives the bits of the eager codec."""
+    float32 working values on the CPU, contiguous. It decodes to the eager codec's bits and
+    encodes to its codes except on exact rounding ties, where its correctly rounded square
+    root may pick the neighbouring code (``docs/algorithms.md`` §8)."""
     return (dtype == torch.float32 and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
             and _native.library() is not None)
 

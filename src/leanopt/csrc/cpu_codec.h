@@ -1,6 +1,8 @@
 /* Blockwise codes of compact optimizer state (leanopt/precision.py, docs/algorithms.md §8),
  * one pass each way: decode codes + block scales to float32, encode float32 to codes + scales.
- * The operations and their order are the eager codec's, so both give the same bits.
+ * The operations and their order are the eager codec's. The square root here is correctly
+ * rounded and torch's vectorized one sometimes is not, so on an exact rounding tie the two
+ * can pick neighbouring codes; decoding the same codes gives the same bits.
  *
  * A tensor is R rows of L elements (its last dimension), cut into blocks of B along each row
  * (the last one ragged); one float32 scale (absmax) per block, R x ceil(L/B) of them.
