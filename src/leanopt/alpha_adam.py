@@ -147,17 +147,22 @@ def _alpha_adam_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: li
 def _alpha_adam_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                        coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
     """The step by the C kernel (:mod:`leanopt._native`), every tensor in one call."""
-    if mask == "none" and count_scale:  # φ ≡ 1: the count scale n/(n+1) is a constant of the step
-        coeffs = [c._replace(lr=c.lr * (p.numel() / (p.numel() + 1))) for p, c in zip(params, coeffs)]
+    coeffs = _kernel_coeffs(params, coeffs, mask, count_scale)
     _native.adam(params, grads, exp_avgs, exp_avg_sqs, coeffs, mask=mask, alpha=alpha, count_scale=count_scale)
+
+
+def _kernel_coeffs(params: list[Tensor], coeffs: list[AdamStep], mask: str, count_scale: bool) -> list[AdamStep]:
+    """The step records as the C kernels take them: without a mask (φ ≡ 1) the count scale
+    n/(n+1) is a constant of the step, folded into lr."""
+    if mask == "none" and count_scale:
+        return [c._replace(lr=c.lr * (p.numel() / (p.numel() + 1))) for p, c in zip(params, coeffs)]
+    return coeffs
 
 
 def _alpha_adam_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Any],
                         coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
     """The unmasked step over int8/int4 state, one pass per tensor (:func:`leanopt._native.compact_step`)."""
-    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, coeffs):
-        if count_scale:  # as _alpha_adam_native
-            c = c._replace(lr=c.lr * (p.numel() / (p.numel() + 1)))
+    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, _kernel_coeffs(params, coeffs, mask, count_scale)):
         _native.compact_step("adam", p, g, m, v, c, scaled=count_scale)
 
 

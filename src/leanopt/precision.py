@@ -385,8 +385,7 @@ def stochastic_round_(out: Tensor, x: Tensor, key: int | None) -> Tensor:
         return out
     if out.is_meta:
         return out
-    if (out.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.device.type == out.device.type == "cpu"
-            and out.is_contiguous() and x.is_contiguous() and out.numel() == x.numel() and _native.library() is not None):
+    if out.dtype == torch.bfloat16 and out.numel() == x.numel() and _fast(x.dtype, x, out):
         _native.stochastic_round(out, x, key)
         return out
     bits = x.to(torch.float32).contiguous().view(torch.int32).reshape(-1)

@@ -125,14 +125,17 @@ def _sgd_sai_compiled(params: list[Tensor], grads: list[Tensor], momentum_buffer
 
 def _sgd_sai_native(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], scales: list[Tensor],
                     coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool) -> None:
-    coeffs = [c._replace(scale=s) for c, s in zip(coeffs, torch.stack(scales).tolist())]  # one read of every scale
-    _native.sgd_sai(params, grads, momentum_buffers, coeffs)
+    _native.sgd_sai(params, grads, momentum_buffers, _with_scales(coeffs, scales))
+
+
+def _with_scales(coeffs: list[SGDStep], scales: list[Tensor]) -> list[SGDStep]:
+    """The step records with each tensor's scale, as the C kernels take them (one read of every scale)."""
+    return [c._replace(scale=s) for c, s in zip(coeffs, torch.stack(scales).tolist())]
 
 
 def _sgd_sai_compact(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Any], scales: list[Tensor],
                      coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool) -> None:
-    coeffs = [c._replace(scale=s) for c, s in zip(coeffs, torch.stack(scales).tolist())]
-    for p, g, m, c in zip(params, grads, momentum_buffers, coeffs):  # int8/int4 momenta, one pass per tensor
+    for p, g, m, c in zip(params, grads, momentum_buffers, _with_scales(coeffs, scales)):  # int8/int4 momenta, one pass each
         _native.compact_step("sgd_sai", p, g, m, None, c)
 
 
