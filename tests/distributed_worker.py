@@ -61,7 +61,10 @@ PRECISION_RUNS = {"adam-mini-int8": ("adam-mini", {"state_precision": "int8", "s
                   "alpha-adam-int4": ("alpha-adam", {"state_precision": "int4", "state_min_size": 64, "state_block_size": 4}),
                   "sgd-sai-bf16": ("sgd-sai", {"state_precision": "bf16"}),
                   "lion-pure-bf16": ("lion", {"stochastic_rounding": True})}
-FAST_ON_SHARDS = ["lion", "sgd-sai", "adamw-pma", "lion-pma"]  # elementwise steps (no mask)
+FAST_ON_SHARDS = ["lion", "sgd-sai", "adamw-pma", "lion-pma"]  # elementwise steps (no mask): the C kernels on each shard
+# a statistic across the shards (Adam-mini's blocks in both call forms, the mask's sums, the count
+# scale's whole size): C passes on each shard around one collective (leanopt._backend.SHARDED)
+SHARDED_C = ["adam-mini", "adam-mini-names", "alpha-adam", "cadamw"]
 # torch's own are not ours to test; compact state: blocks run along rows, so each rank codes its
 # own rows (a tensor split along its rows, TP's Shard(1), keeps full precision)
 SHARDED_RUNS = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")] + ["adam-mini-int8", "alpha-adam-int4"]
@@ -253,6 +256,24 @@ def train_all(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -> Non
         json.dump(collectives, f)
 
 
+def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -> None:
+    """float32: each run of ``names`` with the default backends (the C kernels on the local
+    shards) and with the eager reference (fused=False); rank 0 saves which backends stepped the
+    tensors and the largest relative parameter difference in fast.json."""
+    fast = {}
+    for name in names:
+        finals = {}
+        for fused in (None, False):
+            model, wrapped, opt = build(name, wrap, world, {"fused": fused}, **{**model_kw, "dtype": torch.float32})
+            run_steps(wrapped, opt, STEPS, dp_rank, dp_world)
+            finals[fused] = (full_state(model), dict(opt.last_backends))
+        diff = max(((finals[None][0][k] - v).norm() / v.norm()).item() for k, v in finals[False][0].items())
+        fast[name] = {"backends": finals[None][1], "eager_backends": finals[False][1], "diff": diff}
+    if rank == 0:
+        with open(os.path.join(out, "fast.json"), "w") as f:
+            json.dump(fast, f)
+
+
 def dcp_round(name, rank, world, ckpt_in, ckpt_out, out, wrap="fsdp", model_kw=STRADDLING):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -285,6 +306,7 @@ if __name__ == "__main__":
             wrap, model_kw = ("fsdp", UNEVEN) if mode == "uneven" else (mode, TP_MODEL)
             dp_rank, dp_world = {"uneven": (rank, world), "tp": (0, 1), "2d": (rank // 2, world // 2)}[mode]
             train_all(SHARDED_RUNS, wrap, world, model_kw, rank, dp_rank, dp_world, out)
+            fast_on_shards(SHARDED_C, wrap, world, model_kw, rank, dp_rank, dp_world, out)
             if mode == "tp":
                 errors = {"partial": partial_error(), **fsdp1_errors()}
                 if rank == 0:
@@ -310,19 +332,8 @@ if __name__ == "__main__":
                     run_steps(wrapped, opt, STEPS, rank, world)
                     if pure or rank == 0:
                         torch.save(full_state(model), os.path.join(out, f"{name}-rank{rank}.pt"))
-            if mode == "fsdp":  # float32: the elementwise steps take the C kernels on each local shard
-                fast = {}
-                for name in FAST_ON_SHARDS:
-                    finals = {}
-                    for fused in (None, False):
-                        model, wrapped, opt = build(name, "fsdp", world, {"fused": fused}, **{**STRADDLING, "dtype": torch.float32})
-                        run_steps(wrapped, opt, STEPS, rank, world)
-                        finals[fused] = (full_state(model), dict(opt.last_backends))
-                    diff = max(((finals[None][0][k] - v).norm() / v.norm()).item() for k, v in finals[False][0].items())
-                    fast[name] = {"backends": finals[None][1], "eager_backends": finals[False][1], "diff": diff}
-                if rank == 0:
-                    with open(os.path.join(out, "fast.json"), "w") as f:
-                        json.dump(fast, f)
+            if mode == "fsdp":
+                fast_on_shards(FAST_ON_SHARDS + SHARDED_C, "fsdp", world, STRADDLING, rank, rank, world, out)
             if mode == "fsdp":
                 skips = {}
                 for name, skip in [(n, False) for n in NONFINITE] + [(n, True) for n in NONFINITE_SKIP]:

@@ -17,7 +17,7 @@ import torch
 import leanopt
 from helpers import tiny_model
 from distributed_worker import (
-    BAD_ELEMENT, BAD_PARAM, DCP_OPTIMIZERS, FSDP_UNSUPPORTED, NONFINITE, NONFINITE_SKIP, PRECISION_RUNS, RUNS, SHARDED_RUNS, STRADDLING, TP_MODEL,
+    BAD_ELEMENT, BAD_PARAM, DCP_OPTIMIZERS, FAST_ON_SHARDS, FSDP_UNSUPPORTED, NONFINITE, NONFINITE_SKIP, PRECISION_RUNS, RUNS, SHARDED_C, SHARDED_RUNS, STRADDLING, TP_MODEL,
     UNEVEN, build, nonfinite, run_steps, train)
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
@@ -303,10 +303,34 @@ def test_layouts_no_statistic_can_follow_are_refused_by_name(sharded_results):
     assert "use_orig_params=True" in refused["fsdp1-orig-True"] and "fully_shard" in refused["fsdp1-orig-True"], refused
 
 
+def check_fast(fast: dict) -> None:
+    """By default every tensor of every run stepped in C on its shard -- elementwise steps by
+    the plain kernels, steps with a statistic across the shards by the sharded C step (C
+    passes around one collective) -- and the result equals the eager reference's to float32
+    rounding after 10 steps."""
+    for name, r in fast.items():
+        used = r["backends"]
+        assert sum(used.values()) == r["eager_backends"]["eager"], (name, r)
+        if name in FAST_ON_SHARDS:
+            assert set(used) == {"native"}, (name, r)
+        else:  # (tensors TP leaves whole or replicates are plain to the step: the plain kernels)
+            assert set(used) <= {"native", "native-sharded"} and used.get("native-sharded", 0) >= 10, (name, r)
+        assert r["diff"] <= 1e-5, (name, r)
+
+
 def test_elementwise_steps_run_the_c_kernels_on_local_shards(fsdp_results):
     if leanopt._native.library() is None:
         pytest.skip("no C compiler on this machine")
     fast = json.loads((fsdp_results / "fast.json").read_text())  # FSDP2, 2 ranks, float32
-    for name, r in fast.items():
-        assert r["backends"] == {"native": r["eager_backends"]["eager"]}, (name, r)
-        assert r["diff"] <= 1e-5, (name, r)
+    assert set(fast) == set(FAST_ON_SHARDS + SHARDED_C)
+    check_fast(fast)
+
+
+def test_steps_with_statistics_across_shards_run_c_on_every_layout(sharded_results):
+    # uneven rows on 3 ranks (an empty shard), TP's Shard(1) columns (each local row a slice of
+    # a block), FSDP2's strided rows over TP on a 2 x 2 mesh
+    if leanopt._native.library() is None:
+        pytest.skip("no C compiler on this machine")
+    fast = json.loads((sharded_results[2] / "fast.json").read_text())
+    assert set(fast) == set(SHARDED_C)
+    check_fast(fast)

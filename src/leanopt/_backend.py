@@ -14,15 +14,17 @@ records, ...), called as ``fn(*columns, **options)``:
 
 * ``None`` (default): the fastest correct path: native where the family's C kernel takes
   the tensor, compiled on CUDA, eager elsewhere (float64, non-contiguous tensors, a shard
-  whose step needs a statistic across shards, a machine where the C kernels cannot be
-  built -- warned once, with the cause);
+  whose step needs a statistic across shards that the family's ``sharded`` C step does not
+  take, a machine where the C kernels cannot be built -- warned once, with the cause);
 * ``True``: a fast kernel for every tensor, native where it can, compiled otherwise; a
   tensor no kernel takes (a non-contiguous view, such a shard) is an error naming it;
 * ``False``: the eager reference, everywhere.
 
 Sharded parameters (DTensors: FSDP2, tensor parallelism, both) are stepped as their local
 tensors: every backend sees plain tensors. A step that is elementwise runs on any backend;
-one with a statistic across elements (Adam-mini's blocks, the mask's sums) runs eager, with
+one with a statistic across elements (Adam-mini's blocks, the mask's sums) runs on the
+family's ``sharded`` C step where it has one (CPU, float32/bfloat16: a C pass for the local
+part of the statistic, one collective, a C pass for the update), else eager, either given
 ``pieces`` (:class:`leanopt._distributed.Piece`, one per tensor, None for a plain one)
 telling it which elements it holds and which process groups hold the rest.
 """
@@ -38,9 +40,10 @@ from torch import Tensor
 from . import _native
 from ._distributed import Piece, is_dtensor, local, piece_of
 
-__all__ = ["Backends", "EAGER", "COMPILED", "NATIVE", "COMPACT", "route"]
+__all__ = ["Backends", "EAGER", "COMPILED", "NATIVE", "SHARDED", "COMPACT", "route"]
 
 EAGER, COMPILED, NATIVE = "eager", "compiled", "native"
+SHARDED = "native-sharded"  # the C step of shards with a statistic across them (Backends.sharded)
 COMPACT = "native-compact"  # the C step over int8/int4 state in one pass (Backends.compact)
 
 
@@ -65,11 +68,17 @@ class Backends:
     # options) accepts, by default those of an elementwise step
     compact: Callable[..., None] | None = None
     compact_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
+    # the C step of shards whose step takes a statistic across the shards (Adam-mini's block
+    # sums, the mask's sums), called with ``pieces`` as the eager path is: C passes over the
+    # local tensors, the statistics summed over the pieces' groups between them (one collective
+    # per group per call); for the rows sharded_takes(row, options) accepts (default: all)
+    sharded: Callable[..., None] | None = None
+    sharded_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
 
 
 def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backends, options: dict[str, Any],
           name_of: Callable[[int], str], pieces: list[Piece | None] | None) -> dict[str, list[int]]:
-    plan: dict[str, list[int]] = {EAGER: [], COMPILED: [], NATIVE: []}
+    plan: dict[str, list[int]] = {EAGER: [], COMPILED: [], NATIVE: [], SHARDED: []}
     if fused is False:
         plan[EAGER] = list(range(len(columns[0])))
         return plan
@@ -78,7 +87,10 @@ def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backen
         row = [col[i] for col in columns]
         tensors = [t for t in row[:backends.streams] if t is not None]
         cross_shard = pieces is not None and pieces[i] is not None and bool(pieces[i].groups) and not elementwise
-        if cross_shard or not all(t.is_contiguous() for t in tensors):
+        if (cross_shard and backends.sharded is not None and _native.supports(*tensors)
+                and (backends.sharded_takes is None or backends.sharded_takes(row, options))):
+            plan[SHARDED].append(i)
+        elif cross_shard or not all(t.is_contiguous() for t in tensors):
             if fused:
                 p = tensors[0]
                 what = ("a shard of a sharded tensor whose step takes a statistic across the shards" if cross_shard else
@@ -93,9 +105,15 @@ def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backen
             plan[COMPILED].append(i)
         else:
             plan[EAGER].append(i)
-    if plan[NATIVE] and _native.library() is None:  # not buildable here (warned once) or turned off
+    if (plan[NATIVE] or plan[SHARDED]) and _native.library() is None:  # not buildable here (warned once) or turned off
         plan[COMPILED if fused else EAGER].extend(plan[NATIVE])
         plan[NATIVE] = []
+        if plan[SHARDED] and fused:
+            raise ValueError(f"fused=True: no fast kernel takes parameter {name_of(plan[SHARDED][0])!r}: it is a shard of a "
+                             "sharded tensor whose step takes a statistic across the shards, and the C kernels are not "
+                             "available here; use fused=None (the default) to run such tensors on the eager path")
+        plan[EAGER] = sorted(plan[EAGER] + plan[SHARDED])
+        plan[SHARDED] = []
     return plan
 
 
@@ -114,11 +132,11 @@ def route(backends: Backends, fused: bool | None, columns: Sequence[Sequence[Any
                                  f"{tuple(p.placements)}; redistribute the gradient like its parameter")
         columns = [[local(t) if isinstance(t, Tensor) else t for t in col] for col in columns]
     plan = _plan(fused, columns, backends, options, name_of, pieces)
-    run = {EAGER: backends.eager, COMPILED: backends.compiled, NATIVE: backends.native}
-    for backend in (NATIVE, COMPILED, EAGER):
+    run = {EAGER: backends.eager, COMPILED: backends.compiled, NATIVE: backends.native, SHARDED: backends.sharded}
+    for backend in (NATIVE, SHARDED, COMPILED, EAGER):
         idx = plan[backend]
         if idx:
             whole = len(idx) == len(columns[0])
-            extra = {"pieces": [pieces[i] for i in idx]} if backend == EAGER and pieces is not None else {}
+            extra = {"pieces": [pieces[i] for i in idx]} if backend in (EAGER, SHARDED) and pieces is not None else {}
             run[backend](*(col if whole else [col[i] for i in idx] for col in columns), **options, **extra)
     return {b: len(i) for b, i in plan.items() if i}

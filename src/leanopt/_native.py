@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ._distributed import is_dtensor
 
-__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
+__all__ = ["library", "enabled", "supports", "adam_mini_rows", "row_sq_sums", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
            "CompactState", "compact_step", "adam_mini_compact",
            "COMPACT_MAX_BLOCK", "COMPACT_MAX_SPAN"]
 
@@ -133,7 +133,9 @@ def library() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(_build()))
                 ints, ptr = [ctypes.c_int] * 3, ctypes.c_void_p
-                for name, argtypes in (("leanopt_adam_mini_rows", ints + [ptr] * 7), ("leanopt_adam", ints + [ptr] * 6 + ints),
+                for name, argtypes in (("leanopt_adam_mini_rows", ints + [ptr] * 7 + [ctypes.c_int]),
+                                       ("leanopt_adam", ints + [ptr] * 6 + ints + [ctypes.c_int, ptr, ptr]),
+                                       ("leanopt_row_sq_sums", ints + [ptr] * 4),
                                        ("leanopt_elementwise", ints + [ptr] * 5 + [ctypes.c_int]),
                                        ("leanopt_stream", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr]),
                                        ("leanopt_codec", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, *[ctypes.c_int64] * 3,
@@ -204,20 +206,53 @@ def _sizes(params: Sequence[Tensor]) -> tuple[Callable[[Sequence[int]], ctypes.A
 
 def adam_mini_rows(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                    exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
-                   hypers: Sequence[Sequence[float]]) -> None:
+                   hypers: Sequence[Sequence[float]], *, given: bool = False) -> None:
     """Adam-mini's step for tensors viewed as ``rows[i] × cols[i]``, one block per row;
-    ``hypers[i]``: an ``AdamMiniStep``. The caller checked :func:`supports`."""
-    _call("leanopt_adam_mini_rows", (params, grads, exp_avgs, exp_avg_sqs), [*params, *exp_avgs, *exp_avg_sqs],
-          ((_int64s, rows), (_int64s, cols), (_doubles, hypers)))
+    ``hypers[i]``: an ``AdamMiniStep``. ``given``: ``exp_avg_sqs[i]`` hold each row's v of
+    this step already (a shard's rows, from the blocks' sums over every rank) and are only
+    read; else the kernel sums each row's g² and updates v. The caller checked :func:`supports`."""
+    _call("leanopt_adam_mini_rows", (params, grads, exp_avgs, exp_avg_sqs),
+          [*params, *exp_avgs] if given else [*params, *exp_avgs, *exp_avg_sqs],
+          ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), int(given))
+
+
+def row_sq_sums(grads: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int]) -> list[Tensor]:
+    """The sum of g² of every row of each tensor viewed as ``rows[i] × cols[i]``, as float64
+    tensors (non-finite squares left out, as :func:`adam_mini_rows` sums them): a shard's part
+    of its Adam-mini blocks' sums. One call for every tensor; the caller checked :func:`supports`."""
+    out = [torch.empty(r, dtype=torch.float64) for r in rows]
+    _call("leanopt_row_sq_sums", (grads,), [], ((_int64s, rows), (_int64s, cols), (_pointers, out)))
+    return out
 
 
 def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],
-         hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool) -> None:
+         hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool,
+         between: Callable[[Tensor], None] | None = None, whole: Sequence[int] | None = None) -> None:
     """The Adam family's step (:func:`leanopt.alpha_adam.alpha_adam`); ``hypers[i]``: an
     ``AdamStep``. With ``mask="none"`` and ``count_scale``, the caller puts the count
-    scale ``n/(n+1)`` into ``lr``. The caller checked :func:`supports`."""
+    scale ``n/(n+1)`` into ``lr``. The caller checked :func:`supports`.
+
+    Shards of a masked step (their mask sums cross the ranks): ``between(sums)`` gets the
+    ``(len(params), 3)`` float64 sums of pass 1 to reduce in place, and ``whole[i]`` is
+    tensor ``i``'s whole size; pass 2 then steps from them. Should ``between`` raise, the
+    mask bits pass 1 left in v are cleared first (m and v have moved, p has not)."""
+    if between is None or mask == "none":
+        _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs), [*params, *exp_avgs, *exp_avg_sqs],
+              (_sizes(params), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale), 0, None, None)
+        return
+    if len({p.dtype for p in params}) > 1:  # one io buffer per call
+        raise ValueError("adam: the shards of a masked step must share one dtype")
+    sums = torch.zeros(len(params), 3, dtype=torch.float64)
+    _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs), [*exp_avgs, *exp_avg_sqs],
+          (_sizes(params), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale), 1, sums.data_ptr(), None)
+    try:
+        between(sums)
+    except BaseException:
+        torch._foreach_abs_(list(exp_avg_sqs))  # v >= 0: its sign bits held the mask
+        raise
     _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs), [*params, *exp_avgs, *exp_avg_sqs],
-          (_sizes(params), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale))
+          (_sizes(params), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale), 2, sums.data_ptr(),
+          _int64s(list(whole)))
 
 
 def lion(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],

@@ -268,6 +268,29 @@ def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
     return not mask_active(options["mask"], options["count_scale"]) and _kind(row[4]) in _NATIVE_KINDS
 
 
+def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                       layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
+                       count_scale: bool, pieces: list[Piece | None]) -> None:
+    """The unmasked step of shards by the C kernels: each local row's sum of g² (one pass,
+    every tensor in one call), the blocks' sums over the ranks (one collective per group),
+    ``v`` as the eager path moves it, then the update from each local row's block ``v`` (a
+    second pass). A local row lies in one block: the layout's lanes are rows (axis 0)."""
+    blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
+    rows, cols = [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks]
+    acc = [acc_dtype(p) for p in params]
+    sums = [b.lane_sums(s) for b, s in zip(blocks, _native.row_sq_sums(grads, rows, cols))]
+    all_reduce_sums(sums, [b.groups for b in blocks])
+    v_rows = []
+    for v, b, block_sum, c, dtype in zip(exp_avg_sqs, blocks, sums, coeffs, acc):
+        v_b = _block_ema_(v, b.means(block_sum.to(dtype)), c.beta2, c.gain2)
+        v_rows.append(b.lane_values(v_b, v.dtype))
+    _native.adam_mini_rows(params, grads, exp_avgs, v_rows, rows, cols, coeffs, given=True)
+
+
+def _sharded_takes(row: list[Any], options: dict[str, Any]) -> bool:
+    return not mask_active(options["mask"], options["count_scale"]) and row[4].axis == 0
+
+
 def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
     """The one-pass compact kernel's cases: the C kernel's, where a block's elements and a
     row of the momentum's codes (the tensor's last dimension) tile each other."""
@@ -285,7 +308,8 @@ def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list
 
 
 BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, native=_adam_mini_native,
-                    native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes)
+                    native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes,
+                    sharded=_adam_mini_sharded, sharded_takes=_sharded_takes)
 
 
 PARTITIONS = ("auto", "model", "names", "plain")

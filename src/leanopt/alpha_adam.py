@@ -29,7 +29,7 @@ from ._compile import Kernel, field_index, fusable_groups, hyper
 from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decay_, decay_factor,
                          direction, scalar, step_tensor)
-from ._distributed import Piece
+from ._distributed import Piece, all_reduce_sums
 from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, step_, two_pass
 
 __all__ = ["AdamStep", "AdamW", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
@@ -147,27 +147,47 @@ def _alpha_adam_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: li
 def _alpha_adam_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                        coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
     """The step by the C kernel (:mod:`leanopt._native`), every tensor in one call."""
-    coeffs = _kernel_coeffs(params, coeffs, mask, count_scale)
+    coeffs = _kernel_coeffs([p.numel() for p in params], coeffs, mask, count_scale)
     _native.adam(params, grads, exp_avgs, exp_avg_sqs, coeffs, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
-def _kernel_coeffs(params: list[Tensor], coeffs: list[AdamStep], mask: str, count_scale: bool) -> list[AdamStep]:
+def _alpha_adam_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                        coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool,
+                        pieces: list[Piece | None]) -> None:
+    """The masked step of shards by the C kernel: pass 1 over every local tensor (m, v and
+    the mask sums), the sums over the ranks (one collective per group and dtype), pass 2
+    from them and each tensor's whole size. Without a mask (the count scale alone) one pass,
+    its n/(n+1) of the whole tensor."""
+    whole = [p.numel() if piece is None else piece.numel for p, piece in zip(params, pieces, strict=True)]
+    coeffs = _kernel_coeffs(whole, coeffs, mask, count_scale)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    for idx in by_dtype.values():
+        groups = [pieces[i].groups if pieces[i] is not None else () for i in idx]
+        _native.adam(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, coeffs)), mask=mask,
+                     alpha=alpha, count_scale=count_scale, between=lambda sums: all_reduce_sums(list(sums), groups),
+                     whole=[whole[i] for i in idx])
+
+
+def _kernel_coeffs(numels: list[int], coeffs: list[AdamStep], mask: str, count_scale: bool) -> list[AdamStep]:
     """The step records as the C kernels take them: without a mask (φ ≡ 1) the count scale
-    n/(n+1) is a constant of the step, folded into lr."""
+    n/(n+1) (``numels``: each tensor's whole size) is a constant of the step, folded into lr."""
     if mask == "none" and count_scale:
-        return [c._replace(lr=c.lr * (p.numel() / (p.numel() + 1))) for p, c in zip(params, coeffs)]
+        return [c._replace(lr=c.lr * (n / (n + 1))) for n, c in zip(numels, coeffs)]
     return coeffs
 
 
 def _alpha_adam_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Any],
                         coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
     """The unmasked step over int8/int4 state, one pass per tensor (:func:`leanopt._native.compact_step`)."""
-    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, _kernel_coeffs(params, coeffs, mask, count_scale)):
+    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs,
+                             _kernel_coeffs([p.numel() for p in params], coeffs, mask, count_scale)):
         _native.compact_step("adam", p, g, m, v, c, scaled=count_scale)
 
 
 BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, native=_alpha_adam_native, elementwise=unmasked,
-                    compact=_alpha_adam_compact)
+                    compact=_alpha_adam_compact, sharded=_alpha_adam_sharded)
 
 
 class AlphaAdam(LeanOptimizer):

@@ -252,7 +252,7 @@ int leanopt_adam_mini_compact(int nt, float *P, const float *G, void *M, float *
                     compact_load(M, MS, fm, 0, row, row * nb + k, L, j0, j1, buf + t * L + j0);
                 }
             }
-            am_rows_f32(P + s * span, G + s * span, buf, V + s * blocks_per_span, C, 0, blocks_per_span, h);
+            am_rows_f32(P + s * span, G + s * span, buf, V + s * blocks_per_span, C, 0, blocks_per_span, h, 0);
             for (int64_t t = 0; t < rows_per_span; ++t) {
                 int64_t row = s * rows_per_span + t;
                 for (int64_t k = 0; k < nb; ++k) {

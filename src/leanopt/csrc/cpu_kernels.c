@@ -50,6 +50,7 @@ enum { LI_SIGN, LI_C_KEEP, LI_C_GAIN, LI_M_KEEP, LI_M_GAIN, LI_DECAY, LI_LR, LI_
 enum { SG_SIGN, SG_KEEP, SG_GAIN, SG_FRESH, SG_HAS_M, SG_DECAY, SG_LR, SG_SCALE, SG_N };
 enum { MASK_NONE, MASK_ASYNC, MASK_SYNC };
 enum { ALPHA_SQUARED, ALPHA_ROOT, ALPHA_NONE };
+enum { PHASE_BOTH, PHASE_SUMS, PHASE_APPLY };
 
 static inline uint32_t f32_bits(float f) {
     union { float f; uint32_t u; } c = {.f = f};
@@ -104,9 +105,11 @@ static inline float f32_of_bits(uint32_t u) {
 
 /* Adam-mini over T tensors viewed as R[t] x C[t], one block per row (leanopt.adam_mini:
  * the "blocks", "whole" and "elements" layouts). dtype 0: float32, 1: bfloat16. h: T rows
- * of AM_N doubles. Returns 0, or 1 for a bad thread count. */
+ * of AM_N doubles. given 1: V holds each row's v of this step already (a shard's rows, their
+ * blocks summed over the ranks by the caller), which the kernel only reads. Returns 0, or 1
+ * for a bad thread count. */
 int leanopt_adam_mini_rows(int nt, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *R,
-                           const int64_t *C, const double *h) {
+                           const int64_t *C, const double *h, int given) {
     if (nt < 1 || nt > 1024) return 1;
 #pragma omp parallel num_threads(nt)
     {
@@ -122,9 +125,9 @@ int leanopt_adam_mini_rows(int nt, int T_, int dtype, void **P, void **G, void *
             }
             const double *ht = h + (int64_t)t * AM_N;
             if (dtype == 0)
-                am_rows_f32(P[t], G[t], M[t], V[t], C[t], r0, r1, ht);
+                am_rows_f32(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, given);
             else
-                am_rows_bf16(P[t], G[t], M[t], V[t], C[t], r0, r1, ht);
+                am_rows_bf16(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, given);
         }
     }
     for (int t = 0; t < T_; ++t) {
@@ -132,9 +135,57 @@ int leanopt_adam_mini_rows(int nt, int T_, int dtype, void **P, void **G, void *
         const double *ht = h + (int64_t)t * AM_N;
         for (int64_t r = 0; r < R[t]; ++r) {
             if (dtype == 0)
-                am_wide_row_f32(P[t], G[t], M[t], V[t], r, C[t], ht, nt);
+                am_wide_row_f32(P[t], G[t], M[t], V[t], r, C[t], ht, nt, given);
             else
-                am_wide_row_bf16(P[t], G[t], M[t], V[t], r, C[t], ht, nt);
+                am_wide_row_bf16(P[t], G[t], M[t], V[t], r, C[t], ht, nt, given);
+        }
+    }
+    return 0;
+}
+
+/* the sums of g^2 of every row of T tensors viewed as R[t] x C[t] into S[t] (R[t] doubles): a
+ * shard's part of its Adam-mini blocks' sums, before they cross the ranks; the terms as
+ * leanopt_adam_mini_rows takes them. Returns 0, or 1 for a bad thread count. */
+int leanopt_row_sq_sums(int nt, int T_, int dtype, void **G, const int64_t *R, const int64_t *C, double **S) {
+    if (nt < 1 || nt > 1024) return 1;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        for (int t = 0; t < T_; ++t) {
+            if (WIDE(R[t], C[t], nt)) continue;
+            int64_t r0 = R[t] * tid / n, r1 = R[t] * (tid + 1) / n;
+            if (R[t] * C[t] < SMALL) {
+                if (tid != t % n) continue;
+                r0 = 0, r1 = R[t];
+            }
+            if (dtype == 0)
+                am_row_sums_f32(G[t], C[t], r0, r1, S[t]);
+            else
+                am_row_sums_bf16(G[t], C[t], r0, r1, S[t]);
+        }
+    }
+    for (int t = 0; t < T_; ++t) {
+        if (!WIDE(R[t], C[t], nt)) continue;
+        for (int64_t r = 0; r < R[t]; ++r) {
+            double partial[1024];
+#pragma omp parallel num_threads(nt)
+            {
+                int tid = omp_get_thread_num(), n = omp_get_num_threads();
+                int64_t j0 = C[t] * tid / n, j1 = C[t] * (tid + 1) / n;
+                double s[1];
+                if (dtype == 0)
+                    am_row_sums_f32((const float *)G[t] + r * C[t] + j0, j1 - j0, 0, 1, s);
+                else
+                    am_row_sums_bf16((const uint16_t *)G[t] + r * C[t] + j0, j1 - j0, 0, 1, s);
+                partial[tid] = s[0];
+#pragma omp barrier
+#pragma omp single
+                {
+                    double total = 0.0;
+                    for (int k = 0; k < n; ++k) total += partial[k];
+                    S[t][r] = total;
+                }
+            }
         }
     }
     return 0;
@@ -174,10 +225,16 @@ static int part(int64_t n, int t, int tid, int nt, int64_t *j0, int64_t *j1) {
 
 /* The Adam family over T tensors of N[t] elements (leanopt.alpha_adam): dtype 0 float32,
  * 1 bfloat16; h: T rows of AD_N doubles; mask, alpha: the enums above; count_scale 0/1 (with
- * mask "none" the caller folds n/(n+1) into the lr). Returns 0, 1 for a bad thread count, 2 if out of memory. */
+ * mask "none" the caller folds n/(n+1) into the lr).
+ * phase (masked steps of shards, whose sums cross the ranks between the passes): PHASE_BOTH
+ * makes both passes; PHASE_SUMS only pass 1, writing each tensor's three sums to io[3t..3t+2]
+ * (phi stays in v's sign bit until PHASE_APPLY, which the caller must make next, with the same
+ * tensors); PHASE_APPLY only pass 2, from the sums in io and the whole tensor's size whole[t].
+ * Returns 0, 1 for bad arguments, 2 if out of memory. */
 int leanopt_adam(int nt, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *N, const double *h,
-                 int mask, int alpha, int count_scale) {
-    if (nt < 1 || nt > 1024) return 1;
+                 int mask, int alpha, int count_scale, int phase, double *io, const int64_t *whole) {
+    if (nt < 1 || nt > 1024 || phase < PHASE_BOTH || phase > PHASE_APPLY) return 1;
+    if (phase != PHASE_BOTH && (mask == MASK_NONE || !io || (phase == PHASE_APPLY && !whole))) return 1;
     /* each thread's part of the sums, for two tensors in turn: a thread may start the next
      * shared tensor while others still read this one's (it cannot get a third one ahead,
      * that needs the next barrier) */
@@ -200,6 +257,15 @@ int leanopt_adam(int nt, int T_, int dtype, void **P, void **G, void **M, void *
                 continue;
             }
             double sums[3] = {0.0, 0.0, 0.0};
+            if (phase == PHASE_APPLY) {
+                int all;
+                float step = mask_step(io + 3 * t, whole[t], ht[AD_LR], alpha, count_scale, &all);
+                if (dtype == 0)
+                    ad_apply_f32(P[t], M[t], V[t], j0, j1, ht, step, all);
+                else
+                    ad_apply_bf16(P[t], M[t], V[t], j0, j1, ht, bf16_to_f32(f32_to_bf16(step)), all);
+                continue;
+            }
             if (dtype == 0)
                 ad_sums_f32(G[t], M[t], V[t], j0, j1, ht, mask == MASK_SYNC, sums);
             else
@@ -212,6 +278,11 @@ int leanopt_adam(int nt, int T_, int dtype, void **P, void **G, void **M, void *
                     sums[k] = 0.0;
                     for (int q = 0; q < n; ++q) sums[k] += part[q][k];
                 }
+            }
+            if (phase == PHASE_SUMS) {
+                if (small || tid == 0)
+                    for (int k = 0; k < 3; ++k) io[3 * t + k] = sums[k];
+                continue;
             }
             int all;
             float step = mask_step(sums, N[t], ht[AD_LR], alpha, count_scale, &all);

@@ -83,9 +83,15 @@ static inline double SFX(am_update)(T *restrict p, const T *restrict g, T *restr
     return total;
 }
 
-/* rows [r0, r1) of one tensor, by one thread */
-static void SFX(am_rows)(T *p, const T *g, T *m, T *v, int64_t C, int64_t r0, int64_t r1, const double *h) {
+/* rows [r0, r1) of one tensor, by one thread. given: v already holds this step's values (a
+ * shard's rows, whose blocks were summed over every rank): each row steps from its v, no sums */
+static void SFX(am_rows)(T *p, const T *g, T *m, T *v, int64_t C, int64_t r0, int64_t r1, const double *h, int given) {
     if (r0 >= r1) return;
+    if (given) {
+        for (int64_t r = r0; r < r1; ++r)
+            SFX(am_update)(p + r * C, g + r * C, m + r * C, 0, C, SFX(am_step_of)(v, r, h), h);
+        return;
+    }
     double s = SFX(am_sq_sum)(g + r0 * C, C);
     for (int64_t r = r0; r < r1; ++r) {
         float step = SFX(am_step)(v, r, s, h);
@@ -94,26 +100,36 @@ static void SFX(am_rows)(T *p, const T *g, T *m, T *v, int64_t C, int64_t r0, in
     }
 }
 
-/* one row of a tensor with few rows, split over the threads: partial sums, then the update */
-static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C, const double *h, int nt) {
+/* one row of a tensor with few rows, split over the threads: partial sums, then the update
+ * (given: the row's v is this step's, as in am_rows) */
+static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C, const double *h, int nt, int given) {
     double partial[1024];
     p += r * C, g += r * C, m += r * C;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), n = omp_get_num_threads();
         int64_t j0 = C * tid / n, j1 = C * (tid + 1) / n;
-        partial[tid] = SFX(am_sq_sum)(g + j0, j1 - j0);
-#pragma omp barrier
         float step = 0.0f;
-        if (tid == 0) {
-            double s = 0.0;
-            for (int k = 0; k < n; ++k) s += partial[k];
-            step = SFX(am_step)(v, r, s, h);
-        }
+        if (given) { /* the same on every thread: no barrier is skipped by some only */
+            step = SFX(am_step_of)(v, r, h);
+        } else {
+            partial[tid] = SFX(am_sq_sum)(g + j0, j1 - j0);
 #pragma omp barrier
-        if (tid != 0) step = SFX(am_step_of)(v, r, h);
+            if (tid == 0) {
+                double s = 0.0;
+                for (int k = 0; k < n; ++k) s += partial[k];
+                step = SFX(am_step)(v, r, s, h);
+            }
+#pragma omp barrier
+            if (tid != 0) step = SFX(am_step_of)(v, r, h);
+        }
         SFX(am_update)(p + j0, g + j0, m + j0, 0, j1 - j0, step, h);
     }
+}
+
+/* the sums of g^2 of rows [r0, r1) of C elements (a shard's part of its blocks' sums) */
+static void SFX(am_row_sums)(const T *g, int64_t C, int64_t r0, int64_t r1, double *out) {
+    for (int64_t r = r0; r < r1; ++r) out[r] = SFX(am_sq_sum)(g + r * C, C);
 }
 #undef AM_LERP_LOW
 #undef AM_LERP_HIGH

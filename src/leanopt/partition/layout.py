@@ -175,21 +175,27 @@ class BlockView:
 
     def sq_sums(self, g: Tensor, dtype: torch.dtype) -> Tensor:
         """Sum of g² per block over the elements held here (``dtype``: the accumulation's)."""
-        part = block_lane_sq(g.reshape(self.local_view), self.layout.axis, dtype)
+        return self.lane_sums(block_lane_sq(g.reshape(self.local_view), self.layout.axis, dtype))
+
+    def lane_sums(self, part: Tensor) -> Tensor:
+        """Sums per local lane (a row or column of :attr:`local_view`) → sums per block of
+        the whole tensor (this process's share of them)."""
         if self.lane_ids is not None:
-            part = torch.zeros(self.layout.lanes, dtype=dtype, device=g.device).index_add_(0, self._ids(g.device), part)
+            part = torch.zeros(self.layout.lanes, dtype=part.dtype, device=part.device).index_add_(0, self._ids(part.device), part)
         return block_sums(part, self.layout)
 
     def means(self, sums: Tensor) -> Tensor:
         """Whole-tensor block sums → block means."""
         return sums / block_elements(self.layout, sums.device, sums.dtype)
 
+    def lane_values(self, block_values: Tensor, dtype: torch.dtype) -> Tensor:
+        """One value per block → one per local lane, in order (1-D, ``dtype``)."""
+        lane = expand_blocks(block_values, self.layout).to(dtype).reshape(-1)
+        return lane if self.lane_ids is None else lane.index_select(0, self._ids(lane.device))
+
     def _lane(self, block_values: Tensor, dtype: torch.dtype) -> Tensor:
         # one value per local lane, broadcasting against the local 2-D view
-        lane = expand_blocks(block_values, self.layout).to(dtype)
-        if self.lane_ids is None:
-            return lane
-        lane = lane.reshape(-1).index_select(0, self._ids(lane.device))
+        lane = self.lane_values(block_values, dtype)
         return lane.view(-1, 1) if self.layout.axis == 0 else lane.view(1, -1)
 
     def scaled(self, m: Tensor, block_values: Tensor) -> Tensor:
