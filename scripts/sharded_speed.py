@@ -25,7 +25,7 @@ import leanopt
 from leanopt.bench.speed import MODELS
 from leanopt.models import GPT, GPTConfig
 
-OPTIMIZERS = ["lion", "sgd-sai", "adamw-pma", "alpha-adam", "adam-mini"]
+OPTIMIZERS = ["lion", "sgd-sai", "adamw-pma", "alpha-adam", "cadamw", "adam-mini"]
 
 
 def step_ms(model, name: str, repeats: int, sharded: bool) -> tuple[float, str]:

@@ -40,8 +40,10 @@ GLOBAL_BATCH = 12  # divides by 1, 2, 3 and 4 data-parallel ranks
 STRADDLING = dict(dim=24, n_heads=3, n_kv_heads=3, vocab_size=97, mlp_hidden=45, tie_embeddings=True, dtype=torch.float64)
 # dimensions that do not divide by 2 or 3 ranks: a 97-token vocabulary (tied embeddings), 5 query
 # heads of 4 rows over 1 key/value head (20 rows: 10/10 and 7/7/6, heads straddle; the key
-# projection's 4 rows leave the third rank empty), an MLP of 45 neurons
-UNEVEN = dict(vocab_size=97, dim=20, n_heads=5, n_kv_heads=1, mlp_hidden=45, tie_embeddings=True, dtype=torch.float64)
+# projection's 4 rows leave the third rank empty), an MLP of 45 neurons, biases (on q, v, o and
+# the MLP: 20, 4, 20 and 45 elements, split as the rows are)
+UNEVEN = dict(vocab_size=97, dim=20, n_heads=5, n_kv_heads=1, mlp_hidden=45, tie_embeddings=True, bias=True,
+              dtype=torch.float64)
 # tensor parallelism splits heads and neurons evenly over 2 ranks; FSDP's dim 0 stays uneven (97)
 TP_MODEL = dict(vocab_size=97, dim=24, n_heads=4, n_kv_heads=2, mlp_hidden=46, tie_embeddings=True, dtype=torch.float64)
 DCP_OPTIMIZERS = ["adam-mini", "sgd-sai", "alpha-adam", "cadamw", "lion", "adamw-pma", "lion-pma", "alpha-adam-int4"]
@@ -64,10 +66,13 @@ PRECISION_RUNS = {"adam-mini-int8": ("adam-mini", {"state_precision": "int8", "s
 FAST_ON_SHARDS = ["lion", "sgd-sai", "adamw-pma", "lion-pma"]  # elementwise steps (no mask): the C kernels on each shard
 # a statistic across the shards (Adam-mini's blocks in both call forms, the mask's sums, the count
 # scale's whole size): C passes on each shard around one collective (leanopt._backend.SHARDED)
-SHARDED_C = ["adam-mini", "adam-mini-names", "alpha-adam", "cadamw"]
+SHARDED_C = ["adam-mini", "adam-mini-names", "adam-mini+mask", "alpha-adam", "cadamw"]
 # torch's own are not ours to test; compact state: blocks run along rows, so each rank codes its
 # own rows (a tensor split along its rows, TP's Shard(1), keeps full precision)
 SHARDED_RUNS = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")] + ["adam-mini-int8", "alpha-adam-int4"]
+# (compact state: a Shard(1) tensor whose ranks do not hold whole blocks keeps full precision, so
+# the compact runs of those splits are not the one process's)
+PLACED_RUNS = [r for r in SHARDED_RUNS if r not in PRECISION_RUNS]
 # a NaN at the first step after two clean ones, in a row of the second rank that belongs to a head
 # straddling the shards (rows 8-15 of 24): Adam-mini's block sum and the mask's sums cross ranks
 NONFINITE = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")]
@@ -103,9 +108,16 @@ def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, seed: int
         wrapped = model
     else:
         wrapped = model
-    cfg = model.config
     if seed is not None:
         torch.manual_seed(seed)
+    return model, wrapped, optimizer(run, model, wrapped, extra, named)
+
+
+def optimizer(run: str, model, wrapped, extra: dict, named: bool):
+    """The optimizer of ``run`` (a registry name, a VARIANTS or PRECISION_RUNS entry) over
+    ``wrapped``'s parameters, with ``extra`` arguments (``named``: adam-mini's call form)."""
+    name = {**VARIANTS, **PRECISION_RUNS}.get(run, (run, {}))[0]
+    cfg = model.config
     if extra.get("partition") == "names" or named:
         extra.update(dim=cfg.dim, n_heads=cfg.n_heads, n_kv_heads=cfg.resolved_kv_heads)
     with warnings.catch_warnings():
@@ -120,7 +132,53 @@ def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, seed: int
             opt = leanopt.AdamMini(wrapped.named_parameters(), lr=CASES[name].lr, **CASES[name].kwargs, **extra)
         else:
             opt = leanopt.create_optimizer(name, wrapped, lr=CASES[name].lr, **CASES[name].kwargs, **extra)
-    return model, wrapped, opt
+    return opt
+
+
+def placed_by_hand(run: str, world: int, model_kw: dict) -> dict[str, torch.Tensor]:
+    """Tensor parallelism as the optimizer sees it, on splits no parallel style can run
+    (``UNEVEN`` over 3 ranks: 7/7/6 query rows, 2/2/0 key rows, 7/7/6 output columns):
+    the parameters become DTensors placed as Megatron's plan places them -- q/k/v, gate/up
+    and their biases ``Shard(0)``, o/down ``Shard(1)`` with ``Replicate`` biases, the tied
+    embedding ``Shard(1)``, norms ``Replicate`` -- and every step's gradients are a plain
+    replica's, computed on the whole batch and placed alike. Returns the final parameters."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    model, replica = tiny_model(**model_kw), tiny_model(**model_kw)
+
+    def placement(name: str, p: torch.Tensor):
+        if any(k in name for k in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            return Shard(0)
+        if any(k in name for k in ("o_proj", "down_proj")):
+            return Shard(1) if p.dim() == 2 else Replicate()
+        return Shard(1) if "embed_tokens" in name else Replicate()
+
+    places = {}
+    for mod_name, module in model.named_modules():
+        for p_name, p in list(module.named_parameters(recurse=False)):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            places[full] = [placement(full, p)]
+            setattr(module, p_name, nn.Parameter(distribute_tensor(p.detach(), mesh, places[full])))
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    name, extra = {**VARIANTS, **PRECISION_RUNS}.get(run, (run, {}))
+    extra = dict(extra)
+    opt = optimizer(run, model, model, extra, extra.pop("named", False))
+    params, plain = dict(model.named_parameters()), dict(replica.named_parameters())
+    for step in range(STEPS):
+        x, y = batch(step, size=GLOBAL_BATCH)
+        replica.zero_grad(set_to_none=True)
+        replica(x, y)[1].backward()
+        for n, p in params.items():
+            p.grad = distribute_tensor(plain[n].grad, mesh, places[n])
+        opt.step()
+        with torch.no_grad():
+            for n, p in params.items():
+                plain[n].copy_(p.full_tensor())
+    return full_state(replica)
 
 
 def partial_error() -> str:
@@ -302,7 +360,11 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        if mode in ("uneven", "tp", "2d"):
+        if mode == "placed":
+            finals = {name: placed_by_hand(name, world, UNEVEN) for name in PLACED_RUNS}
+            if rank == 0:
+                torch.save(finals, os.path.join(out, "placed.pt"))
+        elif mode in ("uneven", "tp", "2d"):
             wrap, model_kw = ("fsdp", UNEVEN) if mode == "uneven" else (mode, TP_MODEL)
             dp_rank, dp_world = {"uneven": (rank, world), "tp": (0, 1), "2d": (rank // 2, world // 2)}[mode]
             train_all(SHARDED_RUNS, wrap, world, model_kw, rank, dp_rank, dp_world, out)

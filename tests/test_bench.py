@@ -377,3 +377,18 @@ def test_state_at_scale_counts_what_a_real_step_allocates():
         opt.step()
         assert planned["state_bytes"][label] == state_bytes(opt), label
     assert planned["state_bytes"]["adam-mini"] < 0.6 * planned["state_bytes"]["adamw"]
+
+
+@pytest.mark.parametrize("dtype,loss_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                              (torch.bfloat16, torch.float32)])
+def test_the_gpt_loss_is_computed_at_least_in_float32_and_never_below_the_model(dtype, loss_dtype):
+    # a float64 model's loss (and so every gradient) must stay float64: the distributed tests
+    # compare float64 runs on 3 ranks with one process to 1e-5, and a float32 loss made their
+    # gradients differ by 5e-8 (1/64 and 1/192 of the token count round differently in float32)
+    from helpers import batch, tiny_model
+
+    model = tiny_model(dtype=dtype, bias=True)
+    _, loss = model(*batch(0))
+    assert loss.dtype == loss_dtype
+    assert all(p.bias.abs().sum() == 0 for p in model.modules() if isinstance(p, torch.nn.Linear) and p.bias is not None)
+    assert not any(name.endswith("k_proj.bias") for name, _ in model.named_parameters())

@@ -17,7 +17,7 @@ import torch
 import leanopt
 from helpers import tiny_model
 from distributed_worker import (
-    BAD_ELEMENT, BAD_PARAM, DCP_OPTIMIZERS, FAST_ON_SHARDS, FSDP_UNSUPPORTED, NONFINITE, NONFINITE_SKIP, PRECISION_RUNS, RUNS, SHARDED_C, SHARDED_RUNS, STRADDLING, TP_MODEL,
+    BAD_ELEMENT, BAD_PARAM, DCP_OPTIMIZERS, FAST_ON_SHARDS, FSDP_UNSUPPORTED, NONFINITE, NONFINITE_SKIP, PLACED_RUNS, PRECISION_RUNS, RUNS, SHARDED_C, SHARDED_RUNS, STRADDLING, TP_MODEL,
     UNEVEN, build, nonfinite, run_steps, train)
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
@@ -240,6 +240,23 @@ def test_every_sharded_layout_equals_one_process(sharded_results, name):
     distributed = torch.load(out / f"{name}.pt", weights_only=True)
     diff, key = rel(distributed, reference(name, "uneven" if mode == "uneven" else "tp"))
     assert diff <= 1e-5, f"{name} ({mode}, {world} ranks): {key} differs by {diff:.2e}"
+
+
+def test_tensor_parallel_placements_on_any_split_equal_one_process(tmp_path):
+    """Megatron's placements on 3 ranks, where nothing divides (7/7/6 query rows, 2/2/0 key
+    rows, 7/7/6 output and embedding columns, 15-column MLP shards) and biases are
+    sharded or replicated: every optimizer and variant equals one process (float64, 10 steps).
+    No parallel style runs such splits (the heads would not divide), so the placements are set
+    by hand and each step's gradients come from a plain replica: the optimizer's side of
+    uneven tensor parallelism."""
+    launch("placed", 3, tmp_path)
+    finals = torch.load(tmp_path / "placed.pt", weights_only=True)
+    assert set(finals) == set(PLACED_RUNS)
+    for name in PLACED_RUNS:
+        ref = train(name, **UNEVEN)
+        assert any(k.endswith("q_proj.bias") for k in ref) and not any(k.endswith("k_proj.bias") for k in ref)
+        diff, key = rel(finals[name], ref)
+        assert diff <= 1e-5, f"{name}: {key} differs by {diff:.2e}"
 
 
 def test_the_sharded_layouts_are_the_ones_named(sharded_results):

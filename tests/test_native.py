@@ -1,6 +1,6 @@
 """The hand-written CPU kernels (``leanopt._native``) take the same steps as the eager paths.
 
-``fused=True`` on the CPU runs Adam-mini (row blocks, no mask), the Adam family (AlphaAdam,
+``fused=True`` on the CPU runs Adam-mini (row blocks, with or without the mask), the Adam family (AlphaAdam,
 C-AdamW, AdamW-PMA, with or without the mask), Lion, Lion-PMA and SGD-SaI (no mask) through them. Tensors here are large enough to
 be split over threads (and, for Adam-mini, rows shared by all threads), with sizes that are
 not multiples of the kernels' cache-line shares.
@@ -24,6 +24,9 @@ pytestmark = pytest.mark.skipif(not _native.enabled() or _native._compiler() is 
 CASES = [
     ("adam-mini", dict(lr=1e-2, weight_decay=0.1)),
     ("adam-mini", dict(lr=1e-2, weight_decay=0.1, value_blocks="whole", betas=(0.3, 0.99))),  # lerp weight ≥ 0.5
+    ("adam-mini", dict(lr=1e-2, weight_decay=0.1, mask="async")),  # AlphaAdam's mask at Adam-mini's memory
+    ("adam-mini", dict(lr=1e-2, weight_decay=0.1, mask="sync", alpha="root", value_blocks="whole", betas=(0.3, 0.99))),
+    ("adam-mini", dict(lr=1e-2, weight_decay=0.1, mask="none", count_scale=True)),
     ("alpha-adam", dict(lr=1e-2, weight_decay=0.1)),
     ("alpha-adam", dict(lr=1e-2, weight_decay=0.1, mask="sync", alpha="root")),
     ("alpha-adam", dict(lr=1e-2, weight_decay=0.1, mask="none", alpha="none", count_scale=True)),
@@ -37,6 +40,11 @@ CASES = [
     ("sgd-sai", dict(lr=0.1, weight_decay=0.1, momentum=0.0)),
 ]
 KERNEL = {"adam-mini": "adam_mini_rows", "lion": "lion", "lion-pma": "lion", "sgd-sai": "sgd_sai"}  # the others: "adam"
+
+
+def kernel(name, kw):
+    masked = kw.get("mask", "none") != "none" or kw.get("count_scale", False)
+    return "adam_mini_masked" if name == "adam-mini" and masked else KERNEL.get(name, "adam")
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items() if k not in ('lr', 'weight_decay'))}" for n, kw in CASES]
 
 
@@ -72,7 +80,7 @@ def run(name, kw, fused, dtype=torch.float32, steps=20, model=None):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the tensors each kernel steps (and proves the fused path used it)."""
-    seen = {"adam": 0, "adam_mini_rows": 0, "lion": 0, "sgd_sai": 0}
+    seen = {"adam": 0, "adam_mini_rows": 0, "adam_mini_masked": 0, "lion": 0, "sgd_sai": 0}
     for name in seen:
         original = getattr(_native, name)
 
@@ -95,7 +103,7 @@ def test_native_equals_eager_float32(name, kw, nthreads, calls):
         fused, opt = run(name, kw, True)
     eager, _ = run(name, kw, False)
     steps = 19 if name == "sgd-sai" else 20  # SGD-SaI's first step is its g-SNR: eager by design
-    assert calls[KERNEL.get(name, "adam")] >= steps * len(fused)  # every tensor at every step
+    assert calls[kernel(name, kw)] >= steps * len(fused)  # every tensor at every step
     assert max_rel_diff(fused, eager) <= 1e-6
 
 

@@ -321,17 +321,24 @@ def test_the_c_codec_gives_the_formula_and_agrees_with_the_eager_one(fmt, kind, 
 
 
 @pytest.mark.parametrize("name,precision", [("adamw", "int8"), ("adamw", "int4"), ("adamw", {"exp_avg": "int4", "exp_avg_sq": "param"}),
-                                            ("lion", "int8"), ("sgd-sai", "int4"), ("adam-mini", "int8"), ("adam-mini", "int4")])
+                                            ("lion", "int8"), ("sgd-sai", "int4"), ("adam-mini", "int8"), ("adam-mini", "int4"),
+                                            ("alpha-adam", "int8"), ("alpha-adam", {"exp_avg": "int4", "exp_avg_sq": "param"}),
+                                            ("cadamw", "int4")])
 def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, precision, monkeypatch):
     """``native-compact`` (decode, step and encode each block in one pass) against the
-    sliced path (the C codec, the C kernel over the whole tensor, the C codec again)."""
+    sliced path (the C codec, the C kernel over the whole tensor, the C codec again). The
+    masked steps (AlphaAdam, C-AdamW) add their mask sums block by block, the whole-tensor
+    kernel thread share by thread share: their step sizes may differ in the last bits, so
+    there the parameters agree to float32 rounding and the codes but for a few."""
     import dataclasses
     import importlib
     from leanopt import _native
     if _native.library() is None:
         pytest.skip("no C kernels on this machine")
-    module = importlib.import_module({"adamw": "leanopt.alpha_adam", "lion": "leanopt.lion", "sgd-sai": "leanopt.sgd_sai",
+    module = importlib.import_module({"adamw": "leanopt.alpha_adam", "alpha-adam": "leanopt.alpha_adam",
+                                      "cadamw": "leanopt.alpha_adam", "lion": "leanopt.lion", "sgd-sai": "leanopt.sgd_sai",
                                       "adam-mini": "leanopt.adam_mini"}[name])
+    masked = name in ("alpha-adam", "cadamw")
 
     def run(one_pass: bool):
         if not one_pass:
@@ -350,10 +357,21 @@ def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, 
     assert fast_opt.last_backends == {"native-compact": len(list(fast.parameters()))}
     assert "native-compact" not in sliced_opt.last_backends
     for p, q in zip(fast.parameters(), sliced.parameters()):
-        assert torch.equal(p, q)
+        if not masked:
+            assert torch.equal(p, q)
+        else:
+            # (the odd element whose mask a last-bit difference flips moves by its own step)
+            assert ((p - q).norm() / q.norm()).item() <= 1e-5
         for key, value in fast_opt.state[p].items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(value, sliced_opt.state[q][key]), key
+            if not isinstance(value, torch.Tensor):
+                continue
+            other = sliced_opt.state[q][key]
+            if not masked:
+                assert torch.equal(value, other), key
+            elif value.dtype == torch.float32:
+                assert ((value - other).norm() / other.norm().clamp_min(1e-30)).item() <= 1e-5, key
+            else:  # codes: a value near a code's boundary may round to the neighbour
+                assert (value != other).float().mean() < 0.01, key
 
 
 def test_a_nonfinite_gradient_spoils_its_block_of_int8_state_and_skip_nonfinite_keeps_it(recwarn):

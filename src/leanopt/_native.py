@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ._distributed import is_dtensor
 
-__all__ = ["library", "enabled", "supports", "adam_mini_rows", "row_sq_sums", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
+__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam_mini_masked", "row_sq_sums", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
            "CompactState", "compact_step", "adam_mini_compact",
            "COMPACT_MAX_BLOCK", "COMPACT_MAX_SPAN"]
 
@@ -136,6 +136,7 @@ def library() -> ctypes.CDLL | None:
                 for name, argtypes in (("leanopt_adam_mini_rows", ints + [ptr] * 7 + [ctypes.c_int]),
                                        ("leanopt_adam", ints + [ptr] * 6 + ints + [ctypes.c_int, ptr, ptr]),
                                        ("leanopt_row_sq_sums", ints + [ptr] * 4),
+                                       ("leanopt_adam_mini_masked", ints + [ptr] * 7 + [ctypes.c_int] * 5 + [ptr] * 2),
                                        ("leanopt_elementwise", ints + [ptr] * 5 + [ctypes.c_int]),
                                        ("leanopt_stream", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr]),
                                        ("leanopt_codec", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, *[ctypes.c_int64] * 3,
@@ -143,7 +144,7 @@ def library() -> ctypes.CDLL | None:
                                        ("leanopt_stochastic_round", [ctypes.c_int, ptr, ptr, ctypes.c_int64, ctypes.c_uint32]),
                                        ("leanopt_compact_step", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int,
                                                                  ptr, ptr, ctypes.c_int, *[ctypes.c_int64] * 3, ptr,
-                                                                 ctypes.c_int]),
+                                                                 *[ctypes.c_int] * 4]),
                                        ("leanopt_adam_mini_compact", [ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
                                                                       *[ctypes.c_int64] * 4, ptr])):
                     fn = getattr(lib, name)
@@ -214,6 +215,28 @@ def adam_mini_rows(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     _call("leanopt_adam_mini_rows", (params, grads, exp_avgs, exp_avg_sqs),
           [*params, *exp_avgs] if given else [*params, *exp_avgs, *exp_avg_sqs],
           ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), int(given))
+
+
+def adam_mini_masked(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                     exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
+                     hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool, given: bool = False,
+                     between: Callable[[Tensor], None] | None = None, whole: Sequence[int] | None = None) -> None:
+    """Adam-mini's step with the mask component for tensors viewed as ``rows[i] × cols[i]``,
+    one block per row, in two C passes: v and the mask sums, then p and m. ``given``:
+    ``exp_avg_sqs[i]`` hold each row's v of this step already (a shard's rows) and are only
+    read. Shards: ``between(sums)`` reduces the ``(len(params), 3)`` float64 sums of pass 1
+    in place, ``whole[i]`` is tensor ``i``'s whole size. The caller checked :func:`supports`;
+    one dtype per call."""
+    if len({p.dtype for p in params}) > 1:
+        raise ValueError("adam_mini_masked: one dtype per call")
+    sums = torch.zeros(len(params), 3, dtype=torch.float64)
+    sizes = _int64s([p.numel() for p in params] if whole is None else list(whole))
+    for phase, written in ((1, [] if given else list(exp_avg_sqs)), (2, [*params, *exp_avgs])):
+        if phase == 2 and between is not None:
+            between(sums)  # (with given v, pass 1 wrote nothing: a failure here leaves the state as it was)
+        _call("leanopt_adam_mini_masked", (params, grads, exp_avgs, exp_avg_sqs), written,
+              ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale), phase,
+              int(given), sums.data_ptr(), sizes)
 
 
 def row_sq_sums(grads: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int]) -> list[Tensor]:
@@ -325,11 +348,13 @@ class CompactState(NamedTuple):
 
 
 def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v: Tensor | CompactState | None,
-                 hyper: Sequence[float], scaled: bool = False) -> None:
-    """One step of ``family`` ("adam" unmasked, "lion", "sgd_sai") over one float32 CPU
-    tensor whose states are float32 tensors or :class:`CompactState` codes: each block
-    decoded, stepped and encoded again in one pass (``csrc/cpu_codec.h``). ``hyper``: the
-    family's step record, as for :func:`adam`, :func:`lion`, :func:`sgd_sai`."""
+                 hyper: Sequence[float], scaled: bool = False, *, mask: str = "none", alpha: str = "none",
+                 count_scale: bool = False) -> None:
+    """One step of ``family`` ("adam", "lion", "sgd_sai") over one float32 CPU tensor whose
+    states are float32 tensors or :class:`CompactState` codes: each block decoded, stepped
+    and encoded again in one pass (``csrc/cpu_codec.h``); the Adam family with a mask in two
+    (the mask's sums, then the step: only the second writes). ``hyper``: the family's step
+    record, as for :func:`adam`, :func:`lion`, :func:`sgd_sai`."""
     lib = library()
     assert lib is not None
     last = p.shape[-1] if p.dim() else 1
@@ -347,7 +372,7 @@ def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v:
     block = block if isinstance(m, CompactState) else v_block
     rc = lib.leanopt_compact_step(torch.get_num_threads(), _FAMILIES[family], p.data_ptr(), g.data_ptr(), m_ptr, ms_ptr, fm,
                                   v_ptr, vs_ptr, fv, p.numel() // max(last, 1), last, block, _doubles([hyper]),
-                                  int(scaled))
+                                  int(scaled), _MASKS[mask], _ALPHAS[alpha], int(count_scale))
     if rc != 0:
         raise ValueError(f"compact_step: bad arguments ({family}, block {block}, rows of {last})")
     torch.autograd.graph.increment_version([p] + [s.codes if isinstance(s, CompactState) else s for s in (m, v) if s is not None])

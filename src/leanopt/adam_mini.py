@@ -259,22 +259,36 @@ _NATIVE_KINDS = ("blocks", "whole", "elements")
 def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                       layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                       count_scale: bool) -> None:
-    """The step by the C kernel (:mod:`leanopt._native`): unmasked, row layouts."""
-    _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, [layout.n_blocks for layout in layouts],
-                           [int(c.count) for c in coeffs], coeffs)
+    """The step by the C kernels (:mod:`leanopt._native`) on row layouts: one pass, two with
+    the mask component (one call per dtype)."""
+    rows, cols = [layout.n_blocks for layout in layouts], [int(c.count) for c in coeffs]
+    if not mask_active(mask, count_scale):
+        _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs)
+        return
+    for idx in _by_dtype(params):
+        _native.adam_mini_masked(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs)),
+                                 mask=mask, alpha=alpha, count_scale=count_scale)
+
+
+def _by_dtype(params: list[Tensor]) -> list[list[int]]:
+    by: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by.setdefault(p.dtype, []).append(i)
+    return list(by.values())
 
 
 def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
-    return not mask_active(options["mask"], options["count_scale"]) and _kind(row[4]) in _NATIVE_KINDS
+    return _kind(row[4]) in _NATIVE_KINDS
 
 
 def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool, pieces: list[Piece | None]) -> None:
-    """The unmasked step of shards by the C kernels: each local row's sum of g² (one pass,
-    every tensor in one call), the blocks' sums over the ranks (one collective per group),
-    ``v`` as the eager path moves it, then the update from each local row's block ``v`` (a
-    second pass). A local row lies in one block: the layout's lanes are rows (axis 0)."""
+    """The step of shards by the C kernels: each local row's sum of g² (one pass, every
+    tensor in one call), the blocks' sums over the ranks (one collective per group), ``v``
+    as the eager path moves it, then the update from each local row's block ``v`` (a second
+    pass; with the mask, its sums first, over the ranks too). A local row lies in one block:
+    the layout's lanes are rows (axis 0)."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
     rows, cols = [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks]
     acc = [acc_dtype(p) for p in params]
@@ -284,11 +298,20 @@ def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     for v, b, block_sum, c, dtype in zip(exp_avg_sqs, blocks, sums, coeffs, acc):
         v_b = _block_ema_(v, b.means(block_sum.to(dtype)), c.beta2, c.gain2)
         v_rows.append(b.lane_values(v_b, v.dtype))
-    _native.adam_mini_rows(params, grads, exp_avgs, v_rows, rows, cols, coeffs, given=True)
+    if not mask_active(mask, count_scale):
+        _native.adam_mini_rows(params, grads, exp_avgs, v_rows, rows, cols, coeffs, given=True)
+        return
+    # the mask's sums over the ranks between the two passes (the whole tensor's size in its count scale)
+    for idx in _by_dtype(params):
+        groups = [blocks[i].groups for i in idx]
+        _native.adam_mini_masked(*([col[i] for i in idx] for col in (params, grads, exp_avgs, v_rows, rows, cols, coeffs)),
+                                 mask=mask, alpha=alpha, count_scale=count_scale, given=True,
+                                 between=lambda s: all_reduce_sums(list(s), groups),
+                                 whole=[layouts[i].numel for i in idx])
 
 
 def _sharded_takes(row: list[Any], options: dict[str, Any]) -> bool:
-    return not mask_active(options["mask"], options["count_scale"]) and row[4].axis == 0
+    return row[4].axis == 0
 
 
 def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
@@ -296,7 +319,8 @@ def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
     row of the momentum's codes (the tensor's last dimension) tile each other."""
     p, count = row[0], int(row[5].count)
     last = p.shape[-1] if p.dim() else 1
-    return (_native_takes(row, options) and (count % last == 0 or last % count == 0)
+    return (_native_takes(row, options) and not mask_active(options["mask"], options["count_scale"])
+            and (count % last == 0 or last % count == 0)
             and max(count, last) <= _native.COMPACT_MAX_SPAN)
 
 

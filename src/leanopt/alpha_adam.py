@@ -180,14 +180,15 @@ def _kernel_coeffs(numels: list[int], coeffs: list[AdamStep], mask: str, count_s
 
 def _alpha_adam_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Any],
                         coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
-    """The unmasked step over int8/int4 state, one pass per tensor (:func:`leanopt._native.compact_step`)."""
+    """The step over int8/int4 state (:func:`leanopt._native.compact_step`): one pass per
+    tensor, two with the mask (its sums, then the step)."""
     for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs,
                              _kernel_coeffs([p.numel() for p in params], coeffs, mask, count_scale)):
-        _native.compact_step("adam", p, g, m, v, c, scaled=count_scale)
+        _native.compact_step("adam", p, g, m, v, c, scaled=count_scale, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, native=_alpha_adam_native, elementwise=unmasked,
-                    compact=_alpha_adam_compact, sharded=_alpha_adam_sharded)
+                    compact=_alpha_adam_compact, compact_takes=lambda row, options: True, sharded=_alpha_adam_sharded)
 
 
 class AlphaAdam(LeanOptimizer):

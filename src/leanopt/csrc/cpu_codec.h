@@ -195,12 +195,63 @@ CODEC_INLINE void compact_store(void *S, float *scales, int fmt, int kind, int64
         encode_block(buf, row, scales + i, j0, j1, 0, 0, 127.0f);
 }
 
-/* h: the family's row of doubles (AD_N, LI_N or SG_N); scaled: ad_plain's. Returns 0, or 1 for a
- * bad argument. */
+/* a block of a state as compact_load gives it, but always in buf: pass 1 of a masked step
+ * writes its m and v only to scratch */
+CODEC_INLINE float *compact_copy(void *S, const float *scales, int fmt, int kind, int64_t r, int64_t i, int64_t L,
+                                 int64_t j0, int64_t j1, float *buf) {
+    float *x = compact_load(S, scales, fmt, kind, r, i, L, j0, j1, buf);
+    if (x != buf) memcpy(buf, x, (size_t)(j1 - j0) * sizeof(float));
+    return buf;
+}
+
+/* The masked Adam family (leanopt_adam's two passes) over compact state. Pass 1 decodes every
+ * block's m and v into scratch, moves them there and takes the block's mask sums (ad_sums), all
+ * blocks' added up; pass 2 decodes the blocks again, moves m and v the same way, moves p by the
+ * step those sums give (ad_apply) and encodes m and v. Only pass 2 writes: the state read twice
+ * is the step's old one. */
+static void compact_masked(int nt, float *P, const float *G, void *M, float *MS, int fm, void *V, float *VS, int fv,
+                           int64_t R, int64_t L, int64_t B, const double *h, int mask, int alpha, int count_scale) {
+    int64_t nb = (L + B - 1) / B, items = R * nb;
+    int threads = R * L >= 65536 ? nt : 1;
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : s0, s1, s2)
+    for (int64_t i = 0; i < items; ++i) {
+        float mbuf[COMPACT_MAX_BLOCK], vbuf[COMPACT_MAX_BLOCK];
+        int64_t r = i / nb, j0 = (i % nb) * B, j1 = j0 + B < L ? j0 + B : L, off = r * L + j0;
+        double sums[3] = {0.0, 0.0, 0.0};
+        ad_sums_f32(G + off, compact_copy(M, MS, fm, 0, r, i, L, j0, j1, mbuf), compact_copy(V, VS, fv, 1, r, i, L, j0, j1, vbuf),
+                    0, j1 - j0, h, mask == MASK_SYNC, sums);
+        s0 += sums[0], s1 += sums[1], s2 += sums[2];
+    }
+    double sums[3] = {s0, s1, s2};
+    int all;
+    float step = mask_step(sums, R * L, h[AD_LR], alpha, count_scale, &all);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < items; ++i) {
+        float mbuf[COMPACT_MAX_BLOCK], vbuf[COMPACT_MAX_BLOCK];
+        int64_t r = i / nb, j0 = (i % nb) * B, j1 = j0 + B < L ? j0 + B : L, off = r * L + j0;
+        float *m = compact_load(M, MS, fm, 0, r, i, L, j0, j1, mbuf), *v = compact_load(V, VS, fv, 1, r, i, L, j0, j1, vbuf);
+        double unused[3] = {0.0, 0.0, 0.0};
+        ad_sums_f32(G + off, m, v, 0, j1 - j0, h, mask == MASK_SYNC, unused);
+        ad_apply_f32(P + off, m, v, 0, j1 - j0, h, step, all);
+        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m);
+        compact_store(V, VS, fv, 1, r, i, L, j0, j1, v);
+    }
+}
+
+/* h: the family's row of doubles (AD_N, LI_N or SG_N); scaled: ad_plain's; mask, alpha,
+ * count_scale: the Adam family's mask (MASK_NONE: one pass; else compact_masked). Returns 0, or 1
+ * for a bad argument. */
 int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, float *MS, int fm, void *V, float *VS,
-                         int fv, int64_t R, int64_t L, int64_t B, const double *h, int scaled) {
+                         int fv, int64_t R, int64_t L, int64_t B, const double *h, int scaled, int mask, int alpha,
+                         int count_scale) {
     if (nt < 1 || nt > 1024 || family < 0 || family > 2 || L < 1 || R < 0 || B < 1 || ((B & 1) && B < L)) return 1;
     if ((B < L ? B : L) > COMPACT_MAX_BLOCK || fm < 0 || fm > 2 || fv < 0 || fv > 1 || (family == 0 && !V)) return 1;
+    if (mask < MASK_NONE || mask > MASK_SYNC || (mask != MASK_NONE && family != 0)) return 1;
+    if (mask != MASK_NONE) {
+        compact_masked(nt, P, G, M, MS, fm, V, VS, fv, R, L, B, h, mask, alpha, count_scale);
+        return 0;
+    }
     int64_t nb = (L + B - 1) / B, items = R * nb;
 #pragma omp parallel for num_threads(R * L >= 65536 ? nt : 1) schedule(static)
     for (int64_t i = 0; i < items; ++i) {

@@ -206,6 +206,56 @@ static float mask_step(const double *sums, int64_t n, double lr, int alpha, int 
     return step;
 }
 
+/* Adam-mini with the mask component over T tensors viewed as R[t] x C[t], one block per row
+ * (cpu_kernels_body.h, am_mask_*), in two calls: PHASE_SUMS moves v (unless given: V holds the
+ * rows' v of this step, a shard's) and writes each tensor's three mask sums to io[3t..3t+2],
+ * writing nothing else; PHASE_APPLY moves p and m by the step of the sums in io and the whole
+ * tensor's size whole[t] (as leanopt_adam's). Rows of a tensor are split over the threads
+ * (one thread for a small or wide tensor). Returns 0, 1 for bad arguments, 2 out of memory. */
+int leanopt_adam_mini_masked(int nt, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *R,
+                             const int64_t *C, const double *h, int mask, int alpha, int count_scale, int phase, int given,
+                             double *io, const int64_t *whole) {
+    if (nt < 1 || nt > 1024 || (phase != PHASE_SUMS && phase != PHASE_APPLY) || !io || !whole) return 1;
+    double *partial = phase == PHASE_SUMS ? calloc((size_t)nt * T_ * 3, sizeof(double)) : NULL;
+    if (phase == PHASE_SUMS && !partial && T_ > 0) return 2;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        for (int t = 0; t < T_; ++t) {
+            int64_t r0 = R[t] * tid / n, r1 = R[t] * (tid + 1) / n;
+            if (R[t] * C[t] < SMALL || WIDE(R[t], C[t], n)) {
+                if (tid != t % n) continue;
+                r0 = 0, r1 = R[t];
+            }
+            const double *ht = h + (int64_t)t * AM_N;
+            if (phase == PHASE_SUMS) {
+                double *sums = partial + ((int64_t)tid * T_ + t) * 3;
+                if (dtype == 0)
+                    am_mask_sums_f32(G[t], M[t], V[t], C[t], r0, r1, ht, mask, given, sums);
+                else
+                    am_mask_sums_bf16(G[t], M[t], V[t], C[t], r0, r1, ht, mask, given, sums);
+                continue;
+            }
+            int all;
+            float step = mask_step(io + 3 * t, whole[t], ht[AM_LR], alpha, count_scale, &all);
+            if (dtype == 0)
+                am_mask_apply_f32(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, mask, step, all);
+            else
+                am_mask_apply_bf16(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, mask, bf16_to_f32(f32_to_bf16(step)), all);
+        }
+    }
+    if (phase == PHASE_SUMS) {
+        for (int t = 0; t < T_; ++t)
+            for (int k = 0; k < 3; ++k) {
+                double total = 0.0;
+                for (int q = 0; q < nt; ++q) total += partial[((int64_t)q * T_ + t) * 3 + k];
+                io[3 * t + k] = total;
+            }
+        free(partial);
+    }
+    return 0;
+}
+
 /* [j0, j1): thread tid's share of n elements, in whole cache lines */
 static void share(int64_t n, int tid, int nt, int64_t *j0, int64_t *j1) {
     *j0 = tid == 0 ? 0 : (n * tid / nt) & ~(int64_t)63;

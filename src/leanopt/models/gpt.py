@@ -32,6 +32,10 @@ class GPTConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # biases on the query, value and output projections and the MLP's three linears; none on
+    # the key projection, whose bias softmax ignores (its exact gradient is zero, so any
+    # update it got would be rounding noise)
+    bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -100,10 +104,10 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.resolved_kv_heads
         self.head_dim = cfg.resolved_head_dim
-        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -122,9 +126,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         h = cfg.resolved_mlp_hidden
-        self.gate_proj = nn.Linear(cfg.dim, h, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, h, bias=False)
-        self.down_proj = nn.Linear(h, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, h, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.dim, h, bias=cfg.bias)
+        self.down_proj = nn.Linear(h, cfg.dim, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -168,7 +172,9 @@ class GPT(nn.Module):
         # residual projections scaled down with depth (GPT-2)
         resid_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() < 2:  # norms
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, resid_std)
@@ -195,5 +201,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+            # 16-bit logits are upcast for the softmax; float64 ones stay float64 (.float() would
+            # round a float64 model's loss, and its gradient, to float32)
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.view(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
