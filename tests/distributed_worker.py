@@ -66,7 +66,7 @@ PRECISION_RUNS = {"adam-mini-int8": ("adam-mini", {"state_precision": "int8", "s
 FAST_ON_SHARDS = ["lion", "sgd-sai", "adamw-pma", "lion-pma"]  # elementwise steps (no mask): the C kernels on each shard
 # a statistic across the shards (Adam-mini's blocks in both call forms, the mask's sums, the count
 # scale's whole size): C passes on each shard around one collective (leanopt._backend.SHARDED)
-SHARDED_C = ["adam-mini", "adam-mini-names", "adam-mini+mask", "alpha-adam", "cadamw"]
+SHARDED_C = ["adam-mini", "adam-mini-names", "adam-mini+mask", "alpha-adam", "cadamw", "lion+mask", "sgd-sai+mask"]
 # torch's own are not ours to test; compact state: blocks run along rows, so each rank codes its
 # own rows (a tensor split along its rows, TP's Shard(1), keeps full precision)
 SHARDED_RUNS = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")] + ["adam-mini-int8", "alpha-adam-int4"]
@@ -316,14 +316,34 @@ def train_all(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -> Non
 
 def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -> None:
     """float32: each run of ``names`` with the default backends (the C kernels on the local
-    shards) and with the eager reference (fused=False); rank 0 saves which backends stepped the
-    tensors and the largest relative parameter difference in fast.json."""
+    shards) and with the eager reference (fused=False), from the same start and the same
+    gradients -- a fixed random stream, placed as each parameter is, so that a rounding
+    difference cannot feed back through a loss (a masked step's φ would amplify it); rank 0
+    saves which backends stepped the tensors and the largest relative parameter difference in
+    fast.json."""
+    from torch.distributed.tensor import DTensor
+
+    from leanopt._distributed import piece_of
+
+    def place(full, p):
+        if not isinstance(p, DTensor):
+            return full
+        part = full
+        for d, index in enumerate(piece_of(p).index):
+            if index is not None:
+                part = part.index_select(d, index)
+        return DTensor.from_local(part.contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
     fast = {}
     for name in names:
         finals = {}
         for fused in (None, False):
             model, wrapped, opt = build(name, wrap, world, {"fused": fused}, **{**model_kw, "dtype": torch.float32})
-            run_steps(wrapped, opt, STEPS, dp_rank, dp_world)
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(STEPS):
+                for p in model.parameters():
+                    p.grad = place(torch.randn(p.shape, generator=gen) * 1e-2, p)
+                opt.step()
             finals[fused] = (full_state(model), dict(opt.last_backends))
         diff = max(((finals[None][0][k] - v).norm() / v.norm()).item() for k, v in finals[False][0].items())
         fast[name] = {"backends": finals[None][1], "eager_backends": finals[False][1], "diff": diff}

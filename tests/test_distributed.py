@@ -324,7 +324,7 @@ def check_fast(fast: dict) -> None:
     """By default every tensor of every run stepped in C on its shard -- elementwise steps by
     the plain kernels, steps with a statistic across the shards by the sharded C step (C
     passes around one collective) -- and the result equals the eager reference's to float32
-    rounding after 10 steps."""
+    rounding after 10 steps of the same gradients (≤ 1e-6, as unsharded in test_native.py)."""
     for name, r in fast.items():
         used = r["backends"]
         assert sum(used.values()) == r["eager_backends"]["eager"], (name, r)
@@ -332,7 +332,7 @@ def check_fast(fast: dict) -> None:
             assert set(used) == {"native"}, (name, r)
         else:  # (tensors TP leaves whole or replicates are plain to the step: the plain kernels)
             assert set(used) <= {"native", "native-sharded"} and used.get("native-sharded", 0) >= 10, (name, r)
-        assert r["diff"] <= 1e-5, (name, r)
+        assert r["diff"] <= 1e-6, (name, r)
 
 
 def test_elementwise_steps_run_the_c_kernels_on_local_shards(fsdp_results):

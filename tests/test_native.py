@@ -1,8 +1,8 @@
 """The hand-written CPU kernels (``leanopt._native``) take the same steps as the eager paths.
 
-``fused=True`` on the CPU runs Adam-mini (row blocks, with or without the mask), the Adam family (AlphaAdam,
-C-AdamW, AdamW-PMA, with or without the mask), Lion, Lion-PMA and SGD-SaI (no mask) through them. Tensors here are large enough to
-be split over threads (and, for Adam-mini, rows shared by all threads), with sizes that are
+``fused=True`` on the CPU runs Adam-mini (row blocks), the Adam family (AlphaAdam, C-AdamW,
+AdamW-PMA), Lion, Lion-PMA and SGD-SaI (a momentum buffer for its mask), with or without the
+mask, through them. Tensors here are large enough to be split over threads (and, for Adam-mini, rows shared by all threads), with sizes that are
 not multiples of the kernels' cache-line shares.
 """
 
@@ -35,16 +35,21 @@ CASES = [
     ("adamw-pma", dict(lr=1e-2, weight_decay=0.1, period=3, variant="released", mask="async")),
     ("adamw-pma", dict(lr=1e-2, weight_decay=0.1, period=2, mask="sync")),  # masked with the moments' rescale
     ("lion", dict(lr=1e-3, weight_decay=0.1)),
+    ("lion", dict(lr=1e-3, weight_decay=0.1, mask="sync")),
+    ("lion-pma", dict(lr=1e-3, weight_decay=0.1, period=2, mask="async")),  # masked with the momentum's rescale
     ("lion-pma", dict(lr=1e-3, weight_decay=0.1, period=3, variant="released")),
     ("sgd-sai", dict(lr=0.1, weight_decay=0.1)),
     ("sgd-sai", dict(lr=0.1, weight_decay=0.1, momentum=0.0)),
+    ("sgd-sai", dict(lr=0.1, weight_decay=0.1, mask="async")),
 ]
 KERNEL = {"adam-mini": "adam_mini_rows", "lion": "lion", "lion-pma": "lion", "sgd-sai": "sgd_sai"}  # the others: "adam"
 
 
 def kernel(name, kw):
     masked = kw.get("mask", "none") != "none" or kw.get("count_scale", False)
-    return "adam_mini_masked" if name == "adam-mini" and masked else KERNEL.get(name, "adam")
+    if masked and name in ("adam-mini", "lion", "lion-pma", "sgd-sai"):
+        return "adam_mini_masked" if name == "adam-mini" else "elementwise_masked"
+    return KERNEL.get(name, "adam")
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items() if k not in ('lr', 'weight_decay'))}" for n, kw in CASES]
 
 
@@ -80,13 +85,13 @@ def run(name, kw, fused, dtype=torch.float32, steps=20, model=None):
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the tensors each kernel steps (and proves the fused path used it)."""
-    seen = {"adam": 0, "adam_mini_rows": 0, "adam_mini_masked": 0, "lion": 0, "sgd_sai": 0}
+    seen = {"adam": 0, "adam_mini_rows": 0, "adam_mini_masked": 0, "elementwise_masked": 0, "lion": 0, "sgd_sai": 0}
     for name in seen:
         original = getattr(_native, name)
 
-        def spy(params, *args, _original=original, _name=name, **kw):
-            seen[_name] += len(params)
-            return _original(params, *args, **kw)
+        def spy(*args, _original=original, _name=name, **kw):
+            seen[_name] += len(args[1] if isinstance(args[0], str) else args[0])  # (elementwise_masked: family first)
+            return _original(*args, **kw)
 
         monkeypatch.setattr(_native, name, spy)
     return seen

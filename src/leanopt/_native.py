@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ._distributed import is_dtensor
 
-__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam_mini_masked", "row_sq_sums", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
+__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam_mini_masked", "elementwise_masked", "row_sq_sums", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
            "CompactState", "compact_step", "adam_mini_compact",
            "COMPACT_MAX_BLOCK", "COMPACT_MAX_SPAN"]
 
@@ -137,6 +137,7 @@ def library() -> ctypes.CDLL | None:
                                        ("leanopt_adam", ints + [ptr] * 6 + ints + [ctypes.c_int, ptr, ptr]),
                                        ("leanopt_row_sq_sums", ints + [ptr] * 4),
                                        ("leanopt_adam_mini_masked", ints + [ptr] * 7 + [ctypes.c_int] * 5 + [ptr] * 2),
+                                       ("leanopt_elementwise_masked", ints + [ptr] * 5 + [ctypes.c_int] * 5 + [ptr] * 2),
                                        ("leanopt_elementwise", ints + [ptr] * 5 + [ctypes.c_int]),
                                        ("leanopt_stream", [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ptr, ptr]),
                                        ("leanopt_codec", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, *[ctypes.c_int64] * 3,
@@ -224,19 +225,38 @@ def adam_mini_masked(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs
     """Adam-mini's step with the mask component for tensors viewed as ``rows[i] × cols[i]``,
     one block per row, in two C passes: v and the mask sums, then p and m. ``given``:
     ``exp_avg_sqs[i]`` hold each row's v of this step already (a shard's rows) and are only
-    read. Shards: ``between(sums)`` reduces the ``(len(params), 3)`` float64 sums of pass 1
-    in place, ``whole[i]`` is tensor ``i``'s whole size. The caller checked :func:`supports`;
-    one dtype per call."""
-    if len({p.dtype for p in params}) > 1:
-        raise ValueError("adam_mini_masked: one dtype per call")
-    sums = torch.zeros(len(params), 3, dtype=torch.float64)
-    sizes = _int64s([p.numel() for p in params] if whole is None else list(whole))
-    for phase, written in ((1, [] if given else list(exp_avg_sqs)), (2, [*params, *exp_avgs])):
+    read. ``between``, ``whole``: as :func:`_two_passes`. The caller checked :func:`supports`."""
+    _two_passes("leanopt_adam_mini_masked", (params, grads, exp_avgs, exp_avg_sqs),
+                ([] if given else list(exp_avg_sqs), [*params, *exp_avgs]),
+                ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), int(given), mask, alpha, count_scale, between, whole)
+
+
+def elementwise_masked(family: str, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                       hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool,
+                       between: Callable[[Tensor], None] | None = None, whole: Sequence[int] | None = None) -> None:
+    """Lion's (``family="lion"``; ``hypers[i]`` a ``LionStep``) or SGD-SaI's with a momentum
+    buffer (``"sgd_sai"``; an ``SGDStep`` with its scale) step with the mask component, in two
+    C passes: the mask sums, then p and m. ``between``, ``whole``: as :func:`_two_passes`."""
+    _two_passes("leanopt_elementwise_masked", (params, grads, exp_avgs), ([], [*params, *exp_avgs]),
+                (_sizes(params), (_doubles, hypers)), _FAMILIES[family] - 1, mask, alpha, count_scale, between, whole)
+
+
+def _two_passes(name: str, tensors: Sequence[Sequence[Tensor]], written: tuple[list[Tensor], list[Tensor]],
+                per_tensor: Sequence[Any], lead: int, mask: str, alpha: str, count_scale: bool,
+                between: Callable[[Tensor], None] | None, whole: Sequence[int] | None) -> None:
+    """A masked step whose moment has no free bit for φ: ``name(..., lead, mask, alpha,
+    count_scale, phase, sums, whole)`` with phase 1 (the ``(len, 3)`` float64 mask sums,
+    writing ``written[0]`` only), then phase 2 (the step from them, writing ``written[1]``).
+    Shards: ``between(sums)`` reduces the sums over the ranks in place between the two, and
+    ``whole[i]`` is tensor ``i``'s whole size. One dtype per call."""
+    if len({t.dtype for t in tensors[0]}) > 1:
+        raise ValueError(f"{name}: one dtype per call")
+    sums = torch.zeros(len(tensors[0]), 3, dtype=torch.float64)
+    sizes = _int64s([t.numel() for t in tensors[0]] if whole is None else list(whole))
+    for phase, w in ((1, written[0]), (2, written[1])):
         if phase == 2 and between is not None:
-            between(sums)  # (with given v, pass 1 wrote nothing: a failure here leaves the state as it was)
-        _call("leanopt_adam_mini_masked", (params, grads, exp_avgs, exp_avg_sqs), written,
-              ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale), phase,
-              int(given), sums.data_ptr(), sizes)
+            between(sums)
+        _call(name, tensors, w, per_tensor, lead, _MASKS[mask], _ALPHAS[alpha], int(count_scale), phase, sums.data_ptr(), sizes)
 
 
 def row_sq_sums(grads: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int]) -> list[Tensor]:

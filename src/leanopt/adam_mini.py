@@ -49,7 +49,7 @@ from . import _native
 from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from ._distributed import Piece, all_reduce_sums, is_dtensor, piece_of
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, needs_sums, step_
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, native_two_pass, needs_sums, step_
 from .partition import UNRECOGNIZED, BlockLayout, BlockRule, PartitionRow, PartitionWarning, name_rule, partition_from_model
 from .partition.layout import BlockView, lane_to_block
 from .partition.rules import apply_overrides, partition_plain, warn_fallbacks, warn_unrecognized
@@ -265,16 +265,8 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     if not mask_active(mask, count_scale):
         _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs)
         return
-    for idx in _by_dtype(params):
-        _native.adam_mini_masked(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs)),
-                                 mask=mask, alpha=alpha, count_scale=count_scale)
-
-
-def _by_dtype(params: list[Tensor]) -> list[list[int]]:
-    by: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by.setdefault(p.dtype, []).append(i)
-    return list(by.values())
+    native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs], None, mask=mask,
+                    alpha=alpha, count_scale=count_scale)
 
 
 def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
@@ -302,12 +294,8 @@ def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         _native.adam_mini_rows(params, grads, exp_avgs, v_rows, rows, cols, coeffs, given=True)
         return
     # the mask's sums over the ranks between the two passes (the whole tensor's size in its count scale)
-    for idx in _by_dtype(params):
-        groups = [blocks[i].groups for i in idx]
-        _native.adam_mini_masked(*([col[i] for i in idx] for col in (params, grads, exp_avgs, v_rows, rows, cols, coeffs)),
-                                 mask=mask, alpha=alpha, count_scale=count_scale, given=True,
-                                 between=lambda s: all_reduce_sums(list(s), groups),
-                                 whole=[layouts[i].numel for i in idx])
+    native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, v_rows, rows, cols, coeffs], pieces, mask=mask,
+                    alpha=alpha, count_scale=count_scale, given=True)
 
 
 def _sharded_takes(row: list[Any], options: dict[str, Any]) -> bool:

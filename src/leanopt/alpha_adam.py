@@ -29,8 +29,8 @@ from ._compile import Kernel, field_index, fusable_groups, hyper
 from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decay_, decay_factor,
                          direction, scalar, step_tensor)
-from ._distributed import Piece, all_reduce_sums
-from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, step_, two_pass
+from ._distributed import Piece
+from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, native_two_pass, step_, two_pass
 
 __all__ = ["AdamStep", "AdamW", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
 
@@ -155,19 +155,11 @@ def _alpha_adam_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                         coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool,
                         pieces: list[Piece | None]) -> None:
     """The masked step of shards by the C kernel: pass 1 over every local tensor (m, v and
-    the mask sums), the sums over the ranks (one collective per group and dtype), pass 2
-    from them and each tensor's whole size. Without a mask (the count scale alone) one pass,
-    its n/(n+1) of the whole tensor."""
+    the mask sums), the sums over the ranks, pass 2 from them and each tensor's whole size.
+    Without a mask (the count scale alone) one pass, its n/(n+1) of the whole tensor."""
     whole = [p.numel() if piece is None else piece.numel for p, piece in zip(params, pieces, strict=True)]
-    coeffs = _kernel_coeffs(whole, coeffs, mask, count_scale)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
-    for idx in by_dtype.values():
-        groups = [pieces[i].groups if pieces[i] is not None else () for i in idx]
-        _native.adam(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, coeffs)), mask=mask,
-                     alpha=alpha, count_scale=count_scale, between=lambda sums: all_reduce_sums(list(sums), groups),
-                     whole=[whole[i] for i in idx])
+    native_two_pass(_native.adam, [params, grads, exp_avgs, exp_avg_sqs, _kernel_coeffs(whole, coeffs, mask, count_scale)],
+                    pieces, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 def _kernel_coeffs(numels: list[int], coeffs: list[AdamStep], mask: str, count_scale: bool) -> list[AdamStep]:

@@ -13,6 +13,7 @@ so that Lion-PMA (:mod:`leanopt.pma`) runs the same code.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import torch
@@ -25,7 +26,7 @@ from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, decay_, decay_factor, direction, scalar,
                          step_tensor)
 from ._distributed import Piece
-from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, step_, two_pass
+from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, native_two_pass, step_, two_pass
 
 __all__ = ["Lion", "LionStep", "lion", "lion_step"]
 
@@ -120,8 +121,14 @@ def _lion_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
 
 
 def _lion_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coeffs: list[LionStep], *, mask: str,
-                 alpha: str, count_scale: bool) -> None:
-    _native.lion(params, grads, exp_avgs, coeffs)
+                 alpha: str, count_scale: bool, pieces: list[Piece | None] | None = None) -> None:
+    """The step by the C kernels: one pass, two with the mask (its sums over the ranks
+    between them for shards: ``pieces``)."""
+    if not mask_active(mask, count_scale):
+        _native.lion(params, grads, exp_avgs, coeffs)
+        return
+    native_two_pass(functools.partial(_native.elementwise_masked, "lion"), [params, grads, exp_avgs, coeffs], pieces,
+                    mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 def _lion_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], coeffs: list[LionStep], *, mask: str,
@@ -130,9 +137,8 @@ def _lion_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any]
         _native.compact_step("lion", p, g, m, None, c)
 
 
-BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, native=_lion_native,
-                    native_takes=lambda row, o: unmasked(o), elementwise=unmasked,  # the C kernel: unmasked
-                    compact=_lion_compact)
+BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, native=_lion_native, elementwise=unmasked,
+                    compact=_lion_compact, sharded=_lion_native)
 
 
 class Lion(LeanOptimizer):

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._distributed import Piece, reduce_later
+from ._distributed import Piece, all_reduce_sums, reduce_later
 from ._optimizer import BOOL, OneOf, acc_dtype, finite_terms
 
-__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_", "two_pass"]
+__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_", "two_pass", "native_two_pass"]
 
 MASKS = ("none", "async", "sync")
 ALPHAS = ("squared", "root", "none")
@@ -149,6 +149,25 @@ def two_pass(kernel: Callable[..., Any], *tensors: Any, H: Tensor, mask: str, al
     recomputes the update and writes it (two passes, no stored full-size tensors)."""
     sums = kernel(*tensors, H, None, "sums", mask, alpha, count_scale) if needs_sums(mask) else None
     kernel(*tensors, H, sums, "apply", mask, alpha, count_scale)
+
+
+def native_two_pass(kernel: Callable[..., None], columns: list[list[Any]], pieces: list[Piece | None] | None,
+                    **options: Any) -> None:
+    """A masked step by a C kernel of two passes (:mod:`leanopt._native`: ``adam``,
+    ``adam_mini_masked``, ``elementwise_masked``), once per dtype among the tensors:
+    ``kernel(*columns, between=..., whole=..., **options)``. ``pieces``: of shards, whose
+    mask sums ``between`` sums over their groups (one collective per group per call) and
+    whose whole size ``whole`` gives the count scale; None: plain tensors."""
+    params = columns[0]
+    pieces = pieces or [None] * len(params)
+    whole = [p.numel() if piece is None else piece.numel for p, piece in zip(params, pieces, strict=True)]
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    for idx in by_dtype.values():
+        groups = [() if pieces[i] is None else pieces[i].groups for i in idx]
+        between = (lambda sums, groups=groups: all_reduce_sums(list(sums), groups)) if any(groups) else None
+        kernel(*([column[i] for i in idx] for column in columns), between=between, whole=[whole[i] for i in idx], **options)
 
 
 def step_(

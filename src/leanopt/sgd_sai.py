@@ -16,6 +16,7 @@ and then kept as optimizer state.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decay_, decay_factor,
                          decoupled_decay_, direction, finite_terms, scalar)
 from ._distributed import Piece, all_reduce_sums, local, piece_of
-from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, step_, two_pass
+from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, native_two_pass, step_, two_pass
 
 __all__ = ["SGDSaI", "SGDStep", "sgd_sai", "sgd_step", "gsnr"]
 
@@ -124,8 +125,21 @@ def _sgd_sai_compiled(params: list[Tensor], grads: list[Tensor], momentum_buffer
 
 
 def _sgd_sai_native(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], scales: list[Tensor],
-                    coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool) -> None:
-    _native.sgd_sai(params, grads, momentum_buffers, _with_scales(coeffs, scales))
+                    coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool,
+                    pieces: list[Piece | None] | None = None) -> None:
+    """The step by the C kernels: one pass, two with the mask (buffers only; its sums over
+    the ranks between them for shards: ``pieces``)."""
+    if not mask_active(mask, count_scale):
+        _native.sgd_sai(params, grads, momentum_buffers, _with_scales(coeffs, scales))
+        return
+    native_two_pass(functools.partial(_native.elementwise_masked, "sgd_sai"),
+                    [params, grads, momentum_buffers, _with_scales(coeffs, scales)], pieces, mask=mask, alpha=alpha,
+                    count_scale=count_scale)
+
+
+def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
+    # the masked kernel keeps no momentum-free form (momentum=0: m is g, the compiled/eager paths)
+    return unmasked(options) or row[2] is not None
 
 
 def _with_scales(coeffs: list[SGDStep], scales: list[Tensor]) -> list[SGDStep]:
@@ -140,8 +154,8 @@ def _sgd_sai_compact(params: list[Tensor], grads: list[Tensor], momentum_buffers
 
 
 BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, native=_sgd_sai_native,
-                    native_takes=lambda row, o: unmasked(o), elementwise=unmasked,  # the C kernel: unmasked
-                    compact=_sgd_sai_compact)
+                    native_takes=_native_takes, elementwise=unmasked, compact=_sgd_sai_compact,
+                    sharded=_sgd_sai_native, sharded_takes=_native_takes)
 
 
 def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:

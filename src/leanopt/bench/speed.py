@@ -65,6 +65,9 @@ def implementations(device: str = "cpu") -> list[Impl]:
         impls.append(Impl(f"leanopt {name} (eager)", family, f"leanopt:{name}:eager"))
         if device == "cpu":
             impls.append(Impl(f"leanopt {name} (compiled)", family, f"leanopt:{name}:fused:compiled"))
+    # Adam-mini with AlphaAdam's asynchronous mask (the mask component at Adam-mini's memory)
+    impls.append(Impl("leanopt adam-mini+mask (default)", "Adam-mini", "leanopt:adam-mini:mask"))
+    impls.append(Impl("leanopt adam-mini+mask (eager)", "Adam-mini", "leanopt:adam-mini:mask:eager"))
     # compact state (leanopt.precision), each as a user gets it by default
     for name, family in (("adamw", "AdamW"), ("adam-mini", "Adam-mini"), ("sgd-sai", "SGD-SaI"), ("lion", "Lion"),
                          ("alpha-adam", "AlphaAdam")):
@@ -114,7 +117,8 @@ def _build(spec: str, model):
         _, name, *flags = spec.split(":")
         fused = True if "fused" in flags else False if "eager" in flags else None
         compact = {"state_precision": f for f in flags if f in PRECISIONS}
-        return leanopt.create_optimizer(name, model, lr=1e-4, fused=fused, **compact)
+        masked = {"mask": "async"} if "mask" in flags else {}
+        return leanopt.create_optimizer(name, model, lr=1e-4, fused=fused, **compact, **masked)
     if spec.startswith("torchao:"):
         import torchao.optim
 

@@ -206,6 +206,18 @@ static float mask_step(const double *sums, int64_t n, double lr, int alpha, int 
     return step;
 }
 
+/* the two-call masked steps: each thread adds its part of tensor t's three sums to
+ * partial[(tid T + t) 3 ..]; io[3t ..] gets their totals (in thread order), and partial is freed */
+static void add_partials(double *partial, int nt, int T_, double *io) {
+    for (int t = 0; t < T_; ++t)
+        for (int k = 0; k < 3; ++k) {
+            double total = 0.0;
+            for (int q = 0; q < nt; ++q) total += partial[((int64_t)q * T_ + t) * 3 + k];
+            io[3 * t + k] = total;
+        }
+    free(partial);
+}
+
 /* Adam-mini with the mask component over T tensors viewed as R[t] x C[t], one block per row
  * (cpu_kernels_body.h, am_mask_*), in two calls: PHASE_SUMS moves v (unless given: V holds the
  * rows' v of this step, a shard's) and writes each tensor's three mask sums to io[3t..3t+2],
@@ -213,11 +225,11 @@ static float mask_step(const double *sums, int64_t n, double lr, int alpha, int 
  * tensor's size whole[t] (as leanopt_adam's). Rows of a tensor are split over the threads
  * (one thread for a small or wide tensor). Returns 0, 1 for bad arguments, 2 out of memory. */
 int leanopt_adam_mini_masked(int nt, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *R,
-                             const int64_t *C, const double *h, int mask, int alpha, int count_scale, int phase, int given,
+                             const int64_t *C, const double *h, int given, int mask, int alpha, int count_scale, int phase,
                              double *io, const int64_t *whole) {
     if (nt < 1 || nt > 1024 || (phase != PHASE_SUMS && phase != PHASE_APPLY) || !io || !whole) return 1;
-    double *partial = phase == PHASE_SUMS ? calloc((size_t)nt * T_ * 3, sizeof(double)) : NULL;
-    if (phase == PHASE_SUMS && !partial && T_ > 0) return 2;
+    double *partial = phase == PHASE_SUMS ? calloc((size_t)nt * T_ * 3 + 1, sizeof(double)) : NULL;
+    if (phase == PHASE_SUMS && !partial) return 2;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), n = omp_get_num_threads();
@@ -244,15 +256,7 @@ int leanopt_adam_mini_masked(int nt, int T_, int dtype, void **P, void **G, void
                 am_mask_apply_bf16(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, mask, bf16_to_f32(f32_to_bf16(step)), all);
         }
     }
-    if (phase == PHASE_SUMS) {
-        for (int t = 0; t < T_; ++t)
-            for (int k = 0; k < 3; ++k) {
-                double total = 0.0;
-                for (int q = 0; q < nt; ++q) total += partial[((int64_t)q * T_ + t) * 3 + k];
-                io[3 * t + k] = total;
-            }
-        free(partial);
-    }
+    if (phase == PHASE_SUMS) add_partials(partial, nt, T_, io);
     return 0;
 }
 
@@ -366,6 +370,48 @@ int leanopt_elementwise(int nt, int T_, int dtype, void **P, void **G, void **M,
             if (kind == 1 && dtype == 1) sgd_plain_bf16(P[t], G[t], M[t], j0, j1, ht);
         }
     }
+    return 0;
+}
+
+/* Lion (kind 0) or SGD-SaI with a momentum buffer (kind 1) with the mask component over T
+ * tensors of N[t] elements, in two calls (cpu_kernels_body.h, ew_mask_*): PHASE_SUMS writes each
+ * tensor's three mask sums to io[3t..3t+2] and nothing else; PHASE_APPLY moves p and m by the
+ * step of the sums in io and the whole tensor's size whole[t]. `none`: the mask is off for this
+ * call (the count scale alone; SGD-SaI's asynchronous mask on a fresh buffer): no sums, phi = 1.
+ * Returns 0, 1 for bad arguments, 2 out of memory. */
+int leanopt_elementwise_masked(int nt, int T_, int dtype, void **P, void **G, void **M, const int64_t *N, const double *h,
+                               int kind, int mask, int alpha, int count_scale, int phase, double *io, const int64_t *whole) {
+    if (nt < 1 || nt > 1024 || kind < 0 || kind > 1 || (phase != PHASE_SUMS && phase != PHASE_APPLY) || !io || !whole)
+        return 1;
+    const int width = kind == 0 ? LI_N : SG_N;
+    double *partial = phase == PHASE_SUMS ? calloc((size_t)nt * T_ * 3 + 1, sizeof(double)) : NULL;
+    if (phase == PHASE_SUMS && !partial) return 2;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        for (int t = 0; t < T_; ++t) {
+            int64_t j0, j1;
+            if (!part(N[t], t, tid, n, &j0, &j1)) continue;
+            const double *ht = h + (int64_t)t * width;
+            int none = mask == MASK_NONE || (kind == 1 && ht[SG_FRESH] != 0.0 && mask == MASK_ASYNC);
+            if (phase == PHASE_SUMS) {
+                if (none) continue;
+                double *sums = partial + ((int64_t)tid * T_ + t) * 3;
+                if (dtype == 0)
+                    ew_mask_sums_f32(G[t], M[t], j0, j1, ht, kind, mask, sums);
+                else
+                    ew_mask_sums_bf16(G[t], M[t], j0, j1, ht, kind, mask, sums);
+                continue;
+            }
+            int all;
+            float step = mask_step(io + 3 * t, whole[t], ht[kind ? SG_LR : LI_LR], alpha, count_scale, &all);
+            if (dtype == 0)
+                ew_mask_apply_f32(P[t], G[t], M[t], j0, j1, ht, kind, mask, step, all);
+            else
+                ew_mask_apply_bf16(P[t], G[t], M[t], j0, j1, ht, kind, mask, bf16_to_f32(f32_to_bf16(step)), all);
+        }
+    }
+    if (phase == PHASE_SUMS) add_partials(partial, nt, T_, io);
     return 0;
 }
 

@@ -397,3 +397,65 @@ static void SFX(sgd_plain)(T *restrict p, const T *restrict g, T *restrict m, in
         }
     }
 }
+
+/* ---- Lion (kind 0) and SGD-SaI with a momentum buffer (kind 1) with the mask component --------
+ * Two calls, as Adam-mini's: pass 1 (ew_mask_sums) adds the mask sums of [j0, j1) to sums[3] and
+ * writes nothing (the asynchronous phi needs the old m, and m has no free bit); pass 2
+ * (ew_mask_apply) recomputes u, m_new and phi and moves p and m. Per element:
+ *     Lion:    u = sign(c_keep m + c_gain g) (NaN where that is not finite),  m_new = m_keep m + m_gain g
+ *     SGD-SaI: m_new = keep m + gain g,  u = scale m_new
+ *     phi = g m_old > 0 (async) or g m_new > 0 (sync);  p = decay p - step (phi u);  m = rescale m_new */
+#define EW_SCALARS                                                                                    \
+    const float sign = (float)h[kind ? SG_SIGN : LI_SIGN];                                            \
+    const float c_keep = kind ? 0.0f : (float)h[LI_C_KEEP], c_gain = kind ? 0.0f : (float)h[LI_C_GAIN]; \
+    const float m_keep = (float)h[kind ? SG_KEEP : LI_M_KEEP], m_gain = (float)h[kind ? SG_GAIN : LI_M_GAIN]; \
+    const float scale = kind ? (float)h[SG_SCALE] : 1.0f, r = kind ? 1.0f : (float)h[LI_RESCALE];     \
+    const int sync = mask == MASK_SYNC;                                                               \
+    (void)r;
+/* u and m_new of one element (gj: the signed gradient, mj: the old m) */
+#define EW_UM(gj, mj, u, mn)                                                                          \
+    float mn = STORED(fmaf(m_gain, (gj), (mj) * m_keep)), u;                                          \
+    if (kind) {                                                                                       \
+        u = mn * scale;                                                                               \
+    } else {                                                                                          \
+        float c_ = fmaf(c_gain, (gj), (mj) * c_keep);                                                 \
+        u = (float)(c_ > 0.0f) - (float)(c_ < 0.0f) + (c_ - c_);                                      \
+    }
+
+static void SFX(ew_mask_sums)(const T *restrict g, const T *restrict m, int64_t j0, int64_t j1, const double *h, int kind,
+                              int mask, double *sums) {
+    EW_SCALARS
+    for (int64_t c = j0; c < j1; c += 2048) {
+        int64_t e = c + 2048 < j1 ? c + 2048 : j1;
+        float uu = 0.0f, su = 0.0f, count = 0.0f;
+#pragma omp simd reduction(+ : uu, su, count)
+        for (int64_t j = c; j < e; ++j) {
+            float gj = sign * LOAD(g, j), mj = LOAD(m, j);
+            EW_UM(gj, mj, u, mn)
+            int phi = gj * (sync ? mn : mj) > 0.0f;
+            float q = u * u;
+            int finite = q < INFINITY;
+            float f = finite ? q : 0.0f, kept = (float)(phi & finite);
+            uu += f;
+            su += f * kept;
+            count += kept;
+        }
+        sums[0] += uu, sums[1] += su, sums[2] += count;
+    }
+}
+
+static void SFX(ew_mask_apply)(T *restrict p, const T *restrict g, T *restrict m, int64_t j0, int64_t j1, const double *h,
+                               int kind, int mask, float step, int all) {
+    EW_SCALARS
+    const float decay = (float)h[kind ? SG_DECAY : LI_DECAY];
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+        float gj = sign * LOAD(g, j), mj = LOAD(m, j);
+        EW_UM(gj, mj, u, mn)
+        int phi = (gj * (sync ? mn : mj) > 0.0f) | all;
+        STORE(p, j, fmaf(-(u * (float)phi), step, LOAD(p, j) * decay));
+        STORE(m, j, mn * r);
+    }
+}
+#undef EW_SCALARS
+#undef EW_UM
