@@ -141,11 +141,11 @@ static inline float SFX(am_mask_scale)(const T *v, int64_t r, const double *h) {
     return 1.0f / ((float)h[AM_BC1] * (sqrtf(LOAD(v, r)) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]));
 }
 
-#define AMM_SUMS(LERP)                                                                      \
+#define AMM_SUMS(LERP, PHI_M)                                                               \
     _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = c; j < e; ++j) {      \
         float gj = sign * LOAD(gr, j), mo = LOAD(mr, j);                                    \
         float mn = LERP(mo, gj), u = mn * scale;                                            \
-        int phi = gj * (sync ? mn : mo) > 0.0f;                                             \
+        int phi = gj * PHI_M > 0.0f;                                                        \
         float q = u * u;                                                                    \
         int finite = q < INFINITY;                                                          \
         float f = finite ? q : 0.0f, kept = (float)(phi & finite);                          \
@@ -166,21 +166,26 @@ static void SFX(am_mask_sums)(const T *g, const T *m, T *v, int64_t C, int64_t r
         for (int64_t c = 0; c < C; c += AM_CHUNK) {
             int64_t e = c + AM_CHUNK < C ? c + AM_CHUNK : C;
             float uu = 0.0f, su = 0.0f, count = 0.0f;
-            if (w < 0.5f) {
-                AMM_SUMS(AM_LERP_LOW)
+            /* each (lerp form, mask) its own loop: a branch inside one leaves it scalar */
+            if (w < 0.5f && sync) {
+                AMM_SUMS(AM_LERP_LOW, mn)
+            } else if (w < 0.5f) {
+                AMM_SUMS(AM_LERP_LOW, mo)
+            } else if (sync) {
+                AMM_SUMS(AM_LERP_HIGH, mn)
             } else {
-                AMM_SUMS(AM_LERP_HIGH)
+                AMM_SUMS(AM_LERP_HIGH, mo)
             }
             sums[0] += uu, sums[1] += su, sums[2] += count;
         }
     }
 }
 
-#define AMM_APPLY(LERP)                                                                     \
+#define AMM_APPLY(LERP, PHI_M)                                                              \
     _Pragma("omp simd") for (int64_t j = 0; j < C; ++j) {                                   \
         float gj = sign * LOAD(gr, j), mo = LOAD(mr, j);                                    \
         float mn = LERP(mo, gj), u = mn * scale;                                            \
-        int phi = (gj * (sync ? mn : mo) > 0.0f) | all;                                     \
+        int phi = (gj * PHI_M > 0.0f) | all;                                                \
         STORE(pr, j, fmaf(-(u * (float)phi), step, LOAD(pr, j) * decay));                   \
         STORE(mr, j, mn);                                                                   \
     }
@@ -193,10 +198,14 @@ static void SFX(am_mask_apply)(T *p, const T *g, T *m, const T *v, int64_t C, in
         const float scale = SFX(am_mask_scale)(v, r, h);
         const T *gr = g + r * C;
         T *pr = p + r * C, *mr = m + r * C;
-        if (w < 0.5f) {
-            AMM_APPLY(AM_LERP_LOW)
+        if (w < 0.5f && sync) {
+            AMM_APPLY(AM_LERP_LOW, mn)
+        } else if (w < 0.5f) {
+            AMM_APPLY(AM_LERP_LOW, mo)
+        } else if (sync) {
+            AMM_APPLY(AM_LERP_HIGH, mn)
         } else {
-            AMM_APPLY(AM_LERP_HIGH)
+            AMM_APPLY(AM_LERP_HIGH, mo)
         }
     }
 }
@@ -411,51 +420,73 @@ static void SFX(sgd_plain)(T *restrict p, const T *restrict g, T *restrict m, in
     const float m_keep = (float)h[kind ? SG_KEEP : LI_M_KEEP], m_gain = (float)h[kind ? SG_GAIN : LI_M_GAIN]; \
     const float scale = kind ? (float)h[SG_SCALE] : 1.0f, r = kind ? 1.0f : (float)h[LI_RESCALE];     \
     const int sync = mask == MASK_SYNC;                                                               \
-    (void)r;
-/* u and m_new of one element (gj: the signed gradient, mj: the old m) */
-#define EW_UM(gj, mj, u, mn)                                                                          \
-    float mn = STORED(fmaf(m_gain, (gj), (mj) * m_keep)), u;                                          \
-    if (kind) {                                                                                       \
-        u = mn * scale;                                                                               \
-    } else {                                                                                          \
-        float c_ = fmaf(c_gain, (gj), (mj) * c_keep);                                                 \
-        u = (float)(c_ > 0.0f) - (float)(c_ < 0.0f) + (c_ - c_);                                      \
+    (void)r, (void)c_keep, (void)c_gain, (void)scale;
+/* u and m_new of one element (gj: the signed gradient, mj: the old m), one form per family: the
+ * family is chosen outside the loops (a branch inside one keeps gcc from vectorizing it) */
+#define EW_LION(gj, mj, u, mn)                                                                        \
+    float mn = STORED(fmaf(m_gain, (gj), (mj) * m_keep)), c_ = fmaf(c_gain, (gj), (mj) * c_keep);     \
+    float u = (float)(c_ > 0.0f) - (float)(c_ < 0.0f) + (c_ - c_);
+#define EW_SGD(gj, mj, u, mn)                                                                         \
+    float mn = STORED(fmaf(m_gain, (gj), (mj) * m_keep)), u = mn * scale;
+
+#define EW_SUMS(UM, PHI_M)                                                                            \
+    for (int64_t c = j0; c < j1; c += 2048) {                                                         \
+        int64_t e = c + 2048 < j1 ? c + 2048 : j1;                                                    \
+        float uu = 0.0f, su = 0.0f, count = 0.0f;                                                     \
+        _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = c; j < e; ++j) {            \
+            float gj = sign * LOAD(g, j), mj = LOAD(m, j);                                            \
+            UM(gj, mj, u, mn)                                                                         \
+            int phi = gj * PHI_M > 0.0f;                                                              \
+            float q = u * u;                                                                          \
+            int finite = q < INFINITY;                                                                \
+            float f = finite ? q : 0.0f, kept = (float)(phi & finite);                                \
+            uu += f;                                                                                  \
+            su += f * kept;                                                                           \
+            count += kept;                                                                            \
+        }                                                                                             \
+        sums[0] += uu, sums[1] += su, sums[2] += count;                                               \
     }
 
 static void SFX(ew_mask_sums)(const T *restrict g, const T *restrict m, int64_t j0, int64_t j1, const double *h, int kind,
                               int mask, double *sums) {
     EW_SCALARS
-    for (int64_t c = j0; c < j1; c += 2048) {
-        int64_t e = c + 2048 < j1 ? c + 2048 : j1;
-        float uu = 0.0f, su = 0.0f, count = 0.0f;
-#pragma omp simd reduction(+ : uu, su, count)
-        for (int64_t j = c; j < e; ++j) {
-            float gj = sign * LOAD(g, j), mj = LOAD(m, j);
-            EW_UM(gj, mj, u, mn)
-            int phi = gj * (sync ? mn : mj) > 0.0f;
-            float q = u * u;
-            int finite = q < INFINITY;
-            float f = finite ? q : 0.0f, kept = (float)(phi & finite);
-            uu += f;
-            su += f * kept;
-            count += kept;
-        }
-        sums[0] += uu, sums[1] += su, sums[2] += count;
+    /* each (family, mask) its own loop: gcc leaves a loop with a branch inside scalar (here 25x slower) */
+    if (kind && sync) {
+        EW_SUMS(EW_SGD, mn)
+    } else if (kind) {
+        EW_SUMS(EW_SGD, mj)
+    } else if (sync) {
+        EW_SUMS(EW_LION, mn)
+    } else {
+        EW_SUMS(EW_LION, mj)
     }
 }
+
+#define EW_APPLY(UM, PHI_M)                                                                           \
+    _Pragma("omp simd") for (int64_t j = j0; j < j1; ++j) {                                           \
+        float gj = sign * LOAD(g, j), mj = LOAD(m, j);                                                \
+        UM(gj, mj, u, mn)                                                                             \
+        int phi = (gj * PHI_M > 0.0f) | all;                                                          \
+        STORE(p, j, fmaf(-(u * (float)phi), step, LOAD(p, j) * decay));                               \
+        STORE(m, j, mn * r);                                                                          \
+    }
 
 static void SFX(ew_mask_apply)(T *restrict p, const T *restrict g, T *restrict m, int64_t j0, int64_t j1, const double *h,
                                int kind, int mask, float step, int all) {
     EW_SCALARS
     const float decay = (float)h[kind ? SG_DECAY : LI_DECAY];
-#pragma omp simd
-    for (int64_t j = j0; j < j1; ++j) {
-        float gj = sign * LOAD(g, j), mj = LOAD(m, j);
-        EW_UM(gj, mj, u, mn)
-        int phi = (gj * (sync ? mn : mj) > 0.0f) | all;
-        STORE(p, j, fmaf(-(u * (float)phi), step, LOAD(p, j) * decay));
-        STORE(m, j, mn * r);
+    if (kind && sync) {
+        EW_APPLY(EW_SGD, mn)
+    } else if (kind) {
+        EW_APPLY(EW_SGD, mj)
+    } else if (sync) {
+        EW_APPLY(EW_LION, mn)
+    } else {
+        EW_APPLY(EW_LION, mj)
     }
 }
 #undef EW_SCALARS
-#undef EW_UM
+#undef EW_LION
+#undef EW_SGD
+#undef EW_SUMS
+#undef EW_APPLY
