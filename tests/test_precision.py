@@ -323,13 +323,15 @@ def test_the_c_codec_gives_the_formula_and_agrees_with_the_eager_one(fmt, kind, 
 @pytest.mark.parametrize("name,precision", [("adamw", "int8"), ("adamw", "int4"), ("adamw", {"exp_avg": "int4", "exp_avg_sq": "param"}),
                                             ("lion", "int8"), ("sgd-sai", "int4"), ("adam-mini", "int8"), ("adam-mini", "int4"),
                                             ("alpha-adam", "int8"), ("alpha-adam", {"exp_avg": "int4", "exp_avg_sq": "param"}),
-                                            ("cadamw", "int4")])
+                                            ("cadamw", "int4"), ("adamw", "bf16"), ("adamw", {"exp_avg": "int8", "exp_avg_sq": "bf16"}),
+                                            ("lion", "bf16"), ("sgd-sai", "bf16"), ("alpha-adam", "bf16")])
 def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, precision, monkeypatch):
     """``native-compact`` (decode, step and encode each block in one pass) against the
     sliced path (the C codec, the C kernel over the whole tensor, the C codec again). The
     masked steps (AlphaAdam, C-AdamW) add their mask sums block by block, the whole-tensor
     kernel thread share by thread share: their step sizes may differ in the last bits, so
-    there the parameters agree to float32 rounding and the codes but for a few."""
+    there the parameters agree to float32 rounding and the codes but for a few. bf16 state is
+    written with the stochastic-rounding bits the sliced path draws."""
     import dataclasses
     import importlib
     from leanopt import _native

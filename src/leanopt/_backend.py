@@ -68,6 +68,7 @@ class Backends:
     # options) accepts, by default those of an elementwise step
     compact: Callable[..., None] | None = None
     compact_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
+    compact_formats: tuple[str, ...] = ("int8", "int4", "bf16")  # the stored formats ``compact`` reads
     # the C step of shards whose step takes a statistic across the shards (Adam-mini's block
     # sums, the mask's sums), called with ``pieces`` as the eager path is: C passes over the
     # local tensors, the statistics summed over the pieces' groups between them (one collective

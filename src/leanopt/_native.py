@@ -145,7 +145,7 @@ def library() -> ctypes.CDLL | None:
                                        ("leanopt_stochastic_round", [ctypes.c_int, ptr, ptr, ctypes.c_int64, ctypes.c_uint32]),
                                        ("leanopt_compact_step", [ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int,
                                                                  ptr, ptr, ctypes.c_int, *[ctypes.c_int64] * 3, ptr,
-                                                                 *[ctypes.c_int] * 4]),
+                                                                 *[ctypes.c_int] * 4, ptr]),
                                        ("leanopt_adam_mini_compact", [ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
                                                                       *[ctypes.c_int64] * 4, ptr])):
                     fn = getattr(lib, name)
@@ -359,12 +359,18 @@ _FAMILIES = {"adam": 0, "lion": 1, "sgd_sai": 2}
 
 
 class CompactState(NamedTuple):
-    """A state tensor in int8/int4 codes, as a one-pass compact step reads and writes it."""
+    """A state tensor in int8/int4 codes or bfloat16, as a one-pass compact step reads and
+    writes it."""
 
-    codes: Tensor
-    scales: Tensor
-    fmt: str  # "int8" or "int4"
-    block: int
+    codes: Tensor  # the codes, or the bfloat16 tensor
+    scales: Tensor | None  # the block scales (None for bfloat16)
+    fmt: str  # "int8", "int4" or "bf16"
+    block: int  # the codes' block (0 for bfloat16: any)
+    key: int = 0  # bfloat16: this step's stochastic-rounding key (leanopt.precision.rounding_key)
+
+
+_FORMATS = {"int8": 1, "int4": 2, "bf16": 3}
+_BF16_BLOCK = 1024  # the blocks a one-pass step takes bfloat16 state in, when no coded state sets them
 
 
 def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v: Tensor | CompactState | None,
@@ -379,20 +385,19 @@ def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v:
     assert lib is not None
     last = p.shape[-1] if p.dim() else 1
 
-    def parts(s: Tensor | CompactState | None) -> tuple[int | None, int | None, int, int]:
-        if s is None:
-            return None, None, 0, last
-        if isinstance(s, CompactState):
-            return s.codes.data_ptr(), s.scales.data_ptr(), 2 if s.fmt == "int4" else 1, s.block
-        return s.data_ptr(), None, 0, last
+    def parts(s: Tensor | CompactState | None) -> tuple[int | None, int | None, int, int | None]:
+        if s is None or not isinstance(s, CompactState):  # absent, or a float32 tensor stepped in place
+            return (None if s is None else s.data_ptr()), None, 0, None
+        return s.codes.data_ptr(), None if s.scales is None else s.scales.data_ptr(), _FORMATS[s.fmt], s.block or None
 
     (m_ptr, ms_ptr, fm, block), (v_ptr, vs_ptr, fv, v_block) = parts(m), parts(v)
-    if v is not None and isinstance(m, CompactState) and isinstance(v, CompactState) and block != v_block:
+    if block is not None and v_block is not None and block != v_block:
         raise ValueError(f"compact_step: the states' blocks differ ({block} and {v_block})")
-    block = block if isinstance(m, CompactState) else v_block
+    block = block or v_block or min(last, _BF16_BLOCK)
+    keys = (ctypes.c_uint32 * 2)(*(s.key if isinstance(s, CompactState) else 0 for s in (m, v)))
     rc = lib.leanopt_compact_step(torch.get_num_threads(), _FAMILIES[family], p.data_ptr(), g.data_ptr(), m_ptr, ms_ptr, fm,
                                   v_ptr, vs_ptr, fv, p.numel() // max(last, 1), last, block, _doubles([hyper]),
-                                  int(scaled), _MASKS[mask], _ALPHAS[alpha], int(count_scale))
+                                  int(scaled), _MASKS[mask], _ALPHAS[alpha], int(count_scale), keys)
     if rc != 0:
         raise ValueError(f"compact_step: bad arguments ({family}, block {block}, rows of {last})")
     torch.autograd.graph.increment_version([p] + [s.codes if isinstance(s, CompactState) else s for s in (m, v) if s is not None])

@@ -491,7 +491,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         for i, (p, g) in enumerate(zip(columns[0], columns[1])):
             if not takes([column[i] for column in columns], options):
                 continue
-            row = [self._compact_view(column[i]) for column in columns[2:backends.streams]]
+            row = [self._compact_view(column[i], backends) for column in columns[2:backends.streams]]
             if (_native.supports(p, g) and p.dtype == torch.float32 and _NO not in row
                     and any(isinstance(v, _native.CompactState) for v in row)):
                 fast.append(i)
@@ -507,15 +507,23 @@ class LeanOptimizer(torch.optim.Optimizer):
         keep = [i for i in range(len(columns[0])) if i not in taken]
         return [[column[i] for i in keep] for column in columns]
 
-    def _compact_view(self, x: Any) -> Any:
-        """A state entry as the one-pass compact kernel takes it: int8/int4 codes already in
-        the group's format (a :class:`leanopt._native.CompactState`), a float32 tensor as it
-        is; ``_NO`` for anything else (a format to convert, a missing buffer)."""
+    def _compact_view(self, x: Any, backends: Backends) -> Any:
+        """A state entry as the one-pass compact kernel takes it: int8/int4 codes or bf16
+        state already in the group's format, of a format ``backends.compact_formats`` names (a
+        :class:`leanopt._native.CompactState`), a float32 tensor as it is; ``_NO`` for anything
+        else (a format to convert, a missing buffer)."""
         if isinstance(x, _Deferred):
             state, kind = self.state[x.p], self._element_kinds[x.key]
             have = _precision.format_of(state, x.key, kind, x.p)
-            block = _precision.block_of(state, x.key, x.p) if have in ("int8", "int4") else 0
-            if have != _precision.stored_format(x.group, x.key, kind, x.p) or not 0 < block <= _native.COMPACT_MAX_BLOCK:
+            if have != _precision.stored_format(x.group, x.key, kind, x.p) or have not in backends.compact_formats:
+                return _NO
+            if have == "bf16":  # written back with this step's rounding bits, as _store_state would
+                if not state[x.key].is_contiguous():
+                    return _NO
+                key = self._rounding_key(x.group, x.p, 1 + list(self._element_kinds).index(x.key))
+                return _native.CompactState(state[x.key], None, have, 0, key)
+            block = _precision.block_of(state, x.key, x.p)
+            if not 0 < block <= _native.COMPACT_MAX_BLOCK:
                 return _NO
             return _native.CompactState(state[x.key], state[x.key + _precision.SCALE_SUFFIX], have, block)
         if isinstance(x, Tensor) and x.dtype == torch.float32 and _native.supports(x):

@@ -321,6 +321,7 @@ def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list
 
 BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, native=_adam_mini_native,
                     native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes,
+                    compact_formats=("int8", "int4"),
                     sharded=_adam_mini_sharded, sharded_takes=_sharded_takes)
 
 

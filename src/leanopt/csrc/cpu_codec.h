@@ -148,16 +148,19 @@ CODEC_INLINE uint32_t rounding_bits(uint64_t i, uint32_t key) {
     return x & 0xFFFFu;
 }
 
+/* x rounded to bfloat16 with the bits of element i */
+CODEC_INLINE uint16_t stochastic_bf16(float x, uint64_t i, uint32_t key) {
+    uint32_t u = f32_bits(x);
+    uint32_t finite = (u & 0x7f800000u) != 0x7f800000u;
+    uint32_t r = finite ? u + rounding_bits(i, key) : u;
+    if (!finite && (u & 0x7fffffu)) r = u | 0x400000u; /* a NaN stays a (quiet) NaN */
+    return (uint16_t)(r >> 16);
+}
+
 int leanopt_stochastic_round(int nt, const float *X, uint16_t *out, int64_t n, uint32_t key) {
     if (nt < 1 || nt > 1024 || n < 0) return 1;
 #pragma omp parallel for num_threads(n >= 65536 ? nt : 1) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-        uint32_t u = f32_bits(X[i]);
-        uint32_t finite = (u & 0x7f800000u) != 0x7f800000u;
-        uint32_t r = finite ? u + rounding_bits((uint64_t)i, key) : u;
-        if (!finite && (u & 0x7fffffu)) r = u | 0x400000u; /* a NaN stays a (quiet) NaN */
-        out[i] = (uint16_t)(r >> 16);
-    }
+    for (int64_t i = 0; i < n; ++i) out[i] = stochastic_bf16(X[i], (uint64_t)i, key);
     return 0;
 }
 
@@ -166,13 +169,20 @@ int leanopt_stochastic_round(int nt, const float *X, uint16_t *out, int64_t n, u
  * of L elements whose per-element states are compact: each block is decoded into a buffer on
  * the stack, stepped by the same code as the full-precision kernels (ad_plain, lion_plain,
  * sgd_plain), and encoded again -- one pass over memory, no temporaries. A state's format:
- * 0 float32 (M or V itself, MS/VS unused), 1 int8, 2 int4 (momenta only). */
+ * 0 float32 (M or V itself, MS/VS unused), 1 int8, 2 int4 (momenta only), 3 bfloat16 written
+ * with stochastic rounding (the bits of the element's index in the tensor and the state's key;
+ * MS/VS unused). */
 #define COMPACT_MAX_BLOCK 4096
 
 /* each format's loops with its flags as constants, so that the compiler vectorizes them */
 CODEC_INLINE float *compact_load(void *S, const float *scales, int fmt, int kind, int64_t r, int64_t i, int64_t L,
                                  int64_t j0, int64_t j1, float *buf) {
     if (fmt == 0) return (float *)S + r * L + j0;
+    if (fmt == 3) {
+        const uint16_t *x = (const uint16_t *)S + r * L;
+        for (int64_t j = j0; j < j1; ++j) buf[j - j0] = bf16_to_f32(x[j]);
+        return buf;
+    }
     const uint8_t *row = (const uint8_t *)S + r * (fmt == 2 ? (L + 1) / 2 : L);
     if (fmt == 2)
         decode_block(row, scales[i], buf, j0, j1, 0, 1, 7.0f);
@@ -184,8 +194,13 @@ CODEC_INLINE float *compact_load(void *S, const float *scales, int fmt, int kind
 }
 
 CODEC_INLINE void compact_store(void *S, float *scales, int fmt, int kind, int64_t r, int64_t i, int64_t L, int64_t j0,
-                                int64_t j1, const float *buf) {
+                                int64_t j1, const float *buf, uint32_t key) {
     if (fmt == 0) return; /* stepped in place */
+    if (fmt == 3) {
+        uint16_t *x = (uint16_t *)S + r * L;
+        for (int64_t j = j0; j < j1; ++j) x[j] = stochastic_bf16(buf[j - j0], (uint64_t)(r * L + j), key);
+        return;
+    }
     uint8_t *row = (uint8_t *)S + r * (fmt == 2 ? (L + 1) / 2 : L);
     if (fmt == 2)
         encode_block(buf, row, scales + i, j0, j1, 0, 1, 7.0f);
@@ -210,7 +225,8 @@ CODEC_INLINE float *compact_copy(void *S, const float *scales, int fmt, int kind
  * step those sums give (ad_apply) and encodes m and v. Only pass 2 writes: the state read twice
  * is the step's old one. */
 static void compact_masked(int nt, float *P, const float *G, void *M, float *MS, int fm, void *V, float *VS, int fv,
-                           int64_t R, int64_t L, int64_t B, const double *h, int mask, int alpha, int count_scale) {
+                           int64_t R, int64_t L, int64_t B, const double *h, int mask, int alpha, int count_scale,
+                           const uint32_t *keys) {
     int64_t nb = (L + B - 1) / B, items = R * nb;
     int threads = R * L >= 65536 ? nt : 1;
     double s0 = 0.0, s1 = 0.0, s2 = 0.0;
@@ -234,22 +250,22 @@ static void compact_masked(int nt, float *P, const float *G, void *M, float *MS,
         double unused[3] = {0.0, 0.0, 0.0};
         ad_sums_f32(G + off, m, v, 0, j1 - j0, h, mask == MASK_SYNC, unused);
         ad_apply_f32(P + off, m, v, 0, j1 - j0, h, step, all);
-        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m);
-        compact_store(V, VS, fv, 1, r, i, L, j0, j1, v);
+        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m, keys[0]);
+        compact_store(V, VS, fv, 1, r, i, L, j0, j1, v, keys[1]);
     }
 }
 
 /* h: the family's row of doubles (AD_N, LI_N or SG_N); scaled: ad_plain's; mask, alpha,
- * count_scale: the Adam family's mask (MASK_NONE: one pass; else compact_masked). Returns 0, or 1
- * for a bad argument. */
+ * count_scale: the Adam family's mask (MASK_NONE: one pass; else compact_masked); keys: the
+ * rounding keys of M and V (bfloat16 formats). Returns 0, or 1 for a bad argument. */
 int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, float *MS, int fm, void *V, float *VS,
                          int fv, int64_t R, int64_t L, int64_t B, const double *h, int scaled, int mask, int alpha,
-                         int count_scale) {
+                         int count_scale, const uint32_t *keys) {
     if (nt < 1 || nt > 1024 || family < 0 || family > 2 || L < 1 || R < 0 || B < 1 || ((B & 1) && B < L)) return 1;
-    if ((B < L ? B : L) > COMPACT_MAX_BLOCK || fm < 0 || fm > 2 || fv < 0 || fv > 1 || (family == 0 && !V)) return 1;
+    if ((B < L ? B : L) > COMPACT_MAX_BLOCK || fm < 0 || fm > 3 || fv < 0 || fv > 3 || fv == 2 || (family == 0 && !V)) return 1;
     if (mask < MASK_NONE || mask > MASK_SYNC || (mask != MASK_NONE && family != 0)) return 1;
     if (mask != MASK_NONE) {
-        compact_masked(nt, P, G, M, MS, fm, V, VS, fv, R, L, B, h, mask, alpha, count_scale);
+        compact_masked(nt, P, G, M, MS, fm, V, VS, fv, R, L, B, h, mask, alpha, count_scale, keys);
         return 0;
     }
     int64_t nb = (L + B - 1) / B, items = R * nb;
@@ -265,8 +281,8 @@ int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, 
             lion_plain_f32(P + off, G + off, m, 0, j1 - j0, h);
         else
             sgd_plain_f32(P + off, G + off, m, 0, j1 - j0, h);
-        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m);
-        if (family == 0) compact_store(V, VS, fv, 1, r, i, L, j0, j1, v);
+        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m, keys[0]);
+        if (family == 0) compact_store(V, VS, fv, 1, r, i, L, j0, j1, v, keys[1]);
     }
     return 0;
 }
@@ -308,7 +324,7 @@ int leanopt_adam_mini_compact(int nt, float *P, const float *G, void *M, float *
                 int64_t row = s * rows_per_span + t;
                 for (int64_t k = 0; k < nb; ++k) {
                     int64_t j0 = k * B, j1 = j0 + B < L ? j0 + B : L;
-                    compact_store(M, MS, fm, 0, row, row * nb + k, L, j0, j1, buf + t * L + j0);
+                    compact_store(M, MS, fm, 0, row, row * nb + k, L, j0, j1, buf + t * L + j0, 0);
                 }
             }
         }

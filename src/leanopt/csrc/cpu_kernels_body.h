@@ -436,6 +436,7 @@ static void SFX(sgd_plain)(T *restrict p, const T *restrict g, T *restrict m, in
         _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = c; j < e; ++j) {            \
             float gj = sign * LOAD(g, j), mj = LOAD(m, j);                                            \
             UM(gj, mj, u, mn)                                                                         \
+            (void)mn;                                                                                 \
             int phi = gj * PHI_M > 0.0f;                                                              \
             float q = u * u;                                                                          \
             int finite = q < INFINITY;                                                                \
