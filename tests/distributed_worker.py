@@ -67,6 +67,8 @@ FAST_ON_SHARDS = ["lion", "sgd-sai", "adamw-pma", "lion-pma"]  # elementwise ste
 # a statistic across the shards (Adam-mini's blocks in both call forms, the mask's sums, the count
 # scale's whole size): C passes on each shard around one collective (leanopt._backend.SHARDED)
 SHARDED_C = ["adam-mini", "adam-mini-names", "adam-mini+mask", "alpha-adam", "cadamw", "lion+mask", "sgd-sai+mask"]
+# the compiled kernels take the same shards (CUDA's path): checked on the CPU with the C kernels off
+COMPILED_ON_SHARDS = ["adam-mini+mask", "alpha-adam"]  # the Adam-mini kernel's "given" rows; two_pass's sums across ranks
 # torch's own are not ours to test; compact state: blocks run along rows, so each rank codes its
 # own rows (a tensor split along its rows, TP's Shard(1), keeps full precision)
 SHARDED_RUNS = [r for r in RUNS if r not in ("adamw", "sgd", "adafactor")] + ["adam-mini-int8", "alpha-adam-int4"]
@@ -314,9 +316,9 @@ def train_all(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -> Non
         json.dump(collectives, f)
 
 
-def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -> None:
-    """float32: each run of ``names`` with the default backends (the C kernels on the local
-    shards) and with the eager reference (fused=False), from the same start and the same
+def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out, fast=None) -> None:
+    """float32: each run of ``names`` with ``fused=fast`` (the default: the C kernels on the
+    local shards) and with the eager reference (fused=False), from the same start and the same
     gradients -- a fixed random stream, placed as each parameter is, so that a rounding
     difference cannot feed back through a loss (a masked step's φ would amplify it); rank 0
     saves which backends stepped the tensors and the largest relative parameter difference in
@@ -334,10 +336,10 @@ def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -
                 part = part.index_select(d, index)
         return DTensor.from_local(part.contiguous(), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
-    fast = {}
+    results = {}
     for name in names:
         finals = {}
-        for fused in (None, False):
+        for fused in (fast, False):
             model, wrapped, opt = build(name, wrap, world, {"fused": fused}, **{**model_kw, "dtype": torch.float32})
             gen = torch.Generator().manual_seed(1)
             for _ in range(STEPS):
@@ -345,11 +347,11 @@ def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -
                     p.grad = place(torch.randn(p.shape, generator=gen) * 1e-2, p)
                 opt.step()
             finals[fused] = (full_state(model), dict(opt.last_backends))
-        diff = max(((finals[None][0][k] - v).norm() / v.norm()).item() for k, v in finals[False][0].items())
-        fast[name] = {"backends": finals[None][1], "eager_backends": finals[False][1], "diff": diff}
+        diff = max(((finals[fast][0][k] - v).norm() / v.norm()).item() for k, v in finals[False][0].items())
+        results[name] = {"backends": finals[fast][1], "eager_backends": finals[False][1], "diff": diff}
     if rank == 0:
         with open(os.path.join(out, "fast.json"), "w") as f:
-            json.dump(fast, f)
+            json.dump(results, f)
 
 
 def dcp_round(name, rank, world, ckpt_in, ckpt_out, out, wrap="fsdp", model_kw=STRADDLING):
@@ -380,7 +382,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        if mode == "placed":
+        if mode == "compiled":  # (launched with LEANOPT_NATIVE=0) the compiled kernels on shards, as on CUDA
+            fast_on_shards(COMPILED_ON_SHARDS, "fsdp", world, UNEVEN, rank, rank, world, out, fast=True)
+        elif mode == "placed":
             finals = {name: placed_by_hand(name, world, UNEVEN) for name in PLACED_RUNS}
             if rank == 0:
                 torch.save(finals, os.path.join(out, "placed.pt"))

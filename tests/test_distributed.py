@@ -17,16 +17,16 @@ import torch
 import leanopt
 from helpers import tiny_model
 from distributed_worker import (
-    BAD_ELEMENT, BAD_PARAM, DCP_OPTIMIZERS, FAST_ON_SHARDS, FSDP_UNSUPPORTED, NONFINITE, NONFINITE_SKIP, PLACED_RUNS, PRECISION_RUNS, RUNS, SHARDED_C, SHARDED_RUNS, STRADDLING, TP_MODEL,
+    BAD_ELEMENT, BAD_PARAM, COMPILED_ON_SHARDS, DCP_OPTIMIZERS, FAST_ON_SHARDS, FSDP_UNSUPPORTED, NONFINITE, NONFINITE_SKIP, PLACED_RUNS, PRECISION_RUNS, RUNS, SHARDED_C, SHARDED_RUNS, STRADDLING, TP_MODEL,
     UNEVEN, build, nonfinite, run_steps, train)
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
 
-def launch(mode: str, world: int, out, *extra: str) -> None:
+def launch(mode: str, world: int, out, *extra: str, env: dict[str, str] | None = None) -> None:
     out.mkdir(exist_ok=True)
     init = out / f"init-{mode}-{world}-{len(os.listdir(out))}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [subprocess.Popen([sys.executable, WORKER, mode, str(rank), str(world), str(init), str(out), *extra], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -341,6 +341,20 @@ def test_elementwise_steps_run_the_c_kernels_on_local_shards(fsdp_results):
     fast = json.loads((fsdp_results / "fast.json").read_text())  # FSDP2, 2 ranks, float32
     assert set(fast) == set(FAST_ON_SHARDS + SHARDED_C)
     check_fast(fast)
+
+
+def test_the_compiled_kernels_take_the_same_shards(tmp_path):
+    # CUDA's path (torch.compile) for shards whose step takes a statistic across them: Adam-mini's
+    # "given" rows after the blocks' sums crossed the ranks, the mask sums crossed between the two
+    # calls of two_pass. Run on the CPU with the C kernels off and fused=True, on the uneven model
+    # over 2 ranks (a compilation costs tens of seconds: two optimizers; Lion's and SGD-SaI's
+    # kernels share two_pass)
+    launch("compiled", 2, tmp_path, env={"LEANOPT_NATIVE": "0"})
+    fast = json.loads((tmp_path / "fast.json").read_text())
+    assert set(fast) == set(COMPILED_ON_SHARDS)
+    for name, r in fast.items():
+        assert r["backends"] == {"compiled": r["eager_backends"]["eager"]}, (name, r)
+        assert r["diff"] <= 1e-6, (name, r)
 
 
 def test_steps_with_statistics_across_shards_run_c_on_every_layout(sharded_results):

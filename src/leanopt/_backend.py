@@ -24,7 +24,8 @@ Sharded parameters (DTensors: FSDP2, tensor parallelism, both) are stepped as th
 tensors: every backend sees plain tensors. A step that is elementwise runs on any backend;
 one with a statistic across elements (Adam-mini's blocks, the mask's sums) runs on the
 family's ``sharded`` C step where it has one (CPU, float32/bfloat16: a C pass for the local
-part of the statistic, one collective, a C pass for the update), else eager, either given
+part of the statistic, one collective, a C pass for the update), on its compiled kernels
+with the same collective (CUDA; ``fused=True`` elsewhere), else eager, each given
 ``pieces`` (:class:`leanopt._distributed.Piece`, one per tensor, None for a plain one)
 telling it which elements it holds and which process groups hold the rest.
 """
@@ -75,6 +76,9 @@ class Backends:
     # per group per call); for the rows sharded_takes(row, options) accepts (default: all)
     sharded: Callable[..., None] | None = None
     sharded_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
+    # whether ``compiled`` takes such shards too (given ``pieces``, as ``sharded``): CUDA, and
+    # fused=True where the C step does not take them; for the rows sharded_takes accepts
+    compiled_shards: bool = False
 
 
 def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backends, options: dict[str, Any],
@@ -88,9 +92,12 @@ def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backen
         row = [col[i] for col in columns]
         tensors = [t for t in row[:backends.streams] if t is not None]
         cross_shard = pieces is not None and pieces[i] is not None and bool(pieces[i].groups) and not elementwise
-        if (cross_shard and backends.sharded is not None and _native.supports(*tensors)
-                and (backends.sharded_takes is None or backends.sharded_takes(row, options))):
+        takes_shard = cross_shard and (backends.sharded_takes is None or backends.sharded_takes(row, options))
+        if takes_shard and backends.sharded is not None and _native.supports(*tensors):
             plan[SHARDED].append(i)
+        elif (takes_shard and backends.compiled_shards and (fused or tensors[0].device.type == "cuda")
+              and all(t.is_contiguous() for t in tensors)):
+            plan[COMPILED].append(i)
         elif cross_shard or not all(t.is_contiguous() for t in tensors):
             if fused:
                 p = tensors[0]
@@ -109,13 +116,13 @@ def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backen
     if (plan[NATIVE] or plan[SHARDED]) and _native.library() is None:  # not buildable here (warned once) or turned off
         plan[COMPILED if fused else EAGER].extend(plan[NATIVE])
         plan[NATIVE] = []
-        if plan[SHARDED] and fused:
+        if plan[SHARDED] and fused and not backends.compiled_shards:
             raise ValueError(f"fused=True: no fast kernel takes parameter {name_of(plan[SHARDED][0])!r}: it is a shard of a "
                              "sharded tensor whose step takes a statistic across the shards, and the C kernels are not "
                              "available here; use fused=None (the default) to run such tensors on the eager path")
-        plan[EAGER] = sorted(plan[EAGER] + plan[SHARDED])
+        plan[COMPILED if fused else EAGER].extend(plan[SHARDED])
         plan[SHARDED] = []
-    return plan
+    return {backend: sorted(idx) for backend, idx in plan.items()}
 
 
 def route(backends: Backends, fused: bool | None, columns: Sequence[Sequence[Any]], options: dict[str, Any],
@@ -138,6 +145,7 @@ def route(backends: Backends, fused: bool | None, columns: Sequence[Sequence[Any
         idx = plan[backend]
         if idx:
             whole = len(idx) == len(columns[0])
-            extra = {"pieces": [pieces[i] for i in idx]} if backend in (EAGER, SHARDED) and pieces is not None else {}
+            takes_pieces = backend in (EAGER, SHARDED) or (backend == COMPILED and backends.compiled_shards)
+            extra = {"pieces": [pieces[i] for i in idx]} if takes_pieces and pieces is not None else {}
             run[backend](*(col if whole else [col[i] for i in idx] for col in columns), **options, **extra)
     return {b: len(i) for b, i in plan.items() if i}

@@ -49,7 +49,7 @@ from . import _native
 from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from ._distributed import Piece, all_reduce_sums, is_dtensor, piece_of
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, native_two_pass, needs_sums, step_
+from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, native_two_pass, needs_sums, step_, two_pass
 from .partition import UNRECOGNIZED, BlockLayout, BlockRule, PartitionRow, PartitionWarning, name_rule, partition_from_model
 from .partition.layout import BlockView, lane_to_block
 from .partition.rules import apply_overrides, partition_plain, warn_fallbacks, warn_unrecognized
@@ -139,7 +139,7 @@ def _block_ema_(v: Tensor, x: Tensor, keep: float, gain: float) -> Tensor:
 
 def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], lanes: list[Tensor] | None,
                  counts: list[Tensor] | None, kind: str, H: Tensor, sums: Tensor | None, phase: str, mask: str, alpha: str,
-                 count_scale: bool) -> tuple[Tensor | None, list[Tensor]]:
+                 count_scale: bool, whole: Tensor | None = None) -> tuple[Tensor | None, list[Tensor]]:
     # H: one AdamMiniStep per row. kind "blocks": the
     # tensor viewed as (n_blocks, block size), each row one block of consecutive elements; "rows"/"columns":
     # the 2-D views of other layouts, lanes[i] the block of every lane; "elements": flat, one block per
@@ -150,6 +150,8 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
     # for _update_v_ (which computes the same float ops, so what is stored is what was used).
     # The other kinds take the block sums in one pass and update v, p and m in the next. With the mask,
     # the "sums" call updates v (or returns the row sums for it) and the "apply" call uses the stored v.
+    # "given": a shard's rows (2-D), vs[i] this step's v of each row already (its blocks summed over the
+    # ranks), only read; whole: the whole tensors' sizes (the count scale of shards).
     out, row_sums = [], []
     for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
         h = H[i]
@@ -157,7 +159,7 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         m_new = m.lerp(g, h[_F.w])
         acc = torch.float64 if p.dtype == torch.float64 else torch.float32
         v_used = v.to(acc)
-        if phase == "sums" or not needs_sums(mask):  # v moves once: in the sums call when there is one
+        if kind != "given" and (phase == "sums" or not needs_sums(mask)):  # v moves once: in the sums call if any
             g2 = finite_terms(g.to(acc) * g.to(acc))  # a NaN element must not reach its block's v
             if kind == "blocks":
                 row_sums.append(g2.sum(dim=1))
@@ -175,13 +177,13 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         scale = 1 / (h[_F.bc1] * (v_used.sqrt() / h[_F.bc2_sqrt] + h[_F.eps]))
         if kind in ("rows", "columns"):
             scale = scale.index_select(0, lanes[i])
-        if kind in ("blocks", "rows"):
+        if kind in ("blocks", "rows", "given"):
             scale = scale.view(-1, 1)
         elif kind == "columns":
             scale = scale.view(1, -1)
         u = m_new * scale.to(p.dtype)
         part = step_(p, u, h[_F.decay], h[_F.lr], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
-                     count_scale=count_scale)
+                     count_scale=count_scale, numel=None if whole is None else whole[i])
         if part is not None:  # the sums call writes nothing
             out.append(part)
             continue
@@ -214,11 +216,22 @@ def _kind(layout: BlockLayout) -> str:
 
 def _adam_mini_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                         layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
-                        count_scale: bool) -> None:
+                        count_scale: bool, pieces: list[Piece | None] | None = None) -> None:
     """The step by compiled kernels, with no full-size temporaries and no Python work per
     block. Where every block is a run of consecutive rows (embeddings, heads, neurons of an
     ``nn.Linear``), one pass over each tensor's memory; otherwise (column blocks, blocks of
-    unequal sizes) two, the block sums being one ``index_add`` over the lanes."""
+    unequal sizes) two, the block sums being one ``index_add`` over the lanes. Shards
+    (``pieces``): v from the blocks' sums over the ranks first, then the kernel from each
+    local row's v (:func:`_adam_mini_shards`)."""
+    shards = [i for i, piece in enumerate(pieces or []) if piece is not None and piece.groups]
+    if shards:
+        _adam_mini_shards(*([col[i] for i in shards] for col in (params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs,
+                                                                  pieces)), mask=mask, alpha=alpha, count_scale=count_scale)
+        rest = [i for i in range(len(params)) if i not in set(shards)]
+        if not rest:
+            return
+        params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs = ([col[i] for i in rest] for col in (
+            params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs))
     v_later: tuple[list[Tensor], list[Tensor], list[float]] = ([], [], [])  # one v update for all calls
     beta2 = coeffs[0].beta2
     for ids in fusable_groups(params, key=lambda i: (_kind(layouts[i]), layouts[i].view, layouts[i].n_blocks)):
@@ -273,6 +286,26 @@ def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
     return _kind(row[4]) in _NATIVE_KINDS
 
 
+def _adam_mini_shards(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                      layouts: list[BlockLayout], coeffs: list[AdamMiniStep], pieces: list[Piece], *, mask: str, alpha: str,
+                      count_scale: bool) -> None:
+    """Shards by the compiled kernel: the blocks' sums of g² (each rank's part, summed over
+    the ranks in one collective per group), v, then the kernel's ``"given"`` kind from each
+    local row's v (with the mask, its sums over the ranks between its two calls)."""
+    blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
+    sums = [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)]
+    all_reduce_sums(sums, [b.groups for b in blocks])
+    v_rows = [b.lane_values(_block_ema_(v, b.means(s), c.beta2, c.gain2), v.dtype)
+              for v, b, s, c in zip(exp_avg_sqs, blocks, sums, coeffs)]
+    calls = []
+    for idx in fusable_groups(params, key=lambda i: blocks[i].local_view[1]):
+        views = [blocks[i].local_view for i in idx]
+        calls.append((idx, ([params[i].view(vw) for i, vw in zip(idx, views)], [grads[i].view(vw) for i, vw in zip(idx, views)],
+                            [exp_avgs[i].view(vw) for i, vw in zip(idx, views)], [v_rows[i] for i in idx], None, None, "given"),
+                      hyper([coeffs[i] for i in idx], params[idx[0]])))
+    two_pass(lambda *args: _KERNEL(*args)[0], calls, params, pieces, mask=mask, alpha=alpha, count_scale=count_scale)
+
+
 def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool, pieces: list[Piece | None]) -> None:
@@ -319,7 +352,7 @@ def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         _native.adam_mini_compact(p, g, m, v, layout.n_blocks, int(c.count), c)
 
 
-BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, native=_adam_mini_native,
+BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=True, native=_adam_mini_native,
                     native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes,
                     compact_formats=("int8", "int4"),
                     sharded=_adam_mini_sharded, sharded_takes=_sharded_takes)

@@ -112,7 +112,7 @@ def alpha_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
 
 
 def _adam_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], H: Tensor, sums: Tensor | None,
-                 phase: str, mask: str, alpha: str, count_scale: bool) -> Tensor | None:
+                 phase: str, mask: str, alpha: str, count_scale: bool, whole: Tensor | None = None) -> Tensor | None:
     # H: one AdamStep per row. One pass per tensor reading p, g, m, v and writing them (plus
     # the sums pass with the mask)
     out = []
@@ -124,7 +124,7 @@ def _adam_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         # one division per element (the step is compute-heavy): the divisors' reciprocals are scalars
         u = m_new / (v_new.sqrt() * (1 / h[_F.v_div]) + h[_F.eps]) * (1 / h[_F.m_div])
         part = step_(p, u, h[_F.decay], h[_F.lr], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask,
-                     alpha=alpha, count_scale=count_scale)
+                     alpha=alpha, count_scale=count_scale, numel=None if whole is None else whole[i])
         if part is not None:  # the sums call writes nothing
             out.append(part)
             continue
@@ -137,11 +137,13 @@ _KERNEL = Kernel(_adam_kernel)
 
 
 def _alpha_adam_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                         coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
-    """The step by compiled kernels (:mod:`leanopt._compile`), a few tensors per call."""
-    for idx in fusable_groups(params):
-        two_pass(_KERNEL, *([x[i].view(-1) for i in idx] for x in (params, grads, exp_avgs, exp_avg_sqs)),
-                 H=hyper([coeffs[i] for i in idx], params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
+                         coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool,
+                         pieces: list[Piece | None] | None = None) -> None:
+    """The step by compiled kernels (:mod:`leanopt._compile`), a few tensors per call;
+    ``pieces``: of shards (:func:`leanopt.mask.two_pass`)."""
+    calls = [(idx, tuple([x[i].view(-1) for i in idx] for x in (params, grads, exp_avgs, exp_avg_sqs)),
+              hyper([coeffs[i] for i in idx], params[idx[0]])) for idx in fusable_groups(params)]
+    two_pass(_KERNEL, calls, params, pieces, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 def _alpha_adam_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -179,7 +181,7 @@ def _alpha_adam_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         _native.compact_step("adam", p, g, m, v, c, scaled=count_scale, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
-BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, native=_alpha_adam_native, elementwise=unmasked,
+BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, compiled_shards=True, native=_alpha_adam_native, elementwise=unmasked,
                     compact=_alpha_adam_compact, compact_takes=lambda row, options: True, sharded=_alpha_adam_sharded)
 
 

@@ -93,7 +93,7 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coef
 
 
 def _lion_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], H: Tensor, sums: Tensor | None, phase: str,
-                 mask: str, alpha: str, count_scale: bool) -> Tensor | None:
+                 mask: str, alpha: str, count_scale: bool, whole: Tensor | None = None) -> Tensor | None:
     # H: one LionStep per row; one pass per tensor (plus the sums pass with the mask)
     out = []
     for i, (p, g, m) in enumerate(zip(ps, gs, ms)):
@@ -102,7 +102,7 @@ def _lion_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], H: Tensor
         m_new = m * h[_F.m_keep] + g * h[_F.m_gain]
         u = nan_sign(m * h[_F.c_keep] + g * h[_F.c_gain])
         part = step_(p, u, h[_F.decay], h[_F.lr], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask,
-                     alpha=alpha, count_scale=count_scale)
+                     alpha=alpha, count_scale=count_scale, numel=None if whole is None else whole[i])
         if part is not None:  # the sums call writes nothing
             out.append(part)
             continue
@@ -114,10 +114,10 @@ _KERNEL = Kernel(_lion_kernel)
 
 
 def _lion_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coeffs: list[LionStep], *, mask: str,
-                   alpha: str, count_scale: bool) -> None:
-    for idx in fusable_groups(params):
-        two_pass(_KERNEL, *([x[i].view(-1) for i in idx] for x in (params, grads, exp_avgs)),
-                 H=hyper([coeffs[i] for i in idx], params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
+                   alpha: str, count_scale: bool, pieces: list[Piece | None] | None = None) -> None:
+    calls = [(idx, tuple([x[i].view(-1) for i in idx] for x in (params, grads, exp_avgs)),
+              hyper([coeffs[i] for i in idx], params[idx[0]])) for idx in fusable_groups(params)]
+    two_pass(_KERNEL, calls, params, pieces, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 def _lion_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coeffs: list[LionStep], *, mask: str,
@@ -137,7 +137,7 @@ def _lion_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any]
         _native.compact_step("lion", p, g, m, None, c)
 
 
-BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, native=_lion_native, elementwise=unmasked,
+BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, compiled_shards=True, native=_lion_native, elementwise=unmasked,
                     compact=_lion_compact, sharded=_lion_native)
 
 

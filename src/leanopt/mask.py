@@ -81,7 +81,7 @@ def mask_sums(u: Tensor, phi: Tensor) -> Tensor:
 
 
 def apply_mask_(p: Tensor, u: Tensor, phi: Tensor | None, sums: Tensor | None, lr: float | Tensor, *, alpha: str,
-                count_scale: bool, numel: int | None = None) -> None:
+                count_scale: bool, numel: int | Tensor | None = None) -> None:
     """``p ← p − η̂·α·(φ⊙u)`` given :func:`mask_sums` (``phi=None``: φ ≡ 1, no sums needed).
     ``numel``: the whole tensor's size when ``p`` and ``u`` are one rank's shards.
 
@@ -142,13 +142,27 @@ def needs_sums(mask: str) -> bool:
     return mask != "none"
 
 
-def two_pass(kernel: Callable[..., Any], *tensors: Any, H: Tensor, mask: str, alpha: str, count_scale: bool) -> None:
+def two_pass(kernel: Callable[..., Any], calls: list[tuple[list[int], tuple[Any, ...], Tensor]], params: list[Tensor],
+             pieces: list[Piece | None] | None, *, mask: str, alpha: str, count_scale: bool) -> None:
     """One optimizer step through a compiled kernel ``kernel(*tensors, H, sums, phase, mask,
-    alpha, count_scale)`` whose tensors go through :func:`step_`: with a mask, a ``"sums"``
-    call first returns every tensor's :func:`mask_sums`, then the ``"apply"`` call
-    recomputes the update and writes it (two passes, no stored full-size tensors)."""
-    sums = kernel(*tensors, H, None, "sums", mask, alpha, count_scale) if needs_sums(mask) else None
-    kernel(*tensors, H, sums, "apply", mask, alpha, count_scale)
+    alpha, count_scale, whole)`` whose tensors go through :func:`step_`, over ``calls``
+    (``(idx, tensors, H)``: the indices into ``params`` a call steps, its tensors and step
+    records): with a mask, a ``"sums"`` call of each first returns every tensor's
+    :func:`mask_sums`, then the ``"apply"`` calls recompute the update and write it (two
+    passes, no stored full-size tensors). ``pieces``: of shards, whose sums cross the ranks
+    between the two (one collective per group for all calls) and whose whole sizes
+    (``whole``, as H's dtype; None for plain tensors) enter the count scale."""
+    pieces = pieces or [None] * len(params)
+    wholes = [None if all(pieces[i] is None for i in idx) else
+              torch.tensor([params[i].numel() if pieces[i] is None else pieces[i].numel for i in idx], dtype=H.dtype,
+                           device=H.device) for idx, _, H in calls]
+    sums = [kernel(*tensors, H, None, "sums", mask, alpha, count_scale, whole) if needs_sums(mask) else None
+            for (_, tensors, H), whole in zip(calls, wholes)]
+    groups = [() if pieces[i] is None else pieces[i].groups for idx, _, _ in calls for i in idx]
+    if needs_sums(mask) and any(groups):
+        all_reduce_sums([row for part in sums for row in part.unbind(0)], groups)
+    for (_, tensors, H), part, whole in zip(calls, sums, wholes):
+        kernel(*tensors, H, part, "apply", mask, alpha, count_scale, whole)
 
 
 def native_two_pass(kernel: Callable[..., None], columns: list[list[Any]], pieces: list[Piece | None] | None,
@@ -172,17 +186,18 @@ def native_two_pass(kernel: Callable[..., None], columns: list[list[Any]], piece
 
 def step_(
     p: Tensor, u: Tensor, decay: float | Tensor, lr: float | Tensor, g: Tensor, m_prev: Tensor | None, m_new: Tensor,
-    sums: Tensor | None, *, phase: str, mask: str, alpha: str, count_scale: bool,
+    sums: Tensor | None, *, phase: str, mask: str, alpha: str, count_scale: bool, numel: Tensor | None = None,
 ) -> Tensor | None:
     """One tensor of a compiled kernel's call. In the ``"sums"`` phase, return its
     :func:`mask_sums` and write nothing (the caller then skips its state writes too).
     Otherwise ``p ← decay·p``, then ``p − lr·u`` or, with the mask component on, the masked
-    step given ``sums``, this tensor's row of the sums call (:func:`phi_of`, :func:`apply_mask_`)."""
+    step given ``sums``, this tensor's row of the sums call (:func:`phi_of`, :func:`apply_mask_`;
+    ``numel``: the whole tensor's size when ``p`` is a shard)."""
     if phase == "sums":
         return mask_sums(u, phi_of(mask, g, m_prev, m_new))
     p.mul_(decay)
     if not mask_active(mask, count_scale):
         p.sub_(u * lr)
     else:
-        apply_mask_(p, u, phi_of(mask, g, m_prev, m_new), sums, lr, alpha=alpha, count_scale=count_scale)
+        apply_mask_(p, u, phi_of(mask, g, m_prev, m_new), sums, lr, alpha=alpha, count_scale=count_scale, numel=numel)
     return None

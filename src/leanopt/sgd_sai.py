@@ -93,7 +93,8 @@ def sgd_sai(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Te
 
 
 def _sgd_sai_kernel(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor] | None, scales: list[Tensor], H: Tensor,
-                    sums: Tensor | None, phase: str, mask: str, alpha: str, count_scale: bool) -> Tensor | None:
+                    sums: Tensor | None, phase: str, mask: str, alpha: str, count_scale: bool,
+                    whole: Tensor | None = None) -> Tensor | None:
     # H: one SGDStep per row; one pass reading p, g, m and writing p, m (plus the sums pass
     # with the mask). A fresh buffer's m_{t-1} is zero.
     out = []
@@ -104,7 +105,7 @@ def _sgd_sai_kernel(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor] | Non
         m_new = g if m is None else m * h[_F.keep] + g * h[_F.gain]
         m_prev = None if m is None else m * (1 - h[_F.fresh])
         part = step_(p, m_new * scale, h[_F.decay], h[_F.lr], g, m_prev, m_new, None if sums is None else sums[i],
-                     phase=phase, mask=mask, alpha=alpha, count_scale=count_scale)
+                     phase=phase, mask=mask, alpha=alpha, count_scale=count_scale, numel=None if whole is None else whole[i])
         if part is not None:  # the sums call writes nothing
             out.append(part)
             continue
@@ -117,11 +118,14 @@ _KERNEL = Kernel(_sgd_sai_kernel)
 
 
 def _sgd_sai_compiled(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], scales: list[Tensor],
-                      coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool) -> None:
+                      coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool,
+                      pieces: list[Piece | None] | None = None) -> None:
+    calls = []
     for idx in fusable_groups(params, key=lambda i: momentum_buffers[i] is None):
         bufs = None if momentum_buffers[idx[0]] is None else [momentum_buffers[i].view(-1) for i in idx]
-        two_pass(_KERNEL, [params[i].view(-1) for i in idx], [grads[i].view(-1) for i in idx], bufs, [scales[i] for i in idx],
-                 H=hyper([coeffs[i] for i in idx], params[idx[0]]), mask=mask, alpha=alpha, count_scale=count_scale)
+        calls.append((idx, ([params[i].view(-1) for i in idx], [grads[i].view(-1) for i in idx], bufs,
+                            [scales[i] for i in idx]), hyper([coeffs[i] for i in idx], params[idx[0]])))
+    two_pass(_KERNEL, calls, params, pieces, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 def _sgd_sai_native(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], scales: list[Tensor],
@@ -153,7 +157,7 @@ def _sgd_sai_compact(params: list[Tensor], grads: list[Tensor], momentum_buffers
         _native.compact_step("sgd_sai", p, g, m, None, c)
 
 
-BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, native=_sgd_sai_native,
+BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, compiled_shards=True, native=_sgd_sai_native,
                     native_takes=_native_takes, elementwise=unmasked, compact=_sgd_sai_compact,
                     sharded=_sgd_sai_native, sharded_takes=_native_takes)
 
