@@ -40,8 +40,8 @@ GLOBAL_BATCH = 12  # divides by 1, 2, 3 and 4 data-parallel ranks
 STRADDLING = dict(dim=24, n_heads=3, n_kv_heads=3, vocab_size=97, mlp_hidden=45, tie_embeddings=True, dtype=torch.float64)
 # dimensions that do not divide by 2 or 3 ranks: a 97-token vocabulary (tied embeddings), 5 query
 # heads of 4 rows over 1 key/value head (20 rows: 10/10 and 7/7/6, heads straddle; the key
-# projection's 4 rows leave the third rank empty), an MLP of 45 neurons, biases (on q, v, o and
-# the MLP: 20, 4, 20 and 45 elements, split as the rows are)
+# projection's 4 rows leave the third rank empty), an MLP of 45 neurons, biases (on q, k, v, o
+# and the MLP: 20, 4, 4, 20 and 45 elements, split as the rows are)
 UNEVEN = dict(vocab_size=97, dim=20, n_heads=5, n_kv_heads=1, mlp_hidden=45, tie_embeddings=True, bias=True,
               dtype=torch.float64)
 # tensor parallelism splits heads and neurons evenly over 2 ranks; FSDP's dim 0 stays uneven (97)

@@ -254,7 +254,7 @@ def test_tensor_parallel_placements_on_any_split_equal_one_process(tmp_path):
     assert set(finals) == set(PLACED_RUNS)
     for name in PLACED_RUNS:
         ref = train(name, **UNEVEN)
-        assert any(k.endswith("q_proj.bias") for k in ref) and not any(k.endswith("k_proj.bias") for k in ref)
+        assert any(k.endswith("k_proj.bias") for k in ref)  # 4 elements: 2/2/0 over the ranks
         diff, key = rel(finals[name], ref)
         assert diff <= 1e-5, f"{name}: {key} differs by {diff:.2e}"
 

@@ -41,7 +41,7 @@ from torch import Tensor
 from . import _native
 from ._distributed import Piece, is_dtensor, local, piece_of
 
-__all__ = ["Backends", "EAGER", "COMPILED", "NATIVE", "SHARDED", "COMPACT", "route"]
+__all__ = ["Backends", "EAGER", "COMPILED", "NATIVE", "SHARDED", "COMPACT", "route", "every_row"]
 
 EAGER, COMPILED, NATIVE = "eager", "compiled", "native"
 SHARDED = "native-sharded"  # the C step of shards with a statistic across them (Backends.sharded)
@@ -76,9 +76,14 @@ class Backends:
     # per group per call); for the rows sharded_takes(row, options) accepts (default: all)
     sharded: Callable[..., None] | None = None
     sharded_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
-    # whether ``compiled`` takes such shards too (given ``pieces``, as ``sharded``): CUDA, and
-    # fused=True where the C step does not take them; for the rows sharded_takes accepts
-    compiled_shards: bool = False
+    # the rows of such shards ``compiled`` takes too, given ``pieces`` as ``sharded`` is (CUDA,
+    # and fused=True where the C step does not take them); None: none
+    compiled_shards: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
+
+
+def every_row(row: Sequence[Any], options: dict[str, Any]) -> bool:
+    """A ``*_takes`` that takes every row."""
+    return True
 
 
 def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backends, options: dict[str, Any],
@@ -91,18 +96,26 @@ def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backen
     for i in range(len(columns[0])):
         row = [col[i] for col in columns]
         tensors = [t for t in row[:backends.streams] if t is not None]
-        cross_shard = pieces is not None and pieces[i] is not None and bool(pieces[i].groups) and not elementwise
-        takes_shard = cross_shard and (backends.sharded_takes is None or backends.sharded_takes(row, options))
-        if takes_shard and backends.sharded is not None and _native.supports(*tensors):
-            plan[SHARDED].append(i)
-        elif (takes_shard and backends.compiled_shards and (fused or tensors[0].device.type == "cuda")
-              and all(t.is_contiguous() for t in tensors)):
-            plan[COMPILED].append(i)
-        elif cross_shard or not all(t.is_contiguous() for t in tensors):
+        if pieces is not None and pieces[i] is not None and pieces[i].groups and not elementwise:
+            # a statistic across the shards: every rank must take the same path, as their collectives pair up.
+            # So the choice rests on what the ranks share (family, options, dtype, device, whether the C
+            # kernels load on every rank), never on a local part's layout (route steps a non-contiguous one
+            # through a contiguous copy)
+            if (backends.sharded is not None and _native.kernel_dtype(*tensors)
+                    and (backends.sharded_takes is None or backends.sharded_takes(row, options)) and _native.everywhere()):
+                plan[SHARDED].append(i)
+            elif (backends.compiled_shards is not None and backends.compiled_shards(row, options)
+                  and (fused or tensors[0].device.type == "cuda")):
+                plan[COMPILED].append(i)
+            elif fused:
+                raise ValueError(f"fused=True: no fast kernel takes parameter {name_of(i)!r}: it is a shard of a sharded "
+                                 "tensor whose step takes a statistic across the shards; use fused=None (the default) to "
+                                 "run such tensors on the eager path")
+            else:
+                plan[EAGER].append(i)
+        elif not all(t.is_contiguous() for t in tensors):
             if fused:
-                p = tensors[0]
-                what = ("a shard of a sharded tensor whose step takes a statistic across the shards" if cross_shard else
-                        "not contiguous in memory" if not p.is_contiguous() else "held in a non-contiguous state tensor")
+                what = "not contiguous in memory" if not tensors[0].is_contiguous() else "held in a non-contiguous state tensor"
                 raise ValueError(f"fused=True: no fast kernel takes parameter {name_of(i)!r}: it is {what}; "
                                  f"use fused=None (the default) to run such tensors on the eager path")
             plan[EAGER].append(i)
@@ -113,16 +126,26 @@ def _plan(fused: bool | None, columns: Sequence[Sequence[Any]], backends: Backen
             plan[COMPILED].append(i)
         else:
             plan[EAGER].append(i)
-    if (plan[NATIVE] or plan[SHARDED]) and _native.library() is None:  # not buildable here (warned once) or turned off
+    if plan[NATIVE] and _native.library() is None:  # not buildable here (warned once) or turned off
         plan[COMPILED if fused else EAGER].extend(plan[NATIVE])
         plan[NATIVE] = []
-        if plan[SHARDED] and fused and not backends.compiled_shards:
-            raise ValueError(f"fused=True: no fast kernel takes parameter {name_of(plan[SHARDED][0])!r}: it is a shard of a "
-                             "sharded tensor whose step takes a statistic across the shards, and the C kernels are not "
-                             "available here; use fused=None (the default) to run such tensors on the eager path")
-        plan[COMPILED if fused else EAGER].extend(plan[SHARDED])
-        plan[SHARDED] = []
     return {backend: sorted(idx) for backend, idx in plan.items()}
+
+
+def _contiguous(fn: Callable[..., None], columns: Sequence[Sequence[Any]], streams: int, **options: Any) -> None:
+    """``fn(*columns, **options)`` with every non-contiguous tensor of the first ``streams``
+    columns replaced by a contiguous copy, copied back after (a shard's local part a kernel
+    cannot take as it is: rare, and the ranks must not choose their path by it)."""
+    moved = []
+    columns = [list(col) for col in columns]
+    for col in columns[:streams]:
+        for j, t in enumerate(col):
+            if isinstance(t, Tensor) and not t.is_contiguous():
+                col[j] = t.contiguous()
+                moved.append((t, col[j]))
+    fn(*columns, **options)
+    for original, copy in moved:
+        original.copy_(copy)
 
 
 def route(backends: Backends, fused: bool | None, columns: Sequence[Sequence[Any]], options: dict[str, Any],
@@ -145,7 +168,11 @@ def route(backends: Backends, fused: bool | None, columns: Sequence[Sequence[Any
         idx = plan[backend]
         if idx:
             whole = len(idx) == len(columns[0])
-            takes_pieces = backend in (EAGER, SHARDED) or (backend == COMPILED and backends.compiled_shards)
+            takes_pieces = backend in (EAGER, SHARDED) or (backend == COMPILED and backends.compiled_shards is not None)
             extra = {"pieces": [pieces[i] for i in idx]} if takes_pieces and pieces is not None else {}
-            run[backend](*(col if whole else [col[i] for i in idx] for col in columns), **options, **extra)
+            cols = [col if whole else [col[i] for i in idx] for col in columns]
+            if extra and backend != EAGER:
+                _contiguous(run[backend], cols, backends.streams, **options, **extra)
+            else:
+                run[backend](*cols, **options, **extra)
     return {b: len(i) for b, i in plan.items() if i}

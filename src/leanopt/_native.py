@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ._distributed import is_dtensor
 
-__all__ = ["library", "enabled", "supports", "adam_mini_rows", "adam_mini_masked", "elementwise_masked", "row_sq_sums", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
+__all__ = ["library", "enabled", "kernel_dtype", "supports", "everywhere", "adam_mini_rows", "adam_mini_masked", "elementwise_masked", "row_sq_sums", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
            "CompactState", "compact_step", "adam_mini_compact",
            "COMPACT_MAX_BLOCK", "COMPACT_MAX_SPAN"]
 
@@ -159,12 +159,37 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
-def supports(*tensors: Tensor) -> bool:
-    """Whether the kernels can take these tensors: CPU, float32 or bfloat16 (all alike),
-    contiguous, not sharded."""
+def kernel_dtype(*tensors: Tensor) -> bool:
+    """Whether these tensors are of a kind the kernels step: CPU, float32 or bfloat16 (all
+    alike), not sharded (local parts); their layout aside."""
     dtype = tensors[0].dtype
-    return all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and not is_dtensor(t)
-               for t in tensors) and dtype in _DTYPES
+    return all(t.device.type == "cpu" and t.dtype == dtype and not is_dtensor(t) for t in tensors) and dtype in _DTYPES
+
+
+def supports(*tensors: Tensor) -> bool:
+    """Whether the kernels can take these tensors as they are: :func:`kernel_dtype`, and
+    contiguous."""
+    return kernel_dtype(*tensors) and all(t.is_contiguous() for t in tensors)
+
+
+_everywhere: bool | None = None
+
+
+def everywhere() -> bool:
+    """Whether the kernels load in every process of the default ``torch.distributed`` group
+    (agreed once, with one collective, then cached): a shard's step crosses the ranks, and
+    all of them must take the same path. Without a process group (or with one that cannot
+    reduce CPU tensors), whether they load here."""
+    global _everywhere
+    if _everywhere is None:
+        here = library() is not None
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "nccl":
+            flag = torch.tensor([int(here)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            here = bool(flag.item())
+        _everywhere = here
+    return _everywhere
 
 
 def _pointers(tensors: Sequence[Tensor]) -> ctypes.Array:
@@ -228,7 +253,7 @@ def adam_mini_masked(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs
     read. ``between``, ``whole``: as :func:`_two_passes`. The caller checked :func:`supports`."""
     _two_passes("leanopt_adam_mini_masked", (params, grads, exp_avgs, exp_avg_sqs),
                 ([] if given else list(exp_avg_sqs), [*params, *exp_avgs]),
-                ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), int(given), mask, alpha, count_scale, between, whole)
+                ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), (int(given),), mask, alpha, count_scale, between, whole)
 
 
 def elementwise_masked(family: str, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -238,25 +263,32 @@ def elementwise_masked(family: str, params: Sequence[Tensor], grads: Sequence[Te
     buffer (``"sgd_sai"``; an ``SGDStep`` with its scale) step with the mask component, in two
     C passes: the mask sums, then p and m. ``between``, ``whole``: as :func:`_two_passes`."""
     _two_passes("leanopt_elementwise_masked", (params, grads, exp_avgs), ([], [*params, *exp_avgs]),
-                (_sizes(params), (_doubles, hypers)), _FAMILIES[family] - 1, mask, alpha, count_scale, between, whole)
+                (_sizes(params), (_doubles, hypers)), (_FAMILIES[family] - 1,), mask, alpha, count_scale, between, whole)
 
 
 def _two_passes(name: str, tensors: Sequence[Sequence[Tensor]], written: tuple[list[Tensor], list[Tensor]],
-                per_tensor: Sequence[Any], lead: int, mask: str, alpha: str, count_scale: bool,
-                between: Callable[[Tensor], None] | None, whole: Sequence[int] | None) -> None:
-    """A masked step whose moment has no free bit for φ: ``name(..., lead, mask, alpha,
-    count_scale, phase, sums, whole)`` with phase 1 (the ``(len, 3)`` float64 mask sums,
-    writing ``written[0]`` only), then phase 2 (the step from them, writing ``written[1]``).
-    Shards: ``between(sums)`` reduces the sums over the ranks in place between the two, and
-    ``whole[i]`` is tensor ``i``'s whole size. One dtype per call."""
+                per_tensor: Sequence[Any], lead: tuple[int, ...], mask: str, alpha: str, count_scale: bool,
+                between: Callable[[Tensor], None] | None, whole: Sequence[int] | None,
+                on_error: Callable[[], None] | None = None) -> None:
+    """A masked step in two C calls: ``name(..., *lead, mask, alpha, count_scale, phase,
+    sums, whole)`` with phase 1 (the ``(len, 3)`` float64 mask sums, writing ``written[0]``),
+    then phase 2 (the step from them, writing ``written[1]``). Shards: ``between(sums)``
+    reduces the sums over the ranks in place between the two (should it raise, ``on_error()``
+    first), and ``whole[i]`` is tensor ``i``'s whole size. One dtype per call."""
     if len({t.dtype for t in tensors[0]}) > 1:
         raise ValueError(f"{name}: one dtype per call")
     sums = torch.zeros(len(tensors[0]), 3, dtype=torch.float64)
     sizes = _int64s([t.numel() for t in tensors[0]] if whole is None else list(whole))
     for phase, w in ((1, written[0]), (2, written[1])):
         if phase == 2 and between is not None:
-            between(sums)
-        _call(name, tensors, w, per_tensor, lead, _MASKS[mask], _ALPHAS[alpha], int(count_scale), phase, sums.data_ptr(), sizes)
+            try:
+                between(sums)
+            except BaseException:
+                if on_error is not None:
+                    on_error()
+                raise
+        _call(name, tensors, w, per_tensor, *lead, _MASKS[mask], _ALPHAS[alpha], int(count_scale), phase, sums.data_ptr(),
+              sizes)
 
 
 def row_sq_sums(grads: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int]) -> list[Tensor]:
@@ -283,19 +315,13 @@ def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[T
         _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs), [*params, *exp_avgs, *exp_avg_sqs],
               (_sizes(params), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale), 0, None, None)
         return
-    if len({p.dtype for p in params}) > 1:  # one io buffer per call
-        raise ValueError("adam: the shards of a masked step must share one dtype")
-    sums = torch.zeros(len(params), 3, dtype=torch.float64)
-    _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs), [*exp_avgs, *exp_avg_sqs],
-          (_sizes(params), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale), 1, sums.data_ptr(), None)
-    try:
-        between(sums)
-    except BaseException:
-        torch._foreach_abs_(list(exp_avg_sqs))  # v >= 0: its sign bits held the mask
-        raise
-    _call("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs), [*params, *exp_avgs, *exp_avg_sqs],
-          (_sizes(params), (_doubles, hypers)), _MASKS[mask], _ALPHAS[alpha], int(count_scale), 2, sums.data_ptr(),
-          _int64s(list(whole)))
+
+    def clear_mask_bits() -> None:  # v >= 0: its sign bits held φ between the passes
+        torch._foreach_abs_(list(exp_avg_sqs))
+
+    _two_passes("leanopt_adam", (params, grads, exp_avgs, exp_avg_sqs),
+                ([*exp_avgs, *exp_avg_sqs], [*params, *exp_avgs, *exp_avg_sqs]), (_sizes(params), (_doubles, hypers)), (),
+                mask, alpha, count_scale, between, whole, clear_mask_bits)
 
 
 def lion(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],

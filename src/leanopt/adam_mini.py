@@ -286,6 +286,16 @@ def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
     return _kind(row[4]) in _NATIVE_KINDS
 
 
+def _rows_v(blocks: list[BlockView], sums: list[Tensor], params: list[Tensor], exp_avg_sqs: list[Tensor],
+            coeffs: list[AdamMiniStep]) -> list[Tensor]:
+    """Shards' v: ``sums`` (this rank's part of each block's sum of g²) summed over the
+    ranks (one collective per group), v moved as the eager path moves it, and returned as
+    one value per local row (a lane: the layouts the shard paths take have row lanes)."""
+    all_reduce_sums(sums, [b.groups for b in blocks])
+    return [b.lane_values(_block_ema_(v, b.means(s.to(acc_dtype(p))), c.beta2, c.gain2), v.dtype)
+            for b, s, p, v, c in zip(blocks, sums, params, exp_avg_sqs, coeffs, strict=True)]
+
+
 def _adam_mini_shards(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                       layouts: list[BlockLayout], coeffs: list[AdamMiniStep], pieces: list[Piece], *, mask: str, alpha: str,
                       count_scale: bool) -> None:
@@ -293,10 +303,8 @@ def _adam_mini_shards(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     the ranks in one collective per group), v, then the kernel's ``"given"`` kind from each
     local row's v (with the mask, its sums over the ranks between its two calls)."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
-    sums = [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)]
-    all_reduce_sums(sums, [b.groups for b in blocks])
-    v_rows = [b.lane_values(_block_ema_(v, b.means(s), c.beta2, c.gain2), v.dtype)
-              for v, b, s, c in zip(exp_avg_sqs, blocks, sums, coeffs)]
+    v_rows = _rows_v(blocks, [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)], params, exp_avg_sqs,
+                     coeffs)
     calls = []
     for idx in fusable_groups(params, key=lambda i: blocks[i].local_view[1]):
         views = [blocks[i].local_view for i in idx]
@@ -316,13 +324,8 @@ def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     the layout's lanes are rows (axis 0)."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
     rows, cols = [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks]
-    acc = [acc_dtype(p) for p in params]
     sums = [b.lane_sums(s) for b, s in zip(blocks, _native.row_sq_sums(grads, rows, cols))]
-    all_reduce_sums(sums, [b.groups for b in blocks])
-    v_rows = []
-    for v, b, block_sum, c, dtype in zip(exp_avg_sqs, blocks, sums, coeffs, acc):
-        v_b = _block_ema_(v, b.means(block_sum.to(dtype)), c.beta2, c.gain2)
-        v_rows.append(b.lane_values(v_b, v.dtype))
+    v_rows = _rows_v(blocks, sums, params, exp_avg_sqs, coeffs)
     if not mask_active(mask, count_scale):
         _native.adam_mini_rows(params, grads, exp_avgs, v_rows, rows, cols, coeffs, given=True)
         return
@@ -352,7 +355,7 @@ def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         _native.adam_mini_compact(p, g, m, v, layout.n_blocks, int(c.count), c)
 
 
-BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=True, native=_adam_mini_native,
+BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=_sharded_takes, native=_adam_mini_native,
                     native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes,
                     compact_formats=("int8", "int4"),
                     sharded=_adam_mini_sharded, sharded_takes=_sharded_takes)

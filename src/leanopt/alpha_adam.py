@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._backend import Backends
+from ._backend import Backends, every_row
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decay_, decay_factor,
                          direction, scalar, step_tensor)
 from ._distributed import Piece
-from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, native_two_pass, step_, two_pass
+from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, native_two_pass, step_, two_pass, whole_sizes
 
 __all__ = ["AdamStep", "AdamW", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
 
@@ -159,9 +159,9 @@ def _alpha_adam_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     """The masked step of shards by the C kernel: pass 1 over every local tensor (m, v and
     the mask sums), the sums over the ranks, pass 2 from them and each tensor's whole size.
     Without a mask (the count scale alone) one pass, its n/(n+1) of the whole tensor."""
-    whole = [p.numel() if piece is None else piece.numel for p, piece in zip(params, pieces, strict=True)]
-    native_two_pass(_native.adam, [params, grads, exp_avgs, exp_avg_sqs, _kernel_coeffs(whole, coeffs, mask, count_scale)],
-                    pieces, mask=mask, alpha=alpha, count_scale=count_scale)
+    coeffs = _kernel_coeffs(whole_sizes(params, pieces), coeffs, mask, count_scale)
+    native_two_pass(_native.adam, [params, grads, exp_avgs, exp_avg_sqs, coeffs], pieces, mask=mask, alpha=alpha,
+                    count_scale=count_scale)
 
 
 def _kernel_coeffs(numels: list[int], coeffs: list[AdamStep], mask: str, count_scale: bool) -> list[AdamStep]:
@@ -181,7 +181,7 @@ def _alpha_adam_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         _native.compact_step("adam", p, g, m, v, c, scaled=count_scale, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
-BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, compiled_shards=True, native=_alpha_adam_native, elementwise=unmasked,
+BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, compiled_shards=every_row, native=_alpha_adam_native, elementwise=unmasked,
                     compact=_alpha_adam_compact, compact_takes=lambda row, options: True, sharded=_alpha_adam_sharded)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._backend import Backends
+from ._backend import Backends, every_row
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, decay_, decay_factor, direction, scalar,
@@ -137,7 +137,7 @@ def _lion_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any]
         _native.compact_step("lion", p, g, m, None, c)
 
 
-BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, compiled_shards=True, native=_lion_native, elementwise=unmasked,
+BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, compiled_shards=every_row, native=_lion_native, elementwise=unmasked,
                     compact=_lion_compact, sharded=_lion_native)
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from ._distributed import Piece, all_reduce_sums, reduce_later
 from ._optimizer import BOOL, OneOf, acc_dtype, finite_terms
 
-__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_", "two_pass", "native_two_pass"]
+__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_", "two_pass", "native_two_pass", "whole_sizes"]
 
 MASKS = ("none", "async", "sync")
 ALPHAS = ("squared", "root", "none")
@@ -153,9 +153,9 @@ def two_pass(kernel: Callable[..., Any], calls: list[tuple[list[int], tuple[Any,
     between the two (one collective per group for all calls) and whose whole sizes
     (``whole``, as H's dtype; None for plain tensors) enter the count scale."""
     pieces = pieces or [None] * len(params)
+    sizes = whole_sizes(params, pieces)
     wholes = [None if all(pieces[i] is None for i in idx) else
-              torch.tensor([params[i].numel() if pieces[i] is None else pieces[i].numel for i in idx], dtype=H.dtype,
-                           device=H.device) for idx, _, H in calls]
+              torch.tensor([sizes[i] for i in idx], dtype=H.dtype, device=H.device) for idx, _, H in calls]
     sums = [kernel(*tensors, H, None, "sums", mask, alpha, count_scale, whole) if needs_sums(mask) else None
             for (_, tensors, H), whole in zip(calls, wholes)]
     groups = [() if pieces[i] is None else pieces[i].groups for idx, _, _ in calls for i in idx]
@@ -163,6 +163,11 @@ def two_pass(kernel: Callable[..., Any], calls: list[tuple[list[int], tuple[Any,
         all_reduce_sums([row for part in sums for row in part.unbind(0)], groups)
     for (_, tensors, H), part, whole in zip(calls, sums, wholes):
         kernel(*tensors, H, part, "apply", mask, alpha, count_scale, whole)
+
+
+def whole_sizes(params: list[Tensor], pieces: list[Piece | None] | None) -> list[int]:
+    """Each tensor's whole size: a shard's (``pieces``) is the sharded tensor's."""
+    return [p.numel() if piece is None else piece.numel for p, piece in zip(params, pieces or [None] * len(params), strict=True)]
 
 
 def native_two_pass(kernel: Callable[..., None], columns: list[list[Any]], pieces: list[Piece | None] | None,
@@ -173,8 +178,8 @@ def native_two_pass(kernel: Callable[..., None], columns: list[list[Any]], piece
     mask sums ``between`` sums over their groups (one collective per group per call) and
     whose whole size ``whole`` gives the count scale; None: plain tensors."""
     params = columns[0]
+    whole = whole_sizes(params, pieces)
     pieces = pieces or [None] * len(params)
-    whole = [p.numel() if piece is None else piece.numel for p, piece in zip(params, pieces, strict=True)]
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
         by_dtype.setdefault(p.dtype, []).append(i)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._backend import Backends
+from ._backend import Backends, every_row
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decay_, decay_factor,
@@ -157,7 +157,7 @@ def _sgd_sai_compact(params: list[Tensor], grads: list[Tensor], momentum_buffers
         _native.compact_step("sgd_sai", p, g, m, None, c)
 
 
-BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, compiled_shards=True, native=_sgd_sai_native,
+BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, compiled_shards=every_row, native=_sgd_sai_native,
                     native_takes=_native_takes, elementwise=unmasked, compact=_sgd_sai_compact,
                     sharded=_sgd_sai_native, sharded_takes=_native_takes)
 

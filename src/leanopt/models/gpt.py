@@ -32,9 +32,9 @@ class GPTConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # biases on the query, value and output projections and the MLP's three linears; none on
-    # the key projection, whose bias softmax ignores (its exact gradient is zero, so any
-    # update it got would be rounding noise)
+    # biases on the attention's four projections and the MLP's three linears (as GPT-2; not
+    # on the output head). With RoPE a key bias is not a constant shift of the scores (it is
+    # rotated with its key's position), so its gradient is a real one.
     bias: bool = False
 
     def __post_init__(self) -> None:
@@ -105,7 +105,7 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.resolved_kv_heads
         self.head_dim = cfg.resolved_head_dim
         self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.bias)
 
