@@ -167,7 +167,8 @@ def two_pass(kernel: Callable[..., Any], calls: list[tuple[list[int], tuple[Any,
 
 def whole_sizes(params: list[Tensor], pieces: list[Piece | None] | None) -> list[int]:
     """Each tensor's whole size: a shard's (``pieces``) is the sharded tensor's."""
-    return [p.numel() if piece is None else piece.numel for p, piece in zip(params, pieces or [None] * len(params), strict=True)]
+    pieces = pieces or [None] * len(params)
+    return [p.numel() if piece is None else piece.numel for p, piece in zip(params, pieces, strict=True)]
 
 
 def native_two_pass(kernel: Callable[..., None], columns: list[list[Any]], pieces: list[Piece | None] | None,
