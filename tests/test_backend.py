@@ -152,3 +152,30 @@ def test_each_step_record_is_its_c_kernels_row(prefix):
     names = [n.strip() for n in re.sub(r"/\*.*?\*/", "", body, flags=re.S).split(",") if n.strip()]
     assert names[-1] == f"{prefix}_N"
     assert [n.removeprefix(prefix + "_").lower() for n in names[:-1]] == list(RECORDS[prefix]._fields)
+
+
+def test_a_shard_takes_the_same_path_whatever_its_local_layout(monkeypatch):
+    # the ranks' collectives pair up, so the path of a shard whose step crosses the ranks must not
+    # depend on this rank's local part: contiguous, a non-contiguous view, or empty, all take the
+    # sharded C step (a non-contiguous one through a contiguous copy, written back)
+    from leanopt import _backend
+    from leanopt._distributed import Piece
+
+    monkeypatch.setattr(_native, "everywhere", lambda: True)  # as agreed by every rank
+    seen = []
+
+    def sharded(params, grads, *, pieces):
+        seen.append([p.is_contiguous() for p in params])
+        for p, g in zip(params, grads):
+            p.add_(g)
+
+    backends = _backend.Backends(streams=2, eager=None, compiled=None, sharded=sharded)
+    base = torch.zeros(6, 4)
+    locals_ = [torch.zeros(4, 6), base.t(), torch.zeros(0, 6)]  # contiguous, a transposed view, an empty shard
+    grads = [torch.ones_like(p) for p in locals_]
+    piece = Piece(shape=(12, 6), index=(torch.arange(4), None), groups=(object(),))
+    plan = _backend._plan(None, [locals_, grads], backends, {}, str, [piece] * 3)
+    assert plan[_backend.SHARDED] == [0, 1, 2] and not plan[_backend.EAGER]
+    _backend._contiguous(sharded, [locals_, grads], 2, pieces=[piece] * 3)
+    assert seen == [[True, True, True]]  # the kernel sees contiguous memory only
+    assert torch.equal(base, torch.ones(6, 4)) and torch.equal(locals_[0], torch.ones(4, 6))  # written back in place
