@@ -40,7 +40,8 @@ from torch import Tensor
 
 from ._distributed import is_dtensor
 
-__all__ = ["library", "enabled", "kernel_dtype", "supports", "everywhere", "adam_mini_rows", "adam_mini_masked", "elementwise_masked", "row_sq_sums", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
+__all__ = ["library", "enabled", "kernel_dtype", "supports", "everywhere", "adam_mini_rows", "adam_mini_masked",
+           "elementwise_masked", "row_sq_sums", "adam", "lion", "sgd_sai", "stream", "codec", "stochastic_round",
            "CompactState", "compact_step", "adam_mini_compact",
            "COMPACT_MAX_BLOCK", "COMPACT_MAX_SPAN"]
 

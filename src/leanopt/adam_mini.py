@@ -49,7 +49,8 @@ from . import _native
 from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from ._distributed import Piece, all_reduce_sums, is_dtensor, piece_of
-from .mask import agreement, mask_active, mask_checks, mask_defaults, masked_update_, native_two_pass, needs_sums, step_, two_pass
+from .mask import (agreement, mask_active, mask_checks, mask_defaults, masked_update_, native_two_pass, needs_sums, step_,
+                   two_pass)
 from .partition import UNRECOGNIZED, BlockLayout, BlockRule, PartitionRow, PartitionWarning, name_rule, partition_from_model
 from .partition.layout import BlockView, lane_to_block
 from .partition.rules import apply_overrides, partition_plain, warn_fallbacks, warn_unrecognized
@@ -222,12 +223,14 @@ def _adam_mini_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     ``nn.Linear``), one pass over each tensor's memory; otherwise (column blocks, blocks of
     unequal sizes) two, the block sums being one ``index_add`` over the lanes. Shards
     (``pieces``): v from the blocks' sums over the ranks first, then the kernel from each
-    local row's v (:func:`_adam_mini_shards`)."""
+    local row's v (:func:`_adam_mini_compiled_shards`)."""
     shards = [i for i, piece in enumerate(pieces or []) if piece is not None and piece.groups]
     if shards:
-        _adam_mini_shards(*([col[i] for i in shards] for col in (params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs,
-                                                                  pieces)), mask=mask, alpha=alpha, count_scale=count_scale)
-        rest = [i for i in range(len(params)) if i not in set(shards)]
+        _adam_mini_compiled_shards(*([col[i] for i in shards] for col in (params, grads, exp_avgs, exp_avg_sqs, layouts,
+                                                                           coeffs, pieces)),
+                                   mask=mask, alpha=alpha, count_scale=count_scale)
+        taken = set(shards)
+        rest = [i for i in range(len(params)) if i not in taken]
         if not rest:
             return
         params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs = ([col[i] for i in rest] for col in (
@@ -296,9 +299,9 @@ def _rows_v(blocks: list[BlockView], sums: list[Tensor], params: list[Tensor], e
             for b, s, p, v, c in zip(blocks, sums, params, exp_avg_sqs, coeffs, strict=True)]
 
 
-def _adam_mini_shards(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                      layouts: list[BlockLayout], coeffs: list[AdamMiniStep], pieces: list[Piece], *, mask: str, alpha: str,
-                      count_scale: bool) -> None:
+def _adam_mini_compiled_shards(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                               exp_avg_sqs: list[Tensor], layouts: list[BlockLayout], coeffs: list[AdamMiniStep],
+                               pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool) -> None:
     """Shards by the compiled kernel: the blocks' sums of g² (each rank's part, summed over
     the ranks in one collective per group), v, then the kernel's ``"given"`` kind from each
     local row's v (with the mask, its sums over the ranks between its two calls)."""
@@ -355,7 +358,8 @@ def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         _native.adam_mini_compact(p, g, m, v, layout.n_blocks, int(c.count), c)
 
 
-BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=_sharded_takes, native=_adam_mini_native,
+BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=_sharded_takes,
+                    native=_adam_mini_native,
                     native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes,
                     compact_formats=("int8", "int4"),
                     sharded=_adam_mini_sharded, sharded_takes=_sharded_takes)

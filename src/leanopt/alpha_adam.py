@@ -30,7 +30,8 @@ from .precision import precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decay_, decay_factor,
                          direction, scalar, step_tensor)
 from ._distributed import Piece
-from .mask import agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, native_two_pass, step_, two_pass, whole_sizes
+from .mask import (agreement, mask_active, unmasked, mask_checks, mask_defaults, masked_update_, native_two_pass, step_,
+                   two_pass, whole_sizes)
 
 __all__ = ["AdamStep", "AdamW", "AlphaAdam", "CAdamW", "adam_step", "alpha_adam"]
 
@@ -149,7 +150,7 @@ def _alpha_adam_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: li
 def _alpha_adam_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                        coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
     """The step by the C kernel (:mod:`leanopt._native`), every tensor in one call."""
-    coeffs = _kernel_coeffs([p.numel() for p in params], coeffs, mask, count_scale)
+    coeffs = _kernel_coeffs(params, None, coeffs, mask, count_scale)
     _native.adam(params, grads, exp_avgs, exp_avg_sqs, coeffs, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
@@ -159,16 +160,18 @@ def _alpha_adam_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     """The masked step of shards by the C kernel: pass 1 over every local tensor (m, v and
     the mask sums), the sums over the ranks, pass 2 from them and each tensor's whole size.
     Without a mask (the count scale alone) one pass, its n/(n+1) of the whole tensor."""
-    coeffs = _kernel_coeffs(whole_sizes(params, pieces), coeffs, mask, count_scale)
+    coeffs = _kernel_coeffs(params, pieces, coeffs, mask, count_scale)
     native_two_pass(_native.adam, [params, grads, exp_avgs, exp_avg_sqs, coeffs], pieces, mask=mask, alpha=alpha,
                     count_scale=count_scale)
 
 
-def _kernel_coeffs(numels: list[int], coeffs: list[AdamStep], mask: str, count_scale: bool) -> list[AdamStep]:
+def _kernel_coeffs(params: list[Tensor], pieces: list[Piece | None] | None, coeffs: list[AdamStep], mask: str,
+                   count_scale: bool) -> list[AdamStep]:
     """The step records as the C kernels take them: without a mask (φ ≡ 1) the count scale
-    n/(n+1) (``numels``: each tensor's whole size) is a constant of the step, folded into lr."""
+    n/(n+1) (n: each tensor's whole size, a shard's from ``pieces``) is a constant of the
+    step, folded into lr."""
     if mask == "none" and count_scale:
-        return [c._replace(lr=c.lr * (n / (n + 1))) for n, c in zip(numels, coeffs)]
+        return [c._replace(lr=c.lr * (n / (n + 1))) for n, c in zip(whole_sizes(params, pieces), coeffs)]
     return coeffs
 
 
@@ -176,13 +179,13 @@ def _alpha_adam_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
                         coeffs: list[AdamStep], *, mask: str, alpha: str, count_scale: bool) -> None:
     """The step over int8/int4 state (:func:`leanopt._native.compact_step`): one pass per
     tensor, two with the mask (its sums, then the step)."""
-    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs,
-                             _kernel_coeffs([p.numel() for p in params], coeffs, mask, count_scale)):
+    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, _kernel_coeffs(params, None, coeffs, mask, count_scale)):
         _native.compact_step("adam", p, g, m, v, c, scaled=count_scale, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
-BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, compiled_shards=every_row, native=_alpha_adam_native, elementwise=unmasked,
-                    compact=_alpha_adam_compact, compact_takes=lambda row, options: True, sharded=_alpha_adam_sharded)
+BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, compiled_shards=every_row,
+                    native=_alpha_adam_native, elementwise=unmasked, compact=_alpha_adam_compact, compact_takes=every_row,
+                    sharded=_alpha_adam_sharded)
 
 
 class AlphaAdam(LeanOptimizer):

@@ -137,8 +137,8 @@ def _lion_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any]
         _native.compact_step("lion", p, g, m, None, c)
 
 
-BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, compiled_shards=every_row, native=_lion_native, elementwise=unmasked,
-                    compact=_lion_compact, sharded=_lion_native)
+BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, compiled_shards=every_row, native=_lion_native,
+                    elementwise=unmasked, compact=_lion_compact, sharded=_lion_native)
 
 
 class Lion(LeanOptimizer):

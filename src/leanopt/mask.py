@@ -30,7 +30,8 @@ from torch import Tensor
 from ._distributed import Piece, all_reduce_sums, reduce_later
 from ._optimizer import BOOL, OneOf, acc_dtype, finite_terms
 
-__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums", "apply_mask_", "phi_of", "needs_sums", "step_", "two_pass", "native_two_pass", "whole_sizes"]
+__all__ = ["MASKS", "ALPHAS", "mask_checks", "mask_defaults", "mask_active", "agreement", "masked_update_", "mask_sums",
+           "apply_mask_", "phi_of", "needs_sums", "step_", "two_pass", "native_two_pass", "whole_sizes"]
 
 MASKS = ("none", "async", "sync")
 ALPHAS = ("squared", "root", "none")
