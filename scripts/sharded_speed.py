@@ -3,13 +3,15 @@
     torchrun --nproc_per_node=2 scripts/sharded_speed.py [--model gpt2-124m] [--repeats 5]
 
 Every rank steps its shard of a model of :data:`leanopt.bench.speed.MODELS` (one thread per
-rank, random gradients); then rank 0 alone steps the whole model, with one thread and with
-as many threads as there are ranks. "per element": the sharded step's time over the
-one-thread step's share of it (its time divided by the world size); "same cores": over the
-unsharded step on the same number of cores (the ranks share the memory bandwidth as the
-threads do). 1.0 means sharding costs nothing. "cpu": the same per-element ratio in CPU time
-(``time.process_time``) instead of wall time: on a machine with other load, a rank waiting
-for a core does not count, so it shows the cost of the sharded step's own work.
+rank, random gradients). Then the whole model, unsharded, one thread: "alone", rank 0 only;
+"concurrent", every rank its own copy at the same time, so that the ranks share the
+machine's memory bandwidth as they do when sharded (on a machine whose cores share one
+memory, two memory-bound processes each run at about half speed; GPUs of a node do not
+share memory). Each "per element" ratio is the sharded step's time over the unsharded step's
+share of it (its time divided by the world size): 1.0 means sharding costs nothing; the
+"concurrent" one is the cost of sharding itself (collectives, the passes over split blocks,
+Python). "cpu": the concurrent ratio in CPU time (``time.process_time``): a rank waiting for
+a core does not count.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from leanopt.models import GPT, GPTConfig
 OPTIMIZERS = ["lion", "sgd-sai", "adamw-pma", "alpha-adam", "cadamw", "adam-mini", "adam-mini+mask"]
 
 
-def step_ms(model, name: str, repeats: int, sharded: bool) -> tuple[float, float, str]:
+def step_ms(model, name: str, repeats: int, together: bool) -> tuple[float, float, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, _, variant = name.partition("+")
@@ -43,7 +45,7 @@ def step_ms(model, name: str, repeats: int, sharded: bool) -> tuple[float, float
                                                              stride=p.stride()) if hasattr(p, "to_local") else g
     times, cpu = [], []
     for i in range(repeats + 1):
-        if sharded:
+        if together:  # every rank starts the step at once
             dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
         opt.step()
@@ -65,6 +67,11 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     from torch.distributed.fsdp import fully_shard
 
+    def slowest(*values: float) -> list[float]:  # a step ends when the slowest rank's does
+        t = torch.tensor(values)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODELS[args.model]))
     for block in model.layers:
@@ -73,26 +80,30 @@ def main() -> None:
     sharded = {}
     for name in args.only:
         ms, cpu, backends = step_ms(model, name, args.repeats, True)
-        worst = torch.tensor([ms, cpu])
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank's does
-        sharded[name] = (worst[0].item(), worst[1].item(), backends)
+        sharded[name] = (*slowest(ms, cpu), backends)
     del model
+    torch.manual_seed(0)
+    whole = GPT(GPTConfig(**MODELS[args.model]))
+    concurrent, alone = {}, {}
+    for name in args.only:
+        ms, cpu, _ = step_ms(whole, name, args.repeats, True)  # every rank its own whole model
+        concurrent[name] = slowest(ms, cpu)
+        dist.barrier()
+        if rank == 0:
+            alone[name] = step_ms(whole, name, args.repeats, False)
+        dist.barrier()
     if rank == 0:
-        torch.manual_seed(0)
-        whole = GPT(GPTConfig(**MODELS[args.model]))
         n = sum(p.numel() for p in whole.parameters())
         print(f"{args.model}: {n:,} parameters, {world} ranks x 1 thread (FSDP2) vs 1 process x 1 thread; "
               f"median of {args.repeats} steps")
-        print(f"{'optimizer':<12} {'sharded ms':>11} {'1 thread ms':>12} {'per element':>12} {f'{world} threads ms':>13} "
-              f"{'same cores':>11} {'cpu':>7}  backends (sharded / unsharded)")
+        print(f"{'optimizer':<15} {'sharded ms':>10} {'alone ms':>9} {'per element':>11} {'concurrent ms':>13} "
+              f"{'per element':>11} {'cpu':>6}  backends (sharded / unsharded)")
         for name in args.only:
-            torch.set_num_threads(1)
-            ms, cpu, backends = step_ms(whole, name, args.repeats, False)
-            torch.set_num_threads(world)  # the same cores as the ranks use together
-            ms_all, _, _ = step_ms(whole, name, args.repeats, False)
             wall, cpu_sharded, used = sharded[name]
-            print(f"{name:<12} {wall:>11.1f} {ms:>12.1f} {wall / (ms / world):>11.2f}x {ms_all:>13.1f} {wall / ms_all:>10.2f}x "
-                  f"{cpu_sharded / (cpu / world):>6.2f}x  {used} / {backends}")
+            ms, _, backends = alone[name]
+            ms_c, cpu_c = concurrent[name]
+            print(f"{name:<15} {wall:>10.1f} {ms:>9.1f} {wall / (ms / world):>10.2f}x {ms_c:>13.1f} "
+                  f"{wall / (ms_c / world):>10.2f}x {cpu_sharded / (cpu_c / world):>5.2f}x  {used} / {backends}")
     dist.barrier()
     dist.destroy_process_group()
 

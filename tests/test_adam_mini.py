@@ -660,3 +660,39 @@ def test_block_sums_and_scaling_of_any_part_of_a_tensor(shape, layout):
         p = part.clone().contiguous()
         view.sub_scaled_(p, part.contiguous(), values)
         torch.testing.assert_close(p, part - whole[mask].view(part.shape))
+
+
+@pytest.mark.parametrize("shape,layout", [c for c in LAYOUTS_OF_SHARDS if c[1].axis == 0], ids=lambda x: str(x))
+def test_a_shard_steps_the_blocks_it_holds_whole_in_one_pass(shape, layout):
+    """The C step of shards runs its one-pass kernel on the rows of the blocks a rank holds
+    whole and the two-pass path on the rest: the runs must cover every local row once, in
+    order, hold exactly the lanes of their blocks, and take every block that FSDP2's row
+    split leaves whole (equal blocks only; a split along the columns leaves none whole)."""
+    from leanopt._distributed import Piece
+    from leanopt.partition.layout import BlockView, lane_to_block
+
+    lane_block = lane_to_block(layout, torch.device("cpu"), torch.float64)[0]
+    k = layout.uniform
+    n = shape[0]
+    for lo, hi in [(0, n), (0, n // 2 + 1), (n // 2 + 1, n), (1, 2), (2, 2), (2, n - 1)]:
+        rows = torch.arange(lo, hi)
+        for cols in (None, torch.arange(1, shape[-1])):  # every column, or a TP-like column split
+            index = (rows, *([None] * (len(shape) - 1)))
+            if cols is not None:
+                if len(shape) == 1:
+                    continue
+                index = (*index[:-1], cols)
+            view = BlockView(layout, Piece(shape, index, ()))
+            whole, other = view.row_runs()
+            spans = sorted([(r0, r1) for r0, r1, _, _ in whole] + other)
+            assert [a for a, _ in spans] == [0, *[b for _, b in spans[:-1]]][:len(spans)]
+            assert (spans[-1][1] if spans else 0) == view.local_view[0]
+            lanes = view.lane_ids
+            held = set()
+            for r0, r1, b0, b1 in whole:
+                assert k is not None and lanes[r0:r1].tolist() == list(range(b0 * k, b1 * k))
+                held |= set(range(b0, b1))
+            local = set(lanes.tolist())
+            expect = set() if cols is not None or k is None or view.local_view[1] != layout.view[1] else {
+                b for b in range(layout.n_blocks) if set((lane_block == b).nonzero().flatten().tolist()) <= local}
+            assert held == expect, (lo, hi, whole, other)

@@ -17,6 +17,7 @@ can be compared to rounding error.
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -317,24 +318,120 @@ def _adam_mini_compiled_shards(params: list[Tensor], grads: list[Tensor], exp_av
     two_pass(lambda *args: _KERNEL(*args)[0], calls, params, pieces, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
+class _Rows(NamedTuple):
+    """How the C step of shards covers one tensor's local rows (:meth:`BlockView.row_runs`)."""
+
+    whole: list[tuple[int, int, int, int]]  # rows r0..r1 hold blocks b0..b1 whole: one pass, v[b0:b1] moved in place
+    other: list[tuple[int, int]]  # the rest: their blocks' sums of g² cross the ranks, then the "given" pass
+    held: Tensor  # (n_blocks,) bool: the blocks of ``whole``
+    anywhere: Tensor  # (n_blocks,) bool: the blocks one rank of the groups holds whole (its v crosses as it is)
+    other_blocks: Tensor  # the block of every row of ``other``, in order
+
+
+# (layout, id(piece)) -> (piece, rows); pieces are cached by _distributed.piece_of, so an id stays one piece
+_ROWS: dict[tuple[BlockLayout, int], tuple[Piece, _Rows]] = {}
+
+
+def _rows_of(blocks: list[BlockView], pieces: list[Piece]) -> list[_Rows]:
+    """Each tensor's :class:`_Rows`, computed the first time a tensor is seen: which blocks some
+    rank holds whole takes one collective (per group) for all of them, on every rank at once, as
+    the ranks step the same tensors in the same order."""
+    keys = [(b.layout, id(piece)) for b, piece in zip(blocks, pieces)]
+    new = [i for i, key in enumerate(keys) if key not in _ROWS]
+    if new:
+        found = {}
+        for i in new:
+            b = blocks[i]
+            whole, other = b.row_runs()
+            held = torch.zeros(b.layout.n_blocks, dtype=torch.bool)
+            for _, _, b0, b1 in whole:
+                held[b0:b1] = True
+            ids = torch.arange(b.local_view[0]) if b.lane_ids is None else b.lane_ids.cpu()
+            rows = torch.cat([ids[r0:r1] for r0, r1 in other]) if other else ids[:0]
+            found[i] = (whole, other, held, lane_to_block(b.layout, torch.device("cpu"), torch.float64)[0][rows])
+        counts = [found[i][2].to(torch.float64) for i in new]
+        all_reduce_sums(counts, [pieces[i].groups for i in new])
+        for i, n in zip(new, counts):
+            whole, other, held, other_blocks = found[i]
+            _ROWS[keys[i]] = (pieces[i], _Rows(whole, other, held, n > 0, other_blocks))
+    return [_ROWS[key][1] for key in keys]
+
+
 def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool, pieces: list[Piece | None]) -> None:
-    """The step of shards by the C kernels: each local row's sum of g² (one pass, every
-    tensor in one call), the blocks' sums over the ranks (one collective per group), ``v``
-    as the eager path moves it, then the update from each local row's block ``v`` (a second
-    pass; with the mask, its sums first, over the ranks too). A local row lies in one block:
-    the layout's lanes are rows (axis 0)."""
+    """The step of shards by the C kernels. A local row lies in one block (the layout's lanes
+    are rows, axis 0). With the mask: each local row's sum of g² (one pass), the blocks' sums
+    over the ranks (one collective per group), ``v`` as the eager path moves it, then the
+    masked passes from each local row's block ``v``, the mask's sums crossing the ranks too.
+    Without: :func:`_adam_mini_sharded_rows`."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
+    if not mask_active(mask, count_scale):
+        _adam_mini_sharded_rows(params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs, pieces)
+        return
     rows, cols = [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks]
     sums = [b.lane_sums(s) for b, s in zip(blocks, _native.row_sq_sums(grads, rows, cols))]
     v_rows = _rows_v(blocks, sums, params, exp_avg_sqs, coeffs)
-    if not mask_active(mask, count_scale):
-        _native.adam_mini_rows(params, grads, exp_avgs, v_rows, rows, cols, coeffs, given=True)
-        return
-    # the mask's sums over the ranks between the two passes (the whole tensor's size in its count scale)
     native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, v_rows, rows, cols, coeffs], pieces, mask=mask,
                     alpha=alpha, count_scale=count_scale, given=True)
+
+
+def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                            exp_avg_sqs: list[Tensor], blocks: list[BlockView], coeffs: list[AdamMiniStep],
+                            pieces: list[Piece]) -> None:
+    """Shards without the mask, in about one pass over memory, as unsharded. The blocks a rank
+    holds whole (most: FSDP2 cuts a tensor between rows, and a block is a run of rows) step in
+    one C pass that moves their v; the rows of blocks split between ranks sum their g² (a pass
+    over them alone). One collective per group then carries both, each rank adding its part:
+    the new v of the blocks it holds whole (the others add nothing) and its sums of the split
+    ones. Every rank then holds the whole new v, and the split blocks' rows step from it."""
+    batches: dict[tuple, list[int]] = {}  # one flat v per batch: one dtype and one beta2
+    for i, (v, c) in enumerate(zip(exp_avg_sqs, coeffs)):
+        batches.setdefault((v.dtype, params[i].dtype, c.beta2), []).append(i)
+    if len(batches) > 1:
+        for idx in batches.values():
+            _adam_mini_sharded_rows(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks,
+                                                                        coeffs, pieces)))
+        return
+    runs = _rows_of(blocks, pieces)
+
+    def slabs(column: list[Tensor], spans: list[tuple[int, int, int]]) -> list[Tensor]:
+        return [column[i].view(-1)[r0 * blocks[i].local_view[1]:r1 * blocks[i].local_view[1]] for i, r0, r1 in spans]
+
+    whole = [(i, r0, r1, b0, b1) for i, r in enumerate(runs) for r0, r1, b0, b1 in r.whole]
+    if whole:
+        _native.adam_mini_rows(*(slabs(col, [w[:3] for w in whole]) for col in (params, grads, exp_avgs)),
+                               [exp_avg_sqs[i][b0:b1] for i, _, _, b0, b1 in whole], [b1 - b0 for *_, b0, b1 in whole],
+                               [int(coeffs[i].count) for i, *_ in whole], [coeffs[i] for i, *_ in whole])
+    other = [(i, r0, r1) for i, r in enumerate(runs) for r0, r1 in r.other]
+    cols = [blocks[i].local_view[1] for i, _, _ in other]
+    sums = _native.row_sq_sums(slabs(grads, other), [r1 - r0 for _, r0, r1 in other], cols)
+    # every tensor's blocks in one flat vector, the tensors summed over the same groups side by side
+    by_groups: dict[tuple[int, ...], list[int]] = {}
+    for i, piece in enumerate(pieces):
+        by_groups.setdefault(tuple(map(id, piece.groups)), []).append(i)
+    order = [i for idx in by_groups.values() for i in idx]
+    sizes = [blocks[i].layout.n_blocks for i in order]
+    start = dict(zip(order, itertools.accumulate([0, *sizes])))
+    v_all = torch.cat([exp_avg_sqs[i] for i in order])  # the held blocks' v as the one pass left it
+    parts = torch.where(torch.cat([runs[i].held for i in order]), v_all.to(torch.float64), 0.0)
+    other_blocks = torch.cat([runs[i].other_blocks + start[i] for i in range(len(runs))])  # the block of each row of other
+    if other:
+        parts.index_add_(0, other_blocks, torch.cat(sums))
+    ends = list(itertools.accumulate(len(idx) for idx in by_groups.values()))
+    spans = [parts[start[order[a]]:start[order[b - 1]] + blocks[order[b - 1]].layout.n_blocks]
+             for a, b in zip([0, *ends], ends)]
+    all_reduce_sums(spans, [pieces[idx[0]].groups for idx in by_groups.values()])
+    acc, c = acc_dtype(params[0]), coeffs[0]
+    totals = parts.to(acc)
+    means = totals / torch.cat([lane_to_block(blocks[i].layout, totals.device, acc)[1] for i in order])
+    split = v_all.to(acc).mul_(c.beta2).add_(means, alpha=c.gain2)  # the split blocks' v, as _block_ema_ moves it
+    new = torch.where(torch.cat([runs[i].anywhere for i in order]), totals, split).to(v_all.dtype)
+    torch._foreach_copy_([exp_avg_sqs[i] for i in order], list(new.split(sizes)))
+    if other:
+        _native.adam_mini_rows(*(slabs(col, other) for col in (params, grads, exp_avgs)),
+                               list(new[other_blocks].split([r1 - r0 for _, r0, r1 in other])),
+                               [r1 - r0 for _, r0, r1 in other], cols, [coeffs[i] for i, _, _ in other], given=True)
 
 
 def _sharded_takes(row: list[Any], options: dict[str, Any]) -> bool:

@@ -167,6 +167,30 @@ class BlockView:
         if piece is not None:
             self.local_view, self.lane_ids = _local_lanes(layout, piece, name)
 
+    def row_runs(self) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]:
+        """The local rows (an axis-0 layout) in runs: ``(r0, r1, b0, b1)``, rows ``r0..r1``
+        hold blocks ``b0..b1`` whole and in order (every element of them is here, so a
+        one-pass kernel can step them from ``v[b0:b1]``; equal blocks only), and ``(r0, r1)``,
+        the other rows (of blocks whose other parts other processes hold)."""
+        rows, layout, k = self.local_view[0], self.layout, self.layout.uniform
+        whole = []
+        if rows and k is not None and layout.axis == 0 and self.local_view[1] == layout.view[1]:
+            ids = torch.arange(rows) if self.lane_ids is None else self.lane_ids
+            breaks = (torch.nonzero(ids[1:] != ids[:-1] + 1).flatten() + 1).tolist()
+            for r0, r1 in zip([0, *breaks], [*breaks, rows]):  # runs of consecutive lanes
+                first, end = int(ids[r0]), int(ids[r1 - 1]) + 1
+                b0, b1 = -(-first // k), end // k  # the blocks wholly inside the run
+                if b1 > b0:
+                    whole.append((r0 + b0 * k - first, r0 + b1 * k - first, b0, b1))
+        other, at = [], 0
+        for r0, r1, _, _ in whole:
+            if r0 > at:
+                other.append((at, r0))
+            at = r1
+        if rows > at:
+            other.append((at, rows))
+        return whole, other
+
     def _ids(self, device: torch.device) -> Tensor:
         """:attr:`lane_ids` on ``device``, copied there once."""
         if self.lane_ids.device != device:
