@@ -10,8 +10,9 @@ memory, two memory-bound processes each run at about half speed; GPUs of a node 
 share memory). Each "per element" ratio is the sharded step's time over the unsharded step's
 share of it (its time divided by the world size): 1.0 means sharding costs nothing; the
 "concurrent" one is the cost of sharding itself (collectives, the passes over split blocks,
-Python). "cpu": the concurrent ratio in CPU time (``time.process_time``): a rank waiting for
-a core does not count.
+Python). Sharded and concurrent steps are measured in alternating rounds, and the ratio is
+the median of the rounds' ratios (with their range). "cpu": the concurrent ratio in CPU time
+(``time.process_time``): a rank waiting for a core does not count.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from leanopt.models import GPT, GPTConfig
 OPTIMIZERS = ["lion", "sgd-sai", "adamw-pma", "alpha-adam", "cadamw", "adam-mini", "adam-mini+mask"]
 
 
-def step_ms(model, name: str, repeats: int, together: bool) -> tuple[float, float, str]:
+def optimizer(model, name: str) -> torch.optim.Optimizer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, _, variant = name.partition("+")
@@ -43,23 +44,34 @@ def step_ms(model, name: str, repeats: int, together: bool) -> tuple[float, floa
         g = torch.randn(local.shape, generator=gen) * 1e-3
         p.grad = torch.distributed.tensor.DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape,
                                                              stride=p.stride()) if hasattr(p, "to_local") else g
+    opt.step()  # state created
+    return opt
+
+
+def step_ms(opt: torch.optim.Optimizer, repeats: int, together: bool) -> tuple[float, float]:
+    """Median wall and CPU milliseconds of ``repeats`` steps; ``together``: every rank starts
+    each step at once, and a step ends when the slowest rank's does."""
     times, cpu = [], []
-    for i in range(repeats + 1):
-        if together:  # every rank starts the step at once
+    for _ in range(repeats):
+        if together:
             dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
         opt.step()
         times.append((time.perf_counter() - t0) * 1000)
         cpu.append((time.process_time() - c0) * 1000)
-    backends = ", ".join(f"{b} {n}" for b, n in opt.last_backends.items())
-    del opt
-    return statistics.median(times[1:]), statistics.median(cpu[1:]), backends
+    wall, cpu_ms = statistics.median(times), statistics.median(cpu)
+    if together:
+        t = torch.tensor([wall, cpu_ms])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        wall, cpu_ms = t.tolist()
+    return wall, cpu_ms
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt2-124m", choices=list(MODELS))
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="steps per measurement (their median)")
+    ap.add_argument("--rounds", type=int, default=5, help="sharded/concurrent measurement pairs (their ratios' median)")
     ap.add_argument("--only", nargs="*", default=OPTIMIZERS)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -67,43 +79,38 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     from torch.distributed.fsdp import fully_shard
 
-    def slowest(*values: float) -> list[float]:  # a step ends when the slowest rank's does
-        t = torch.tensor(values)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.tolist()
-
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODELS[args.model]))
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
-    sharded = {}
-    for name in args.only:
-        ms, cpu, backends = step_ms(model, name, args.repeats, True)
-        sharded[name] = (*slowest(ms, cpu), backends)
-    del model
     torch.manual_seed(0)
     whole = GPT(GPTConfig(**MODELS[args.model]))
-    concurrent, alone = {}, {}
+    rows = []
     for name in args.only:
-        ms, cpu, _ = step_ms(whole, name, args.repeats, True)  # every rank its own whole model
-        concurrent[name] = slowest(ms, cpu)
+        sharded_opt, whole_opt = optimizer(model, name), optimizer(whole, name)
+        # the two alternate, so that a slow spell of the machine falls on both of a pair
+        pairs = [(step_ms(sharded_opt, args.repeats, True), step_ms(whole_opt, args.repeats, True))
+                 for _ in range(args.rounds)]
+        ratios = sorted(s[0] / (w[0] / world) for s, w in pairs)
+        cpu = statistics.median(s[1] / (w[1] / world) for s, w in pairs)
         dist.barrier()
-        if rank == 0:
-            alone[name] = step_ms(whole, name, args.repeats, False)
+        alone = step_ms(whole_opt, args.repeats, False) if rank == 0 else None
         dist.barrier()
+        used = ", ".join(f"{b} {n}" for b, n in sharded_opt.last_backends.items())
+        rows.append((name, statistics.median(s[0] for s, _ in pairs), statistics.median(w[0] for _, w in pairs), ratios,
+                     cpu, alone, used, ", ".join(f"{b} {n}" for b, n in whole_opt.last_backends.items())))
+        del sharded_opt, whole_opt
     if rank == 0:
         n = sum(p.numel() for p in whole.parameters())
         print(f"{args.model}: {n:,} parameters, {world} ranks x 1 thread (FSDP2) vs 1 process x 1 thread; "
-              f"median of {args.repeats} steps")
-        print(f"{'optimizer':<15} {'sharded ms':>10} {'alone ms':>9} {'per element':>11} {'concurrent ms':>13} "
-              f"{'per element':>11} {'cpu':>6}  backends (sharded / unsharded)")
-        for name in args.only:
-            wall, cpu_sharded, used = sharded[name]
-            ms, _, backends = alone[name]
-            ms_c, cpu_c = concurrent[name]
-            print(f"{name:<15} {wall:>10.1f} {ms:>9.1f} {wall / (ms / world):>10.2f}x {ms_c:>13.1f} "
-                  f"{wall / (ms_c / world):>10.2f}x {cpu_sharded / (cpu_c / world):>5.2f}x  {used} / {backends}")
+              f"{args.rounds} rounds of {args.repeats} steps")
+        print(f"{'optimizer':<15} {'sharded ms':>10} {'concurrent ms':>13} {'per element':>11} {'(range)':>13} {'cpu':>6} "
+              f"{'alone ms':>9} {'per element':>11}  backends (sharded / unsharded)")
+        for name, ms, ms_c, ratios, cpu, alone, used, used_whole in rows:
+            print(f"{name:<15} {ms:>10.1f} {ms_c:>13.1f} {statistics.median(ratios):>10.2f}x "
+                  f"{f'{ratios[0]:.2f}-{ratios[-1]:.2f}':>13} {cpu:>5.2f}x {alone[0]:>9.1f} {ms / (alone[0] / world):>10.2f}x  "
+                  f"{used} / {used_whole}")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -82,6 +82,18 @@ NONFINITE_SKIP = ["alpha-adam", "adam-mini"]
 BAD_PARAM, BAD_ELEMENT, BAD_STEP = "layers.0.self_attn.k_proj.weight", (13, 3), 2
 
 
+def gpt2_model(dtype: torch.dtype):
+    """transformers' GPT-2, whose Conv1D weights store (in, out): Adam-mini's blocks are runs of
+    columns (heads of 4 and neurons), which FSDP2's row split cuts on every rank; 20 and 80 rows,
+    a vocabulary of 97, over 3 ranks: 7/7/6, 27/27/26 and 33/32/32 rows."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=20, n_layer=1, n_head=5, vocab_size=97, n_positions=16, bos_token_id=0,
+                                     eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
 def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, seed: int | None = None, **overrides):
     """The model of ``overrides``, wrapped by ``wrap`` ("ddp", "fsdp", "tp": tensor parallel
     attention and MLP, "2d": TP inside FSDP2 on a (world/2, 2) mesh, or none), and its optimizer
@@ -89,7 +101,7 @@ def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, seed: int
     name, extra = {**VARIANTS, **PRECISION_RUNS}.get(run, (run, {}))
     extra = {**extra, **(opt_kw or {})}
     named = extra.pop("named", False)
-    model = tiny_model(**overrides)
+    model = gpt2_model(overrides.get("dtype", torch.float32)) if overrides.pop("gpt2", False) else tiny_model(**overrides)
     if wrap == "ddp" and world > 1:
         wrapped = DDP(model)
     elif wrap in ("fsdp", "tp", "2d"):
@@ -104,7 +116,7 @@ def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, seed: int
         if wrap != "fsdp":
             tensor_parallel(model, tp)
         if wrap != "tp":
-            for block in model.layers:
+            for block in getattr(model, "layers", None) or model.transformer.h:
                 fully_shard(block, mesh=dp)
             fully_shard(model, mesh=dp)
         wrapped = model
@@ -316,7 +328,7 @@ def train_all(names, wrap, world, model_kw, rank, dp_rank, dp_world, out) -> Non
         json.dump(collectives, f)
 
 
-def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out, fast=None) -> None:
+def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out, fast=None, file="fast.json") -> None:
     """float32: each run of ``names`` with ``fused=fast`` (the default: the C kernels on the
     local shards) and with the eager reference (fused=False), from the same start and the same
     gradients -- a fixed random stream, placed as each parameter is, so that a rounding
@@ -350,7 +362,7 @@ def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out, f
         diff = max(((finals[fast][0][k] - v).norm() / v.norm()).item() for k, v in finals[False][0].items())
         results[name] = {"backends": finals[fast][1], "eager_backends": finals[False][1], "diff": diff}
     if rank == 0:
-        with open(os.path.join(out, "fast.json"), "w") as f:
+        with open(os.path.join(out, file), "w") as f:
             json.dump(results, f)
 
 
@@ -393,6 +405,8 @@ if __name__ == "__main__":
             dp_rank, dp_world = {"uneven": (rank, world), "tp": (0, 1), "2d": (rank // 2, world // 2)}[mode]
             train_all(SHARDED_RUNS, wrap, world, model_kw, rank, dp_rank, dp_world, out)
             fast_on_shards(SHARDED_C, wrap, world, model_kw, rank, dp_rank, dp_world, out)
+            if mode == "uneven":  # Conv1D's column blocks, each cut by the row split
+                fast_on_shards(["adam-mini"], "fsdp", world, {"gpt2": True}, rank, rank, world, out, file="fast-gpt2.json")
             if mode == "tp":
                 errors = {"partial": partial_error(), **fsdp1_errors()}
                 if rank == 0:

@@ -207,3 +207,26 @@ def test_autograd_sees_the_kernels_writes():
         opt.step()
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+
+
+@pytest.mark.parametrize("nthreads", [1, 3])
+def test_adam_mini_column_blocks_run_in_c(nthreads, monkeypatch):
+    # transformers' Conv1D stores (in, out): Adam-mini's blocks are runs of columns (c_attn's heads
+    # of 68 columns, then neurons); wide enough (272 x 1088) that the rows are split over threads
+    transformers = pytest.importorskip("transformers")
+    seen = []
+    original = _native.adam_mini_cols
+    monkeypatch.setattr(_native, "adam_mini_cols", lambda *a, **k: (seen.append(len(a[0])), original(*a, **k))[1])
+
+    def gpt2():
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_embd=272, n_layer=1, n_head=4, vocab_size=50, n_positions=16, bos_token_id=0,
+                                         eos_token_id=0)
+        return transformers.GPT2LMHeadModel(config)
+
+    with threads(nthreads):
+        fused, opt = run("adam-mini", dict(lr=1e-2, weight_decay=0.1), True, model=gpt2(), steps=10)
+    eager, _ = run("adam-mini", dict(lr=1e-2, weight_decay=0.1), False, model=gpt2(), steps=10)
+    assert opt.last_backends == {"native": len(fused)}
+    assert seen == [4] * 10  # c_attn, c_proj, c_fc, mlp.c_proj at every step
+    assert max_rel_diff(fused, eager) <= 1e-6

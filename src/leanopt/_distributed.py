@@ -12,6 +12,7 @@ DTensor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -24,6 +25,7 @@ __all__ = ["Piece", "piece_of", "local", "is_dtensor", "all_reduce_sums", "all_f
            "rank_zero_ints"]
 
 
+@functools.cache
 def _dtensor_cls():
     try:
         from torch.distributed.tensor import DTensor

@@ -137,6 +137,8 @@ def library() -> ctypes.CDLL | None:
                 for name, argtypes in (("leanopt_adam_mini_rows", ints + [ptr] * 7 + [ctypes.c_int]),
                                        ("leanopt_adam", ints + [ptr] * 6 + ints + [ctypes.c_int, ptr, ptr]),
                                        ("leanopt_row_sq_sums", ints + [ptr] * 4),
+                                       ("leanopt_col_sq_sums", ints + [ptr] * 4),
+                                       ("leanopt_adam_mini_cols", ints + [ptr] * 7),
                                        ("leanopt_adam_mini_masked", ints + [ptr] * 7 + [ctypes.c_int] * 5 + [ptr] * 2),
                                        ("leanopt_elementwise_masked", ints + [ptr] * 5 + [ctypes.c_int] * 5 + [ptr] * 2),
                                        ("leanopt_elementwise", ints + [ptr] * 5 + [ctypes.c_int]),
@@ -299,6 +301,25 @@ def row_sq_sums(grads: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int
     out = [torch.empty(r, dtype=torch.float64) for r in rows]
     _call("leanopt_row_sq_sums", (grads,), [], ((_int64s, rows), (_int64s, cols), (_pointers, out)))
     return out
+
+
+def col_sq_sums(grads: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int]) -> list[Tensor]:
+    """The sum of g² of every column of each tensor viewed as ``rows[i] × cols[i]``, as
+    float64 tensors (non-finite squares left out): Adam-mini's column blocks (a shard's
+    part of them). One call for every tensor; the caller checked :func:`supports`."""
+    out = [torch.empty(c, dtype=torch.float64) for c in cols]
+    _call("leanopt_col_sq_sums", (grads,), [], ((_int64s, rows), (_int64s, cols), (_pointers, out)))
+    return out
+
+
+def adam_mini_cols(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                   lane_v: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
+                   hypers: Sequence[Sequence[float]]) -> None:
+    """Adam-mini's step for tensors viewed as ``rows[i] × cols[i]`` whose blocks are runs of
+    columns, from ``lane_v[i]``: each column's block v of this step (from :func:`col_sq_sums`),
+    only read; ``hypers[i]``: an ``AdamMiniStep``. The caller checked :func:`supports`."""
+    _call("leanopt_adam_mini_cols", (params, grads, exp_avgs, lane_v), [*params, *exp_avgs],
+          ((_int64s, rows), (_int64s, cols), (_doubles, hypers)))
 
 
 def adam(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor],

@@ -276,8 +276,18 @@ _NATIVE_KINDS = ("blocks", "whole", "elements")
 def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                       layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                       count_scale: bool) -> None:
-    """The step by the C kernels (:mod:`leanopt._native`) on row layouts: one pass, two with
-    the mask component (one call per dtype)."""
+    """The step by the C kernels: row layouts in one pass, two with the mask component (one
+    call per dtype); column blocks in two (:func:`_adam_mini_columns`)."""
+    columns = [i for i, layout in enumerate(layouts) if layout.axis == 1]
+    if columns:
+        _adam_mini_columns(*([col[i] for i in columns] for col in (params, grads, exp_avgs, exp_avg_sqs)),
+                           [BlockView(layouts[i]) for i in columns], [coeffs[i] for i in columns])
+        if len(columns) == len(params):
+            return
+        taken = set(columns)
+        params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs = ([col[i] for i in range(len(params)) if i not in taken]
+                                                                 for col in (params, grads, exp_avgs, exp_avg_sqs, layouts,
+                                                                             coeffs))
     rows, cols = [layout.n_blocks for layout in layouts], [int(c.count) for c in coeffs]
     if not mask_active(mask, count_scale):
         _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs)
@@ -286,15 +296,27 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                     alpha=alpha, count_scale=count_scale)
 
 
+def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                       blocks: list[BlockView], coeffs: list[AdamMiniStep]) -> None:
+    """Blocks of columns (a transposed weight, transformers' ``Conv1D``; a shard of one) by
+    the C kernels, without the mask: each column's sum of g² (a pass), the blocks' sums (over
+    the ranks for shards: one collective per group), v as the eager path moves it, then the
+    step from each column's block v (a second pass)."""
+    rows, cols = [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks]
+    sums = [b.lane_sums(s) for b, s in zip(blocks, _native.col_sq_sums(grads, rows, cols))]
+    _native.adam_mini_cols(params, grads, exp_avgs, _lane_v(blocks, sums, params, exp_avg_sqs, coeffs), rows, cols, coeffs)
+
+
 def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
-    return _kind(row[4]) in _NATIVE_KINDS
+    kind = _kind(row[4])
+    return kind in _NATIVE_KINDS or (kind == "columns" and not mask_active(options["mask"], options["count_scale"]))
 
 
-def _rows_v(blocks: list[BlockView], sums: list[Tensor], params: list[Tensor], exp_avg_sqs: list[Tensor],
+def _lane_v(blocks: list[BlockView], sums: list[Tensor], params: list[Tensor], exp_avg_sqs: list[Tensor],
             coeffs: list[AdamMiniStep]) -> list[Tensor]:
-    """Shards' v: ``sums`` (this rank's part of each block's sum of g²) summed over the
-    ranks (one collective per group), v moved as the eager path moves it, and returned as
-    one value per local row (a lane: the layouts the shard paths take have row lanes)."""
+    """v from ``sums`` (each block's sum of g²; of a shard, this rank's part of it, summed
+    over the ranks: one collective per group), moved as the eager path moves it, and returned
+    as one value per local lane (a row or a column of the local view)."""
     all_reduce_sums(sums, [b.groups for b in blocks])
     return [b.lane_values(_block_ema_(v, b.means(s.to(acc_dtype(p))), c.beta2, c.gain2), v.dtype)
             for b, s, p, v, c in zip(blocks, sums, params, exp_avg_sqs, coeffs, strict=True)]
@@ -307,7 +329,7 @@ def _adam_mini_compiled_shards(params: list[Tensor], grads: list[Tensor], exp_av
     the ranks in one collective per group), v, then the kernel's ``"given"`` kind from each
     local row's v (with the mask, its sums over the ranks between its two calls)."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
-    v_rows = _rows_v(blocks, [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)], params, exp_avg_sqs,
+    v_rows = _lane_v(blocks, [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)], params, exp_avg_sqs,
                      coeffs)
     calls = []
     for idx in fusable_groups(params, key=lambda i: blocks[i].local_view[1]):
@@ -364,16 +386,55 @@ def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     are rows, axis 0). With the mask: each local row's sum of g² (one pass), the blocks' sums
     over the ranks (one collective per group), ``v`` as the eager path moves it, then the
     masked passes from each local row's block ``v``, the mask's sums crossing the ranks too.
-    Without: :func:`_adam_mini_sharded_rows`."""
+    Without: :func:`_adam_mini_sharded_rows`, and column blocks (no mask) by
+    :func:`_adam_mini_columns`, with a collective of their own."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
     if not mask_active(mask, count_scale):
-        _adam_mini_sharded_rows(params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs, pieces)
+        for axis, step in ((0, _adam_mini_sharded_rows), (1, _adam_mini_columns)):
+            idx = [i for i, b in enumerate(blocks) if b.layout.axis == axis]
+            if idx:
+                step(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs)),
+                     *([[pieces[i] for i in idx]] if axis == 0 else []))
         return
     rows, cols = [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks]
     sums = [b.lane_sums(s) for b, s in zip(blocks, _native.row_sq_sums(grads, rows, cols))]
-    v_rows = _rows_v(blocks, sums, params, exp_avg_sqs, coeffs)
+    v_rows = _lane_v(blocks, sums, params, exp_avg_sqs, coeffs)
     native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, v_rows, rows, cols, coeffs], pieces, mask=mask,
                     alpha=alpha, count_scale=count_scale, given=True)
+
+
+class _Flat(NamedTuple):
+    """One call's tensors' blocks in one flat vector, those summed over the same groups side by side."""
+
+    order: list[int]  # the tensors in the flat order
+    sizes: list[int]  # their blocks
+    spans: list[tuple[int, int, tuple[object, ...]]]  # (start, end, groups) of each group's part
+    held: Tensor  # bool: the blocks this rank holds whole
+    anywhere: Tensor  # bool: the blocks one rank holds whole
+    other_blocks: Tensor  # the flat block of every row of the tensors' ``other`` runs, in tensor order
+    counts: Tensor  # elements per block (float64)
+
+
+_FLATS: dict[tuple, _Flat] = {}  # a step's tensors keep their pieces: one plan per call
+
+
+def _flat(blocks: list[BlockView], pieces: list[Piece], runs: list[_Rows]) -> _Flat:
+    key = tuple((b.layout, id(piece)) for b, piece in zip(blocks, pieces))
+    if key not in _FLATS:
+        by_groups: dict[tuple[int, ...], list[int]] = {}
+        for i, piece in enumerate(pieces):
+            by_groups.setdefault(tuple(map(id, piece.groups)), []).append(i)
+        order = [i for idx in by_groups.values() for i in idx]
+        sizes = [blocks[i].layout.n_blocks for i in order]
+        start = dict(zip(order, itertools.accumulate([0, *sizes])))
+        spans = [(start[idx[0]], start[idx[-1]] + blocks[idx[-1]].layout.n_blocks, pieces[idx[0]].groups)
+                 for idx in by_groups.values()]
+        cpu = torch.device("cpu")
+        _FLATS[key] = _Flat(order, sizes, spans, torch.cat([runs[i].held for i in order]),
+                            torch.cat([runs[i].anywhere for i in order]),
+                            torch.cat([runs[i].other_blocks + start[i] for i in range(len(runs))]),
+                            torch.cat([lane_to_block(blocks[i].layout, cpu, torch.float64)[1] for i in order]))
+    return _FLATS[key]
 
 
 def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -394,6 +455,7 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
                                                                         coeffs, pieces)))
         return
     runs = _rows_of(blocks, pieces)
+    flat = _flat(blocks, pieces, runs)
 
     def slabs(column: list[Tensor], spans: list[tuple[int, int, int]]) -> list[Tensor]:
         return [column[i].view(-1)[r0 * blocks[i].local_view[1]:r1 * blocks[i].local_view[1]] for i, r0, r1 in spans]
@@ -406,36 +468,27 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
     other = [(i, r0, r1) for i, r in enumerate(runs) for r0, r1 in r.other]
     cols = [blocks[i].local_view[1] for i, _, _ in other]
     sums = _native.row_sq_sums(slabs(grads, other), [r1 - r0 for _, r0, r1 in other], cols)
-    # every tensor's blocks in one flat vector, the tensors summed over the same groups side by side
-    by_groups: dict[tuple[int, ...], list[int]] = {}
-    for i, piece in enumerate(pieces):
-        by_groups.setdefault(tuple(map(id, piece.groups)), []).append(i)
-    order = [i for idx in by_groups.values() for i in idx]
-    sizes = [blocks[i].layout.n_blocks for i in order]
-    start = dict(zip(order, itertools.accumulate([0, *sizes])))
-    v_all = torch.cat([exp_avg_sqs[i] for i in order])  # the held blocks' v as the one pass left it
-    parts = torch.where(torch.cat([runs[i].held for i in order]), v_all.to(torch.float64), 0.0)
-    other_blocks = torch.cat([runs[i].other_blocks + start[i] for i in range(len(runs))])  # the block of each row of other
-    if other:
-        parts.index_add_(0, other_blocks, torch.cat(sums))
-    ends = list(itertools.accumulate(len(idx) for idx in by_groups.values()))
-    spans = [parts[start[order[a]]:start[order[b - 1]] + blocks[order[b - 1]].layout.n_blocks]
-             for a, b in zip([0, *ends], ends)]
-    all_reduce_sums(spans, [pieces[idx[0]].groups for idx in by_groups.values()])
     acc, c = acc_dtype(params[0]), coeffs[0]
-    totals = parts.to(acc)
-    means = totals / torch.cat([lane_to_block(blocks[i].layout, totals.device, acc)[1] for i in order])
-    split = v_all.to(acc).mul_(c.beta2).add_(means, alpha=c.gain2)  # the split blocks' v, as _block_ema_ moves it
-    new = torch.where(torch.cat([runs[i].anywhere for i in order]), totals, split).to(v_all.dtype)
-    torch._foreach_copy_([exp_avg_sqs[i] for i in order], list(new.split(sizes)))
+    v_all = torch.cat([exp_avg_sqs[i] for i in flat.order]).to(acc)  # the held blocks' v as the one pass left it
+    parts = torch.where(flat.held, v_all, 0.0)  # (the others' v: 0, their own rank adds it)
+    if other:
+        parts.index_add_(0, flat.other_blocks, torch.cat(sums).to(acc))
+    all_reduce_sums([parts[a:b] for a, b, _ in flat.spans], [groups for *_, groups in flat.spans])
+    split = v_all.mul_(c.beta2).add_(parts / flat.counts.to(acc), alpha=c.gain2)  # the split blocks' v, as _block_ema_
+    new = torch.where(flat.anywhere, parts, split).to(exp_avg_sqs[0].dtype)
+    torch._foreach_copy_([exp_avg_sqs[i] for i in flat.order], list(new.split(flat.sizes)))
     if other:
         _native.adam_mini_rows(*(slabs(col, other) for col in (params, grads, exp_avgs)),
-                               list(new[other_blocks].split([r1 - r0 for _, r0, r1 in other])),
+                               list(new[flat.other_blocks].split([r1 - r0 for _, r0, r1 in other])),
                                [r1 - r0 for _, r0, r1 in other], cols, [coeffs[i] for i, _, _ in other], given=True)
 
 
-def _sharded_takes(row: list[Any], options: dict[str, Any]) -> bool:
+def _rows_of_shards(row: list[Any], options: dict[str, Any]) -> bool:
     return row[4].axis == 0
+
+
+def _sharded_takes(row: list[Any], options: dict[str, Any]) -> bool:
+    return row[4].axis == 0 or not mask_active(options["mask"], options["count_scale"])
 
 
 def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
@@ -443,7 +496,7 @@ def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
     row of the momentum's codes (the tensor's last dimension) tile each other."""
     p, count = row[0], int(row[5].count)
     last = p.shape[-1] if p.dim() else 1
-    return (_native_takes(row, options) and not mask_active(options["mask"], options["count_scale"])
+    return (_kind(row[4]) in _NATIVE_KINDS and not mask_active(options["mask"], options["count_scale"])
             and (count % last == 0 or last % count == 0)
             and max(count, last) <= _native.COMPACT_MAX_SPAN)
 
@@ -455,7 +508,7 @@ def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         _native.adam_mini_compact(p, g, m, v, layout.n_blocks, int(c.count), c)
 
 
-BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=_sharded_takes,
+BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=_rows_of_shards,
                     native=_adam_mini_native,
                     native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes,
                     compact_formats=("int8", "int4"),

@@ -191,6 +191,60 @@ int leanopt_row_sq_sums(int nt, int T_, int dtype, void **G, const int64_t *R, c
     return 0;
 }
 
+/* Adam-mini's column blocks (leanopt.adam_mini, the "columns" layouts), in two calls around
+ * the caller's block arithmetic. leanopt_col_sq_sums: the sums of g^2 of every column of T
+ * tensors viewed as R[t] x C[t] into S[t] (C[t] doubles; of the rows held here, for a shard).
+ * leanopt_adam_mini_cols: the step from V[t], each column's block v of this step (only read).
+ * The rows are split over the threads. Return 0, 1 for a bad thread count, 2 out of memory. */
+int leanopt_col_sq_sums(int nt, int T_, int dtype, void **G, const int64_t *R, const int64_t *C, double **S) {
+    if (nt < 1 || nt > 1024) return 1;
+    for (int t = 0; t < T_; ++t) {
+        int use = R[t] * C[t] < SMALL ? 1 : nt;
+        double *acc = calloc((size_t)use * (size_t)C[t] + 1, sizeof(double));
+        if (!acc) return 2;
+#pragma omp parallel num_threads(use)
+        {
+            int tid = omp_get_thread_num(), n = omp_get_num_threads();
+            int64_t r0 = R[t] * tid / n, r1 = R[t] * (tid + 1) / n;
+            if (dtype == 0)
+                am_col_sums_f32(G[t], C[t], r0, r1, acc + tid * C[t]);
+            else
+                am_col_sums_bf16(G[t], C[t], r0, r1, acc + tid * C[t]);
+        }
+        for (int64_t j = 0; j < C[t]; ++j) {
+            double total = 0.0;
+            for (int k = 0; k < use; ++k) total += acc[k * C[t] + j];
+            S[t][j] = total;
+        }
+        free(acc);
+    }
+    return 0;
+}
+
+int leanopt_adam_mini_cols(int nt, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *R,
+                           const int64_t *C, const double *h) {
+    if (nt < 1 || nt > 1024) return 1;
+    for (int t = 0; t < T_; ++t) {
+        int use = R[t] * C[t] < SMALL ? 1 : nt, failed = 0;
+        const double *ht = h + (int64_t)t * AM_N;
+#pragma omp parallel num_threads(use) reduction(| : failed)
+        {
+            int tid = omp_get_thread_num(), n = omp_get_num_threads();
+            int64_t r0 = R[t] * tid / n, r1 = R[t] * (tid + 1) / n;
+            float *step = malloc((size_t)C[t] * sizeof(float) + 1);
+            if (!step)
+                failed = 1;
+            else if (dtype == 0)
+                am_cols_f32(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, step);
+            else
+                am_cols_bf16(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, step);
+            free(step);
+        }
+        if (failed) return 2;
+    }
+    return 0;
+}
+
 /* the masked step's scale from the whole tensor's sums (leanopt.mask.apply_mask_, in its float32
  * operations: the norms are rooted and squared again, as vector_norm(u).square() does); *all:
  * the mask selected nothing, so it falls back to phi = 1 */

@@ -131,6 +131,46 @@ static void SFX(am_wide_row)(T *p, const T *g, T *m, T *v, int64_t r, int64_t C,
 static void SFX(am_row_sums)(const T *g, int64_t C, int64_t r0, int64_t r1, double *out) {
     for (int64_t r = r0; r < r1; ++r) out[r] = SFX(am_sq_sum)(g + r * C, C);
 }
+/* ---- Adam-mini with column blocks (a transposed weight, as transformers' Conv1D) -----------
+ * Every column c of an R x C tensor lies in one block. The caller sums each column's g^2
+ * (am_col_sums, over the rows held here), turns them into the blocks' v of this step and
+ * gives that v per column (V[c]); then, row by row:
+ *     m = lerp(m, sign * g, 1 - beta1);  p = p * decay - m * step_c,
+ *     step_c = (lr / bc1) / (sqrt(V[c]) / bc2_sqrt + eps)    (computed once per column) */
+static void SFX(am_col_sums)(const T *g, int64_t C, int64_t r0, int64_t r1, double *acc) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const T *gr = g + r * C;
+#pragma omp simd
+        for (int64_t j = 0; j < C; ++j) {
+            float x = LOAD(gr, j);
+            acc[j] += FINITE_SQ(x * x);
+        }
+    }
+}
+
+#define AM_COLS_LOOP(LERP)                                                              \
+    for (int64_t r = r0; r < r1; ++r) {                                                 \
+        T *pr = p + r * C, *mr = m + r * C;                                             \
+        const T *gr = g + r * C;                                                        \
+        _Pragma("omp simd") for (int64_t j = 0; j < C; ++j) {                           \
+            float gj = sign * LOAD(gr, j), mn = LERP(LOAD(mr, j), gj);                  \
+            STORE(mr, j, mn);                                                           \
+            STORE(pr, j, fmaf(-mn, step[j], LOAD(pr, j) * decay));                      \
+        }                                                                               \
+    }
+
+/* rows [r0, r1); step: C floats of scratch */
+static void SFX(am_cols)(T *p, const T *g, T *m, const T *v, int64_t C, int64_t r0, int64_t r1, const double *h,
+                         float *step) {
+    const float sign = (float)h[AM_SIGN], w = (float)h[AM_W], decay = (float)h[AM_DECAY];
+    for (int64_t j = 0; j < C; ++j) step[j] = SFX(am_step_of)(v, j, h);
+    if (w < 0.5f)
+        AM_COLS_LOOP(AM_LERP_LOW)
+    else
+        AM_COLS_LOOP(AM_LERP_HIGH)
+}
+#undef AM_COLS_LOOP
+
 /* ---- Adam-mini with the mask component (leanopt.mask), one block per row: two calls -------
  *     u = m_new * scale,   scale = 1 / (bc1 (sqrt(v) / bc2_sqrt + eps))   (the row's block v)
  * Pass 1 (am_mask_sums) moves v (unless `given`: a shard's rows, v from every rank's sums) and
