@@ -259,6 +259,23 @@ def adam_mini_masked(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs
                 ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), (int(given),), mask, alpha, count_scale, between, whole)
 
 
+def adam_mini_masked_pass(phase: int, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                          exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
+                          hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool, given: bool,
+                          sums: Tensor, whole: Sequence[int] | None = None) -> None:
+    """One pass of :func:`adam_mini_masked`, for callers that run their own passes between the
+    two (a shard's blocks held whole and split ones): phase 1 writes each tensor's mask sums to
+    ``sums`` (a ``(len(params), 3)`` float64 tensor) and, unless ``given``, moves v; phase 2
+    steps p and m from ``sums`` (``whole[i]``: tensor ``i``'s whole size). One dtype."""
+    if len({t.dtype for t in params}) > 1:
+        raise ValueError("adam_mini_masked_pass: one dtype per call")
+    assert sums.dtype == torch.float64 and sums.is_contiguous() and tuple(sums.shape) == (len(params), 3)
+    written = ([] if given else list(exp_avg_sqs)) if phase == 1 else [*params, *exp_avgs]
+    _call("leanopt_adam_mini_masked", (params, grads, exp_avgs, exp_avg_sqs), written,
+          ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), int(given), _MASKS[mask], _ALPHAS[alpha],
+          int(count_scale), phase, sums.data_ptr(), _int64s(list(whole) if whole else [t.numel() for t in params]))
+
+
 def elementwise_masked(family: str, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                        hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool,
                        between: Callable[[Tensor], None] | None = None, whole: Sequence[int] | None = None) -> None:

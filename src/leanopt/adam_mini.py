@@ -382,25 +382,18 @@ def _rows_of(blocks: list[BlockView], pieces: list[Piece]) -> list[_Rows]:
 def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool, pieces: list[Piece | None]) -> None:
-    """The step of shards by the C kernels. A local row lies in one block (the layout's lanes
-    are rows, axis 0). With the mask: each local row's sum of g² (one pass), the blocks' sums
-    over the ranks (one collective per group), ``v`` as the eager path moves it, then the
-    masked passes from each local row's block ``v``, the mask's sums crossing the ranks too.
-    Without: :func:`_adam_mini_sharded_rows`, and column blocks (no mask) by
-    :func:`_adam_mini_columns`, with a collective of their own."""
+    """The step of shards by the C kernels: row blocks by :func:`_adam_mini_sharded_rows`,
+    column blocks (no mask) by :func:`_adam_mini_columns`, with a collective of their own."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
-    if not mask_active(mask, count_scale):
-        for axis, step in ((0, _adam_mini_sharded_rows), (1, _adam_mini_columns)):
-            idx = [i for i, b in enumerate(blocks) if b.layout.axis == axis]
-            if idx:
-                step(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs)),
-                     *([[pieces[i] for i in idx]] if axis == 0 else []))
-        return
-    rows, cols = [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks]
-    sums = [b.lane_sums(s) for b, s in zip(blocks, _native.row_sq_sums(grads, rows, cols))]
-    v_rows = _lane_v(blocks, sums, params, exp_avg_sqs, coeffs)
-    native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, v_rows, rows, cols, coeffs], pieces, mask=mask,
-                    alpha=alpha, count_scale=count_scale, given=True)
+    for axis in (0, 1):
+        idx = [i for i, b in enumerate(blocks) if b.layout.axis == axis]
+        if not idx:
+            continue
+        columns = [[col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs)]
+        if axis == 0:
+            _adam_mini_sharded_rows(*columns, [pieces[i] for i in idx], mask=mask, alpha=alpha, count_scale=count_scale)
+        else:
+            _adam_mini_columns(*columns)
 
 
 class _Flat(NamedTuple):
@@ -439,37 +432,71 @@ def _flat(blocks: list[BlockView], pieces: list[Piece], runs: list[_Rows]) -> _F
 
 def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                             exp_avg_sqs: list[Tensor], blocks: list[BlockView], coeffs: list[AdamMiniStep],
-                            pieces: list[Piece]) -> None:
-    """Shards without the mask, in about one pass over memory, as unsharded. The blocks a rank
-    holds whole (most: FSDP2 cuts a tensor between rows, and a block is a run of rows) step in
-    one C pass that moves their v; the rows of blocks split between ranks sum their g² (a pass
-    over them alone). One collective per group then carries both, each rank adding its part:
-    the new v of the blocks it holds whole (the others add nothing) and its sums of the split
-    ones. Every rank then holds the whole new v, and the split blocks' rows step from it."""
+                            pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool) -> None:
+    """Row blocks of shards in about the passes over memory of the unsharded step. The blocks a
+    rank holds whole (most: FSDP2 cuts a tensor between rows, and a block is a run of rows) take
+    the unsharded kernel's pass that moves their v (with the mask, its sums pass); the rows of
+    blocks split between ranks sum their g² (a pass over them alone). One collective per group
+    carries both, each rank adding its part: the new v of the blocks it holds whole (the others
+    add nothing) and its sums of the split ones. Every rank then holds the whole new v, and
+    the split blocks' rows step from it. With the mask, their sums pass follows, the mask's sums
+    cross the ranks (a second collective), and every row takes the apply pass."""
     batches: dict[tuple, list[int]] = {}  # one flat v per batch: one dtype and one beta2
     for i, (v, c) in enumerate(zip(exp_avg_sqs, coeffs)):
         batches.setdefault((v.dtype, params[i].dtype, c.beta2), []).append(i)
     if len(batches) > 1:
         for idx in batches.values():
             _adam_mini_sharded_rows(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks,
-                                                                        coeffs, pieces)))
+                                                                        coeffs, pieces)),
+                                    mask=mask, alpha=alpha, count_scale=count_scale)
         return
     runs = _rows_of(blocks, pieces)
     flat = _flat(blocks, pieces, runs)
+    masked = mask_active(mask, count_scale)
 
-    def slabs(column: list[Tensor], spans: list[tuple[int, int, int]]) -> list[Tensor]:
-        return [column[i].view(-1)[r0 * blocks[i].local_view[1]:r1 * blocks[i].local_view[1]] for i, r0, r1 in spans]
+    def slabs(spans: list[tuple[int, ...]]) -> list[list[Tensor]]:
+        return [[col[i].view(-1)[r0 * blocks[i].local_view[1]:r1 * blocks[i].local_view[1]] for i, r0, r1, *_ in spans]
+                for col in (params, grads, exp_avgs)]
 
     whole = [(i, r0, r1, b0, b1) for i, r in enumerate(runs) for r0, r1, b0, b1 in r.whole]
-    if whole:
-        _native.adam_mini_rows(*(slabs(col, [w[:3] for w in whole]) for col in (params, grads, exp_avgs)),
-                               [exp_avg_sqs[i][b0:b1] for i, _, _, b0, b1 in whole], [b1 - b0 for *_, b0, b1 in whole],
-                               [int(coeffs[i].count) for i, *_ in whole], [coeffs[i] for i, *_ in whole])
+    held = [*slabs(whole), [exp_avg_sqs[i][b0:b1] for i, _, _, b0, b1 in whole], [b1 - b0 for *_, b0, b1 in whole],
+            [int(coeffs[i].count) for i, *_ in whole], [coeffs[i] for i, *_ in whole]]
+    passes = functools.partial(_native.adam_mini_masked_pass, mask=mask, alpha=alpha, count_scale=count_scale)
+    sums = torch.zeros(len(whole), 3, dtype=torch.float64)  # the mask's sums of each slab
+    if whole and masked:
+        passes(1, *held, given=False, sums=sums)
+    elif whole:
+        _native.adam_mini_rows(*held)
     other = [(i, r0, r1) for i, r in enumerate(runs) for r0, r1 in r.other]
+    split = [*slabs(other), list(_shared_v(params, grads, exp_avg_sqs, blocks, coeffs, pieces, runs, flat, other)),
+             [r1 - r0 for _, r0, r1 in other], [blocks[i].local_view[1] for i, _, _ in other], [coeffs[i] for i, _, _ in other]]
+    if not masked:
+        if other:
+            _native.adam_mini_rows(*split, given=True)
+        return
+    sums = torch.cat([sums, torch.zeros(len(other), 3, dtype=torch.float64)])
+    if other:
+        passes(1, *split, given=True, sums=sums[len(whole):])
+    owner = torch.tensor([i for i, *_ in whole + other], dtype=torch.long)
+    if needs_sums(mask):  # each tensor's sums: its slabs', then the ranks'
+        totals = torch.zeros(len(params), 3, dtype=torch.float64).index_add_(0, owner, sums)
+        all_reduce_sums(list(totals), [piece.groups for piece in pieces])
+        sums = totals[owner]
+    sizes = [pieces[i].numel for i, *_ in whole + other]
+    passes(2, *(a + b for a, b in zip(held, split)), given=True, sums=sums, whole=sizes)
+
+
+def _shared_v(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor], blocks: list[BlockView],
+              coeffs: list[AdamMiniStep], pieces: list[Piece], runs: list[_Rows], flat: _Flat,
+              other: list[tuple[int, int, int]]) -> tuple[Tensor, ...]:
+    """Every block's v of this step on every rank, after the held blocks' pass moved theirs:
+    the sums of g² of the ``other`` rows (row runs of split blocks), one collective per group
+    carrying those sums and the held blocks' v, v moved; returns the v of each ``other`` run's rows."""
     cols = [blocks[i].local_view[1] for i, _, _ in other]
-    sums = _native.row_sq_sums(slabs(grads, other), [r1 - r0 for _, r0, r1 in other], cols)
+    sums = _native.row_sq_sums([grads[i].view(-1)[r0 * c:r1 * c] for (i, r0, r1), c in zip(other, cols)],
+                               [r1 - r0 for _, r0, r1 in other], cols)
     acc, c = acc_dtype(params[0]), coeffs[0]
-    v_all = torch.cat([exp_avg_sqs[i] for i in flat.order]).to(acc)  # the held blocks' v as the one pass left it
+    v_all = torch.cat([exp_avg_sqs[i] for i in flat.order]).to(acc)  # the held blocks' v as their pass left it
     parts = torch.where(flat.held, v_all, 0.0)  # (the others' v: 0, their own rank adds it)
     if other:
         parts.index_add_(0, flat.other_blocks, torch.cat(sums).to(acc))
@@ -477,10 +504,7 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
     split = v_all.mul_(c.beta2).add_(parts / flat.counts.to(acc), alpha=c.gain2)  # the split blocks' v, as _block_ema_
     new = torch.where(flat.anywhere, parts, split).to(exp_avg_sqs[0].dtype)
     torch._foreach_copy_([exp_avg_sqs[i] for i in flat.order], list(new.split(flat.sizes)))
-    if other:
-        _native.adam_mini_rows(*(slabs(col, other) for col in (params, grads, exp_avgs)),
-                               list(new[flat.other_blocks].split([r1 - r0 for _, r0, r1 in other])),
-                               [r1 - r0 for _, r0, r1 in other], cols, [coeffs[i] for i, _, _ in other], given=True)
+    return new[flat.other_blocks].split([r1 - r0 for _, r0, r1 in other]) if other else ()
 
 
 def _rows_of_shards(row: list[Any], options: dict[str, Any]) -> bool:
