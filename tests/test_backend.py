@@ -179,3 +179,15 @@ def test_a_shard_takes_the_same_path_whatever_its_local_layout(monkeypatch):
     _backend._contiguous(sharded, [locals_, grads], 2, pieces=[piece] * 3)
     assert seen == [[True, True, True]]  # the kernel sees contiguous memory only
     assert torch.equal(base, torch.ones(6, 4)) and torch.equal(locals_[0], torch.ones(4, 6))  # written back in place
+
+
+def test_shard_caches_stay_bounded():
+    # the per-piece caches (pieces, lanes, Adam-mini's row plans) are keyed by meshes and
+    # layouts: a process that keeps building models must not grow them forever
+    from leanopt._distributed import remember
+
+    cache: dict = {}
+    for i in range(10):
+        assert remember(cache, i, str(i), limit=4) == str(i)
+        assert len(cache) <= 4 and cache[i] == str(i)
+    assert set(cache) == {8, 9}  # emptied when full, then filled again

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Piece", "piece_of", "local", "is_dtensor", "all_reduce_sums", "all_finite", "batched_reductions", "reduce_later",
+__all__ = ["Piece", "piece_of", "remember", "local", "is_dtensor", "all_reduce_sums", "all_finite", "batched_reductions", "reduce_later",
            "rank_zero_ints"]
 
 
@@ -69,12 +69,22 @@ def piece_of(t: Tensor, name: str = "a parameter") -> Piece | None:
     mesh = t.device_mesh
     # keyed by the mesh object itself: equal meshes of a re-created process group hold other groups
     key = (tuple(t.shape), tuple(t.placements), id(mesh))
-    if key not in _PIECES:
-        _PIECES[key] = (mesh, _piece(key[0], mesh, key[1], name))  # the entry keeps its mesh (and id) alive
-    return _PIECES[key][1]
+    if key in _PIECES:
+        return _PIECES[key][1]
+    return remember(_PIECES, key, (mesh, _piece(key[0], mesh, key[1], name)))[1]  # the entry keeps its mesh (and id) alive
 
 
 _PIECES: dict[tuple, tuple[object, Piece]] = {}  # a parameter's piece does not change between steps
+
+
+def remember(cache: dict, key: object, value: object, limit: int = 1 << 14) -> object:
+    """``cache[key] = value``, emptying the cache first when it holds ``limit`` entries: a
+    process that keeps building models or meshes must not grow it forever (entries are rebuilt
+    on use). Every rank fills its caches in the same order, so they empty at the same step."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _piece(shape: tuple[int, ...], mesh, placements: tuple, name: str) -> Piece:

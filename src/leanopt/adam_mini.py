@@ -49,7 +49,7 @@ from ._optimizer import (
 from . import _native
 from ._backend import Backends
 from ._compile import Kernel, field_index, fusable_groups, hyper
-from ._distributed import Piece, all_reduce_sums, is_dtensor, piece_of
+from ._distributed import Piece, all_reduce_sums, is_dtensor, piece_of, remember
 from .mask import (agreement, mask_active, mask_checks, mask_defaults, masked_update_, native_two_pass, needs_sums, step_,
                    two_pass)
 from .partition import UNRECOGNIZED, BlockLayout, BlockRule, PartitionRow, PartitionWarning, name_rule, partition_from_model
@@ -359,7 +359,8 @@ def _rows_of(blocks: list[BlockView], pieces: list[Piece]) -> list[_Rows]:
     rank holds whole takes one collective (per group) for all of them, on every rank at once, as
     the ranks step the same tensors in the same order."""
     keys = [(b.layout, id(piece)) for b, piece in zip(blocks, pieces)]
-    new = [i for i, key in enumerate(keys) if key not in _ROWS]
+    known = {i: _ROWS[key][1] for i, key in enumerate(keys) if key in _ROWS}
+    new = [i for i in range(len(keys)) if i not in known]
     if new:
         found = {}
         for i in new:
@@ -375,8 +376,8 @@ def _rows_of(blocks: list[BlockView], pieces: list[Piece]) -> list[_Rows]:
         all_reduce_sums(counts, [pieces[i].groups for i in new])
         for i, n in zip(new, counts):
             whole, other, held, other_blocks = found[i]
-            _ROWS[keys[i]] = (pieces[i], _Rows(whole, other, held, n > 0, other_blocks))
-    return [_ROWS[key][1] for key in keys]
+            known[i] = remember(_ROWS, keys[i], (pieces[i], _Rows(whole, other, held, n > 0, other_blocks)))[1]
+    return [known[i] for i in range(len(keys))]
 
 
 def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -408,26 +409,26 @@ class _Flat(NamedTuple):
     counts: Tensor  # elements per block (float64)
 
 
-_FLATS: dict[tuple, _Flat] = {}  # a step's tensors keep their pieces: one plan per call
+_FLATS: dict[tuple, tuple[list[Piece], _Flat]] = {}  # a step's tensors keep their pieces: one plan per call
 
 
 def _flat(blocks: list[BlockView], pieces: list[Piece], runs: list[_Rows]) -> _Flat:
     key = tuple((b.layout, id(piece)) for b, piece in zip(blocks, pieces))
-    if key not in _FLATS:
-        by_groups: dict[tuple[int, ...], list[int]] = {}
-        for i, piece in enumerate(pieces):
-            by_groups.setdefault(tuple(map(id, piece.groups)), []).append(i)
-        order = [i for idx in by_groups.values() for i in idx]
-        sizes = [blocks[i].layout.n_blocks for i in order]
-        start = dict(zip(order, itertools.accumulate([0, *sizes])))
-        spans = [(start[idx[0]], start[idx[-1]] + blocks[idx[-1]].layout.n_blocks, pieces[idx[0]].groups)
-                 for idx in by_groups.values()]
-        cpu = torch.device("cpu")
-        _FLATS[key] = _Flat(order, sizes, spans, torch.cat([runs[i].held for i in order]),
-                            torch.cat([runs[i].anywhere for i in order]),
-                            torch.cat([runs[i].other_blocks + start[i] for i in range(len(runs))]),
-                            torch.cat([lane_to_block(blocks[i].layout, cpu, torch.float64)[1] for i in order]))
-    return _FLATS[key]
+    if key in _FLATS:
+        return _FLATS[key][1]
+    by_groups: dict[tuple[int, ...], list[int]] = {}
+    for i, piece in enumerate(pieces):
+        by_groups.setdefault(tuple(map(id, piece.groups)), []).append(i)
+    order = [i for idx in by_groups.values() for i in idx]
+    sizes = [blocks[i].layout.n_blocks for i in order]
+    start = dict(zip(order, itertools.accumulate([0, *sizes])))
+    spans = [(start[idx[0]], start[idx[-1]] + blocks[idx[-1]].layout.n_blocks, pieces[idx[0]].groups)
+             for idx in by_groups.values()]
+    cpu = torch.device("cpu")
+    flat = _Flat(order, sizes, spans, torch.cat([runs[i].held for i in order]), torch.cat([runs[i].anywhere for i in order]),
+                 torch.cat([runs[i].other_blocks + start[i] for i in range(len(runs))]),
+                 torch.cat([lane_to_block(blocks[i].layout, cpu, torch.float64)[1] for i in order]))
+    return remember(_FLATS, key, (pieces, flat))[1]  # the entry keeps its pieces (and ids) alive
 
 
 def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],

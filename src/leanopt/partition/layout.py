@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._distributed import Piece
+from .._distributed import Piece, remember
 from .._optimizer import finite_terms
 
 __all__ = ["BlockLayout", "BlockView", "lane_to_block", "block_mean_sq", "block_lane_sq", "block_sums",
@@ -286,9 +286,7 @@ _LANES: dict[tuple[BlockLayout, int], tuple[Piece, tuple[tuple[int, int], Tensor
 
 def _local_lanes(layout: BlockLayout, piece: Piece, name: str) -> tuple[tuple[int, int], Tensor]:
     key = (layout, id(piece))
-    if key not in _LANES:
-        _LANES[key] = (piece, _lanes_of_piece(layout, piece.shape, piece.index))
-    out = _LANES[key][1]
+    out = _LANES[key][1] if key in _LANES else remember(_LANES, key, (piece, _lanes_of_piece(layout, piece.shape, piece.index)))[1]
     if out is None:
         raise ValueError(f"leanopt: the blocks of parameter {name!r} (a {layout.view} view of its {piece.shape} elements) "
                          "do not line up with its dimensions, so they cannot be reduced across its shards")
