@@ -324,11 +324,12 @@ def test_the_c_codec_gives_the_formula_and_agrees_with_the_eager_one(fmt, kind, 
                                             ("lion", "int8"), ("sgd-sai", "int4"), ("adam-mini", "int8"), ("adam-mini", "int4"),
                                             ("alpha-adam", "int8"), ("alpha-adam", {"exp_avg": "int4", "exp_avg_sq": "param"}),
                                             ("cadamw", "int4"), ("adamw", "bf16"), ("adamw", {"exp_avg": "int8", "exp_avg_sq": "bf16"}),
-                                            ("lion", "bf16"), ("sgd-sai", "bf16"), ("alpha-adam", "bf16")])
+                                            ("lion", "bf16"), ("sgd-sai", "bf16"), ("alpha-adam", "bf16"),
+                                            ("lion+sync", "int8"), ("sgd-sai+async", "int4"), ("lion+async", "bf16")])
 def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, precision, monkeypatch):
     """``native-compact`` (decode, step and encode each block in one pass) against the
     sliced path (the C codec, the C kernel over the whole tensor, the C codec again). The
-    masked steps (AlphaAdam, C-AdamW) add their mask sums block by block, the whole-tensor
+    masked steps (AlphaAdam, C-AdamW, Lion and SGD-SaI with ``+mask``) add their mask sums block by block, the whole-tensor
     kernel thread share by thread share: their step sizes may differ in the last bits, so
     there the parameters agree to float32 rounding and the codes but for a few. bf16 state is
     written with the stochastic-rounding bits the sliced path draws."""
@@ -337,17 +338,18 @@ def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, 
     from leanopt import _native
     if _native.library() is None:
         pytest.skip("no C kernels on this machine")
+    name, _, mask = name.partition("+")
     module = importlib.import_module({"adamw": "leanopt.alpha_adam", "alpha-adam": "leanopt.alpha_adam",
                                       "cadamw": "leanopt.alpha_adam", "lion": "leanopt.lion", "sgd-sai": "leanopt.sgd_sai",
                                       "adam-mini": "leanopt.adam_mini"}[name])
-    masked = name in ("alpha-adam", "cadamw")
+    masked = name in ("alpha-adam", "cadamw") or bool(mask)
 
     def run(one_pass: bool):
         if not one_pass:
             monkeypatch.setattr(module, "BACKENDS", dataclasses.replace(module.BACKENDS, compact=None))
         model = tiny_model(dim=64, n_heads=4, n_kv_heads=4, mlp_hidden=256)
         opt = leanopt.create_optimizer(name, model, lr=0.5 if name == "sgd-sai" else 1e-3, state_precision=precision,
-                                       state_min_size=0, state_block_size=128)
+                                       state_min_size=0, state_block_size=128, **({"mask": mask} if mask else {}))
         for step in range(4):
             opt.zero_grad()
             loss_of(model, step).backward()

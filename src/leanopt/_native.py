@@ -443,7 +443,7 @@ def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v:
                  count_scale: bool = False) -> None:
     """One step of ``family`` ("adam", "lion", "sgd_sai") over one float32 CPU tensor whose
     states are float32 tensors or :class:`CompactState` codes: each block decoded, stepped
-    and encoded again in one pass (``csrc/cpu_codec.h``); the Adam family with a mask in two
+    and encoded again in one pass (``csrc/cpu_codec.h``); with the mask component (or the count scale) in two
     (the mask's sums, then the step: only the second writes). ``hyper``: the family's step
     record, as for :func:`adam`, :func:`lion`, :func:`sgd_sai`."""
     lib = library()

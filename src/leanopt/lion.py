@@ -133,12 +133,13 @@ def _lion_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
 
 def _lion_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], coeffs: list[LionStep], *, mask: str,
                   alpha: str, count_scale: bool) -> None:
-    for p, g, m, c in zip(params, grads, exp_avgs, coeffs):  # int8/int4 momenta, one pass per tensor
-        _native.compact_step("lion", p, g, m, None, c)
+    for p, g, m, c in zip(params, grads, exp_avgs, coeffs):  # compact momenta: one pass per tensor, two with the mask
+        _native.compact_step("lion", p, g, m, None, c, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, compiled_shards=every_row, native=_lion_native,
-                    elementwise=unmasked, compact=_lion_compact, sharded=_lion_native)
+                    elementwise=unmasked, compact=_lion_compact, compact_takes=every_row,
+                    sharded=_lion_native)
 
 
 class Lion(LeanOptimizer):

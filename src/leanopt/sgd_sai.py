@@ -153,12 +153,12 @@ def _with_scales(coeffs: list[SGDStep], scales: list[Tensor]) -> list[SGDStep]:
 
 def _sgd_sai_compact(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Any], scales: list[Tensor],
                      coeffs: list[SGDStep], *, mask: str, alpha: str, count_scale: bool) -> None:
-    for p, g, m, c in zip(params, grads, momentum_buffers, _with_scales(coeffs, scales)):  # int8/int4 momenta, one pass each
-        _native.compact_step("sgd_sai", p, g, m, None, c)
+    for p, g, m, c in zip(params, grads, momentum_buffers, _with_scales(coeffs, scales)):  # compact momenta: one
+        _native.compact_step("sgd_sai", p, g, m, None, c, mask=mask, alpha=alpha, count_scale=count_scale)  # pass, two masked
 
 
 BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, compiled_shards=every_row, native=_sgd_sai_native,
-                    native_takes=_native_takes, elementwise=unmasked, compact=_sgd_sai_compact,
+                    native_takes=_native_takes, elementwise=unmasked, compact=_sgd_sai_compact, compact_takes=_native_takes,
                     sharded=_sgd_sai_native, sharded_takes=_native_takes)
 
 

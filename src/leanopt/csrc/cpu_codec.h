@@ -255,17 +255,56 @@ static void compact_masked(int nt, float *P, const float *G, void *M, float *MS,
     }
 }
 
+/* Masked Lion (family 1) and SGD-SaI with a momentum buffer (2) over a compact momentum, as
+ * leanopt_elementwise_masked's two calls: pass 1 decodes each block's m and adds its mask sums
+ * (ew_mask_sums, which writes nothing); pass 2 decodes again, steps p and m (ew_mask_apply) and
+ * encodes m. SGD-SaI's asynchronous mask on a fresh buffer takes no sums (phi = 1). */
+static void compact_masked_elementwise(int nt, int family, float *P, const float *G, void *M, float *MS, int fm, int64_t R,
+                                       int64_t L, int64_t B, const double *h, int mask, int alpha, int count_scale,
+                                       uint32_t key) {
+    int64_t nb = (L + B - 1) / B, items = R * nb;
+    int threads = R * L >= 65536 ? nt : 1, kind = family - 1;
+    int none = mask == MASK_NONE || (kind == 1 && h[SG_FRESH] != 0.0 && mask == MASK_ASYNC);
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+    if (!none) {
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : s0, s1, s2)
+        for (int64_t i = 0; i < items; ++i) {
+            float mbuf[COMPACT_MAX_BLOCK];
+            int64_t r = i / nb, j0 = (i % nb) * B, j1 = j0 + B < L ? j0 + B : L, off = r * L + j0;
+            double sums[3] = {0.0, 0.0, 0.0};
+            ew_mask_sums_f32(G + off, compact_load(M, MS, fm, 0, r, i, L, j0, j1, mbuf), 0, j1 - j0, h, kind, mask, sums);
+            s0 += sums[0], s1 += sums[1], s2 += sums[2];
+        }
+    }
+    double sums[3] = {s0, s1, s2};
+    int all;
+    float step = mask_step(sums, R * L, h[kind ? SG_LR : LI_LR], alpha, count_scale, &all);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < items; ++i) {
+        float mbuf[COMPACT_MAX_BLOCK];
+        int64_t r = i / nb, j0 = (i % nb) * B, j1 = j0 + B < L ? j0 + B : L, off = r * L + j0;
+        float *m = compact_load(M, MS, fm, 0, r, i, L, j0, j1, mbuf);
+        ew_mask_apply_f32(P + off, G + off, m, 0, j1 - j0, h, kind, mask, step, all);
+        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m, key);
+    }
+}
+
 /* h: the family's row of doubles (AD_N, LI_N or SG_N); scaled: ad_plain's; mask, alpha,
- * count_scale: the Adam family's mask (MASK_NONE: one pass; else compact_masked); keys: the
- * rounding keys of M and V (bfloat16 formats). Returns 0, or 1 for a bad argument. */
+ * count_scale: the mask component (MASK_NONE: one pass; else compact_masked or
+ * compact_masked_elementwise); keys: the rounding keys of M and V (bfloat16 formats).
+ * Returns 0, or 1 for a bad argument. */
 int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, float *MS, int fm, void *V, float *VS,
                          int fv, int64_t R, int64_t L, int64_t B, const double *h, int scaled, int mask, int alpha,
                          int count_scale, const uint32_t *keys) {
     if (nt < 1 || nt > 1024 || family < 0 || family > 2 || L < 1 || R < 0 || B < 1 || ((B & 1) && B < L)) return 1;
     if ((B < L ? B : L) > COMPACT_MAX_BLOCK || fm < 0 || fm > 3 || fv < 0 || fv > 3 || fv == 2 || (family == 0 && !V)) return 1;
-    if (mask < MASK_NONE || mask > MASK_SYNC || (mask != MASK_NONE && family != 0)) return 1;
-    if (mask != MASK_NONE) {
+    if (mask < MASK_NONE || mask > MASK_SYNC || (family != 0 && !M)) return 1;
+    if (family == 0 && mask != MASK_NONE) {
         compact_masked(nt, P, G, M, MS, fm, V, VS, fv, R, L, B, h, mask, alpha, count_scale, keys);
+        return 0;
+    }
+    if (family != 0 && (mask != MASK_NONE || count_scale)) {
+        compact_masked_elementwise(nt, family, P, G, M, MS, fm, R, L, B, h, mask, alpha, count_scale, keys[0]);
         return 0;
     }
     int64_t nb = (L + B - 1) / B, items = R * nb;
