@@ -73,6 +73,8 @@ def implementations(device: str = "cpu") -> list[Impl]:
                          ("alpha-adam", "AlphaAdam")):
         for prec in ("bf16", "int8", "int4"):
             impls.append(Impl(f"leanopt {name} ({prec} state)", family, f"leanopt:{name}:{prec}"))
+    for name, family in (("adam-mini", "Adam-mini"), ("sgd-sai", "SGD-SaI"), ("lion", "Lion")):  # the mask over int8 state
+        impls.append(Impl(f"leanopt {name}+mask (int8 state)", family, f"leanopt:{name}:int8:mask"))
     peers = [
         ("torchao", Impl("torchao AdamW8bit", "AdamW", "torchao:AdamW8bit")),
         ("torchao", Impl("torchao AdamW4bit", "AdamW", "torchao:AdamW4bit")),
