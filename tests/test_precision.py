@@ -325,11 +325,12 @@ def test_the_c_codec_gives_the_formula_and_agrees_with_the_eager_one(fmt, kind, 
                                             ("alpha-adam", "int8"), ("alpha-adam", {"exp_avg": "int4", "exp_avg_sq": "param"}),
                                             ("cadamw", "int4"), ("adamw", "bf16"), ("adamw", {"exp_avg": "int8", "exp_avg_sq": "bf16"}),
                                             ("lion", "bf16"), ("sgd-sai", "bf16"), ("alpha-adam", "bf16"),
-                                            ("lion+sync", "int8"), ("sgd-sai+async", "int4"), ("lion+async", "bf16")])
+                                            ("lion+sync", "int8"), ("sgd-sai+async", "int4"), ("lion+async", "bf16"),
+                                            ("adam-mini+async", "int8"), ("adam-mini+sync", "int4")])
 def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, precision, monkeypatch):
     """``native-compact`` (decode, step and encode each block in one pass) against the
     sliced path (the C codec, the C kernel over the whole tensor, the C codec again). The
-    masked steps (AlphaAdam, C-AdamW, Lion and SGD-SaI with ``+mask``) add their mask sums block by block, the whole-tensor
+    masked steps (AlphaAdam, C-AdamW; Adam-mini, Lion and SGD-SaI with ``+mask``) add their mask sums block by block, the whole-tensor
     kernel thread share by thread share: their step sizes may differ in the last bits, so
     there the parameters agree to float32 rounding and the codes but for a few. bf16 state is
     written with the stochastic-rounding bits the sliced path draws."""

@@ -150,7 +150,7 @@ def library() -> ctypes.CDLL | None:
                                                                  ptr, ptr, ctypes.c_int, *[ctypes.c_int64] * 3, ptr,
                                                                  *[ctypes.c_int] * 4, ptr]),
                                        ("leanopt_adam_mini_compact", [ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
-                                                                      *[ctypes.c_int64] * 4, ptr])):
+                                                                      *[ctypes.c_int64] * 4, ptr, *[ctypes.c_int] * 3])):
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 _lib = lib
@@ -469,17 +469,18 @@ def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v:
 
 
 def adam_mini_compact(p: Tensor, g: Tensor, m: CompactState, v: Tensor, blocks: int, count: int,
-                      hyper: Sequence[float]) -> None:
-    """Adam-mini's unmasked step over one float32 CPU tensor of ``blocks`` contiguous blocks
-    of ``count`` elements (a row layout, as :func:`adam_mini_rows`) whose momentum is
-    compact: spans of ``max(count, rows of codes)`` elements decoded, stepped and encoded
-    again in one pass. The caller checked that one of the two divides the other."""
+                      hyper: Sequence[float], *, mask: str = "none", alpha: str = "none", count_scale: bool = False) -> None:
+    """Adam-mini's step over one float32 CPU tensor of ``blocks`` contiguous blocks of
+    ``count`` elements (a row layout, as :func:`adam_mini_rows`) whose momentum is compact:
+    spans of ``max(count, rows of codes)`` elements decoded, stepped and encoded again in one
+    pass; with the mask component (or the count scale), two (v and the mask's sums, then the
+    step), as :func:`adam_mini_masked`. The caller checked that one of the two divides the other."""
     lib = library()
     assert lib is not None
     last = p.shape[-1] if p.dim() else 1
     rc = lib.leanopt_adam_mini_compact(torch.get_num_threads(), p.data_ptr(), g.data_ptr(), m.codes.data_ptr(),
                                        m.scales.data_ptr(), 2 if m.fmt == "int4" else 1, v.data_ptr(), blocks, count, last,
-                                       m.block, _doubles([hyper]))
+                                       m.block, _doubles([hyper]), _MASKS[mask], _ALPHAS[alpha], int(count_scale))
     if rc != 0:
         raise ValueError(f"adam_mini_compact: {'no memory' if rc == 2 else 'bad arguments'} ({blocks} x {count}, rows of {last})")
     torch.autograd.graph.increment_version([p, m.codes, v])

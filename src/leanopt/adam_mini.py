@@ -521,16 +521,16 @@ def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
     row of the momentum's codes (the tensor's last dimension) tile each other."""
     p, count = row[0], int(row[5].count)
     last = p.shape[-1] if p.dim() else 1
-    return (_kind(row[4]) in _NATIVE_KINDS and not mask_active(options["mask"], options["count_scale"])
-            and (count % last == 0 or last % count == 0)
+    return (_kind(row[4]) in _NATIVE_KINDS and (count % last == 0 or last % count == 0)
             and max(count, last) <= _native.COMPACT_MAX_SPAN)
 
 
 def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Tensor],
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool) -> None:
-    for p, g, m, v, layout, c in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs):  # int8/int4 m, one pass
-        _native.adam_mini_compact(p, g, m, v, layout.n_blocks, int(c.count), c)
+    for p, g, m, v, layout, c in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs):  # int8/int4 m: one pass,
+        _native.adam_mini_compact(p, g, m, v, layout.n_blocks, int(c.count), c, mask=mask, alpha=alpha,  # two masked
+                                  count_scale=count_scale)
 
 
 BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=_rows_of_shards,
