@@ -326,7 +326,8 @@ def test_the_c_codec_gives_the_formula_and_agrees_with_the_eager_one(fmt, kind, 
                                             ("cadamw", "int4"), ("adamw", "bf16"), ("adamw", {"exp_avg": "int8", "exp_avg_sq": "bf16"}),
                                             ("lion", "bf16"), ("sgd-sai", "bf16"), ("alpha-adam", "bf16"),
                                             ("lion+sync", "int8"), ("sgd-sai+async", "int4"), ("lion+async", "bf16"),
-                                            ("adam-mini+async", "int8"), ("adam-mini+sync", "int4")])
+                                            ("adam-mini+async", "int8"), ("adam-mini+sync", "int4"), ("adam-mini", "bf16"),
+                                            ("adam-mini+async", "bf16")])
 def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, precision, monkeypatch):
     """``native-compact`` (decode, step and encode each block in one pass) against the
     sliced path (the C codec, the C kernel over the whole tensor, the C codec again). The

@@ -150,7 +150,8 @@ def library() -> ctypes.CDLL | None:
                                                                  ptr, ptr, ctypes.c_int, *[ctypes.c_int64] * 3, ptr,
                                                                  *[ctypes.c_int] * 4, ptr]),
                                        ("leanopt_adam_mini_compact", [ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
-                                                                      *[ctypes.c_int64] * 4, ptr, *[ctypes.c_int] * 3])):
+                                                                      *[ctypes.c_int64] * 4, ptr, *[ctypes.c_int] * 3,
+                                                                      ctypes.c_uint32])):
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 _lib = lib
@@ -471,7 +472,8 @@ def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v:
 def adam_mini_compact(p: Tensor, g: Tensor, m: CompactState, v: Tensor, blocks: int, count: int,
                       hyper: Sequence[float], *, mask: str = "none", alpha: str = "none", count_scale: bool = False) -> None:
     """Adam-mini's step over one float32 CPU tensor of ``blocks`` contiguous blocks of
-    ``count`` elements (a row layout, as :func:`adam_mini_rows`) whose momentum is compact:
+    ``count`` elements (a row layout, as :func:`adam_mini_rows`) whose momentum is compact
+    (int8, int4 or bf16 codes):
     spans of ``max(count, rows of codes)`` elements decoded, stepped and encoded again in one
     pass; with the mask component (or the count scale), two (v and the mask's sums, then the
     step), as :func:`adam_mini_masked`. The caller checked that one of the two divides the other."""
@@ -479,8 +481,9 @@ def adam_mini_compact(p: Tensor, g: Tensor, m: CompactState, v: Tensor, blocks: 
     assert lib is not None
     last = p.shape[-1] if p.dim() else 1
     rc = lib.leanopt_adam_mini_compact(torch.get_num_threads(), p.data_ptr(), g.data_ptr(), m.codes.data_ptr(),
-                                       m.scales.data_ptr(), 2 if m.fmt == "int4" else 1, v.data_ptr(), blocks, count, last,
-                                       m.block, _doubles([hyper]), _MASKS[mask], _ALPHAS[alpha], int(count_scale))
+                                       None if m.scales is None else m.scales.data_ptr(), _FORMATS[m.fmt], v.data_ptr(),
+                                       blocks, count, last, m.block or min(last, _BF16_BLOCK), _doubles([hyper]), _MASKS[mask],
+                                       _ALPHAS[alpha], int(count_scale), m.key)
     if rc != 0:
         raise ValueError(f"adam_mini_compact: {'no memory' if rc == 2 else 'bad arguments'} ({blocks} x {count}, rows of {last})")
     torch.autograd.graph.increment_version([p, m.codes, v])

@@ -528,7 +528,7 @@ def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
 def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Tensor],
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool) -> None:
-    for p, g, m, v, layout, c in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs):  # int8/int4 m: one pass,
+    for p, g, m, v, layout, c in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs):  # compact m: one pass,
         _native.adam_mini_compact(p, g, m, v, layout.n_blocks, int(c.count), c, mask=mask, alpha=alpha,  # two masked
                                   count_scale=count_scale)
 
@@ -536,7 +536,7 @@ def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list
 BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=_rows_of_shards,
                     native=_adam_mini_native,
                     native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes,
-                    compact_formats=("int8", "int4"),
+                    compact_formats=("int8", "int4", "bf16"),
                     sharded=_adam_mini_sharded, sharded_takes=_sharded_takes)
 
 

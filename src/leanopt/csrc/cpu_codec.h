@@ -328,9 +328,10 @@ int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, 
 
 /* Adam-mini over one float32 tensor of R blocks of C contiguous elements (the row layouts of
  * leanopt_adam_mini_rows), whose momentum is compact (fm: 1 int8, 2 int4; rows of L elements,
- * blocks of B along them) and whose v is float32, one per block. The tensor is cut into spans
+ * blocks of B along them; 3 bfloat16) and whose v is float32, one per block. The tensor is cut into spans
  * of max(C, L) elements, whole blocks and whole rows of codes both (the caller checks that one
- * of C, L divides the other); each span's momentum is decoded into a buffer, stepped by am_rows
+ * of C, L divides the other; fm 3: bfloat16 momentum, rows of L elements read in blocks of B,
+ * written with the stochastic rounding bits of key); each span's momentum is decoded into a buffer, stepped by am_rows
  * and encoded again: one pass. With the mask (or the count scale alone), two, as
  * leanopt_adam_mini_masked's: every span's m decoded, v moved and the mask sums added
  * (am_mask_sums), then every span's m decoded again, stepped (am_mask_apply) and encoded.
@@ -339,14 +340,14 @@ int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, 
 
 /* span s's momentum: decoded into buf (store 0) or encoded from it (store 1) */
 static void amc_span(void *M, float *MS, int fm, int64_t L, int64_t B, int64_t s, int64_t rows_per_span, float *buf,
-                     int store) {
+                     int store, uint32_t key) {
     int64_t nb = (L + B - 1) / B;
     for (int64_t t = 0; t < rows_per_span; ++t) {
         int64_t row = s * rows_per_span + t;
         for (int64_t k = 0; k < nb; ++k) {
             int64_t j0 = k * B, j1 = j0 + B < L ? j0 + B : L;
             if (store)
-                compact_store(M, MS, fm, 0, row, row * nb + k, L, j0, j1, buf + t * L + j0, 0);
+                compact_store(M, MS, fm, 0, row, row * nb + k, L, j0, j1, buf + t * L + j0, key);
             else
                 compact_load(M, MS, fm, 0, row, row * nb + k, L, j0, j1, buf + t * L + j0);
         }
@@ -354,9 +355,9 @@ static void amc_span(void *M, float *MS, int fm, int64_t L, int64_t B, int64_t s
 }
 
 int leanopt_adam_mini_compact(int nt, float *P, const float *G, void *M, float *MS, int fm, float *V, int64_t R, int64_t C,
-                              int64_t L, int64_t B, const double *h, int mask, int alpha, int count_scale) {
+                              int64_t L, int64_t B, const double *h, int mask, int alpha, int count_scale, uint32_t key) {
     int64_t span = C > L ? C : L;
-    if (nt < 1 || nt > 1024 || fm < 1 || fm > 2 || C < 1 || L < 1 || R < 0 || B < 1 || ((B & 1) && B < L)) return 1;
+    if (nt < 1 || nt > 1024 || fm < 1 || fm > 3 || C < 1 || L < 1 || R < 0 || B < 1 || ((B & 1) && B < L)) return 1;
     if (span % C || span % L || span > COMPACT_MAX_SPAN || (R * C) % span || mask < MASK_NONE || mask > MASK_SYNC) return 1;
     int64_t spans = R * C / span, bps = span / C, rps = span / L;
     int masked = mask != MASK_NONE || count_scale, failed = 0, all = 0;
@@ -379,7 +380,7 @@ int leanopt_adam_mini_compact(int nt, float *P, const float *G, void *M, float *
                 if (!buf) continue;
                 float *p = P + s * span, *v = V + s * bps;
                 const float *g = G + s * span;
-                amc_span(M, MS, fm, L, B, s, rps, buf, 0);
+                amc_span(M, MS, fm, L, B, s, rps, buf, 0, key);
                 if (pass == 1) {
                     double sums[3] = {0.0, 0.0, 0.0};
                     am_mask_sums_f32(g, buf, v, C, 0, bps, h, mask, 0, sums);
@@ -390,7 +391,7 @@ int leanopt_adam_mini_compact(int nt, float *P, const float *G, void *M, float *
                     am_mask_apply_f32(p, g, buf, v, C, 0, bps, h, mask, step, all);
                 else
                     am_rows_f32(p, g, buf, v, C, 0, bps, h, 0);
-                amc_span(M, MS, fm, L, B, s, rps, buf, 1);
+                amc_span(M, MS, fm, L, B, s, rps, buf, 1, key);
             }
             free(buf);
         }
