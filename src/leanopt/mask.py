@@ -187,7 +187,9 @@ def native_two_pass(kernel: Callable[..., None], columns: list[list[Any]], piece
         by_dtype.setdefault(p.dtype, []).append(i)
     for idx in by_dtype.values():
         groups = [() if pieces[i] is None else pieces[i].groups for i in idx]
-        between = (lambda sums, groups=groups: all_reduce_sums(list(sums), groups)) if any(groups) else None
+        # (the count scale alone takes no sums: nothing to cross the ranks)
+        between = (lambda sums, groups=groups: all_reduce_sums(list(sums), groups)) if any(groups) and needs_sums(
+            options["mask"]) else None
         kernel(*([column[i] for i in idx] for column in columns), between=between, whole=[whole[i] for i in idx], **options)
 
 
