@@ -177,6 +177,25 @@ def test_killed_run_restarts_with_an_identical_result(data_dir, tmp_path):
         assert not (b / "checkpoint.pt").exists()
 
 
+def test_a_peer_optimizer_runs_and_resumes_in_the_bench(data_dir, tmp_path):
+    # the precision preset compares leanopt's compact state with torchao's AdamW8bit: its quantized
+    # state must checkpoint and resume (weights-only loading) to the same result, and be counted
+    pytest.importorskip("torchao.optim")
+    task = replace(smoke(), runs=(RunSpec("ao", "torchao:AdamW8bit", 1e-3, {"weight_decay": 0.1}),
+                                  RunSpec("adamw", "adamw", 1e-3, {"weight_decay": 0.1})),
+                   train=replace(smoke().train, micro_steps=12, eval_every=4, checkpoint_every=2))
+    run_task(task, tmp_path / "straight", data_dir, progress=False, log=lambda s: None)
+    with pytest.raises(Interrupted):
+        run_task(task, tmp_path / "killed", data_dir, progress=False, log=lambda s: None, stop_after=6)
+    run_task(task, tmp_path / "killed", data_dir, progress=False, log=lambda s: None)
+    a, b = (tmp_path / d / "smoke" / "runs" / "ao-s0" for d in ("straight", "killed"))
+    assert strip_timing(read_results(a / "results.jsonl")) == strip_timing(read_results(b / "results.jsonl"))
+    ao, adamw = (json.loads((tmp_path / "straight" / "smoke" / "runs" / k / "summary.json").read_text())
+                 for k in ("ao-s0", "adamw-s0"))
+    assert ao["implementation"] == "torchao AdamW8bit"
+    assert ao["state_bytes"] < 0.75 * adamw["state_bytes"]  # 8-bit codes for the tensors it quantizes
+
+
 def test_finished_runs_are_not_redone(data_dir, tmp_path):
     task = replace(smoke(), runs=smoke().runs[:1])
     run_task(task, tmp_path, data_dir, progress=False, log=lambda s: None)

@@ -15,6 +15,8 @@ from typing import Any
 from ..models import PRESETS
 from ..registry import list_optimizers
 
+PEER_PREFIX = "torchao:"  # a run's optimizer "torchao:CLASS": torchao.optim's CLASS, a peer to compare with
+
 __all__ = ["ConfigError", "ModelSpec", "TrainConfig", "RunSpec"]
 
 
@@ -98,8 +100,10 @@ class RunSpec:
         return self.group or self.label
 
     def validate(self, train: TrainConfig) -> None:
-        if self.optimizer not in list_optimizers():
-            raise ConfigError(f"run {self.label!r}: unknown optimizer {self.optimizer!r}; valid: {', '.join(list_optimizers())}")
+        peer = self.optimizer.startswith(PEER_PREFIX)  # a peer's optimizer, for comparison (bench.train.build_optimizer)
+        if not peer and self.optimizer not in list_optimizers():
+            raise ConfigError(f"run {self.label!r}: unknown optimizer {self.optimizer!r}; valid: {', '.join(list_optimizers())}, "
+                              f"or {PEER_PREFIX}CLASS (torchao.optim's)")
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ConfigError(f"run {self.label!r}: lr must be > 0, got {self.lr!r}")
         _positive(f"run {self.label!r}: accum", self.accum)

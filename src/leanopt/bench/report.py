@@ -341,7 +341,7 @@ def claim_sgd_sai_robust(g, s):
     return Verdict(claim, paper, f"final val loss over the grid (lower is better; diverged runs count as {CAP:g}): {text}", verdict)
 
 
-PRECISION_LABELS = {"int8": "int8", "int4": "int4 momenta", "bf16": "bf16"}
+PRECISION_LABELS = {"int8": "int8", "int4": "int4 momenta", "bf16": "bf16", "torchao8bit": "torchao AdamW8bit's 8-bit"}
 
 
 def claim_state_precision(g, s):

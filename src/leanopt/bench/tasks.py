@@ -18,6 +18,8 @@ plain-SGD baseline runs without decay except in the robustness grid.
 
 from __future__ import annotations
 
+import importlib.util
+
 import math
 import os
 import platform
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from .config import ConfigError, ModelSpec, RunSpec, TrainConfig
+from .config import PEER_PREFIX, ConfigError, ModelSpec, RunSpec, TrainConfig
 from .data import DataError, load_corpus
 from .memory import SCALE_MODELS, state_at_scale
 from .rundir import remove_stale_temporaries, write_json
@@ -113,6 +115,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     **{f"{n}-{prec}": (n, {"state_precision": prec}, n) for n in ("adamw", "adam-mini", "sgd-sai", "alpha-adam")
        for prec in ("int8", "bf16")},
     "adam-mini-int4": ("adam-mini", {"state_precision": "int4"}, "adam-mini"),
+    # a peer's 8-bit AdamW (torchao, where installed), at AdamW's lr
+    "adamw-torchao8bit": ("torchao:AdamW8bit", {}, "adamw"),
 }
 
 
@@ -243,10 +247,12 @@ _add(TaskSpec(
 PRECISION = ["adamw", "adam-mini", "sgd-sai", "alpha-adam"]
 _add(TaskSpec(
     "precision", "compact optimizer state against full precision: AdamW, Adam-mini, SGD-SaI and AlphaAdam with int8 and "
-    "bf16 state, Adam-mini with int4 momenta, beside their full-precision selves; pretrain's model, data and horizon, "
+    "bf16 state, Adam-mini with int4 momenta, beside their full-precision selves (and torchao's AdamW8bit where installed); "
+    "pretrain's model, data and horizon, "
     "3 seeds (the full-precision runs are pretrain's own: run folders shared, trained once)",
     PRETRAIN_TRAIN,
-    _seeded(_pretrain_runs([v for n in PRECISION for v in (n, f"{n}-int8", f"{n}-bf16")] + ["adam-mini-int4"]), (0, 1, 2)),
+    _seeded(_pretrain_runs([v for n in PRECISION for v in (n, f"{n}-int8", f"{n}-bf16")] + ["adam-mini-int4"]
+                           + (["adamw-torchao8bit"] if importlib.util.find_spec("torchao") else [])), (0, 1, 2)),
     ("state-precision",), minutes=270, runs_from="pretrain",  # 27 runs of its own, 9-11 min each
 ))
 _add(TaskSpec(
@@ -432,7 +438,8 @@ def run_task(
     }
     if task.kind in ("pretrain", "finetune") and dp.is_main:
         firsts = {r.label: r for r in task.runs}
-        summary["memory_at_scale"] = state_at_scale([(r.label, r.optimizer, r.kwargs) for r in firsts.values()],
+        summary["memory_at_scale"] = state_at_scale([(r.label, r.optimizer, r.kwargs) for r in firsts.values()
+                                                     if not r.optimizer.startswith(PEER_PREFIX)],  # (peers: not on meta)
                                                     task.scale_models)
     if not dp.is_main:
         return task_dir / "report.md"

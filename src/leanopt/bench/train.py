@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..models import GPT, PRESETS
 from ..models.hf import build_hf_model, load_hf_config
 from ..registry import create_optimizer, state_bytes
-from .config import RunSpec, TrainConfig, fingerprint
+from .config import PEER_PREFIX, RunSpec, TrainConfig, fingerprint
 from .data import Corpus
 from .rundir import RunConflict, atomic_write, claim, remove_stale_temporaries, write_json
 from .parallel import DataParallel
@@ -246,7 +246,7 @@ def _train(run_dir: Path, train: TrainConfig, run: RunSpec, corpus: Corpus, fp: 
     net = dp.wrap(model, device)  # FSDP2 shards model's parameters in place: the optimizer comes after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. Adam-mini's partition notes on exotic models
-        opt = create_optimizer(run.optimizer, model, lr=run.lr, **run.kwargs)
+        opt = build_optimizer(run.optimizer, model, lr=run.lr, **run.kwargs)
     steps = run.steps(train)
     session = _Session(run_dir, train, run, fp, dp, device, steps, model, net, opt,
                        torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, train.warmup_frac, train.min_lr_frac)),
@@ -338,7 +338,7 @@ def _loop(s: _Session, *, progress: bool, stop_after: int | None) -> float:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
         opt_ms, step_ms = (t1 - t0) * 1000, (t1 - t_step) * 1000
-        lr = s.opt.param_groups[0]["lr"]
+        lr = float(s.opt.param_groups[0]["lr"])  # (a tensor in some optimizers: torchao's)
         s.sched.step()
         s.step += 1
         s.metrics.append({"kind": "train", **_position(s), "lr": lr, "loss": loss_sum / run.accum, "opt_ms": opt_ms,
@@ -409,11 +409,24 @@ def _summary(s: _Session, wall: float) -> dict[str, Any]:
     }
 
 
+def build_optimizer(name: str, model: torch.nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
+    """A registry optimizer (:func:`leanopt.registry.create_optimizer`), or a peer's named
+    ``"torchao:CLASS"`` (torchao.optim's, e.g. ``AdamW8bit``: the precision preset compares
+    leanopt's compact state with it where torchao is installed)."""
+    if name.startswith(PEER_PREFIX):
+        import torchao.optim
+
+        return getattr(torchao.optim, name.removeprefix(PEER_PREFIX))(model.parameters(), **kwargs)
+    return create_optimizer(name, model, **kwargs)
+
+
 def implementation(opt: torch.optim.Optimizer) -> str:
     """How ``opt`` ran its latest step, in words: leanopt's backends with their tensor
     counts (``native 12, eager 1``), or a torch optimizer's ``fused``/``foreach`` flag."""
     backends = getattr(opt, "last_backends", None)
     if backends:
         return ", ".join(f"{b} {n}" for b, n in backends.items())
+    if not type(opt).__module__.startswith("torch."):  # a peer's optimizer: its class
+        return f"{type(opt).__module__.partition('.')[0]} {type(opt).__name__}"
     group = opt.param_groups[0]
     return "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop"
