@@ -333,9 +333,10 @@ def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out, f
     local shards) and with the eager reference (fused=False), from the same start and the same
     gradients -- a fixed random stream, placed as each parameter is, so that a rounding
     difference cannot feed back through a loss (a masked step's φ would amplify it); rank 0
-    saves which backends stepped the tensors and the largest relative parameter difference in
-    fast.json."""
+    saves which backends stepped the tensors, the largest relative parameter difference and
+    the collectives of the last step in fast.json."""
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
 
     from leanopt._distributed import piece_of
 
@@ -357,10 +358,12 @@ def fast_on_shards(names, wrap, world, model_kw, rank, dp_rank, dp_world, out, f
             for _ in range(STEPS):
                 for p in model.parameters():
                     p.grad = place(torch.randn(p.shape, generator=gen) * 1e-2, p)
-                opt.step()
-            finals[fused] = (full_state(model), dict(opt.last_backends))
+                with CommDebugMode() as comm:
+                    opt.step()
+            finals[fused] = (full_state(model), dict(opt.last_backends), comm.get_total_counts())
         diff = max(((finals[fast][0][k] - v).norm() / v.norm()).item() for k, v in finals[False][0].items())
-        results[name] = {"backends": finals[fast][1], "eager_backends": finals[False][1], "diff": diff}
+        results[name] = {"backends": finals[fast][1], "eager_backends": finals[False][1], "diff": diff,
+                         "collectives": finals[fast][2], "eager_collectives": finals[False][2]}
     if rank == 0:
         with open(os.path.join(out, file), "w") as f:
             json.dump(results, f)

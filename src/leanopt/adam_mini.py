@@ -297,14 +297,23 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
 
 
 def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                       blocks: list[BlockView], coeffs: list[AdamMiniStep]) -> None:
+                       blocks: list[BlockView], coeffs: list[AdamMiniStep], sums: list[Tensor] | None = None) -> None:
     """Blocks of columns (a transposed weight, transformers' ``Conv1D``; a shard of one) by
-    the C kernels, without the mask: each column's sum of g² (a pass), the blocks' sums (over
-    the ranks for shards: one collective per group), v as the eager path moves it, then the
-    step from each column's block v (a second pass)."""
-    rows, cols = [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks]
-    sums = [b.lane_sums(s) for b, s in zip(blocks, _native.col_sq_sums(grads, rows, cols))]
-    _native.adam_mini_cols(params, grads, exp_avgs, _lane_v(blocks, sums, params, exp_avg_sqs, coeffs), rows, cols, coeffs)
+    the C kernels, without the mask: each column's sum of g² (a pass: :func:`_column_sums`),
+    the blocks' sums (over the ranks for shards: one collective per group), v as the eager
+    path moves it, then the step from each column's block v (a second pass). ``sums``: the
+    blocks' sums already taken (and summed over the ranks) by the caller."""
+    if sums is None:
+        sums = _column_sums(grads, blocks)
+        all_reduce_sums(sums, [b.groups for b in blocks])
+    _native.adam_mini_cols(params, grads, exp_avgs, _lane_v(blocks, sums, params, exp_avg_sqs, coeffs),
+                           [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks], coeffs)
+
+
+def _column_sums(grads: list[Tensor], blocks: list[BlockView]) -> list[Tensor]:
+    """Each column block's sum of g² over the elements held here (float64; one C pass)."""
+    sums = _native.col_sq_sums(grads, [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks])
+    return [b.lane_sums(s) for b, s in zip(blocks, sums)]
 
 
 def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
@@ -314,23 +323,24 @@ def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
 
 def _lane_v(blocks: list[BlockView], sums: list[Tensor], params: list[Tensor], exp_avg_sqs: list[Tensor],
             coeffs: list[AdamMiniStep]) -> list[Tensor]:
-    """v from ``sums`` (each block's sum of g²; of a shard, this rank's part of it, summed
-    over the ranks: one collective per group), moved as the eager path moves it, and returned
-    as one value per local lane (a row or a column of the local view)."""
-    all_reduce_sums(sums, [b.groups for b in blocks])
+    """v from ``sums`` (each block's sum of g², whole: of a shard, already summed over the
+    ranks), moved as the eager path moves it, and returned as one value per local lane (a
+    row or a column of the local view)."""
     return [b.lane_values(_block_ema_(v, b.means(s.to(acc_dtype(p))), c.beta2, c.gain2), v.dtype)
             for b, s, p, v, c in zip(blocks, sums, params, exp_avg_sqs, coeffs, strict=True)]
 
 
 def _adam_mini_compiled_shards(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                                exp_avg_sqs: list[Tensor], layouts: list[BlockLayout], coeffs: list[AdamMiniStep],
-                               pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool) -> None:
+                               pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool,
+                            with_rows: tuple[list[Tensor], list[tuple[object, ...]]] = ([], [])) -> None:
     """Shards by the compiled kernel: the blocks' sums of g² (each rank's part, summed over
     the ranks in one collective per group), v, then the kernel's ``"given"`` kind from each
     local row's v (with the mask, its sums over the ranks between its two calls)."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
-    v_rows = _lane_v(blocks, [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)], params, exp_avg_sqs,
-                     coeffs)
+    sums = [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)]
+    all_reduce_sums(sums, [b.groups for b in blocks])
+    v_rows = _lane_v(blocks, sums, params, exp_avg_sqs, coeffs)
     calls = []
     for idx in fusable_groups(params, key=lambda i: blocks[i].local_view[1]):
         views = [blocks[i].local_view for i in idx]
@@ -384,17 +394,20 @@ def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool, pieces: list[Piece | None]) -> None:
     """The step of shards by the C kernels: row blocks by :func:`_adam_mini_sharded_rows`,
-    column blocks (no mask) by :func:`_adam_mini_columns`, with a collective of their own."""
+    column blocks (no mask) by :func:`_adam_mini_columns`, their sums of g² crossing the ranks
+    in the rows' collective (one per group for the step, as on the eager path)."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
-    for axis in (0, 1):
-        idx = [i for i, b in enumerate(blocks) if b.layout.axis == axis]
-        if not idx:
-            continue
-        columns = [[col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs)]
-        if axis == 0:
-            _adam_mini_sharded_rows(*columns, [pieces[i] for i in idx], mask=mask, alpha=alpha, count_scale=count_scale)
-        else:
-            _adam_mini_columns(*columns)
+    by_axis = [[i for i, b in enumerate(blocks) if b.layout.axis == axis] for axis in (0, 1)]
+    rows, cols = ([[col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs)] for idx in by_axis)
+    col_sums = _column_sums(cols[1], cols[4]) if by_axis[1] else []
+    with_rows = (col_sums, [b.groups for b in cols[4]])
+    if by_axis[0]:
+        _adam_mini_sharded_rows(*rows, [pieces[i] for i in by_axis[0]], mask=mask, alpha=alpha, count_scale=count_scale,
+                                with_rows=with_rows)
+    else:
+        all_reduce_sums(*with_rows)
+    if by_axis[1]:
+        _adam_mini_columns(*cols, sums=col_sums)
 
 
 class _Flat(NamedTuple):
@@ -433,7 +446,8 @@ def _flat(blocks: list[BlockView], pieces: list[Piece], runs: list[_Rows]) -> _F
 
 def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                             exp_avg_sqs: list[Tensor], blocks: list[BlockView], coeffs: list[AdamMiniStep],
-                            pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool) -> None:
+                            pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool,
+                            with_rows: tuple[list[Tensor], list[tuple[object, ...]]] = ([], [])) -> None:
     """Row blocks of shards in about the passes over memory of the unsharded step. The blocks a
     rank holds whole (most: FSDP2 cuts a tensor between rows, and a block is a run of rows) take
     the unsharded kernel's pass that moves their v (with the mask, its sums pass); the rows of
@@ -441,15 +455,16 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
     carries both, each rank adding its part: the new v of the blocks it holds whole (the others
     add nothing) and its sums of the split ones. Every rank then holds the whole new v, and
     the split blocks' rows step from it. With the mask, their sums pass follows, the mask's sums
-    cross the ranks (a second collective), and every row takes the apply pass."""
+    cross the ranks (a second collective), and every row takes the apply pass. ``with_rows``:
+    other sums (and their groups) to reduce in the same collective, in place."""
     batches: dict[tuple, list[int]] = {}  # one flat v per batch: one dtype and one beta2
     for i, (v, c) in enumerate(zip(exp_avg_sqs, coeffs)):
         batches.setdefault((v.dtype, params[i].dtype, c.beta2), []).append(i)
     if len(batches) > 1:
-        for idx in batches.values():
+        for k, idx in enumerate(batches.values()):
             _adam_mini_sharded_rows(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks,
                                                                         coeffs, pieces)),
-                                    mask=mask, alpha=alpha, count_scale=count_scale)
+                                    mask=mask, alpha=alpha, count_scale=count_scale, with_rows=with_rows if k == 0 else ([], []))
         return
     runs = _rows_of(blocks, pieces)
     flat = _flat(blocks, pieces, runs)
@@ -469,7 +484,7 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
     elif whole:
         _native.adam_mini_rows(*held)
     other = [(i, r0, r1) for i, r in enumerate(runs) for r0, r1 in r.other]
-    split = [*slabs(other), list(_shared_v(params, grads, exp_avg_sqs, blocks, coeffs, pieces, runs, flat, other)),
+    split = [*slabs(other), list(_shared_v(params, grads, exp_avg_sqs, blocks, coeffs, pieces, runs, flat, other, with_rows)),
              [r1 - r0 for _, r0, r1 in other], [blocks[i].local_view[1] for i, _, _ in other], [coeffs[i] for i, _, _ in other]]
     if not masked:
         if other:
@@ -489,10 +504,11 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
 
 def _shared_v(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor], blocks: list[BlockView],
               coeffs: list[AdamMiniStep], pieces: list[Piece], runs: list[_Rows], flat: _Flat,
-              other: list[tuple[int, int, int]]) -> tuple[Tensor, ...]:
+              other: list[tuple[int, int, int]], with_rows: tuple[list[Tensor], list[tuple[object, ...]]]) -> tuple[Tensor, ...]:
     """Every block's v of this step on every rank, after the held blocks' pass moved theirs:
     the sums of g² of the ``other`` rows (row runs of split blocks), one collective per group
-    carrying those sums and the held blocks' v, v moved; returns the v of each ``other`` run's rows."""
+    carrying those sums and the held blocks' v (and ``with_rows``), v moved; returns the v of
+    each ``other`` run's rows."""
     cols = [blocks[i].local_view[1] for i, _, _ in other]
     sums = _native.row_sq_sums([grads[i].view(-1)[r0 * c:r1 * c] for (i, r0, r1), c in zip(other, cols)],
                                [r1 - r0 for _, r0, r1 in other], cols)
@@ -501,7 +517,7 @@ def _shared_v(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tenso
     parts = torch.where(flat.held, v_all, 0.0)  # (the others' v: 0, their own rank adds it)
     if other:
         parts.index_add_(0, flat.other_blocks, torch.cat(sums).to(acc))
-    all_reduce_sums([parts[a:b] for a, b, _ in flat.spans], [groups for *_, groups in flat.spans])
+    all_reduce_sums([parts[a:b] for a, b, _ in flat.spans] + with_rows[0], [groups for *_, groups in flat.spans] + with_rows[1])
     split = v_all.mul_(c.beta2).add_(parts / flat.counts.to(acc), alpha=c.gain2)  # the split blocks' v, as _block_ema_
     new = torch.where(flat.anywhere, parts, split).to(exp_avg_sqs[0].dtype)
     torch._foreach_copy_([exp_avg_sqs[i] for i in flat.order], list(new.split(flat.sizes)))
