@@ -332,8 +332,7 @@ def _lane_v(blocks: list[BlockView], sums: list[Tensor], params: list[Tensor], e
 
 def _adam_mini_compiled_shards(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                                exp_avg_sqs: list[Tensor], layouts: list[BlockLayout], coeffs: list[AdamMiniStep],
-                               pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool,
-                            with_rows: tuple[list[Tensor], list[tuple[object, ...]]] = ([], [])) -> None:
+                               pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool) -> None:
     """Shards by the compiled kernel: the blocks' sums of g² (each rank's part, summed over
     the ranks in one collective per group), v, then the kernel's ``"given"`` kind from each
     local row's v (with the mask, its sums over the ranks between its two calls)."""
