@@ -444,9 +444,9 @@ def compact_step(family: str, p: Tensor, g: Tensor, m: Tensor | CompactState, v:
                  count_scale: bool = False) -> None:
     """One step of ``family`` ("adam", "lion", "sgd_sai") over one float32 CPU tensor whose
     states are float32 tensors or :class:`CompactState` codes: each block decoded, stepped
-    and encoded again in one pass (``csrc/cpu_codec.h``); with the mask component (or the count scale) in two
-    (the mask's sums, then the step: only the second writes). ``hyper``: the family's step
-    record, as for :func:`adam`, :func:`lion`, :func:`sgd_sai`."""
+    and encoded again in one pass (``csrc/cpu_codec.h``); with the mask component (or the
+    count scale) in two (the mask's sums, then the step: only the second writes). ``hyper``:
+    the family's step record, as for :func:`adam`, :func:`lion`, :func:`sgd_sai`."""
     lib = library()
     assert lib is not None
     last = p.shape[-1] if p.dim() else 1
@@ -473,10 +473,10 @@ def adam_mini_compact(p: Tensor, g: Tensor, m: CompactState, v: Tensor, blocks: 
                       hyper: Sequence[float], *, mask: str = "none", alpha: str = "none", count_scale: bool = False) -> None:
     """Adam-mini's step over one float32 CPU tensor of ``blocks`` contiguous blocks of
     ``count`` elements (a row layout, as :func:`adam_mini_rows`) whose momentum is compact
-    (int8, int4 or bf16 codes):
-    spans of ``max(count, rows of codes)`` elements decoded, stepped and encoded again in one
-    pass; with the mask component (or the count scale), two (v and the mask's sums, then the
-    step), as :func:`adam_mini_masked`. The caller checked that one of the two divides the other."""
+    (int8, int4 or bf16 codes): spans of ``max(count, rows of codes)`` elements decoded,
+    stepped and encoded again in one pass; with the mask component (or the count scale), two
+    (v and the mask's sums, then the step), as :func:`adam_mini_masked`. The caller checked
+    that one of the two divides the other."""
     lib = library()
     assert lib is not None
     last = p.shape[-1] if p.dim() else 1
