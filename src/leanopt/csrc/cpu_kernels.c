@@ -272,12 +272,55 @@ static void add_partials(double *partial, int nt, int T_, double *io) {
     free(partial);
 }
 
+/* one row r of a wide tensor (few rows, many elements), its elements split over the threads:
+ * PHASE_SUMS (v moved from the row's sum of g^2 unless given, then the mask sums added to
+ * partial[(tid * T + t) * 3 ..]) or PHASE_APPLY (the step). */
+#define AMM_WIDE(SFX_, TYPE)                                                                               \
+    {                                                                                                      \
+        TYPE *p_ = (TYPE *)P[t] + r * C[t], *m_ = (TYPE *)M[t] + r * C[t], *v_ = (TYPE *)V[t] + r;         \
+        const TYPE *g_ = (const TYPE *)G[t] + r * C[t];                                                    \
+        if (phase == PHASE_APPLY) {                                                                        \
+            am_mask_apply_##SFX_(p_ + j0, g_ + j0, m_ + j0, v_, j1 - j0, 0, 1, ht, mask, step, all);      \
+        } else {                                                                                           \
+            if (!given) {                                                                                  \
+                sq[tid] = am_sq_sum_##SFX_(g_ + j0, j1 - j0);                                              \
+                _Pragma("omp barrier") _Pragma("omp single") {                                             \
+                    double s = 0.0;                                                                        \
+                    for (int k = 0; k < n; ++k) s += sq[k];                                                \
+                    am_step_##SFX_(v_, 0, s, ht);                                                          \
+                }                                                                                          \
+            }                                                                                              \
+            double sums[3] = {0.0, 0.0, 0.0};                                                              \
+            am_mask_sums_##SFX_(g_ + j0, m_ + j0, v_, j1 - j0, 0, 1, ht, mask, 1, sums);                   \
+            for (int k = 0; k < 3; ++k) partial[((int64_t)tid * T_ + t) * 3 + k] += sums[k];              \
+        }                                                                                                  \
+    }
+
+static void amm_wide_rows(int nt, int t, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *R,
+                          const int64_t *C, const double *ht, int given, int mask, int phase, float step, int all,
+                          double *partial) {
+    double sq[1024];
+    for (int64_t r = 0; r < R[t]; ++r) {
+#pragma omp parallel num_threads(nt)
+        {
+            int tid = omp_get_thread_num(), n = omp_get_num_threads();
+            int64_t j0 = C[t] * tid / n, j1 = C[t] * (tid + 1) / n;
+            if (dtype == 0)
+                AMM_WIDE(f32, float)
+            else
+                AMM_WIDE(bf16, uint16_t)
+        }
+    }
+}
+#undef AMM_WIDE
+
 /* Adam-mini with the mask component over T tensors viewed as R[t] x C[t], one block per row
  * (cpu_kernels_body.h, am_mask_*), in two calls: PHASE_SUMS moves v (unless given: V holds the
  * rows' v of this step, a shard's) and writes each tensor's three mask sums to io[3t..3t+2],
  * writing nothing else; PHASE_APPLY moves p and m by the step of the sums in io and the whole
- * tensor's size whole[t] (as leanopt_adam's). Rows of a tensor are split over the threads
- * (one thread for a small or wide tensor). Returns 0, 1 for bad arguments, 2 out of memory. */
+ * tensor's size whole[t] (as leanopt_adam's). Rows of a tensor are split over the threads (one
+ * thread for a small tensor; a wide tensor's rows one by one, each split over the threads).
+ * Returns 0, 1 for bad arguments, 2 out of memory. */
 int leanopt_adam_mini_masked(int nt, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *R,
                              const int64_t *C, const double *h, int given, int mask, int alpha, int count_scale, int phase,
                              double *io, const int64_t *whole) {
@@ -289,7 +332,8 @@ int leanopt_adam_mini_masked(int nt, int T_, int dtype, void **P, void **G, void
         int tid = omp_get_thread_num(), n = omp_get_num_threads();
         for (int t = 0; t < T_; ++t) {
             int64_t r0 = R[t] * tid / n, r1 = R[t] * (tid + 1) / n;
-            if (R[t] * C[t] < SMALL || WIDE(R[t], C[t], n)) {
+            if (WIDE(R[t], C[t], nt)) continue; /* below */
+            if (R[t] * C[t] < SMALL) {
                 if (tid != t % n) continue;
                 r0 = 0, r1 = R[t];
             }
@@ -309,6 +353,17 @@ int leanopt_adam_mini_masked(int nt, int T_, int dtype, void **P, void **G, void
             else
                 am_mask_apply_bf16(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, mask, bf16_to_f32(f32_to_bf16(step)), all);
         }
+    }
+    for (int t = 0; t < T_; ++t) {
+        if (!WIDE(R[t], C[t], nt)) continue;
+        const double *ht = h + (int64_t)t * AM_N;
+        int all = 0;
+        float step = 0.0f;
+        if (phase == PHASE_APPLY) {
+            step = mask_step(io + 3 * t, whole[t], ht[AM_LR], alpha, count_scale, &all);
+            if (dtype == 1) step = bf16_to_f32(f32_to_bf16(step));
+        }
+        amm_wide_rows(nt, t, T_, dtype, P, G, M, V, R, C, ht, given, mask, phase, step, all, partial);
     }
     if (phase == PHASE_SUMS) add_partials(partial, nt, T_, io);
     return 0;
