@@ -182,7 +182,7 @@ def test_a_shard_takes_the_same_path_whatever_its_local_layout(monkeypatch):
 
 
 def test_shard_caches_stay_bounded():
-    # the per-piece caches (pieces, lanes, Adam-mini's row plans) are keyed by meshes and
+    # the per-piece caches (lanes, Adam-mini's row plans and flat plans) are keyed by pieces and
     # layouts: a process that keeps building models must not grow them forever
     from leanopt._distributed import remember
 

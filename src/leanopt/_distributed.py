@@ -69,18 +69,22 @@ def piece_of(t: Tensor, name: str = "a parameter") -> Piece | None:
     mesh = t.device_mesh
     # keyed by the mesh object itself: equal meshes of a re-created process group hold other groups
     key = (tuple(t.shape), tuple(t.placements), id(mesh))
-    if key in _PIECES:
-        return _PIECES[key][1]
-    return remember(_PIECES, key, (mesh, _piece(key[0], mesh, key[1], name)))[1]  # the entry keeps its mesh (and id) alive
+    if key not in _PIECES:
+        _PIECES[key] = (mesh, _piece(key[0], mesh, key[1], name))  # the entry keeps its mesh (and id) alive
+    return _PIECES[key][1]
 
 
-_PIECES: dict[tuple, tuple[object, Piece]] = {}  # a parameter's piece does not change between steps
+# a parameter's piece does not change between steps. Never emptied (one entry per shape, placement
+# and mesh): a piece's identity keys the caches whose misses take a collective (adam_mini._ROWS),
+# and a rank that called piece_of more often than the others must not lose its pieces alone
+_PIECES: dict[tuple, tuple[object, Piece]] = {}
 
 
 def remember(cache: dict, key: object, value: object, limit: int = 1 << 14) -> object:
     """``cache[key] = value``, emptying the cache first when it holds ``limit`` entries: a
-    process that keeps building models or meshes must not grow it forever (entries are rebuilt
-    on use). Every rank fills its caches in the same order, so they empty at the same step."""
+    process that keeps building models must not grow it forever (entries are rebuilt on use).
+    A cache whose misses take a collective must be filled only where every rank fills it,
+    in the same order, so that all empty it at the same step."""
     if len(cache) >= limit:
         cache.clear()
     cache[key] = value

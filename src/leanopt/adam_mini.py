@@ -366,7 +366,8 @@ _ROWS: dict[tuple[BlockLayout, int], tuple[Piece, _Rows]] = {}
 def _rows_of(blocks: list[BlockView], pieces: list[Piece]) -> list[_Rows]:
     """Each tensor's :class:`_Rows`, computed the first time a tensor is seen: which blocks some
     rank holds whole takes one collective (per group) for all of them, on every rank at once, as
-    the ranks step the same tensors in the same order."""
+    the ranks step the same tensors in the same order. (So the cache is filled only here, and
+    its keys are pieces, which :func:`leanopt._distributed.piece_of` never drops.)"""
     keys = [(b.layout, id(piece)) for b, piece in zip(blocks, pieces)]
     known = {i: _ROWS[key][1] for i, key in enumerate(keys) if key in _ROWS}
     new = [i for i in range(len(keys)) if i not in known]

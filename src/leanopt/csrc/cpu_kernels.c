@@ -199,7 +199,7 @@ int leanopt_row_sq_sums(int nt, int T_, int dtype, void **G, const int64_t *R, c
 int leanopt_col_sq_sums(int nt, int T_, int dtype, void **G, const int64_t *R, const int64_t *C, double **S) {
     if (nt < 1 || nt > 1024) return 1;
     for (int t = 0; t < T_; ++t) {
-        int use = R[t] * C[t] < SMALL ? 1 : nt;
+        int use = R[t] * C[t] < SMALL || R[t] < 2 ? 1 : (R[t] < nt ? (int)R[t] : nt); /* threads split the rows */
         double *acc = calloc((size_t)use * (size_t)C[t] + 1, sizeof(double));
         if (!acc) return 2;
 #pragma omp parallel num_threads(use)
@@ -225,7 +225,7 @@ int leanopt_adam_mini_cols(int nt, int T_, int dtype, void **P, void **G, void *
                            const int64_t *C, const double *h) {
     if (nt < 1 || nt > 1024) return 1;
     for (int t = 0; t < T_; ++t) {
-        int use = R[t] * C[t] < SMALL ? 1 : nt, failed = 0;
+        int use = R[t] * C[t] < SMALL || R[t] < 2 ? 1 : (R[t] < nt ? (int)R[t] : nt), failed = 0;
         const double *ht = h + (int64_t)t * AM_N;
 #pragma omp parallel num_threads(use) reduction(| : failed)
         {
