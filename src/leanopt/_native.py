@@ -255,9 +255,8 @@ def adam_mini_masked(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs
     one block per row, in two C passes: v and the mask sums, then p and m. ``given``:
     ``exp_avg_sqs[i]`` hold each row's v of this step already (a shard's rows) and are only
     read. ``between``, ``whole``: as :func:`_two_passes`. The caller checked :func:`supports`."""
-    _two_passes("leanopt_adam_mini_masked", (params, grads, exp_avgs, exp_avg_sqs),
-                ([] if given else list(exp_avg_sqs), [*params, *exp_avgs]),
-                ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), (int(given),), mask, alpha, count_scale, between, whole)
+    _two_passes(*_adam_mini_masked_call(params, grads, exp_avgs, exp_avg_sqs, rows, cols, hypers, given), mask, alpha,
+                count_scale, between, whole)
 
 
 def adam_mini_masked_pass(phase: int, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -268,13 +267,20 @@ def adam_mini_masked_pass(phase: int, params: Sequence[Tensor], grads: Sequence[
     two (a shard's blocks held whole and split ones): phase 1 writes each tensor's mask sums to
     ``sums`` (a ``(len(params), 3)`` float64 tensor) and, unless ``given``, moves v; phase 2
     steps p and m from ``sums`` (``whole[i]``: tensor ``i``'s whole size). One dtype."""
-    if len({t.dtype for t in params}) > 1:
-        raise ValueError("adam_mini_masked_pass: one dtype per call")
     assert sums.dtype == torch.float64 and sums.is_contiguous() and tuple(sums.shape) == (len(params), 3)
-    written = ([] if given else list(exp_avg_sqs)) if phase == 1 else [*params, *exp_avgs]
-    _call("leanopt_adam_mini_masked", (params, grads, exp_avgs, exp_avg_sqs), written,
-          ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), int(given), _MASKS[mask], _ALPHAS[alpha],
-          int(count_scale), phase, sums.data_ptr(), _int64s(list(whole) if whole else [t.numel() for t in params]))
+    name, tensors, written, per_tensor, lead = _adam_mini_masked_call(params, grads, exp_avgs, exp_avg_sqs, rows, cols,
+                                                                      hypers, given)
+    _masked_pass(name, tensors, written[phase - 1], per_tensor, lead, mask, alpha, count_scale, phase, sums, whole)
+
+
+def _adam_mini_masked_call(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                           exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
+                           hypers: Sequence[Sequence[float]], given: bool) -> tuple:
+    """``leanopt_adam_mini_masked``'s arguments for :func:`_two_passes`: name, tensors, what
+    each phase writes (v only when the kernel moves it), per-tensor arrays, lead arguments."""
+    return ("leanopt_adam_mini_masked", (params, grads, exp_avgs, exp_avg_sqs),
+            ([] if given else list(exp_avg_sqs), [*params, *exp_avgs]),
+            ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), (int(given),))
 
 
 def elementwise_masked(family: str, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -296,10 +302,7 @@ def _two_passes(name: str, tensors: Sequence[Sequence[Tensor]], written: tuple[l
     then phase 2 (the step from them, writing ``written[1]``). Shards: ``between(sums)``
     reduces the sums over the ranks in place between the two (should it raise, ``on_error()``
     first), and ``whole[i]`` is tensor ``i``'s whole size. One dtype per call."""
-    if len({t.dtype for t in tensors[0]}) > 1:
-        raise ValueError(f"{name}: one dtype per call")
     sums = torch.zeros(len(tensors[0]), 3, dtype=torch.float64)
-    sizes = _int64s([t.numel() for t in tensors[0]] if whole is None else list(whole))
     for phase, w in ((1, written[0]), (2, written[1])):
         if phase == 2 and between is not None:
             try:
@@ -308,8 +311,18 @@ def _two_passes(name: str, tensors: Sequence[Sequence[Tensor]], written: tuple[l
                 if on_error is not None:
                     on_error()
                 raise
-        _call(name, tensors, w, per_tensor, *lead, _MASKS[mask], _ALPHAS[alpha], int(count_scale), phase, sums.data_ptr(),
-              sizes)
+        _masked_pass(name, tensors, w, per_tensor, lead, mask, alpha, count_scale, phase, sums, whole)
+
+
+def _masked_pass(name: str, tensors: Sequence[Sequence[Tensor]], written: list[Tensor], per_tensor: Sequence[Any],
+                 lead: tuple[int, ...], mask: str, alpha: str, count_scale: bool, phase: int, sums: Tensor,
+                 whole: Sequence[int] | None) -> None:
+    """Phase ``phase`` of a two-pass kernel (:func:`_two_passes`), with its mask sums in ``sums``."""
+    if len({t.dtype for t in tensors[0]}) > 1:
+        raise ValueError(f"{name}: one dtype per call")  # sums are indexed by tensor within one call
+    sizes = _int64s([t.numel() for t in tensors[0]] if whole is None else list(whole))
+    _call(name, tensors, written, per_tensor, *lead, _MASKS[mask], _ALPHAS[alpha], int(count_scale), phase, sums.data_ptr(),
+          sizes)
 
 
 def row_sq_sums(grads: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int]) -> list[Tensor]:

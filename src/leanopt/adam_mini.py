@@ -484,8 +484,9 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
     elif whole:
         _native.adam_mini_rows(*held)
     other = [(i, r0, r1) for i, r in enumerate(runs) for r0, r1 in r.other]
-    split = [*slabs(other), list(_shared_v(params, grads, exp_avg_sqs, blocks, coeffs, pieces, runs, flat, other, with_rows)),
-             [r1 - r0 for _, r0, r1 in other], [blocks[i].local_view[1] for i, _, _ in other], [coeffs[i] for i, _, _ in other]]
+    split = slabs(other)
+    split += [list(_shared_v(params, split[1], exp_avg_sqs, blocks, coeffs, flat, other, with_rows)),
+              [r1 - r0 for _, r0, r1 in other], [blocks[i].local_view[1] for i, _, _ in other], [coeffs[i] for i, _, _ in other]]
     if not masked:
         if other:
             _native.adam_mini_rows(*split, given=True)
@@ -502,16 +503,14 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
     passes(2, *(a + b for a, b in zip(held, split)), given=True, sums=sums, whole=sizes)
 
 
-def _shared_v(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor], blocks: list[BlockView],
-              coeffs: list[AdamMiniStep], pieces: list[Piece], runs: list[_Rows], flat: _Flat,
-              other: list[tuple[int, int, int]], with_rows: tuple[list[Tensor], list[tuple[object, ...]]]) -> tuple[Tensor, ...]:
+def _shared_v(params: list[Tensor], other_grads: list[Tensor], exp_avg_sqs: list[Tensor], blocks: list[BlockView],
+              coeffs: list[AdamMiniStep], flat: _Flat, other: list[tuple[int, int, int]],
+              with_rows: tuple[list[Tensor], list[tuple[object, ...]]]) -> tuple[Tensor, ...]:
     """Every block's v of this step on every rank, after the held blocks' pass moved theirs:
-    the sums of g² of the ``other`` rows (row runs of split blocks), one collective per group
-    carrying those sums and the held blocks' v (and ``with_rows``), v moved; returns the v of
-    each ``other`` run's rows."""
-    cols = [blocks[i].local_view[1] for i, _, _ in other]
-    sums = _native.row_sq_sums([grads[i].view(-1)[r0 * c:r1 * c] for (i, r0, r1), c in zip(other, cols)],
-                               [r1 - r0 for _, r0, r1 in other], cols)
+    the sums of g² of the ``other`` rows (row runs of split blocks; ``other_grads``: their
+    gradients), one collective per group carrying those sums and the held blocks' v (and
+    ``with_rows``), v moved; returns the v of each ``other`` run's rows."""
+    sums = _native.row_sq_sums(other_grads, [r1 - r0 for _, r0, r1 in other], [blocks[i].local_view[1] for i, _, _ in other])
     acc, c = acc_dtype(params[0]), coeffs[0]
     v_all = torch.cat([exp_avg_sqs[i] for i in flat.order]).to(acc)  # the held blocks' v as their pass left it
     parts = torch.where(flat.held, v_all, 0.0)  # (the others' v: 0, their own rank adds it)
