@@ -1,5 +1,5 @@
 """The GPU path: on CUDA every leanopt optimizer's default (the compiled kernels) against its
-eager reference, float32 and bfloat16. Skipped without a GPU; ``scripts/gpu-check`` runs it
+eager reference, float32 and bfloat16, and over compact state. Skipped without a GPU; ``scripts/gpu-check`` runs it
 (also without pytest: ``python tests/test_cuda.py``)."""
 
 from __future__ import annotations
@@ -47,6 +47,24 @@ def test_the_cuda_default_is_the_compiled_kernel_and_equals_eager(name, kw, dtyp
     assert max_rel_diff(fast, ref) <= TOL[dtype]
 
 
+# compact state (int8/int4/bf16) of float32 parameters: the compiled kernels decode and encode it
+# (compiled-compact); Adam-mini's compiled step reads decoded copies (the compiled codec around it)
+COMPACT = [("adamw", "int8"), ("adamw", "int4"), ("alpha-adam", "int4"), ("lion", "bf16"), ("sgd-sai", "int8"),
+           ("lion", "int4"), ("adam-mini", "int8")]
+
+
+@pytest.mark.parametrize("name, precision", COMPACT, ids=[f"{n}-{p}" for n, p in COMPACT])
+def test_the_cuda_default_steps_compact_state_in_the_compiled_kernels(name, precision):
+    kw = {"state_precision": precision, "state_min_size": 0, "state_block_size": 64}
+    opt, fast = trajectory(name, kw, None, torch.float32)
+    assert set(opt.last_backends) == {"compiled" if name == "adam-mini" else "compiled-compact"}, opt.last_backends
+    _, ref = trajectory(name, kw, False, torch.float32)
+    assert all(torch.isfinite(p).all() for p in fast)
+    # a value at a code's rounding boundary may take the neighbouring code (the compiled and
+    # the eager step differ in the last bits), and then its element moves a little otherwise
+    assert max_rel_diff(fast, ref) <= 1e-4
+
+
 def _main() -> int:
     """Run the cases without pytest (the GPU machine may not have it); exit 1 on a failure."""
     if not torch.cuda.is_available():
@@ -62,7 +80,14 @@ def _main() -> int:
             except Exception as e:  # noqa: BLE001 - report every case
                 failed += 1
                 print(f"FAIL  {label}: {type(e).__name__}: {e}", flush=True)
-    print(f"{failed} failed of {len(TOL) * len(CASES)}")
+    for name, precision in COMPACT:
+        try:
+            test_the_cuda_default_steps_compact_state_in_the_compiled_kernels(name, precision)
+            print(f"ok    {name} state_precision={precision}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report every case
+            failed += 1
+            print(f"FAIL  {name} state_precision={precision}: {type(e).__name__}: {e}", flush=True)
+    print(f"{failed} failed of {len(TOL) * len(CASES) + len(COMPACT)}")
     return 1 if failed else 0
 
 

@@ -41,11 +41,12 @@ from torch import Tensor
 from . import _native
 from ._distributed import Piece, is_dtensor, local, piece_of
 
-__all__ = ["Backends", "EAGER", "COMPILED", "NATIVE", "SHARDED", "COMPACT", "route", "every_row"]
+__all__ = ["Backends", "EAGER", "COMPILED", "NATIVE", "SHARDED", "COMPACT", "COMPILED_COMPACT", "route", "every_row"]
 
 EAGER, COMPILED, NATIVE = "eager", "compiled", "native"
 SHARDED = "native-sharded"  # the C step of shards with a statistic across them (Backends.sharded)
 COMPACT = "native-compact"  # the C step over int8/int4 state in one pass (Backends.compact)
+COMPILED_COMPACT = "compiled-compact"  # the compiled step over compact state (Backends.compiled_compact)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class Backends:
     compact: Callable[..., None] | None = None
     compact_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
     compact_formats: tuple[str, ...] = ("int8", "int4", "bf16")  # the stored formats ``compact`` reads
+    # whether ``compiled`` takes compact state too (CompactState entries in its state columns,
+    # decoded and encoded inside its kernels: leanopt.precision.CompactKernel): the path of the
+    # rows ``compact`` does not take, on CUDA and under fused=True
+    compiled_compact: bool = False
     # the C step of shards whose step takes a statistic across the shards (Adam-mini's block
     # sums, the mask's sums), called with ``pieces`` as the eager path is: C passes over the
     # local tensors, the statistics summed over the pieces' groups between them (one collective

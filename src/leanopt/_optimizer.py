@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import precision as _precision
 from . import _native
-from ._backend import COMPACT, Backends, route
+from ._backend import COMPACT, COMPILED_COMPACT, Backends, route
 from ._distributed import all_finite, batched_reductions, is_dtensor, rank_zero_ints
 from .precision import MOMENT, SECOND
 
@@ -481,41 +481,56 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     def _route_compact(self, backends: Backends, group: dict[str, Any], columns: tuple[list[Any], ...],
                        options: dict[str, Any]) -> list[list[Any]]:
-        """Step the tensors the family's one-pass C kernel over int8/int4 state takes
-        (``backends.compact``, for the rows ``backends.compact_takes`` accepts: float32 CPU
-        tensors whose states are already in the group's format); returns the columns of the others."""
-        if backends.compact is None or group["fused"] is False or _native.library() is None:
+        """Step the float32 tensors whose compact state a one-pass kernel takes as it is
+        stored: the family's C kernel (``backends.compact``, for the rows
+        ``backends.compact_takes`` accepts; CPU), else its compiled kernels where the family's
+        take compact state (``backends.compiled_compact``; CUDA, and the CPU under
+        ``fused=True``). Returns the columns of the others (stepped from decoded copies)."""
+        fused = group["fused"]
+        if fused is False:
             return list(columns)
+        native = backends.compact is not None and _native.library() is not None
         takes = backends.compact_takes or (lambda row, o: backends.elementwise is not None and backends.elementwise(o))
-        fast, views = [], []
+        picked: dict[str, tuple[list[int], list[list[Any]]]] = {COMPACT: ([], []), COMPILED_COMPACT: ([], [])}
         for i, (p, g) in enumerate(zip(columns[0], columns[1])):
-            if not takes([column[i] for column in columns], options):
+            if p.dtype != torch.float32 or g.dtype != p.dtype or is_dtensor(p) or not (p.is_contiguous() and g.is_contiguous()):
                 continue
-            row = [self._compact_view(column[i], backends) for column in columns[2:backends.streams]]
-            if (_native.supports(p, g) and p.dtype == torch.float32 and _NO not in row
-                    and any(isinstance(v, _native.CompactState) for v in row)):
-                fast.append(i)
-                views.append(row)
-        if not fast:
+            states = [column[i] for column in columns[2:backends.streams]]
+            candidates = []
+            if native and _native.supports(p, g) and takes([column[i] for column in columns], options):
+                candidates.append((COMPACT, [self._compact_view(x, backends.compact_formats, p, True) for x in states]))
+            if backends.compiled_compact and (fused or p.device.type == "cuda"):
+                candidates.append((COMPILED_COMPACT, [self._compact_view(x, _precision.PACKED_FORMATS, p, False)
+                                                      for x in states]))
+            for path, row in candidates:
+                if _NO not in row and any(isinstance(v, _native.CompactState) for v in row):
+                    picked[path][0].append(i)
+                    picked[path][1].append(row)
+                    break
+        taken: set[int] = set()
+        for path, (idx, views) in picked.items():
+            if not idx:
+                continue
+            cols = [[column[i] for i in idx] for column in columns]
+            cols[2:backends.streams] = [list(states) for states in zip(*views)]
+            (backends.compact if path == COMPACT else backends.compiled)(*cols, **options)
+            self.last_backends[path] = self.last_backends.get(path, 0) + len(idx)
+            taken.update(idx)
+        if not taken:
             return list(columns)
-        picked = [[column[i] for i in fast] for column in columns]
-        for k in range(2, backends.streams):
-            picked[k] = [row[k - 2] for row in views]
-        backends.compact(*picked, **options)
-        self.last_backends[COMPACT] = self.last_backends.get(COMPACT, 0) + len(fast)
-        taken = set(fast)
         keep = [i for i in range(len(columns[0])) if i not in taken]
         return [[column[i] for i in keep] for column in columns]
 
-    def _compact_view(self, x: Any, backends: Backends) -> Any:
-        """A state entry as the one-pass compact kernel takes it: int8/int4 codes or bf16
-        state already in the group's format, of a format ``backends.compact_formats`` names (a
-        :class:`leanopt._native.CompactState`), a float32 tensor as it is; ``_NO`` for anything
-        else (a format to convert, a missing buffer)."""
+    def _compact_view(self, x: Any, formats: tuple[str, ...], p: Tensor, native: bool) -> Any:
+        """A state entry of ``p`` as a one-pass compact kernel takes it: int8/int4 codes or
+        bf16 state already in the group's format, of one of ``formats`` (a
+        :class:`leanopt._native.CompactState`; ``native``: the C kernel's, whose blocks have
+        a largest size), a float32 tensor as it is; ``_NO`` for anything else (a format to
+        convert, a missing buffer)."""
         if isinstance(x, _Deferred):
             state, kind = self.state[x.p], self._element_kinds[x.key]
             have = _precision.format_of(state, x.key, kind, x.p)
-            if have != _precision.stored_format(x.group, x.key, kind, x.p) or have not in backends.compact_formats:
+            if have != _precision.stored_format(x.group, x.key, kind, x.p) or have not in formats:
                 return _NO
             if have == "bf16":  # written back with this step's rounding bits, as _store_state would
                 if not state[x.key].is_contiguous():
@@ -523,10 +538,10 @@ class LeanOptimizer(torch.optim.Optimizer):
                 key = self._rounding_key(x.group, x.p, 1 + list(self._element_kinds).index(x.key))
                 return _native.CompactState(state[x.key], None, have, 0, key)
             block = _precision.block_of(state, x.key, x.p)
-            if not 0 < block <= _native.COMPACT_MAX_BLOCK:
+            if native and not 0 < block <= _native.COMPACT_MAX_BLOCK:
                 return _NO
             return _native.CompactState(state[x.key], state[x.key + _precision.SCALE_SUFFIX], have, block)
-        if isinstance(x, Tensor) and x.dtype == torch.float32 and _native.supports(x):
+        if isinstance(x, Tensor) and x.dtype == torch.float32 and x.device == p.device and x.is_contiguous():
             return x
         return _NO
 

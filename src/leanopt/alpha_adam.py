@@ -25,8 +25,8 @@ from torch import Tensor
 
 from . import _native
 from ._backend import Backends, every_row
-from ._compile import Kernel, field_index, fusable_groups, hyper
-from .precision import precision_defaults
+from ._compile import field_index, fusable_groups, hyper
+from .precision import CompactKernel, flat, precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, bias_corrections, decay_, decay_factor,
                          direction, scalar, step_tensor)
 from ._distributed import Piece
@@ -134,7 +134,7 @@ def _adam_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
     return torch.stack(out) if out else None
 
 
-_KERNEL = Kernel(_adam_kernel)
+_KERNEL = CompactKernel(_adam_kernel)  # compact state: decoded and encoded in the kernel's passes
 
 
 def _alpha_adam_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -142,7 +142,7 @@ def _alpha_adam_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: li
                          pieces: list[Piece | None] | None = None) -> None:
     """The step by compiled kernels (:mod:`leanopt._compile`), a few tensors per call;
     ``pieces``: of shards (:func:`leanopt.mask.two_pass`)."""
-    calls = [(idx, tuple([x[i].view(-1) for i in idx] for x in (params, grads, exp_avgs, exp_avg_sqs)),
+    calls = [(idx, tuple([flat(x[i], params[i]) for i in idx] for x in (params, grads, exp_avgs, exp_avg_sqs)),
               hyper([coeffs[i] for i in idx], params[idx[0]])) for idx in fusable_groups(params)]
     two_pass(_KERNEL, calls, params, pieces, mask=mask, alpha=alpha, count_scale=count_scale)
 
@@ -185,7 +185,7 @@ def _alpha_adam_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
 
 BACKENDS = Backends(streams=4, eager=alpha_adam, compiled=_alpha_adam_compiled, compiled_shards=every_row,
                     native=_alpha_adam_native, elementwise=unmasked, compact=_alpha_adam_compact, compact_takes=every_row,
-                    sharded=_alpha_adam_sharded)
+                    sharded=_alpha_adam_sharded, compiled_compact=True)
 
 
 class AlphaAdam(LeanOptimizer):

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from . import _native
 from ._backend import Backends, every_row
-from ._compile import Kernel, field_index, fusable_groups, hyper
-from .precision import precision_defaults
+from ._compile import field_index, fusable_groups, hyper
+from .precision import CompactKernel, flat, precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Betas, LeanOptimizer, ParamsT, decay_, decay_factor, direction, scalar,
                          step_tensor)
 from ._distributed import Piece
@@ -110,12 +110,12 @@ def _lion_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], H: Tensor
     return torch.stack(out) if out else None
 
 
-_KERNEL = Kernel(_lion_kernel)
+_KERNEL = CompactKernel(_lion_kernel)  # compact state: decoded and encoded in the kernel's passes
 
 
 def _lion_compiled(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], coeffs: list[LionStep], *, mask: str,
                    alpha: str, count_scale: bool, pieces: list[Piece | None] | None = None) -> None:
-    calls = [(idx, tuple([x[i].view(-1) for i in idx] for x in (params, grads, exp_avgs)),
+    calls = [(idx, tuple([flat(x[i], params[i]) for i in idx] for x in (params, grads, exp_avgs)),
               hyper([coeffs[i] for i in idx], params[idx[0]])) for idx in fusable_groups(params)]
     two_pass(_KERNEL, calls, params, pieces, mask=mask, alpha=alpha, count_scale=count_scale)
 
@@ -139,7 +139,7 @@ def _lion_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any]
 
 BACKENDS = Backends(streams=3, eager=lion, compiled=_lion_compiled, compiled_shards=every_row, native=_lion_native,
                     elementwise=unmasked, compact=_lion_compact, compact_takes=every_row,
-                    sharded=_lion_native)
+                    sharded=_lion_native, compiled_compact=True)
 
 
 class Lion(LeanOptimizer):

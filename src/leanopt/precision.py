@@ -40,15 +40,17 @@ uninterrupted one); the C kernel and the eager code draw the same bits.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 from . import _native
+from ._compile import Kernel
 from ._distributed import is_dtensor, local
 
 __all__ = ["PRECISIONS", "MOMENT", "SECOND", "precision_checks", "precision_defaults", "stored_format", "format_of",
@@ -238,7 +240,8 @@ def block_of(state: Mapping[str, Any], key: str, p: Tensor) -> int:
 def _blocks(x: Tensor, block: int) -> tuple[Tensor, int]:
     """``x`` (…, L) as (…, n_blocks, block), zero-padded; and L."""
     last = x.shape[-1]
-    n = _n_blocks(last, block)
+    # whole blocks spelled as an exact division: in a compiled kernel, simpler index arithmetic
+    n = last // block if last % block == 0 else _n_blocks(last, block)
     xb = F.pad(x, (0, n * block - last)) if n * block > last else x
     return xb.reshape(*x.shape[:-1], n, block), last  # sizes spelled out: a shard may hold no rows
 
@@ -282,20 +285,39 @@ def decode(state: Mapping[str, Any], key: str, kind: str, p: Tensor, fmt: str | 
         return state[key].to(dtype, copy=True).reshape(p.shape)
     scales = state[key + SCALE_SUFFIX]
     shape = _shape(p)
-    top = _CODE_MAX[(fmt, kind)]
     block = _block_of(shape[-1], scales.shape[-1], key)
     if _fast(dtype, state[key], scales):
         out = torch.empty(p.shape, dtype=dtype)
-        _native.codec(False, out, state[key], scales, block, kind == SECOND, fmt == "int4", top)
+        _native.codec(False, out, state[key], scales, block, kind == SECOND, fmt == "int4", _CODE_MAX[(fmt, kind)])
         return out
-    codes = _unpack4(state[key], shape[-1]) if fmt == "int4" else state[key]
-    y = codes.to(dtype).div_(top)
-    y = y.abs().square_().mul_(y.sign()) if kind == MOMENT else y.square_()
+    dequantize = _DEQUANTIZE if p.device.type == "cuda" else _dequantize  # one fused pass on CUDA
+    return dequantize(state[key], scales, fmt, kind, block, shape[-1], dtype).reshape(p.shape)
+
+
+def _dequantize(codes: Tensor, scales: Tensor, fmt: str, kind: str, block: int, last: int, dtype: torch.dtype) -> Tensor:
+    """Values (…, last) of int8/int4 ``codes`` and their block ``scales`` (torch operations:
+    the eager codec)."""
+    y = _unit(_unpack4(codes, last) if fmt == "int4" else codes, fmt, kind, dtype)
     yb, last = _blocks(y, block)
     x = _unblock(yb * scales.to(dtype).unsqueeze(-1), last)
+    return x.square() if kind == SECOND else x
+
+
+def _unit(codes: Tensor, fmt: str, kind: str, dtype: torch.dtype) -> Tensor:
+    """Codes as values in units of their block's scale: (|c|/top)², the sign kept for momenta."""
+    y = codes.to(dtype).div_(_CODE_MAX[(fmt, kind)])
+    return y.abs().square_().mul_(y.sign()) if kind == MOMENT else y.square_()
+
+
+def _code(y: Tensor, fmt: str, kind: str) -> Tensor:
+    """Values in units of their block's scale as the stored codes: uint8 for second moments
+    (a positive v never becomes 0: its update would be divided by eps alone), int8 for int8
+    momenta, int4 momenta packed two to a byte."""
+    c = y.abs().sqrt_().mul_(_CODE_MAX[(fmt, kind)]).round_()
     if kind == SECOND:
-        x = x.square()
-    return x.reshape(p.shape)
+        return torch.where(y > 0, c.clamp(min=1), c).to(torch.uint8)
+    c = c.mul_(y.sign())
+    return _pack4(c.to(torch.int16)) if fmt == "int4" else c.to(torch.int8)  # float -> int8 directly: it vectorizes
 
 
 def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, key: int | None) -> dict[str, Tensor]:
@@ -313,26 +335,28 @@ def encode(x: Tensor, fmt: str, kind: str, p: Tensor, block: int, key: int | Non
         out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
         stochastic_round_(out, x, key)
         return {"": out}
-    top = _CODE_MAX[(fmt, kind)]
     x = x.reshape(_shape(p)).to(working_dtype(p))
     if _fast(x.dtype, x):
         out = zeros(fmt, kind, p, block)
-        _native.codec(True, x.contiguous(), out[""], out[SCALE_SUFFIX], block, kind == SECOND, fmt == "int4", top)
+        _native.codec(True, x.contiguous(), out[""], out[SCALE_SUFFIX], block, kind == SECOND, fmt == "int4",
+                      _CODE_MAX[(fmt, kind)])
         return out
+    codes, scales = (_QUANTIZE if x.device.type == "cuda" else _quantize)(x, fmt, kind, block)
+    return {"": codes, SCALE_SUFFIX: scales}
+
+
+def _quantize(x: Tensor, fmt: str, kind: str, block: int) -> tuple[Tensor, Tensor]:
+    """The int8/int4 codes and float32 block scales of values ``x`` (…, last) (torch
+    operations: the eager codec)."""
     if kind == SECOND:
         x = x.clamp(min=0).sqrt()
     xb, last = _blocks(x, block)
     scales = xb.abs().amax(dim=-1).to(torch.float32)
     safe = torch.where(scales > 0, scales, 1.0).to(xb.dtype).unsqueeze(-1)
-    y = _unblock(xb / safe, last)
-    c = y.abs().sqrt_().mul_(top).round_()
-    if kind == SECOND:  # a positive v never becomes 0: its update would be divided by eps alone
-        c = torch.where(y > 0, c.clamp(min=1), c)
-        codes = c.to(torch.uint8)
-    else:
-        c = c.mul_(y.sign())
-        codes = _pack4(c.to(torch.int16)) if fmt == "int4" else c.to(torch.int8)
-    return {"": codes, SCALE_SUFFIX: scales}
+    return _code(_unblock(xb / safe, last), fmt, kind), scales
+
+
+_DEQUANTIZE, _QUANTIZE = Kernel(_dequantize), Kernel(_quantize)  # CUDA: one fused pass each
 
 
 def _fast(dtype: torch.dtype, *tensors: Tensor) -> bool:
@@ -349,6 +373,117 @@ def bytes_per_element(fmt: str, block: int) -> float:
     return {"param": 4.0, "bf16": 2.0, "int8": 1 + 4 / block, "int4": 0.5 + 4 / block}[fmt]
 
 
+# -- compact state inside a compiled kernel ----------------------------------------------
+
+
+PACKED_FORMATS = ("int8", "int4", "bf16")  # the stored formats a compiled kernel takes as they are (Packed)
+
+
+class Packed(NamedTuple):
+    """A compact state entry as a compiled kernel takes it (:class:`CompactKernel`)."""
+
+    codes: Tensor  # the int8/int4 codes or the bfloat16 tensor, as stored (or as rows: see ``rows``)
+    scales: Tensor | None  # the block scales (None for bfloat16)
+    key: Tensor | None  # bfloat16: this step's rounding key, as a tensor (an int would recompile every step)
+    fmt: str  # "int8", "int4" or "bf16"
+    block: int
+    last: int  # the parameter's last dimension, along which the blocks run
+    rows: bool = False  # viewed as rows of one block each (the blocks tile the parameter's rows)
+
+
+def flat(x: Any, p: Tensor) -> Any:
+    """One entry of a compiled kernel's column, for parameter ``p``: a tensor flattened, a
+    :class:`leanopt._native.CompactState` as a :class:`Packed`, anything else as it is."""
+    if isinstance(x, _native.CompactState):
+        key = torch.tensor(x.key, dtype=torch.int64, device=x.codes.device) if x.fmt == "bf16" else None
+        return Packed(x.codes, x.scales, key, x.fmt, x.block, _shape(p)[-1])
+    return x.view(-1) if isinstance(x, Tensor) else x
+
+
+def _kind(x: Packed) -> str:
+    return SECOND if x.fmt == "int8" and x.codes.dtype == torch.uint8 else MOMENT
+
+
+def _unpack(x: Packed) -> Tensor:
+    """The float32 values of packed state ``x``: rows of one block (``x.rows``), or flat."""
+    if x.fmt == "bf16":
+        return x.codes.to(torch.float32).reshape(-1)
+    if x.rows:
+        return _dequantize(x.codes, x.scales, x.fmt, _kind(x), x.block, x.block, torch.float32)
+    codes = x.codes.reshape(-1, x.codes.shape[-1])
+    return _dequantize(codes, x.scales.reshape(codes.shape[0], -1), x.fmt, _kind(x), x.block, x.last,
+                       torch.float32).reshape(-1)
+
+
+def _repack_(x: Packed, values: Tensor) -> None:
+    """Store float32 ``values`` (as :func:`_unpack` gave them) into packed state ``x``, in place."""
+    if x.fmt == "bf16":
+        x.codes.copy_(_rounded_to_bf16(values, x.key).view(x.codes.shape))
+        return
+    codes, scales = _quantize(values.view(-1, x.block if x.rows else x.last), x.fmt, _kind(x), x.block)
+    x.codes.copy_(codes.view(x.codes.shape))
+    x.scales.copy_(scales.view(x.scales.shape))
+
+
+def _through_codes(kernel: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``kernel`` over the decoded values of the :class:`Packed` entries of its list columns;
+    those encoded back after if the kernel wrote its tensors (returned None; a kernel that
+    only reads them, as the mask's sums call, returns what it computed)."""
+    work = [[_unpack(x) if isinstance(x, Packed) else x for x in a] if isinstance(a, list) else a for a in args]
+    out = kernel(*work, **kwargs)
+    if out is None:
+        for column, values in zip(args, work):
+            if isinstance(column, list):
+                for x, v in zip(column, values):
+                    if isinstance(x, Packed):
+                        _repack_(x, v)
+    return out
+
+
+class CompactKernel:
+    """A compiled kernel (:class:`leanopt._compile.Kernel`) of a function over lists of
+    tensors, entry ``i`` of every list being tensor ``i``'s, that takes compact state too:
+    :class:`Packed` entries (:func:`flat`) are decoded into float32 values inside the
+    compiled graph and, if the kernel wrote its tensors, encoded back in it. Where a
+    tensor's blocks tile its rows (int8/int4, ``last % block == 0``), every tensor of its
+    entry is viewed as rows of one block, the block a static size: decoding is one scale a
+    row, the absmax a reduction a row, and the step a loop over the blocks with static
+    inner loops (without it, index arithmetic over symbolic sizes defeats vectorization).
+    Bfloat16 state and ragged blocks are stepped flat. Calls without packed entries compile as
+    ``Kernel(fn)`` does."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._plain = Kernel(fn)
+        self._packed = Kernel(functools.update_wrapper(functools.partial(_through_codes, fn), fn))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        lists = [j for j, a in enumerate(args) if isinstance(a, list)]
+        entries: dict[int, list[Packed]] = {}
+        for j in lists:
+            for i, x in enumerate(args[j]):
+                if isinstance(x, Packed):
+                    entries.setdefault(i, []).append(x)
+        if not entries:
+            return self._plain(*args, **kwargs)
+        args = [list(a) if isinstance(a, list) else a for a in args]
+        for i, xs in entries.items():
+            block = xs[0].block
+            if any(x.fmt == "bf16" or x.block != block or x.last % block for x in xs):
+                continue  # flat: bfloat16 state, ragged blocks
+            numel = xs[0].codes.numel() * (2 if xs[0].fmt == "int4" else 1)
+            for j in lists:
+                x = args[j][i]
+                if isinstance(x, Packed):
+                    codes = x.codes.view(-1, block // 2 if x.fmt == "int4" else block)
+                    x = x._replace(codes=codes, scales=x.scales.view(-1, 1), rows=True)
+                    torch._dynamo.mark_static(codes, 1)
+                elif isinstance(x, Tensor) and x.numel() == numel:
+                    x = x.view(-1, block)  # the entry's other tensors (p, g, float32 state) as block rows
+                    torch._dynamo.mark_static(x, 1)
+                args[j][i] = x
+        return self._packed(*args, **kwargs)
+
+
 # -- stochastic rounding -----------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF
@@ -359,7 +494,7 @@ def rounding_key(seed: int, step: int, position: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB) >> 7 & _M32
 
 
-def rounding_bits(key: int, n: int, device: torch.device) -> Tensor:
+def rounding_bits(key: int | Tensor, n: int, device: torch.device) -> Tensor:
     """16 random bits for each of ``n`` elements (int64): a counter-based hash of the
     element's index and ``key``, the same bits as the C kernel's (``csrc/cpu_codec.h``).
     Every product stays under 2**63."""
@@ -388,12 +523,17 @@ def stochastic_round_(out: Tensor, x: Tensor, key: int | None) -> Tensor:
     if out.dtype == torch.bfloat16 and out.numel() == x.numel() and _fast(x.dtype, x, out):
         _native.stochastic_round(out, x, key)
         return out
-    bits = x.to(torch.float32).contiguous().view(torch.int32).reshape(-1)
-    noise = rounding_bits(key, bits.numel(), bits.device).to(torch.int32)
-    rounded = torch.where(torch.isfinite(x.reshape(-1)), (bits + noise) & -65536, bits & -65536).view(torch.float32)
-    rounded = torch.where(torch.isnan(x.reshape(-1)), x.reshape(-1).to(torch.float32), rounded)
-    out.copy_(rounded.reshape(out.shape))
+    out.copy_(_rounded_to_bf16(x.reshape(-1), key).reshape(out.shape))
     return out
+
+
+def _rounded_to_bf16(x: Tensor, key: int | Tensor) -> Tensor:
+    """Flat ``x`` rounded stochastically to bfloat16 values, held in float32 (torch
+    operations; ``key`` may be a tensor, so that a compiled kernel takes every step's key)."""
+    bits = x.to(torch.float32).contiguous().view(torch.int32)
+    noise = rounding_bits(key, bits.numel(), bits.device).to(torch.int32)
+    rounded = torch.where(torch.isfinite(x), (bits + noise) & -65536, bits & -65536).view(torch.float32)
+    return torch.where(torch.isnan(x), x.to(torch.float32), rounded)
 
 
 def uses_rounding(group: Mapping[str, Any]) -> bool:

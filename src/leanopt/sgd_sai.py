@@ -25,8 +25,8 @@ from torch import Tensor
 
 from . import _native
 from ._backend import Backends, every_row
-from ._compile import Kernel, field_index, fusable_groups, hyper
-from .precision import precision_defaults
+from ._compile import field_index, fusable_groups, hyper
+from .precision import CompactKernel, flat, precision_defaults
 from ._optimizer import (BOOL, BOOL_OR_NONE, NONNEG, Interval, LeanOptimizer, OneOf, ParamsT, acc_dtype, decay_, decay_factor,
                          decoupled_decay_, direction, finite_terms, scalar)
 from ._distributed import Piece, all_reduce_sums, local, piece_of
@@ -114,7 +114,7 @@ def _sgd_sai_kernel(ps: list[Tensor], gs: list[Tensor], bufs: list[Tensor] | Non
     return torch.stack(out) if out else None
 
 
-_KERNEL = Kernel(_sgd_sai_kernel)
+_KERNEL = CompactKernel(_sgd_sai_kernel)  # compact state: decoded and encoded in the kernel's passes
 
 
 def _sgd_sai_compiled(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], scales: list[Tensor],
@@ -122,7 +122,7 @@ def _sgd_sai_compiled(params: list[Tensor], grads: list[Tensor], momentum_buffer
                       pieces: list[Piece | None] | None = None) -> None:
     calls = []
     for idx in fusable_groups(params, key=lambda i: momentum_buffers[i] is None):
-        bufs = None if momentum_buffers[idx[0]] is None else [momentum_buffers[i].view(-1) for i in idx]
+        bufs = None if momentum_buffers[idx[0]] is None else [flat(momentum_buffers[i], params[i]) for i in idx]
         calls.append((idx, ([params[i].view(-1) for i in idx], [grads[i].view(-1) for i in idx], bufs,
                             [scales[i] for i in idx]), hyper([coeffs[i] for i in idx], params[idx[0]])))
     two_pass(_KERNEL, calls, params, pieces, mask=mask, alpha=alpha, count_scale=count_scale)
@@ -159,7 +159,7 @@ def _sgd_sai_compact(params: list[Tensor], grads: list[Tensor], momentum_buffers
 
 BACKENDS = Backends(streams=4, eager=sgd_sai, compiled=_sgd_sai_compiled, compiled_shards=every_row, native=_sgd_sai_native,
                     native_takes=_native_takes, elementwise=unmasked, compact=_sgd_sai_compact, compact_takes=_native_takes,
-                    sharded=_sgd_sai_native, sharded_takes=_native_takes)
+                    sharded=_sgd_sai_native, sharded_takes=_native_takes, compiled_compact=True)
 
 
 def gsnr(g: Tensor, eps: float, variant: str) -> tuple[Tensor, bool]:
