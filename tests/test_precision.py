@@ -393,7 +393,7 @@ def test_compiled_kernels_step_compact_state_as_stored(name, precision, monkeypa
 
     def run(fused: bool):
         torch.manual_seed(0)
-        params = [nn.Parameter(torch.randn(33, 299)), nn.Parameter(torch.randn(12, 256))]
+        params = [nn.Parameter(torch.randn(33, 299)), nn.Parameter(torch.randn(12, 256)), nn.Parameter(torch.randn(40, 3))]
         opt = leanopt.create_optimizer(name, params, lr=0.5 if name == "sgd-sai" else 1e-3, state_precision=precision,
                                        state_min_size=0, state_block_size=128, fused=fused, **({"mask": mask} if mask else {}))
         for step in range(3):
@@ -403,7 +403,7 @@ def test_compiled_kernels_step_compact_state_as_stored(name, precision, monkeypa
         return params, opt
 
     (fast, fast_opt), (eager, eager_opt) = run(True), run(False)
-    assert fast_opt.last_backends == {"compiled-compact": 2} and eager_opt.last_backends == {"eager": 2}
+    assert fast_opt.last_backends == {"compiled-compact": 3} and eager_opt.last_backends == {"eager": 3}
     for p, q in zip(fast, eager):
         assert ((p - q).norm() / q.norm()).item() <= 1e-5
         for key, value in eager_opt.state[q].items():

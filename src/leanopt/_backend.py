@@ -72,8 +72,8 @@ class Backends:
     compact_takes: Callable[[Sequence[Any], dict[str, Any]], bool] | None = None
     compact_formats: tuple[str, ...] = ("int8", "int4", "bf16")  # the stored formats ``compact`` reads
     # whether ``compiled`` takes compact state too (CompactState entries in its state columns,
-    # decoded and encoded inside its kernels: leanopt.precision.CompactKernel): the path of the
-    # rows ``compact`` does not take, on CUDA and under fused=True
+    # decoded and encoded inside its kernels: leanopt.precision.CompactKernel), the path of
+    # compact state on CUDA, and on the CPU under fused=True where the C kernels are not built
     compiled_compact: bool = False
     # the C step of shards whose step takes a statistic across the shards (Adam-mini's block
     # sums, the mask's sums), called with ``pieces`` as the eager path is: C passes over the

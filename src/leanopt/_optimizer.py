@@ -485,7 +485,7 @@ class LeanOptimizer(torch.optim.Optimizer):
         stored: the family's C kernel (``backends.compact``, for the rows
         ``backends.compact_takes`` accepts; CPU), else its compiled kernels where the family's
         take compact state (``backends.compiled_compact``; CUDA, and the CPU under
-        ``fused=True``). Returns the columns of the others (stepped from decoded copies)."""
+        ``fused=True`` where the C kernels are not built). Returns the columns of the others (stepped from decoded copies)."""
         fused = group["fused"]
         if fused is False:
             return list(columns)
@@ -499,7 +499,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             candidates = []
             if native and _native.supports(p, g) and takes([column[i] for column in columns], options):
                 candidates.append((COMPACT, [self._compact_view(x, backends.compact_formats, p, True) for x in states]))
-            if backends.compiled_compact and (fused or p.device.type == "cuda"):
+            if backends.compiled_compact and (p.device.type == "cuda" or (fused and _native.library() is None)):
                 candidates.append((COMPILED_COMPACT, [self._compact_view(x, _precision.PACKED_FORMATS, p, False)
                                                       for x in states]))
             for path, row in candidates:

@@ -300,7 +300,7 @@ def _dequantize(codes: Tensor, scales: Tensor, fmt: str, kind: str, block: int, 
     y = _unit(_unpack4(codes, last) if fmt == "int4" else codes, fmt, kind, dtype)
     yb, last = _blocks(y, block)
     x = _unblock(yb * scales.to(dtype).unsqueeze(-1), last)
-    return x.square() if kind == SECOND else x
+    return x.square() if kind == SECOND else x.contiguous()  # (ragged blocks: a view; kernels take contiguous state)
 
 
 def _unit(codes: Tensor, fmt: str, kind: str, dtype: torch.dtype) -> Tensor:
@@ -468,8 +468,8 @@ class CompactKernel:
         args = [list(a) if isinstance(a, list) else a for a in args]
         for i, xs in entries.items():
             block = xs[0].block
-            if any(x.fmt == "bf16" or x.block != block or x.last % block for x in xs):
-                continue  # flat: bfloat16 state, ragged blocks
+            if any(x.fmt == "bf16" or x.block != block or x.last % block or (x.fmt == "int4" and block % 2) for x in xs):
+                continue  # flat: bfloat16 state, ragged blocks, int4 rows of an odd length (one block a row)
             numel = xs[0].codes.numel() * (2 if xs[0].fmt == "int4" else 1)
             for j in lists:
                 x = args[j][i]
