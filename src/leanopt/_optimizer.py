@@ -485,7 +485,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         stored: the family's C kernel (``backends.compact``, for the rows
         ``backends.compact_takes`` accepts; CPU), else its compiled kernels where the family's
         take compact state (``backends.compiled_compact``; CUDA, and the CPU under
-        ``fused=True`` where the C kernels are not built). Returns the columns of the others (stepped from decoded copies)."""
+        ``fused=True`` where the C kernels are not built). Returns the columns of the others
+        (stepped from decoded copies)."""
         fused = group["fused"]
         if fused is False:
             return list(columns)
