@@ -384,8 +384,9 @@ def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, 
 def test_compiled_kernels_step_compact_state_as_stored(name, precision, monkeypatch):
     """``compiled-compact`` (CUDA's path, and the CPU's under ``fused=True`` without the C
     kernels): the codes decoded, stepped and encoded inside the compiled kernels, against the
-    eager path (the eager codec around the eager step). Rows of 299 elements: a ragged last
-    block, and an odd count of int4 codes. The compiled step differs from the eager one in
+    eager path (the eager codec around the eager step). Rows of 256 elements: whole blocks,
+    stepped as rows of one block; of 299: a ragged last block and an odd count of int4 codes;
+    of 3: one block a row, of an odd length (both stepped flat). The compiled step differs from the eager one in
     the last bits, so a value at a code's rounding boundary may take its neighbour; bf16
     state is written with the same stochastic-rounding bits."""
     monkeypatch.setenv("LEANOPT_NATIVE", "0")

@@ -490,7 +490,8 @@ class LeanOptimizer(torch.optim.Optimizer):
         fused = group["fused"]
         if fused is False:
             return list(columns)
-        native = backends.compact is not None and _native.library() is not None
+        built = _native.library() is not None
+        native = backends.compact is not None and built
         takes = backends.compact_takes or (lambda row, o: backends.elementwise is not None and backends.elementwise(o))
         picked: dict[str, tuple[list[int], list[list[Any]]]] = {COMPACT: ([], []), COMPILED_COMPACT: ([], [])}
         for i, (p, g) in enumerate(zip(columns[0], columns[1])):
@@ -500,7 +501,7 @@ class LeanOptimizer(torch.optim.Optimizer):
             candidates = []
             if native and _native.supports(p, g) and takes([column[i] for column in columns], options):
                 candidates.append((COMPACT, [self._compact_view(x, backends.compact_formats, p, True) for x in states]))
-            if backends.compiled_compact and (p.device.type == "cuda" or (fused and _native.library() is None)):
+            if backends.compiled_compact and (p.device.type == "cuda" or (fused and not built)):
                 candidates.append((COMPILED_COMPACT, [self._compact_view(x, _precision.PACKED_FORMATS, p, False)
                                                       for x in states]))
             for path, row in candidates:
