@@ -197,12 +197,15 @@ def test_a_peer_optimizer_runs_and_resumes_in_the_bench(data_dir, tmp_path):
 
 
 def test_finished_runs_are_not_redone(data_dir, tmp_path):
-    task = replace(smoke(), runs=smoke().runs[:1])
-    run_task(task, tmp_path, data_dir, progress=False, log=lambda s: None)
+    # the estimate printed up front counts what is left: one of two runs finished, half the time
+    task = replace(smoke(), runs=smoke().runs[:2], minutes=120)
+    run_task(replace(task, runs=task.runs[:1]), tmp_path, data_dir, progress=False, log=lambda s: None)
     path = tmp_path / "smoke" / "runs" / task.runs[0].key / "summary.json"
     before = path.stat().st_mtime_ns
-    run_task(task, tmp_path, data_dir, progress=False, log=lambda s: None)
+    lines = []
+    run_task(task, tmp_path, data_dir, progress=False, log=lines.append)
     assert path.stat().st_mtime_ns == before
+    assert "2 runs, about 2.0 h on 2 CPU cores, 1 already finished: about 60 min left" in lines[0]
 
 
 # -- schedule and claims logic ----------------------------------------------------------------

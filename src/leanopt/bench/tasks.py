@@ -37,7 +37,7 @@ from .data import DataError, load_corpus
 from .memory import SCALE_MODELS, state_at_scale
 from .rundir import remove_stale_temporaries, write_json
 from .parallel import DataParallel
-from .train import train_run
+from .train import finished, train_run
 
 __all__ = ["TaskSpec", "PRESETS", "LRS", "get_task", "run_task", "environment"]
 
@@ -253,7 +253,7 @@ _add(TaskSpec(
     PRETRAIN_TRAIN,
     _seeded(_pretrain_runs([v for n in PRECISION for v in (n, f"{n}-int8", f"{n}-bf16")] + ["adam-mini-int4"]
                            + (["adamw-torchao8bit"] if importlib.util.find_spec("torchao") else [])), (0, 1, 2)),
-    ("state-precision",), minutes=270, runs_from="pretrain",  # 27 runs of its own, 9-11 min each
+    ("state-precision",), minutes=270, runs_from="pretrain",  # 42 runs (12 of them pretrain's), 6-7 min each
 ))
 _add(TaskSpec(
     "pretrain-long", "pretrain's model and data for 5x the tokens (6 000 steps, 12.3 M tokens): AdamW, Adam-mini, "
@@ -353,6 +353,10 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
+def _run_dir(out_dir: str | Path, task: TaskSpec, run: RunSpec) -> Path:
+    return Path(out_dir) / (task.runs_from or task.name) / "runs" / run.key
+
+
 def _duration(minutes: float) -> str:
     return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
@@ -401,10 +405,13 @@ def run_task(
                   log=log)
         init_state = torch.load(cache / "model.pt", weights_only=True)
 
-    if task.minutes:
-        log(f"[{task.name}] {len(task.runs)} runs, about {_duration(task.minutes)} on 2 CPU cores "
-            "(finished runs are kept: an interrupted invocation resumes where it stopped)")
     runs, summaries = list(task.runs), []
+    if task.minutes:
+        left = sum(finished(_run_dir(out_dir, task, run), task.train, run) is None for run in runs)
+        so_far = (f", {len(runs) - left} already finished: about {_duration(task.minutes * left / len(runs))} left"
+                  if left < len(runs) else "")
+        log(f"[{task.name}] {len(runs)} runs, about {_duration(task.minutes)} on 2 CPU cores{so_far} "
+            "(finished runs are kept: an interrupted invocation resumes where it stopped)")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -412,7 +419,7 @@ def run_task(
         bar = tqdm(total=len(runs), desc=f"{task.name}", unit="run", dynamic_ncols=True)
     while len(summaries) < len(runs):
         for run in runs[len(summaries):]:
-            summaries.append(train_run(Path(out_dir) / (task.runs_from or task.name) / "runs" / run.key, task.train, run, corpus, init_state=init_state,
+            summaries.append(train_run(_run_dir(out_dir, task, run), task.train, run, corpus, init_state=init_state,
                                        progress=progress, stop_after=stop_after, dp=dp, overwrite=overwrite, log=log))
             if bar is not None:
                 bar.update(1)

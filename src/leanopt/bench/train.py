@@ -174,16 +174,11 @@ def train_run(
     every rank calls this, rank 0 alone writes.
     """
     fp = fingerprint(train, run)
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        try:
-            done = json.loads(summary_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            done = {}  # claim() says what to do about it
-        if done.get("fingerprint") == fp:
-            if dp.is_main:  # a finished run is not redone, but what a killed writer left goes
-                remove_stale_temporaries(run_dir)
-            return done
+    done = finished(run_dir, train, run)
+    if done is not None:
+        if dp.is_main:  # a finished run is not redone, but what a killed writer left goes
+            remove_stale_temporaries(run_dir)
+        return done
     config = {"fingerprint": fp, "train": asdict(train), "run": asdict(run)}
     # rank 0 holds the folder (the others only read what it writes)
     held = claim(run_dir, json.loads(json.dumps(config, default=str)), what=f"run {run.key!r}", overwrite=overwrite,
@@ -191,6 +186,16 @@ def train_run(
     with held:
         return _train(run_dir, train, run, corpus, fp, init_state=init_state, save_model=save_model, progress=progress,
                       stop_after=stop_after, dp=dp)
+
+
+def finished(run_dir: Path, train: TrainConfig, run: RunSpec) -> dict[str, Any] | None:
+    """The summary of ``run`` if ``run_dir`` holds it finished with this configuration, else
+    None (nothing there, unfinished, another configuration, or unreadable: claim() decides)."""
+    try:
+        done = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return done if done.get("fingerprint") == fingerprint(train, run) else None
 
 
 def _checkpoint_fingerprint(path: Path) -> str | None:
