@@ -219,79 +219,57 @@ CODEC_INLINE float *compact_copy(void *S, const float *scales, int fmt, int kind
     return buf;
 }
 
-/* The masked Adam family (leanopt_adam's two passes) over compact state. Pass 1 decodes every
- * block's m and v into scratch, moves them there and takes the block's mask sums (ad_sums), all
- * blocks' added up; pass 2 decodes the blocks again, moves m and v the same way, moves p by the
- * step those sums give (ad_apply) and encodes m and v. Only pass 2 writes: the state read twice
- * is the step's old one. */
-static void compact_masked(int nt, float *P, const float *G, void *M, float *MS, int fm, void *V, float *VS, int fv,
-                           int64_t R, int64_t L, int64_t B, const double *h, int mask, int alpha, int count_scale,
+/* The masked steps over compact state, in the two passes of the full-precision kernels
+ * (leanopt_adam's, leanopt_elementwise_masked's). Pass 1 decodes each block's state and adds its
+ * mask sums, all blocks' added up: the Adam family (0) moves m and v in scratch to take them
+ * (ad_sums), Lion (1) and SGD-SaI with a momentum buffer (2) only read m (ew_mask_sums). Pass 2
+ * decodes the blocks again, steps p and the state by the step those sums give (ad_apply,
+ * ew_mask_apply) and encodes the state. Only pass 2 writes: the state read twice is the step's
+ * old one. SGD-SaI's asynchronous mask on a fresh buffer takes no sums (phi = 1). */
+static void compact_masked(int nt, int family, float *P, const float *G, void *M, float *MS, int fm, void *V, float *VS,
+                           int fv, int64_t R, int64_t L, int64_t B, const double *h, int mask, int alpha, int count_scale,
                            const uint32_t *keys) {
     int64_t nb = (L + B - 1) / B, items = R * nb;
-    int threads = R * L >= 65536 ? nt : 1;
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : s0, s1, s2)
-    for (int64_t i = 0; i < items; ++i) {
-        float mbuf[COMPACT_MAX_BLOCK], vbuf[COMPACT_MAX_BLOCK];
-        int64_t r = i / nb, j0 = (i % nb) * B, j1 = j0 + B < L ? j0 + B : L, off = r * L + j0;
-        double sums[3] = {0.0, 0.0, 0.0};
-        ad_sums_f32(G + off, compact_copy(M, MS, fm, 0, r, i, L, j0, j1, mbuf), compact_copy(V, VS, fv, 1, r, i, L, j0, j1, vbuf),
-                    0, j1 - j0, h, mask == MASK_SYNC, sums);
-        s0 += sums[0], s1 += sums[1], s2 += sums[2];
-    }
-    double sums[3] = {s0, s1, s2};
-    int all;
-    float step = mask_step(sums, R * L, h[AD_LR], alpha, count_scale, &all);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < items; ++i) {
-        float mbuf[COMPACT_MAX_BLOCK], vbuf[COMPACT_MAX_BLOCK];
-        int64_t r = i / nb, j0 = (i % nb) * B, j1 = j0 + B < L ? j0 + B : L, off = r * L + j0;
-        float *m = compact_load(M, MS, fm, 0, r, i, L, j0, j1, mbuf), *v = compact_load(V, VS, fv, 1, r, i, L, j0, j1, vbuf);
-        double unused[3] = {0.0, 0.0, 0.0};
-        ad_sums_f32(G + off, m, v, 0, j1 - j0, h, mask == MASK_SYNC, unused);
-        ad_apply_f32(P + off, m, v, 0, j1 - j0, h, step, all);
-        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m, keys[0]);
-        compact_store(V, VS, fv, 1, r, i, L, j0, j1, v, keys[1]);
-    }
-}
-
-/* Masked Lion (family 1) and SGD-SaI with a momentum buffer (2) over a compact momentum, as
- * leanopt_elementwise_masked's two calls: pass 1 decodes each block's m and adds its mask sums
- * (ew_mask_sums, which writes nothing); pass 2 decodes again, steps p and m (ew_mask_apply) and
- * encodes m. SGD-SaI's asynchronous mask on a fresh buffer takes no sums (phi = 1). */
-static void compact_masked_elementwise(int nt, int family, float *P, const float *G, void *M, float *MS, int fm, int64_t R,
-                                       int64_t L, int64_t B, const double *h, int mask, int alpha, int count_scale,
-                                       uint32_t key) {
-    int64_t nb = (L + B - 1) / B, items = R * nb;
     int threads = R * L >= 65536 ? nt : 1, kind = family - 1;
-    int none = mask == MASK_NONE || (kind == 1 && h[SG_FRESH] != 0.0 && mask == MASK_ASYNC);
+    int none = mask == MASK_NONE || (family == 2 && h[SG_FRESH] != 0.0 && mask == MASK_ASYNC);
     double s0 = 0.0, s1 = 0.0, s2 = 0.0;
     if (!none) {
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : s0, s1, s2)
         for (int64_t i = 0; i < items; ++i) {
-            float mbuf[COMPACT_MAX_BLOCK];
+            float mbuf[COMPACT_MAX_BLOCK], vbuf[COMPACT_MAX_BLOCK];
             int64_t r = i / nb, j0 = (i % nb) * B, j1 = j0 + B < L ? j0 + B : L, off = r * L + j0;
             double sums[3] = {0.0, 0.0, 0.0};
-            ew_mask_sums_f32(G + off, compact_load(M, MS, fm, 0, r, i, L, j0, j1, mbuf), 0, j1 - j0, h, kind, mask, sums);
+            if (family == 0)
+                ad_sums_f32(G + off, compact_copy(M, MS, fm, 0, r, i, L, j0, j1, mbuf),
+                            compact_copy(V, VS, fv, 1, r, i, L, j0, j1, vbuf), 0, j1 - j0, h, mask == MASK_SYNC, sums);
+            else
+                ew_mask_sums_f32(G + off, compact_load(M, MS, fm, 0, r, i, L, j0, j1, mbuf), 0, j1 - j0, h, kind, mask, sums);
             s0 += sums[0], s1 += sums[1], s2 += sums[2];
         }
     }
     double sums[3] = {s0, s1, s2};
     int all;
-    float step = mask_step(sums, R * L, h[kind ? SG_LR : LI_LR], alpha, count_scale, &all);
+    float step = mask_step(sums, R * L, h[family == 0 ? AD_LR : family == 1 ? LI_LR : SG_LR], alpha, count_scale, &all);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < items; ++i) {
-        float mbuf[COMPACT_MAX_BLOCK];
+        float mbuf[COMPACT_MAX_BLOCK], vbuf[COMPACT_MAX_BLOCK];
         int64_t r = i / nb, j0 = (i % nb) * B, j1 = j0 + B < L ? j0 + B : L, off = r * L + j0;
         float *m = compact_load(M, MS, fm, 0, r, i, L, j0, j1, mbuf);
-        ew_mask_apply_f32(P + off, G + off, m, 0, j1 - j0, h, kind, mask, step, all);
-        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m, key);
+        if (family == 0) {
+            float *v = compact_load(V, VS, fv, 1, r, i, L, j0, j1, vbuf);
+            double unused[3] = {0.0, 0.0, 0.0};
+            ad_sums_f32(G + off, m, v, 0, j1 - j0, h, mask == MASK_SYNC, unused);
+            ad_apply_f32(P + off, m, v, 0, j1 - j0, h, step, all);
+            compact_store(V, VS, fv, 1, r, i, L, j0, j1, v, keys[1]);
+        } else {
+            ew_mask_apply_f32(P + off, G + off, m, 0, j1 - j0, h, kind, mask, step, all);
+        }
+        compact_store(M, MS, fm, 0, r, i, L, j0, j1, m, keys[0]);
     }
 }
 
 /* h: the family's row of doubles (AD_N, LI_N or SG_N); scaled: ad_plain's; mask, alpha,
- * count_scale: the mask component (MASK_NONE: one pass; else compact_masked or
- * compact_masked_elementwise); keys: the rounding keys of M and V (bfloat16 formats).
+ * count_scale: the mask component (MASK_NONE: one pass; else compact_masked); keys: the rounding keys of M and V (bfloat16 formats).
  * Returns 0, or 1 for a bad argument. */
 int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, float *MS, int fm, void *V, float *VS,
                          int fv, int64_t R, int64_t L, int64_t B, const double *h, int scaled, int mask, int alpha,
@@ -299,12 +277,8 @@ int leanopt_compact_step(int nt, int family, float *P, const float *G, void *M, 
     if (nt < 1 || nt > 1024 || family < 0 || family > 2 || L < 1 || R < 0 || B < 1 || ((B & 1) && B < L)) return 1;
     if ((B < L ? B : L) > COMPACT_MAX_BLOCK || fm < 0 || fm > 3 || fv < 0 || fv > 3 || fv == 2 || (family == 0 && !V)) return 1;
     if (mask < MASK_NONE || mask > MASK_SYNC || (family != 0 && !M)) return 1;
-    if (family == 0 && mask != MASK_NONE) {
-        compact_masked(nt, P, G, M, MS, fm, V, VS, fv, R, L, B, h, mask, alpha, count_scale, keys);
-        return 0;
-    }
-    if (family != 0 && (mask != MASK_NONE || count_scale)) {
-        compact_masked_elementwise(nt, family, P, G, M, MS, fm, R, L, B, h, mask, alpha, count_scale, keys[0]);
+    if (mask != MASK_NONE || (family != 0 && count_scale)) {
+        compact_masked(nt, family, P, G, M, MS, fm, V, VS, fv, R, L, B, h, mask, alpha, count_scale, keys);
         return 0;
     }
     int64_t nb = (L + B - 1) / B, items = R * nb;
