@@ -264,9 +264,11 @@ _add(TaskSpec(
 ))
 _add(TaskSpec(
     "sweep-pretrain", "the learning-rate sweep at pretrain's own horizon: each optimizer at its preset lr x 1/2, 1, 2, "
-    "one seed, extended by factors of two until the winner is inside the grid",
+    "one seed, extended by factors of two until the winner is inside the grid (the lr x 1 runs are pretrain's seed 0)",
     PRETRAIN_TRAIN,
-    tuple(_sweep_runs({n: LRS[n] for n in PRETRAIN if n in LRS}, (0.5, 1.0, 2.0))), (), kind="sweep", minutes=150,
+    # lr x 1 is exactly pretrain's seed-0 run (same label, so the same folder: trained once)
+    tuple(r for n in PRETRAIN if n in LRS for r in (_run(n, LRS[n] / 2, group=n), _run(n), _run(n, LRS[n] * 2, group=n))),
+    (), kind="sweep", minutes=215, runs_from="pretrain",  # 24 runs (8 of them pretrain's), 9 min each
 ))
 _add(_finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128))
 _add(TaskSpec(
