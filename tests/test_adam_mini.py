@@ -356,6 +356,17 @@ def test_plain_params_warn_once_and_use_one_block_per_tensor():
     assert all(r.blocks == 1 for r in opt.describe_partition())
 
 
+def test_no_model_warning_only_while_a_tensor_keeps_the_default_block():
+    # overrides that name every tensor leave none on the fallback the warning is about
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PartitionWarning)
+        opt = AdamMini(model.named_parameters(), overrides={"*": "element"})
+    assert all(r.rule.startswith("element (override)") for r in opt.describe_partition())
+    with pytest.warns(PartitionWarning, match="no model"):
+        AdamMini(model.named_parameters(), overrides={"*proj.weight": "element"})  # embeddings, norms, head: one block
+
+
 def test_names_are_metadata_and_name_rules_only_when_asked_for():
     model = tiny_model()
     with pytest.warns(PartitionWarning, match="no model"):

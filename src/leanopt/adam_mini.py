@@ -717,6 +717,7 @@ class AdamMini(LeanOptimizer):
         elif model is not None:  # names for the name rules and reports
             self._model_names = {p: n for n, p in unwrap_model(model).named_parameters()}
         self._warned_plain = self._constructed = False
+        self._plain: list[Tensor] = []  # the tensors of one block for want of a model, while constructing
 
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, fused=fused,
                         skip_nonfinite=skip_nonfinite, **mask_defaults(mask, alpha, count_scale),
@@ -725,8 +726,10 @@ class AdamMini(LeanOptimizer):
         # the model-wide table served construction; keeping it would pin (and deepcopy)
         # every model tensor, also the frozen ones
         self._model_rules = None
-        if overrides:
-            apply_overrides(self._rules, self._all_names(), overrides)
+        overridden = apply_overrides(self._rules, self._all_names(), overrides) if overrides else set()
+        if any(p not in overridden for p in self._plain):
+            self._warn_plain()
+        self._plain = []
         self._warn_structure()
         self._constructed = True
 
@@ -750,19 +753,26 @@ class AdamMini(LeanOptimizer):
             rule = partition_plain([p])[p]
             if self._partition == "model":  # not a parameter of the model
                 rule = BlockRule(UNRECOGNIZED, rule.layout, rule.decay)
-            elif not self._warned_plain:
-                self._warned_plain = True
-                warnings.warn(
-                    "AdamMini got no model, so it uses one block per tensor (PyTorch's default "
-                    "partition), which can be unstable for transformers. Pass the model "
-                    "(AdamMini(model) or model=model) for the structure-aware partition, or "
-                    "partition='names' with dim= and n_heads= for adam-mini 1.1.1's name rules.",
-                    PartitionWarning,
-                    stacklevel=user_stacklevel(),
-                )
+            elif self._constructed:
+                self._warn_plain()
+            else:  # warned after construction, unless the overrides name every such tensor
+                self._plain.append(p)
         if not self._decay_exclusions and not rule.decay:
             rule = BlockRule(rule.rule, rule.layout, decay=True)
         return rule
+
+    def _warn_plain(self) -> None:
+        if self._warned_plain:
+            return
+        self._warned_plain = True
+        warnings.warn(
+            "AdamMini got no model, so it uses one block per tensor (PyTorch's default "
+            "partition), which can be unstable for transformers. Pass the model "
+            "(AdamMini(model) or model=model) for the structure-aware partition, or "
+            "partition='names' with dim= and n_heads= for adam-mini 1.1.1's name rules.",
+            PartitionWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

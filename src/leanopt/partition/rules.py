@@ -81,9 +81,10 @@ def override_rule(spec: str, p: Tensor, current: BlockRule) -> BlockRule:
     raise ValueError(f"unknown partition override {spec!r}; use 'element', 'neuron', 'whole' or 'head:N'")
 
 
-def apply_overrides(rules: dict[Tensor, BlockRule], names: Mapping[Tensor, str], overrides: Mapping[str, str]) -> None:
-    """Replace the rule of every parameter whose name matches an ``overrides`` pattern."""
-    used = set()
+def apply_overrides(rules: dict[Tensor, BlockRule], names: Mapping[Tensor, str], overrides: Mapping[str, str]) -> set[Tensor]:
+    """Replace the rule of every parameter whose name matches an ``overrides`` pattern;
+    returns those parameters."""
+    used, overridden = set(), set()
     for p, rule in list(rules.items()):
         name = names.get(p)
         if name is None:
@@ -92,10 +93,12 @@ def apply_overrides(rules: dict[Tensor, BlockRule], names: Mapping[Tensor, str],
             if name == pattern or fnmatch.fnmatchcase(name, pattern):
                 rules[p] = override_rule(spec, p, rule)
                 used.add(pattern)
+                overridden.add(p)
                 break
     unused = [k for k in overrides if k not in used]
     if unused:
         raise ValueError(f"AdamMini: partition overrides matched no parameter: {unused}")
+    return overridden
 
 
 # -- reporting --------------------------------------------------------------------------
