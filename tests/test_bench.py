@@ -264,6 +264,32 @@ def test_state_precision_claims_compare_each_optimizer_with_its_full_precision_s
     assert evaluate_claims({"claims": ["state-precision"], "runs": runs[:2]})[0].verdict == "not measured"
 
 
+def test_the_robustness_claim_pairs_the_grids_cell_by_cell():
+    # each cell is the same factors of each optimizer's own lr and of the common decay; the
+    # cells' levels differ a lot (a wide spread), so only the paired per-cell Δ can decide
+    cells = [f"-lr{f:.3g}-wd{w:g}" for f in (1 / 3, 1.0, 3.0) for w in (0.0, 1.0)]
+    level = dict(zip(cells, (6.1, 6.0, 5.6, 5.7, 6.4, 7.5)))
+
+    def grid(shifts):
+        runs = []
+        for c in cells:
+            for name, d in shifts.items():
+                final = level[c] + (d(c) if callable(d) else d)
+                runs.append(fake_run(name, 0, final, label=name + c))
+        return {"claims": ["sgd-sai-robust"], "runs": runs}
+
+    def verdict(shifts):
+        return evaluate_claims(grid(shifts))[0]
+
+    assert verdict({"sgd-sai": 0.0, "adamw": 0.1, "adam-mini": 0.08}).verdict == "holds"
+    assert verdict({"sgd-sai": 0.1, "adamw": 0.0, "adam-mini": 0.2}).verdict == "does not hold"
+    # better in five cells, diverged in one (counted as 10): the grid mean is worse, but the
+    # cells disagree: no verdict either way
+    v = verdict({"sgd-sai": lambda c: float("nan") if c == cells[0] else -0.1, "adamw": 0.0})
+    assert v.verdict == "inconclusive" and "n=6" in v.measured and "95% CI" in v.measured
+    assert verdict({"sgd-sai": 0.0}).verdict == "not measured"
+
+
 def test_the_paired_ci_overrules_a_wide_seed_spread():
     # the seeds move both optimizers together (3.8 .. 4.6): the unpaired rule of earlier
     # versions (difference within the larger max-min spread) called +0.10 "on par"; paired,
