@@ -69,8 +69,8 @@ class Estimate:
 class PairedDiff(Estimate):
     """Mean paired difference ``ours − baseline``."""
 
-    def text(self, digits: int = 4) -> str:
-        ci = f"95% CI [{self.low:+.{digits}f}, {self.high:+.{digits}f}]" if self.has_interval else "no CI (1 seed)"
+    def text(self, digits: int = 4, unit: str = "seed") -> str:
+        ci = f"95% CI [{self.low:+.{digits}f}, {self.high:+.{digits}f}]" if self.has_interval else f"no CI (1 {unit})"
         return f"Δ {self.mean:+.{digits}f}, {ci}, n={self.n}"
 
 
@@ -141,13 +141,13 @@ def non_inferior(diff: PairedDiff, margin: float) -> str:
     return FAILS if diff.low > margin else INCONCLUSIVE
 
 
-def better(diff: PairedDiff) -> str:
-    """Lower than the baseline."""
+def better(diff: PairedDiff, by: float = 0.0) -> str:
+    """Lower than the baseline (by more than ``by``)."""
     if not diff.has_interval:
         return INCONCLUSIVE
-    if diff.high < 0:
+    if diff.high < -by:
         return HOLDS
-    return FAILS if diff.low > 0 else INCONCLUSIVE
+    return FAILS if diff.low > -by else INCONCLUSIVE
 
 
 def by_seed(runs: Iterable[dict], value) -> dict[int, float]:

@@ -253,7 +253,7 @@ _add(TaskSpec(
     PRETRAIN_TRAIN,
     _seeded(_pretrain_runs([v for n in PRECISION for v in (n, f"{n}-int8", f"{n}-bf16")] + ["adam-mini-int4"]
                            + (["adamw-torchao8bit"] if importlib.util.find_spec("torchao") else [])), (0, 1, 2)),
-    ("state-precision",), minutes=270, runs_from="pretrain",  # 42 runs (12 of them pretrain's), 6-7 min each
+    ("state-precision",), minutes=380, runs_from="pretrain",  # 30 runs of its own and pretrain's 12, ~9 min each
 ))
 _add(TaskSpec(
     "pretrain-long", "pretrain's model and data for 5x the tokens (6 000 steps, 12.3 M tokens): AdamW, Adam-mini, "
