@@ -260,7 +260,7 @@ _add(TaskSpec(
     "AlphaAdam and SGD-SaI, 2 seeds, to see whether each gap to AdamW shrinks or grows with training length",
     PRETRAIN_TRAIN.with_(micro_steps=6000, eval_every=200),
     _seeded(_pretrain_runs(["adamw", "adam-mini", "alpha-adam", "sgd-sai"]), (0, 1)),
-    ("adam-mini-loss", "sgd-sai-loss", "alpha-adam-early"), minutes=200,
+    ("adam-mini-loss", "sgd-sai-loss", "alpha-adam-early"), minutes=300,  # 8 runs of 5x pretrain's, ~35 min each
 ))
 _add(TaskSpec(
     "sweep-pretrain", "the learning-rate sweep at pretrain's own horizon: each optimizer at its preset lr x 1/2, 1, 2, "
@@ -270,12 +270,12 @@ _add(TaskSpec(
     tuple(r for n in PRETRAIN if n in LRS for r in (_run(n, LRS[n] / 2, group=n), _run(n), _run(n, LRS[n] * 2, group=n))),
     (), kind="sweep", minutes=215, runs_from="pretrain",  # 24 runs (8 of them pretrain's), 9 min each
 ))
-_add(_finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128))
+_add(_finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128, minutes=90))  # 24 runs, ~3.5 min
 _add(TaskSpec(
     "robustness", "SGD-SaI's claim: a learning-rate x weight-decay grid (lr x 1/9..9, weight decay x 0, 1, 10) for SGD-SaI, "
     "AdamW, SGD-momentum and Adam-mini on a short pre-training",
     TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=100, eval_every=20, eval_batches=8),
-    tuple(_robustness_runs()), ("sgd-sai-robust",), kind="robustness",
+    tuple(_robustness_runs()), ("sgd-sai-robust",), kind="robustness", minutes=20,  # 60 runs of 100 steps
 ))
 _add(TaskSpec(
     "sweep", "the learning-rate sweep behind every preset's lr: each optimizer at lr x 1/4..4 around its family "
