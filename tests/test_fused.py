@@ -176,6 +176,32 @@ print(len(metrics.cpp_outer_loop_fused_inner_counts), max_rel_diff(*models))
 """
 
 
+def test_adam_mini_fused_qkv_rows_take_the_c_kernel():
+    # a fused QKV weight's blocks differ in size (query and key heads of 8 rows, then value
+    # neurons of one): the C kernel steps each run of equal blocks, to the eager path's result
+    from leanopt import _native
+    if _native.library() is None:
+        pytest.skip("no C kernels on this machine")
+
+    def run(fused):
+        torch.manual_seed(0)
+        model = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = leanopt.AdamMini(model, lr=1e-2, weight_decay=0.1, fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach() for p in model.parameters()], opt
+
+    (fast, opt), (eager, _) = run(None), run(False)
+    assert {r.name: r.blocks for r in opt.describe_partition()}["self_attn.in_proj_weight"] == 4 + 4 + 32
+    assert set(opt.last_backends) == {"native"}, opt.last_backends
+    assert max_rel_diff(fast, eager) <= 1e-6
+
+
 def test_adam_mini_row_blocks_compile_to_one_pass():
     # embeddings, heads and neurons: each block's sum of g² and its update share one loop
     # over the blocks (inductor's outer-loop fusion), so g, p and m stream from memory once;

@@ -288,12 +288,40 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
         params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs = ([col[i] for i in range(len(params)) if i not in taken]
                                                                  for col in (params, grads, exp_avgs, exp_avg_sqs, layouts,
                                                                              coeffs))
-    rows, cols = [layout.n_blocks for layout in layouts], [int(c.count) for c in coeffs]
     if not mask_active(mask, count_scale):
-        _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs)
+        params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs = _equal_runs(params, grads, exp_avgs, exp_avg_sqs, layouts,
+                                                                            coeffs)
+        _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, [layout.n_blocks for layout in layouts],
+                               [int(c.count) for c in coeffs], coeffs)
         return
+    rows, cols = [layout.n_blocks for layout in layouts], [int(c.count) for c in coeffs]
     native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs], None, mask=mask,
                     alpha=alpha, count_scale=count_scale)
+
+
+def _equal_runs(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                layouts: list[BlockLayout], coeffs: list[AdamMiniStep]) -> tuple[list[Any], ...]:
+    """Row layouts whose blocks differ in size (a fused QKV weight: query and key heads, then
+    value neurons) as one entry per run of equal blocks, for the unmasked C kernel: views of
+    the run's rows and of its blocks' v, no copies. Their steps are independent, as the
+    blocks' are; a masked step is not (its sums are the whole tensor's)."""
+    out: tuple[list[Any], ...] = ([], [], [], [], [], [])
+    for p, g, m, v, layout, c in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs, strict=True):
+        if _kind(layout) != "rows":
+            for column, x in zip(out, (p, g, m, v, layout, c)):
+                column.append(x)
+            continue
+        cols = layout.lane_size
+        row = block = 0
+        for n, k in layout.segments:
+            count = k * cols
+            piece = (p.view(layout.view)[row:row + n], g.view(layout.view)[row:row + n], m.view(layout.view)[row:row + n],
+                     v[block:block + n // k], BlockLayout((n, cols), 0, ((n, k),)),
+                     c._replace(count=float(count), v_gain=c.gain2 / count))
+            for column, x in zip(out, piece):
+                column.append(x)
+            row, block = row + n, block + n // k
+    return out
 
 
 def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -318,7 +346,7 @@ def _column_sums(grads: list[Tensor], blocks: list[BlockView]) -> list[Tensor]:
 
 def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
     kind = _kind(row[4])
-    return kind in _NATIVE_KINDS or (kind == "columns" and not mask_active(options["mask"], options["count_scale"]))
+    return kind in _NATIVE_KINDS or (kind in ("columns", "rows") and not mask_active(options["mask"], options["count_scale"]))
 
 
 def _lane_v(blocks: list[BlockView], sums: list[Tensor], params: list[Tensor], exp_avg_sqs: list[Tensor],
