@@ -176,19 +176,27 @@ print(len(metrics.cpp_outer_loop_fused_inner_counts), max_rel_diff(*models))
 """
 
 
-def test_adam_mini_fused_qkv_rows_take_the_c_kernel():
-    # a fused QKV weight's blocks differ in size (query and key heads of 8 rows, then value
-    # neurons of one): the C kernel steps each run of equal blocks, to the eager path's result
+@pytest.mark.parametrize("arch", ["torch-mha", "gpt-neox"])
+def test_adam_mini_fused_qkv_rows_take_the_c_kernel(arch):
+    # a fused QKV weight's blocks differ in size (query and key heads of 8 or 16 rows, value
+    # neurons of one; GPT-NeoX interleaves them head by head): the C kernel steps each run of
+    # equal blocks, to the eager path's result
     from leanopt import _native
     if _native.library() is None:
         pytest.skip("no C kernels on this machine")
 
     def run(fused):
         torch.manual_seed(0)
-        model = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+        if arch == "torch-mha":
+            model, qkv, blocks = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), "self_attn.in_proj_weight", 40
+        else:
+            config = transformers.GPTNeoXConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                                intermediate_size=128)
+            model, qkv, blocks = transformers.GPTNeoXForCausalLM(config), "gpt_neox.layers.0.attention.query_key_value.weight", 72
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt = leanopt.AdamMini(model, lr=1e-2, weight_decay=0.1, fused=fused)
+        assert {r.name: r.blocks for r in opt.describe_partition()}[qkv] == blocks  # 4 + 4 heads, value neurons
         gen = torch.Generator().manual_seed(1)
         for _ in range(10):
             for p in model.parameters():
@@ -197,7 +205,6 @@ def test_adam_mini_fused_qkv_rows_take_the_c_kernel():
         return [p.detach() for p in model.parameters()], opt
 
     (fast, opt), (eager, _) = run(None), run(False)
-    assert {r.name: r.blocks for r in opt.describe_partition()}["self_attn.in_proj_weight"] == 4 + 4 + 32
     assert set(opt.last_backends) == {"native"}, opt.last_backends
     assert max_rel_diff(fast, eager) <= 1e-6
 

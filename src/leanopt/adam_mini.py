@@ -289,10 +289,8 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                                                                  for col in (params, grads, exp_avgs, exp_avg_sqs, layouts,
                                                                              coeffs))
     if not mask_active(mask, count_scale):
-        params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs = _equal_runs(params, grads, exp_avgs, exp_avg_sqs, layouts,
-                                                                            coeffs)
-        _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, [layout.n_blocks for layout in layouts],
-                               [int(c.count) for c in coeffs], coeffs)
+        params, grads, exp_avgs, exp_avg_sqs, rows, coeffs = _equal_runs(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs)
+        _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, [int(c.count) for c in coeffs], coeffs)
         return
     rows, cols = [layout.n_blocks for layout in layouts], [int(c.count) for c in coeffs]
     native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs], None, mask=mask,
@@ -301,22 +299,27 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
 
 def _equal_runs(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 layouts: list[BlockLayout], coeffs: list[AdamMiniStep]) -> tuple[list[Any], ...]:
-    """Row layouts whose blocks differ in size (a fused QKV weight: query and key heads, then
-    value neurons) as one entry per run of equal blocks, for the unmasked C kernel: views of
-    the run's rows and of its blocks' v, no copies. Their steps are independent, as the
-    blocks' are; a masked step is not (its sums are the whole tensor's)."""
+    """The C kernel's columns (p, g, m, v, blocks, step record) for row layouts: a layout
+    whose blocks differ in size (a fused QKV weight: query and key heads, then value neurons)
+    as one entry per run of equal blocks, views of the run's rows and of its blocks' v (no
+    copies). Their steps are independent, as the blocks' are; a masked step's are not (its
+    sums are the whole tensor's)."""
     out: tuple[list[Any], ...] = ([], [], [], [], [], [])
     for p, g, m, v, layout, c in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs, strict=True):
         if _kind(layout) != "rows":
-            for column, x in zip(out, (p, g, m, v, layout, c)):
+            for column, x in zip(out, (p, g, m, v, layout.n_blocks, c)):
                 column.append(x)
             continue
-        cols = layout.lane_size
-        row = block = 0
+        runs: list[list[int]] = []  # [lanes, lanes per block], neighbours of one block size merged
         for n, k in layout.segments:
-            count = k * cols
-            piece = (p.view(layout.view)[row:row + n], g.view(layout.view)[row:row + n], m.view(layout.view)[row:row + n],
-                     v[block:block + n // k], BlockLayout((n, cols), 0, ((n, k),)),
+            if runs and runs[-1][1] == k:
+                runs[-1][0] += n
+            else:
+                runs.append([n, k])
+        row = block = 0
+        for n, k in runs:
+            count = k * layout.lane_size
+            piece = (*(x.view(layout.view)[row:row + n] for x in (p, g, m)), v[block:block + n // k], n // k,
                      c._replace(count=float(count), v_gain=c.gain2 / count))
             for column, x in zip(out, piece):
                 column.append(x)
