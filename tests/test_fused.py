@@ -176,11 +176,13 @@ print(len(metrics.cpp_outer_loop_fused_inner_counts), max_rel_diff(*models))
 """
 
 
-@pytest.mark.parametrize("arch", ["torch-mha", "gpt-neox"])
-def test_adam_mini_fused_qkv_rows_take_the_c_kernel(arch):
+@pytest.mark.parametrize("arch,mask", [("torch-mha", "none"), ("gpt-neox", "none"), ("gpt-neox", "async"),
+                                       ("torch-mha", "sync")])
+def test_adam_mini_fused_qkv_rows_take_the_c_kernel(arch, mask):
     # a fused QKV weight's blocks differ in size (query and key heads of 8 or 16 rows, value
     # neurons of one; GPT-NeoX interleaves them head by head): the C kernel steps each run of
-    # equal blocks, to the eager path's result
+    # equal blocks, to the eager path's result; with the mask, the runs share their tensor's
+    # mask sums and count
     from leanopt import _native
     if _native.library() is None:
         pytest.skip("no C kernels on this machine")
@@ -195,7 +197,7 @@ def test_adam_mini_fused_qkv_rows_take_the_c_kernel(arch):
             model, qkv, blocks = transformers.GPTNeoXForCausalLM(config), "gpt_neox.layers.0.attention.query_key_value.weight", 72
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = leanopt.AdamMini(model, lr=1e-2, weight_decay=0.1, fused=fused)
+            opt = leanopt.AdamMini(model, lr=1e-2, weight_decay=0.1, fused=fused, mask=mask)
         assert {r.name: r.blocks for r in opt.describe_partition()}[qkv] == blocks  # 4 + 4 heads, value neurons
         gen = torch.Generator().manual_seed(1)
         for _ in range(10):

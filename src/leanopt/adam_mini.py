@@ -288,26 +288,27 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
         params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs = ([col[i] for i in range(len(params)) if i not in taken]
                                                                  for col in (params, grads, exp_avgs, exp_avg_sqs, layouts,
                                                                              coeffs))
+    params, grads, exp_avgs, exp_avg_sqs, rows, coeffs, owners = _equal_runs(params, grads, exp_avgs, exp_avg_sqs, layouts,
+                                                                             coeffs)
+    cols = [int(c.count) for c in coeffs]
     if not mask_active(mask, count_scale):
-        params, grads, exp_avgs, exp_avg_sqs, rows, coeffs = _equal_runs(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs)
-        _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, [int(c.count) for c in coeffs], coeffs)
+        _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs)
         return
-    rows, cols = [layout.n_blocks for layout in layouts], [int(c.count) for c in coeffs]
-    native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs], None, mask=mask,
-                    alpha=alpha, count_scale=count_scale)
+    native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs], None,
+                    owners if len(owners) > len(set(owners)) else None, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 def _equal_runs(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 layouts: list[BlockLayout], coeffs: list[AdamMiniStep]) -> tuple[list[Any], ...]:
-    """The C kernel's columns (p, g, m, v, blocks, step record) for row layouts: a layout
-    whose blocks differ in size (a fused QKV weight: query and key heads, then value neurons)
-    as one entry per run of equal blocks, views of the run's rows and of its blocks' v (no
-    copies). Their steps are independent, as the blocks' are; a masked step's are not (its
-    sums are the whole tensor's)."""
-    out: tuple[list[Any], ...] = ([], [], [], [], [], [])
-    for p, g, m, v, layout, c in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs, strict=True):
+    """The C kernel's columns (p, g, m, v, blocks, step record, and the tensor each entry
+    is a part of) for row layouts: a layout whose blocks differ in size (a fused QKV weight:
+    query and key heads, then value neurons) as one entry per run of equal blocks, views of
+    the run's rows and of its blocks' v (no copies). Their steps are independent, as the
+    blocks' are, but for the mask's sums: the whole tensor's (``native_two_pass``'s parts)."""
+    out: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+    for i, (p, g, m, v, layout, c) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs, strict=True)):
         if _kind(layout) != "rows":
-            for column, x in zip(out, (p, g, m, v, layout.n_blocks, c)):
+            for column, x in zip(out, (p, g, m, v, layout.n_blocks, c, i)):
                 column.append(x)
             continue
         runs: list[list[int]] = []  # [lanes, lanes per block], neighbours of one block size merged
@@ -320,7 +321,7 @@ def _equal_runs(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         for n, k in runs:
             count = k * layout.lane_size
             piece = (*(x.view(layout.view)[row:row + n] for x in (p, g, m)), v[block:block + n // k], n // k,
-                     c._replace(count=float(count), v_gain=c.gain2 / count))
+                     c._replace(count=float(count), v_gain=c.gain2 / count), i)
             for column, x in zip(out, piece):
                 column.append(x)
             row, block = row + n, block + n // k
@@ -349,7 +350,7 @@ def _column_sums(grads: list[Tensor], blocks: list[BlockView]) -> list[Tensor]:
 
 def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
     kind = _kind(row[4])
-    return kind in _NATIVE_KINDS or (kind in ("columns", "rows") and not mask_active(options["mask"], options["count_scale"]))
+    return kind in (*_NATIVE_KINDS, "rows") or (kind == "columns" and not mask_active(options["mask"], options["count_scale"]))
 
 
 def _lane_v(blocks: list[BlockView], sums: list[Tensor], params: list[Tensor], exp_avg_sqs: list[Tensor],

@@ -21,6 +21,7 @@ optimizer's default path is untouched.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -173,14 +174,23 @@ def whole_sizes(params: list[Tensor], pieces: list[Piece | None] | None) -> list
 
 
 def native_two_pass(kernel: Callable[..., None], columns: list[list[Any]], pieces: list[Piece | None] | None,
-                    **options: Any) -> None:
+                    parts: list[int] | None = None, **options: Any) -> None:
     """A masked step by a C kernel of two passes (:mod:`leanopt._native`: ``adam``,
     ``adam_mini_masked``, ``elementwise_masked``), once per dtype among the tensors:
     ``kernel(*columns, between=..., whole=..., **options)``. ``pieces``: of shards, whose
     mask sums ``between`` sums over their groups (one collective per group per call) and
-    whose whole size ``whole`` gives the count scale; None: plain tensors."""
+    whose whole size ``whole`` gives the count scale; None: plain tensors. ``parts``: the
+    tensor each entry is a part of, where entries are runs of one tensor stepped apart
+    (plain tensors only): between the passes each part takes its tensor's sums, and the
+    count scale its tensor's size."""
     params = columns[0]
     whole = whole_sizes(params, pieces)
+    if parts is not None:
+        assert pieces is None, "parts of shards"
+        size: dict[int, int] = {}
+        for owner, n in zip(parts, whole, strict=True):
+            size[owner] = size.get(owner, 0) + n
+        whole = [size[owner] for owner in parts]
     pieces = pieces or [None] * len(params)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
@@ -190,7 +200,15 @@ def native_two_pass(kernel: Callable[..., None], columns: list[list[Any]], piece
         # (the count scale alone takes no sums: nothing to cross the ranks)
         between = (lambda sums, groups=groups: all_reduce_sums(list(sums), groups)) if any(groups) and needs_sums(
             options["mask"]) else None
+        if parts is not None and needs_sums(options["mask"]) and len({parts[i] for i in idx}) < len(idx):
+            between = functools.partial(_sum_parts, torch.tensor([parts[i] for i in idx]))
         kernel(*([column[i] for i in idx] for column in columns), between=between, whole=[whole[i] for i in idx], **options)
+
+
+def _sum_parts(owners: Tensor, sums: Tensor) -> None:
+    """Every row of ``sums`` (one per entry) ← the sum of the rows of the same owner."""
+    total = torch.zeros(int(owners.max()) + 1, sums.shape[1], dtype=sums.dtype).index_add_(0, owners, sums)
+    sums.copy_(total.index_select(0, owners))
 
 
 def step_(
