@@ -380,6 +380,46 @@ def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, 
                 assert (value != other).float().mean() < 0.01, key
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4", "bf16"])
+def test_adam_mini_fused_qkv_compact_momentum_in_one_pass_run_by_run(precision, monkeypatch):
+    """A fused QKV weight (GPT-NeoX's interleaved ``query_key_value``: per head 16 query rows,
+    16 key rows, 16 value neurons) steps its compact momentum in the one-pass C kernel run of
+    equal blocks by run, to the bits of decode → step → encode (bf16: each run's rounding
+    key moved to its first element, so every element draws the bits the whole tensor gives it)."""
+    import dataclasses
+    import importlib
+    import transformers
+    from leanopt import _native
+    if _native.library() is None:
+        pytest.skip("no C kernels on this machine")
+    module = importlib.import_module("leanopt.adam_mini")
+
+    def run(one_pass: bool):
+        if not one_pass:
+            monkeypatch.setattr(module, "BACKENDS", dataclasses.replace(module.BACKENDS, compact=None))
+        torch.manual_seed(0)
+        config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                            intermediate_size=128)
+        model = transformers.GPTNeoXForCausalLM(config)
+        opt = leanopt.AdamMini(model, lr=1e-3, state_precision=precision, state_min_size=0, state_block_size=32)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        monkeypatch.undo()
+        return model, opt
+
+    (fast, fast_opt), (sliced, sliced_opt) = run(True), run(False)
+    assert fast_opt.last_backends == {"native-compact": len(list(fast.parameters()))}, fast_opt.last_backends
+    assert "native-compact" not in sliced_opt.last_backends or sliced_opt.last_backends["native-compact"] == 0
+    for p, q in zip(fast.parameters(), sliced.parameters()):
+        assert torch.equal(p, q)
+        for key, value in fast_opt.state[p].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, sliced_opt.state[q][key]), key
+
+
 @pytest.mark.parametrize("name,precision", [("adamw", "int4"), ("sgd-sai", "int8"), ("lion+async", "bf16")])
 def test_compiled_kernels_step_compact_state_as_stored(name, precision, monkeypatch):
     """``compiled-compact`` (CUDA's path, and the CPU's under ``fused=True`` without the C

@@ -300,32 +300,52 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
 
 def _equal_runs(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 layouts: list[BlockLayout], coeffs: list[AdamMiniStep]) -> tuple[list[Any], ...]:
-    """The C kernel's columns (p, g, m, v, blocks, step record, and the tensor each entry
-    is a part of) for row layouts: a layout whose blocks differ in size (a fused QKV weight:
-    query and key heads, then value neurons) as one entry per run of equal blocks, views of
-    the run's rows and of its blocks' v (no copies). Their steps are independent, as the
-    blocks' are, but for the mask's sums: the whole tensor's (``native_two_pass``'s parts)."""
+    """The C kernels' columns (p, g, m, v, blocks, step record, and the tensor each entry is
+    a part of), one entry per run of equal blocks (:func:`_runs`)."""
     out: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
-    for i, (p, g, m, v, layout, c) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs, strict=True)):
-        if _kind(layout) != "rows":
-            for column, x in zip(out, (p, g, m, v, layout.n_blocks, c, i)):
+    for i, row in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs, strict=True)):
+        for entry in _runs(*row):
+            for column, x in zip(out, (*entry, i)):
                 column.append(x)
-            continue
-        runs: list[list[int]] = []  # [lanes, lanes per block], neighbours of one block size merged
-        for n, k in layout.segments:
-            if runs and runs[-1][1] == k:
-                runs[-1][0] += n
-            else:
-                runs.append([n, k])
-        row = block = 0
-        for n, k in runs:
-            count = k * layout.lane_size
-            piece = (*(x.view(layout.view)[row:row + n] for x in (p, g, m)), v[block:block + n // k], n // k,
-                     c._replace(count=float(count), v_gain=c.gain2 / count), i)
-            for column, x in zip(out, piece):
-                column.append(x)
-            row, block = row + n, block + n // k
     return out
+
+
+def _runs(p: Tensor, g: Tensor, m: Any, v: Tensor, layout: BlockLayout, c: AdamMiniStep) -> list[tuple[Any, ...]]:
+    """``(p, g, m, v, blocks, step record)`` of each run of equal blocks: one, the tensor
+    itself, unless its row layout's blocks differ in size (a fused QKV weight: query and key
+    heads, then value neurons). Runs are views of their rows and of their blocks' v (a compact
+    m's codes and scales too, its bfloat16 rounding key moved to the run's first element, so
+    that every element draws its bits); their steps are independent, as the blocks' are, but
+    for the mask's sums: the whole tensor's (``native_two_pass``'s parts)."""
+    if _kind(layout) != "rows":
+        return [(p, g, m, v, layout.n_blocks, c)]
+    merged: list[list[int]] = []  # [lanes, lanes per block], neighbours of one block size merged
+    for n, k in layout.segments:
+        if merged and merged[-1][1] == k:
+            merged[-1][0] += n
+        else:
+            merged.append([n, k])
+    cols, out, row, block = layout.lane_size, [], 0, 0
+    for n, k in merged:
+        count = k * cols
+        out.append((*(x.view(layout.view)[row:row + n] for x in (p, g)), _momentum_rows(m, layout.view, row, n),
+                    v[block:block + n // k], n // k, c._replace(count=float(count), v_gain=c.gain2 / count)))
+        row, block = row + n, block + n // k
+    return out
+
+
+def _momentum_rows(m: Any, view: tuple[int, int], row: int, n: int) -> Any:
+    """Rows ``row .. row + n`` of momentum ``m`` viewed as ``view``: a view, or, of compact
+    codes (whose rows run along the tensor's last dimension, here ``view[1]``), a
+    :class:`leanopt._native.CompactState` of those rows."""
+    if not isinstance(m, _native.CompactState):
+        return m.view(view)[row:row + n]
+    rows = lambda x: x.view(view[0], -1)[row:row + n]  # noqa: E731
+    shift = (m.key + row * view[1] * _KEY_STRIDE) & 0xFFFFFFFF  # the bits of element i are a hash of i·stride + key
+    return m._replace(codes=rows(m.codes), scales=None if m.scales is None else rows(m.scales), key=shift)
+
+
+_KEY_STRIDE = 0x9E3779B1  # precision.rounding_bits's multiplier of the element index
 
 
 def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -565,19 +585,25 @@ def _sharded_takes(row: list[Any], options: dict[str, Any]) -> bool:
 
 def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
     """The one-pass compact kernel's cases: the C kernel's, where a block's elements and a
-    row of the momentum's codes (the tensor's last dimension) tile each other."""
-    p, count = row[0], int(row[5].count)
+    row of the momentum's codes (the tensor's last dimension) tile each other; a 2-D row
+    layout whose blocks differ in size run of equal blocks by run (:func:`_runs`), unmasked
+    (a masked call's sums are its own)."""
+    p, layout = row[0], row[4]
     last = p.shape[-1] if p.dim() else 1
-    return (_kind(row[4]) in _NATIVE_KINDS and (count % last == 0 or last % count == 0)
+    if _kind(layout) == "rows":
+        return (p.dim() == 2 and not mask_active(options["mask"], options["count_scale"])
+                and max(k for _, k in layout.segments) * last <= _native.COMPACT_MAX_SPAN)
+    count = int(row[5].count)
+    return (_kind(layout) in _NATIVE_KINDS and (count % last == 0 or last % count == 0)
             and max(count, last) <= _native.COMPACT_MAX_SPAN)
 
 
 def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Tensor],
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool) -> None:
-    for p, g, m, v, layout, c in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs):  # compact m: one pass,
-        _native.adam_mini_compact(p, g, m, v, layout.n_blocks, int(c.count), c, mask=mask, alpha=alpha,  # two masked
-                                  count_scale=count_scale)
+    for row in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs):  # compact m: one pass, two masked
+        for p, g, m, v, blocks, c in _runs(*row):  # (runs only unmasked: _compact_takes)
+            _native.adam_mini_compact(p, g, m, v, blocks, int(c.count), c, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=_rows_of_shards,
