@@ -399,6 +399,9 @@ if __name__ == "__main__":
     try:
         if mode == "compiled":  # (launched with LEANOPT_NATIVE=0) the compiled kernels on shards, as on CUDA
             fast_on_shards(COMPILED_ON_SHARDS, "fsdp", world, UNEVEN, rank, rank, world, out, fast=True)
+            # Conv1D's column blocks, each cut by the row split: the "given-columns" kind
+            fast_on_shards(["adam-mini+mask"], "fsdp", world, {"gpt2": True}, rank, rank, world, out, fast=True,
+                           file="fast-gpt2.json")
         elif mode == "placed":
             finals = {name: placed_by_hand(name, world, UNEVEN) for name in PLACED_RUNS}
             if rank == 0:

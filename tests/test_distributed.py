@@ -354,7 +354,8 @@ def test_the_compiled_kernels_take_the_same_shards(tmp_path):
     launch("compiled", 2, tmp_path, env={"LEANOPT_NATIVE": "0"})
     fast = json.loads((tmp_path / "fast.json").read_text())
     assert set(fast) == set(COMPILED_ON_SHARDS)
-    for name, r in fast.items():
+    gpt2 = json.loads((tmp_path / "fast-gpt2.json").read_text())  # and GPT-2's Conv1D column blocks
+    for name, r in [*fast.items(), *(("gpt2 " + k, v) for k, v in gpt2.items())]:
         assert r["backends"] == {"compiled": r["eager_backends"]["eager"]}, (name, r)
         assert r["diff"] <= 1e-6, (name, r)
 

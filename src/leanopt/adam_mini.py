@@ -47,7 +47,7 @@ from ._optimizer import (
     user_stacklevel,
 )
 from . import _native
-from ._backend import Backends
+from ._backend import Backends, every_row
 from ._compile import Kernel, field_index, fusable_groups, hyper
 from ._distributed import Piece, all_reduce_sums, is_dtensor, piece_of, remember
 from .mask import (agreement, mask_active, mask_checks, mask_defaults, masked_update_, native_two_pass, needs_sums, step_,
@@ -153,7 +153,8 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
     # The other kinds take the block sums in one pass and update v, p and m in the next. With the mask,
     # the "sums" call updates v (or returns the row sums for it) and the "apply" call uses the stored v.
     # "given": a shard's rows (2-D), vs[i] this step's v of each row already (its blocks summed over the
-    # ranks), only read; whole: the whole tensors' sizes (the count scale of shards).
+    # ranks), only read; "given-columns" the same for column blocks, vs[i] one v a column; whole: the
+    # whole tensors' sizes (the count scale of shards).
     out, row_sums = [], []
     for i, (p, g, m, v) in enumerate(zip(ps, gs, ms, vs)):
         h = H[i]
@@ -161,7 +162,7 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
         m_new = m.lerp(g, h[_F.w])
         acc = torch.float64 if p.dtype == torch.float64 else torch.float32
         v_used = v.to(acc)
-        if kind != "given" and (phase == "sums" or not needs_sums(mask)):  # v moves once: in the sums call if any
+        if not kind.startswith("given") and (phase == "sums" or not needs_sums(mask)):  # v moves once: in the sums call if any
             g2 = finite_terms(g.to(acc) * g.to(acc))  # a NaN element must not reach its block's v
             if kind == "blocks":
                 row_sums.append(g2.sum(dim=1))
@@ -181,7 +182,7 @@ def _mini_kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[
             scale = scale.index_select(0, lanes[i])
         if kind in ("blocks", "rows", "given"):
             scale = scale.view(-1, 1)
-        elif kind == "columns":
+        elif kind in ("columns", "given-columns"):
             scale = scale.view(1, -1)
         u = m_new * scale.to(p.dtype)
         part = step_(p, u, h[_F.decay], h[_F.lr], g, m, m_new, None if sums is None else sums[i], phase=phase, mask=mask, alpha=alpha,
@@ -387,16 +388,18 @@ def _adam_mini_compiled_shards(params: list[Tensor], grads: list[Tensor], exp_av
                                pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool) -> None:
     """Shards by the compiled kernel: the blocks' sums of g² (each rank's part, summed over
     the ranks in one collective per group), v, then the kernel's ``"given"`` kind from each
-    local row's v (with the mask, its sums over the ranks between its two calls)."""
+    local lane's v (``"given-columns"``: column blocks; with the mask, its sums over the ranks
+    between its two calls)."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
     sums = [b.sq_sums(g, acc_dtype(p)) for b, p, g in zip(blocks, params, grads)]
     all_reduce_sums(sums, [b.groups for b in blocks])
     v_rows = _lane_v(blocks, sums, params, exp_avg_sqs, coeffs)
     calls = []
-    for idx in fusable_groups(params, key=lambda i: blocks[i].local_view[1]):
+    for idx in fusable_groups(params, key=lambda i: (blocks[i].layout.axis, blocks[i].local_view[1])):
         views = [blocks[i].local_view for i in idx]
+        kind = "given" if blocks[idx[0]].layout.axis == 0 else "given-columns"
         calls.append((idx, ([params[i].view(vw) for i, vw in zip(idx, views)], [grads[i].view(vw) for i, vw in zip(idx, views)],
-                            [exp_avgs[i].view(vw) for i, vw in zip(idx, views)], [v_rows[i] for i in idx], None, None, "given"),
+                            [exp_avgs[i].view(vw) for i, vw in zip(idx, views)], [v_rows[i] for i in idx], None, None, kind),
                       hyper([coeffs[i] for i in idx], params[idx[0]])))
     two_pass(lambda *args: _KERNEL(*args)[0], calls, params, pieces, mask=mask, alpha=alpha, count_scale=count_scale)
 
@@ -575,10 +578,6 @@ def _shared_v(params: list[Tensor], other_grads: list[Tensor], exp_avg_sqs: list
     return new[flat.other_blocks].split([r1 - r0 for _, r0, r1 in other]) if other else ()
 
 
-def _rows_of_shards(row: list[Any], options: dict[str, Any]) -> bool:
-    return row[4].axis == 0
-
-
 def _sharded_takes(row: list[Any], options: dict[str, Any]) -> bool:
     return row[4].axis == 0 or not mask_active(options["mask"], options["count_scale"])
 
@@ -606,7 +605,7 @@ def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list
             _native.adam_mini_compact(p, g, m, v, blocks, int(c.count), c, mask=mask, alpha=alpha, count_scale=count_scale)
 
 
-BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=_rows_of_shards,
+BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, compiled_shards=every_row,
                     native=_adam_mini_native,
                     native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes,
                     compact_formats=("int8", "int4", "bf16"),
