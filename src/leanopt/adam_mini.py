@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .precision import MOMENT, precision_defaults
+from .precision import INDEX_STRIDE, MOMENT, precision_defaults
 from ._optimizer import (
     BOOL,
     BOOL_OR_NONE,
@@ -342,11 +342,8 @@ def _momentum_rows(m: Any, view: tuple[int, int], row: int, n: int) -> Any:
     if not isinstance(m, _native.CompactState):
         return m.view(view)[row:row + n]
     rows = lambda x: x.view(view[0], -1)[row:row + n]  # noqa: E731
-    shift = (m.key + row * view[1] * _KEY_STRIDE) & 0xFFFFFFFF  # the bits of element i are a hash of i·stride + key
+    shift = (m.key + row * view[1] * INDEX_STRIDE) & 0xFFFFFFFF  # its first element's bits
     return m._replace(codes=rows(m.codes), scales=None if m.scales is None else rows(m.scales), key=shift)
-
-
-_KEY_STRIDE = 0x9E3779B1  # precision.rounding_bits's multiplier of the element index
 
 
 def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

@@ -487,6 +487,9 @@ class CompactKernel:
 # -- stochastic rounding -----------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF
+# the hash's input is index·INDEX_STRIDE + key (mod 2³²): a part of a tensor starting at element
+# j draws the whole tensor's bits under the key key + j·INDEX_STRIDE
+INDEX_STRIDE = 0x9E3779B1
 
 
 def rounding_key(seed: int, step: int, position: int) -> int:
@@ -498,7 +501,7 @@ def rounding_bits(key: int | Tensor, n: int, device: torch.device) -> Tensor:
     """16 random bits for each of ``n`` elements (int64): a counter-based hash of the
     element's index and ``key``, the same bits as the C kernel's (``csrc/cpu_codec.h``).
     Every product stays under 2**63."""
-    x = (torch.arange(n, dtype=torch.int64, device=device) * 0x9E3779B1 + key) & _M32
+    x = (torch.arange(n, dtype=torch.int64, device=device) * INDEX_STRIDE + key) & _M32
     x ^= x >> 16
     x = (x * 0x7FEB352D) & _M32
     x ^= x >> 15
