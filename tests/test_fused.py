@@ -211,6 +211,27 @@ def test_adam_mini_fused_qkv_rows_take_the_c_kernel(arch, mask):
     assert max_rel_diff(fast, eager) <= 1e-6
 
 
+def test_adam_mini_masked_column_layout_of_one_element_blocks_keeps_its_mask():
+    # a Conv1D of one input: a block per column is a block per element, which the masked C
+    # step takes as rows of one element (the column kernel has no mask: it must not get it)
+    from transformers.pytorch_utils import Conv1D
+
+    def run(fused):
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"c_fc": Conv1D(8, 1)})
+        opt = leanopt.AdamMini(model, lr=1e-2, mask="async", fused=fused, overrides={"c_fc.weight": "neuron"})
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach() for p in model.parameters()], opt
+
+    (fast, opt), (eager, _) = run(None), run(False)
+    assert "eager" not in opt.last_backends
+    assert max_rel_diff(fast, eager) <= 1e-6
+
+
 def test_adam_mini_row_blocks_compile_to_one_pass():
     # embeddings, heads and neurons: each block's sum of g² and its update share one loop
     # over the blocks (inductor's outer-loop fusion), so g, p and m stream from memory once;

@@ -279,7 +279,7 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                       count_scale: bool) -> None:
     """The step by the C kernels: row layouts in one pass, two with the mask component (one
     call per dtype); column blocks in two (:func:`_adam_mini_columns`)."""
-    columns = [i for i, layout in enumerate(layouts) if layout.axis == 1]
+    columns = [i for i, layout in enumerate(layouts) if _kind(layout) == "columns"]  # (one block, or one an element: rows)
     if columns:
         _adam_mini_columns(*([col[i] for i in columns] for col in (params, grads, exp_avgs, exp_avg_sqs)),
                            [BlockView(layouts[i]) for i in columns], [coeffs[i] for i in columns])
