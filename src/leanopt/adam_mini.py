@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .precision import INDEX_STRIDE, MOMENT, precision_defaults
+from .precision import MOMENT, key_at, precision_defaults
 from ._optimizer import (
     BOOL,
     BOOL_OR_NONE,
@@ -295,8 +295,8 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     if not mask_active(mask, count_scale):
         _native.adam_mini_rows(params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs)
         return
-    native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs], None,
-                    owners if len(owners) > len(set(owners)) else None, mask=mask, alpha=alpha, count_scale=count_scale)
+    native_two_pass(_native.adam_mini_masked, [params, grads, exp_avgs, exp_avg_sqs, rows, cols, coeffs], None, owners,
+                    mask=mask, alpha=alpha, count_scale=count_scale)
 
 
 def _equal_runs(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -342,8 +342,8 @@ def _momentum_rows(m: Any, view: tuple[int, int], row: int, n: int) -> Any:
     if not isinstance(m, _native.CompactState):
         return m.view(view)[row:row + n]
     rows = lambda x: x.view(view[0], -1)[row:row + n]  # noqa: E731
-    shift = (m.key + row * view[1] * INDEX_STRIDE) & 0xFFFFFFFF  # its first element's bits
-    return m._replace(codes=rows(m.codes), scales=None if m.scales is None else rows(m.scales), key=shift)
+    return m._replace(codes=rows(m.codes), scales=None if m.scales is None else rows(m.scales),
+                      key=key_at(m.key, row * view[1]))
 
 
 def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

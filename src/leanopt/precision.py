@@ -487,14 +487,18 @@ class CompactKernel:
 # -- stochastic rounding -----------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF
-# the hash's input is index·INDEX_STRIDE + key (mod 2³²): a part of a tensor starting at element
-# j draws the whole tensor's bits under the key key + j·INDEX_STRIDE
-INDEX_STRIDE = 0x9E3779B1
+INDEX_STRIDE = 0x9E3779B1  # the rounding hash's multiplier of an element's index (csrc/cpu_codec.h's too)
 
 
 def rounding_key(seed: int, step: int, position: int) -> int:
     """The 32-bit key of tensor ``position``'s rounding bits at rounding step ``step``."""
     return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB) >> 7 & _M32
+
+
+def key_at(key: int, offset: int) -> int:
+    """The key under which a part of a tensor starting at element ``offset`` draws the bits
+    the whole tensor draws under ``key`` (:func:`rounding_bits` hashes index·stride + key)."""
+    return (key + offset * INDEX_STRIDE) & _M32
 
 
 def rounding_bits(key: int | Tensor, n: int, device: torch.device) -> Tensor:
