@@ -39,6 +39,16 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range | int, fixe
     return losses
 
 
+def fixed_gradient_steps(params: list[Tensor], opt: torch.optim.Optimizer, steps: int) -> None:
+    """``steps`` steps of ``opt`` on a fixed stream of random gradients (seed 1, each in its
+    parameter's dtype): rounding cannot feed back through a loss."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt.step()
+
+
 def params_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 

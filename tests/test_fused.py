@@ -14,7 +14,7 @@ import transformers
 
 import leanopt
 from leanopt._compile import Kernel
-from helpers import max_rel_diff, tiny_model
+from helpers import fixed_gradient_steps, max_rel_diff, tiny_model
 
 KW = {
     "adam-mini": dict(lr=1e-2, weight_decay=0.1),
@@ -71,11 +71,7 @@ def run(name, fused, dtype, maximize=False, steps=20, gpt2=True, **kw):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt = leanopt.create_optimizer(name, model, fused=fused, maximize=maximize, **{**KW[name], **kw})
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(steps):  # a fixed gradient stream: rounding cannot feed back through a loss
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
-            opt.step()
+        fixed_gradient_steps(list(model.parameters()), opt, steps)
         out += [p.detach() for p in model.parameters()]
     return out
 
@@ -155,7 +151,7 @@ ONE_PASS = """
 import warnings, torch, leanopt
 from torch._inductor import metrics
 from torch._inductor.loop_body import LoopBody
-from helpers import max_rel_diff, tiny_model
+from helpers import fixed_gradient_steps, max_rel_diff, tiny_model
 torch._inductor.config.force_disable_caches = True  # generate the code here, not from the disk cache
 original = LoopBody.get_read_expr
 models = [tiny_model(vocab_size=64) for _ in range(2)]
@@ -199,11 +195,7 @@ def test_adam_mini_fused_qkv_rows_take_the_c_kernel(arch, mask):
             warnings.simplefilter("ignore")
             opt = leanopt.AdamMini(model, lr=1e-2, weight_decay=0.1, fused=fused, mask=mask)
         assert {r.name: r.blocks for r in opt.describe_partition()}[qkv] == blocks  # 4 + 4 heads, value neurons
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(10):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
+        fixed_gradient_steps(list(model.parameters()), opt, 10)
         return [p.detach() for p in model.parameters()], opt
 
     (fast, opt), (eager, _) = run(None), run(False)
@@ -220,11 +212,7 @@ def test_adam_mini_masked_column_layout_of_one_element_blocks_keeps_its_mask():
         torch.manual_seed(0)
         model = torch.nn.ModuleDict({"c_fc": Conv1D(8, 1)})
         opt = leanopt.AdamMini(model, lr=1e-2, mask="async", fused=fused, overrides={"c_fc.weight": "neuron"})
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(5):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
+        fixed_gradient_steps(list(model.parameters()), opt, 5)
         return [p.detach() for p in model.parameters()], opt
 
     (fast, opt), (eager, _) = run(None), run(False)

@@ -16,7 +16,7 @@ import torch
 
 import leanopt
 from leanopt import _native
-from helpers import max_rel_diff, tiny_model
+from helpers import fixed_gradient_steps, max_rel_diff, tiny_model
 
 pytestmark = pytest.mark.skipif(not _native.enabled() or _native._compiler() is None,
                                 reason="the CPU kernels need Linux and a C compiler")
@@ -74,11 +74,7 @@ def run(name, kw, fused, dtype=torch.float32, steps=20, model=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = leanopt.create_optimizer(name, model, fused=fused, **kw)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):  # a fixed gradient stream: rounding cannot feed back through a loss
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
-        opt.step()
+    fixed_gradient_steps(list(model.parameters()), opt, steps)
     return [p.detach().clone() for p in model.parameters()], opt
 
 
@@ -148,11 +144,7 @@ def test_odd_sizes_and_mixed_dtypes_in_one_group():
     for fused in (True, False):
         ps = params()
         opt = leanopt.AlphaAdam(ps, lr=1e-2, weight_decay=0.1, fused=fused)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(10):
-            for p in ps:
-                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
-            opt.step()
+        fixed_gradient_steps(ps, opt, 10)
         out[fused] = [p.detach().clone() for p in ps]
     assert max_rel_diff(out[True][:4], out[False][:4]) <= 1e-6
     assert max_rel_diff(out[True][4:], out[False][4:]) <= 3e-2

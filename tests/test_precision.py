@@ -16,7 +16,7 @@ from torch import nn
 
 import leanopt
 from leanopt import precision as P
-from helpers import loss_of, tiny_model, train
+from helpers import fixed_gradient_steps, loss_of, tiny_model, train
 
 
 def roundtrip(x: torch.Tensor, fmt: str, kind: str, block: int = 256) -> torch.Tensor:
@@ -402,11 +402,7 @@ def test_adam_mini_fused_qkv_compact_momentum_in_one_pass_run_by_run(precision, 
                                             intermediate_size=128)
         model = transformers.GPTNeoXForCausalLM(config)
         opt = leanopt.AdamMini(model, lr=1e-3, state_precision=precision, state_min_size=0, state_block_size=32)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
+        fixed_gradient_steps(list(model.parameters()), opt, 3)
         monkeypatch.undo()
         return model, opt
 
