@@ -309,13 +309,15 @@ def test_pma_speedup_claim():
     curve_base = [[0, 0, 5.0], [50, 0, 4.0], [100, 0, 3.0]]
     # per seed, PMA reaches the baseline's final 3.0 at half the samples (seed 1: a little later)
     curve_fast = {0: [[0, 0, 5.0], [50, 0, 3.0], [100, 0, 2.5]], 1: [[0, 0, 5.0], [50, 0, 3.02], [100, 0, 2.5]]}
-    runs = [fake_run("adamw-accum4", s, 3.0, curve=curve_base, wall_s=10.0) for s in (0, 1)]
-    runs += [fake_run("adamw-pma4", s, 2.5, curve=curve_fast[s], wall_s=12.5) for s in (0, 1)]  # PMA: slower per sample
+    # K = 4 accumulation: 40 ms of forward and backward and a 1 ms step per optimizer step; PMA
+    # steps every micro-batch (1.5 ms): slower per sample, 11.5 ms against 10.25
+    runs = [fake_run("adamw-accum4", s, 3.0, curve=curve_base, accum=4, step_ms=41.0) for s in (0, 1)]
+    runs += [fake_run("adamw-pma4", s, 2.5, curve=curve_fast[s], ms=1.5, step_ms=12.0) for s in (0, 1)]
     v = evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0]
     assert v.claim.startswith("AdamW-PMA") and v.verdict == "holds", v.measured
-    # geometric mean of 100/50 and 100/x1; wall at the run's throughput: 10 s / (12.5 s · 50/100) for seed 0
     x1 = 50 + 50 * 0.02 / 0.52
-    assert f"{math.sqrt(2 * 100 / x1):.2f}x" in v.measured and "n=2" in v.measured and f"{math.sqrt(1.6 * 10 / (12.5 * x1 / 100)):.2f}x in wall time" in v.measured
+    samples = math.sqrt(2 * 100 / x1)  # geometric mean of 100/50 and 100/x1
+    assert f"{samples:.2f}x" in v.measured and "n=2" in v.measured and f"{samples * 10.25 / 11.5:.2f}x in wall time" in v.measured
     slow = [[0, 0, 5.0], [50, 0, 4.5], [100, 0, 3.5]]
     runs[2:] = [fake_run("adamw-pma4", s, 3.5, curve=slow, wall_s=12.5) for s in (0, 1)]
     v = evaluate_claims({"claims": ["pma-speedup"], "runs": runs})[0]
@@ -367,18 +369,22 @@ def test_tokenizer_follows_its_training_set(tmp_path):
     assert bdata.load_corpus(tmp_path, "t").meta["tokenizer_sha256"] == other["tokenizer_sha256"]
 
 
-def test_tokens_to_target_pairs_by_seed_and_reads_the_measured_wall_clock():
+def test_tokens_to_target_pairs_by_seed_and_prices_wall_time_by_steady_state_step_cost():
     from leanopt.bench.report import Groups, target_speed
 
-    # rows: samples, tokens, loss, wall seconds
-    base = {s: fake_run("adamw", s, 3.0, curve=[[0, 0, 5.0, 0], [1, 100, 4.0, 10], [2, 200, 3.0 + 0.1 * s, 20]])
+    # rows: samples, tokens, loss, wall seconds; the measured wall clocks (the last column) are
+    # load noise and must not enter the wall speed-up: ours would look 20/8 = 2.5x faster by them
+    timing = dict(step_ms=101.0, ms=1.0)  # forward + backward 100 ms, AdamW's step 1 ms
+    base = {s: fake_run("adamw", s, 3.0, curve=[[0, 0, 5.0, 0], [1, 100, 4.0, 10], [2, 200, 3.0 + 0.1 * s, 20]], **timing)
             for s in (0, 1, 2)}
     for s, b in base.items():
         b["final_val"] = b["val_curve"][-1][2]
-    # reaches each seed's own target at 50 tokens (seed 0), 100 (seed 1), and never (seed 2)
-    ours = [fake_run("fast", 0, 2.0, curve=[[0, 0, 5.0, 0], [1, 50, 3.0, 8], [2, 200, 2.0, 40]]),
-            fake_run("fast", 1, 2.0, curve=[[0, 0, 5.0, 0], [1, 100, 3.1, 16], [2, 200, 2.0, 40]]),
-            fake_run("fast", 2, 3.5, curve=[[0, 0, 5.0, 0], [1, 100, 4.0, 16], [2, 200, 3.5, 40]])]
+    # reaches each seed's own target at 50 tokens (seed 0), 100 (seed 1), and never (seed 2);
+    # its optimizer step costs 11 ms, its training step was measured (under other load) at 300 ms
+    slow = dict(step_ms=300.0, ms=11.0)
+    ours = [fake_run("fast", 0, 2.0, curve=[[0, 0, 5.0, 0], [1, 50, 3.0, 8], [2, 200, 2.0, 40]], **slow),
+            fake_run("fast", 1, 2.0, curve=[[0, 0, 5.0, 0], [1, 100, 3.1, 16], [2, 200, 2.0, 40]], **slow),
+            fake_run("fast", 2, 3.5, curve=[[0, 0, 5.0, 0], [1, 100, 4.0, 16], [2, 200, 3.5, 40]], **slow)]
     g = Groups(list(base.values()) + ours)
     t = target_speed(g, "fast", "adamw")
     assert (t.reached, t.n, t.tokens) == (2, 3, None) and "2 of 3 seeds" in t.text("AdamW")
@@ -386,7 +392,14 @@ def test_tokens_to_target_pairs_by_seed_and_reads_the_measured_wall_clock():
     t = target_speed(g, "fast", "adamw")
     assert (t.reached, t.n) == (2, 2)
     assert t.tokens.mean == pytest.approx(math.sqrt(200 / 50 * 200 / 100))
-    assert t.wall.mean == pytest.approx(math.sqrt(20 / 8 * 20 / 16))  # from the recorded wall column
+    # AdamW's forward and backward (100 ms) + each run's own optimizer step: 101 vs 111 ms
+    assert t.wall.mean == pytest.approx(t.tokens.mean * 101 / 111)
+    # accumulation: the optimizer step of a K = 4 baseline is spread over its 4 micro-batches,
+    # and its 400 ms of forward and backward are 100 ms per micro-batch
+    acc = [dict(b, group="adamw-accum4", accum=4, step_ms=402.0, opt_step_ms=2.0) for b in base.values()]
+    pma = [dict(r, group="pma", accum=1, step_ms=500.0, opt_step_ms=3.0) for r in ours[:2]]
+    t = target_speed(Groups(acc + pma), "pma", "adamw-accum4")
+    assert t.wall.mean == pytest.approx(t.tokens.mean * 100.5 / 103)
 
 
 def test_a_sweep_extends_its_grid_until_the_winner_is_inside():

@@ -128,19 +128,25 @@ class TargetSpeed:
         return f"to {base}'s final loss: {self.tokens.text()} in tokens{wall}"
 
 
-def _wall_at(run: dict, target: float, column: int, position: float) -> float | None:
-    """The run's wall seconds when it reached ``target``: measured at the validations, or,
-    for summaries written before those were recorded, at the run's mean throughput."""
-    measured = crossing(run["val_curve"], target, 3)
-    if measured is not None:
-        return measured
-    end = run["val_curve"][-1][column]
-    return run["wall_s"] * position / end if end else None
+def _step_cost(run: dict, base: dict) -> float | None:
+    """Milliseconds per micro-batch of ``run`` in steady state, with forward and backward
+    taken from ``base``'s run (the same model, shapes and data) and the run's own median
+    optimizer step spread over its accumulation. Measured wall clocks of runs made at
+    different times on a shared machine differ by more than their optimizers do (the
+    optimizer is ~1% of a CPU training step), so the wall speed-up is not read from them."""
+    try:
+        forward_backward = (base["step_ms"] - base["opt_step_ms"]) / base["accum"]
+        cost = forward_backward + run["opt_step_ms"] / run["accum"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    return cost if math.isfinite(cost) and cost > 0 else None
 
 
 def target_speed(groups: Groups, ours: str, base: str, column: int = 1) -> TargetSpeed:
     """:class:`TargetSpeed` of ``ours`` against ``base``; ``column``: 1 for tokens, 0 for
-    samples (the same ratio: both runs see the same micro-batches)."""
+    samples (the same ratio: both runs see the same micro-batches). The wall speed-up is
+    the token speed-up times the ratio of steady-state costs per micro-batch
+    (:func:`_step_cost`)."""
     base_runs = {r["seed"]: r for r in groups.by_group[base]}
     pairs = [(r, base_runs[r["seed"]]) for r in groups.by_group[ours] if r["seed"] in base_runs]
     tokens, wall = {}, {}
@@ -151,9 +157,9 @@ def target_speed(groups: Groups, ours: str, base: str, column: int = 1) -> Targe
         mine, theirs = crossing(r["val_curve"], target, column), crossing(b["val_curve"], target, column)
         if mine and theirs:
             tokens[r["seed"]] = theirs / mine
-            w_mine, w_theirs = _wall_at(r, target, column, mine), _wall_at(b, target, column, theirs)
-            if w_mine and w_theirs:
-                wall[r["seed"]] = w_theirs / w_mine
+            c_mine, c_theirs = _step_cost(r, b), _step_cost(b, b)
+            if c_mine and c_theirs:
+                wall[r["seed"]] = tokens[r["seed"]] * c_theirs / c_mine
     every = len(tokens) == len(pairs) and pairs
     return TargetSpeed(len(tokens), len(pairs), stats.ratio(tokens) if every else None,
                        stats.ratio(wall) if every and len(wall) == len(tokens) else None)
@@ -660,9 +666,12 @@ def write_report(task_dir: str | Path) -> Path:
     lines += _results_table(groups) + [""]
     if kind == "pretrain" and "adamw" in groups:
         lines += ["## Tokens to AdamW's final loss", "",
-                  "Per seed, the tokens (and wall seconds) at which each run first reaches AdamW's final validation loss of "
-                  "the same seed (interpolated between validations); the speed-up is AdamW's over the run's, a geometric "
-                  "mean over seeds with a 95% t interval on the log ratios.", ""]
+                  "Per seed, the tokens at which each run first reaches AdamW's final validation loss of the same seed "
+                  "(interpolated between validations); the speed-up is AdamW's over the run's, a geometric mean over seeds "
+                  "with a 95% t interval on the log ratios. The wall-time speed-up scales each seed's token ratio by the "
+                  "steady-state cost of a step: AdamW's forward and backward (same model and data) plus each run's own "
+                  "median optimizer step. The runs' measured wall clocks (table above) were taken at different times on a "
+                  "shared machine and vary with its load by more than the optimizers differ.", ""]
         lines += _target_table(groups) + [""]
     if summary.get("memory_at_scale"):
         lines += ["## Optimizer state at real scale", "",
