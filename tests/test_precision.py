@@ -380,12 +380,15 @@ def test_the_one_pass_compact_kernel_gives_the_bits_of_decode_step_encode(name, 
                 assert (value != other).float().mean() < 0.01, key
 
 
+@pytest.mark.parametrize("arch", ["gpt-neox", "gpt2"])
 @pytest.mark.parametrize("precision", ["int8", "int4", "bf16"])
-def test_adam_mini_fused_qkv_compact_momentum_in_one_pass_run_by_run(precision, monkeypatch):
+def test_adam_mini_fused_qkv_and_column_blocks_step_compact_momentum_in_one_pass(arch, precision, monkeypatch):
     """A fused QKV weight (GPT-NeoX's interleaved ``query_key_value``: per head 16 query rows,
     16 key rows, 16 value neurons) steps its compact momentum in the one-pass C kernel run of
-    equal blocks by run, to the bits of decode → step → encode (bf16: each run's rounding
-    key moved to its first element, so every element draws the bits the whole tensor gives it)."""
+    equal blocks by run; GPT-2's ``Conv1D`` weights (column blocks: ``c_attn``'s heads and
+    value neurons, the MLP's neurons) row of codes by row in the column kernel. Both to the
+    bits of decode → step → encode (bf16: each run's rounding key moved to its first element,
+    so every element draws the bits the whole tensor gives it)."""
     import dataclasses
     import importlib
     import transformers
@@ -398,9 +401,12 @@ def test_adam_mini_fused_qkv_compact_momentum_in_one_pass_run_by_run(precision, 
         if not one_pass:
             monkeypatch.setattr(module, "BACKENDS", dataclasses.replace(module.BACKENDS, compact=None))
         torch.manual_seed(0)
-        config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                            intermediate_size=128)
-        model = transformers.GPTNeoXForCausalLM(config)
+        if arch == "gpt2":
+            model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=4,
+                                                                         n_positions=16))
+        else:
+            model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+                vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128))
         opt = leanopt.AdamMini(model, lr=1e-3, state_precision=precision, state_min_size=0, state_block_size=32)
         fixed_gradient_steps(list(model.parameters()), opt, 3)
         monkeypatch.undo()
@@ -409,6 +415,8 @@ def test_adam_mini_fused_qkv_compact_momentum_in_one_pass_run_by_run(precision, 
     (fast, fast_opt), (sliced, sliced_opt) = run(True), run(False)
     assert fast_opt.last_backends == {"native-compact": len(list(fast.parameters()))}, fast_opt.last_backends
     assert "native-compact" not in sliced_opt.last_backends or sliced_opt.last_backends["native-compact"] == 0
+    if arch == "gpt2":  # the column layouts are there
+        assert any(module._kind(rule.layout) == "columns" for rule in fast_opt._rules.values())
     for p, q in zip(fast.parameters(), sliced.parameters()):
         assert torch.equal(p, q)
         for key, value in fast_opt.state[p].items():

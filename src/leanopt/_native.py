@@ -151,7 +151,9 @@ def library() -> ctypes.CDLL | None:
                                                                  *[ctypes.c_int] * 4, ptr]),
                                        ("leanopt_adam_mini_compact", [ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
                                                                       *[ctypes.c_int64] * 4, ptr, *[ctypes.c_int] * 3,
-                                                                      ctypes.c_uint32])):
+                                                                      ctypes.c_uint32]),
+                                       ("leanopt_adam_mini_cols_compact", [ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr,
+                                                                           *[ctypes.c_int64] * 3, ptr, ctypes.c_uint32])):
                     fn = getattr(lib, name)
                     fn.restype, fn.argtypes = ctypes.c_int, argtypes
                 _lib = lib
@@ -500,3 +502,21 @@ def adam_mini_compact(p: Tensor, g: Tensor, m: CompactState, v: Tensor, blocks: 
     if rc != 0:
         raise ValueError(f"adam_mini_compact: {'no memory' if rc == 2 else 'bad arguments'} ({blocks} x {count}, rows of {last})")
     torch.autograd.graph.increment_version([p, m.codes, v])
+
+
+def adam_mini_cols_compact(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[CompactState],
+                           lane_v: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
+                           hypers: Sequence[Sequence[float]]) -> None:
+    """:func:`adam_mini_cols` for float32 CPU tensors whose momentum is compact (int8, int4 or
+    bf16 codes) in rows of the same ``cols[i]`` elements (the tensor's last dimension): each
+    row decoded, stepped and encoded again in one pass. ``lane_v[i]``: float32, one a column."""
+    lib = library()
+    assert lib is not None
+    for p, g, m, v, r, c, hyper in zip(params, grads, exp_avgs, lane_v, rows, cols, hypers, strict=True):
+        v = v.contiguous()
+        rc = lib.leanopt_adam_mini_cols_compact(torch.get_num_threads(), p.data_ptr(), g.data_ptr(), m.codes.data_ptr(),
+                                                None if m.scales is None else m.scales.data_ptr(), _FORMATS[m.fmt],
+                                                v.data_ptr(), r, c, m.block or min(c, _BF16_BLOCK), _doubles([hyper]), m.key)
+        if rc != 0:
+            raise ValueError(f"adam_mini_cols_compact: {'no memory' if rc == 2 else 'bad arguments'} ({r} x {c})")
+        torch.autograd.graph.increment_version([p, m.codes])

@@ -20,7 +20,7 @@ import functools
 import itertools
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -346,18 +346,21 @@ def _momentum_rows(m: Any, view: tuple[int, int], row: int, n: int) -> Any:
                       key=key_at(m.key, row * view[1]))
 
 
-def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                       blocks: list[BlockView], coeffs: list[AdamMiniStep], sums: list[Tensor] | None = None) -> None:
+def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Tensor],
+                       blocks: list[BlockView], coeffs: list[AdamMiniStep], sums: list[Tensor] | None = None,
+                       kernel: Callable[..., None] | None = None) -> None:
     """Blocks of columns (a transposed weight, transformers' ``Conv1D``; a shard of one) by
     the C kernels, without the mask: each column's sum of g² (a pass: :func:`_column_sums`),
     the blocks' sums (over the ranks for shards: one collective per group), v as the eager
-    path moves it, then the step from each column's block v (a second pass). ``sums``: the
-    blocks' sums already taken (and summed over the ranks) by the caller."""
+    path moves it, then the step from each column's block v (a second pass: ``kernel``,
+    :func:`leanopt._native.adam_mini_cols` by default, ``adam_mini_cols_compact`` for compact
+    momentum). ``sums``: the blocks' sums already taken (and summed over the ranks) by the caller."""
     if sums is None:
         sums = _column_sums(grads, blocks)
         all_reduce_sums(sums, [b.groups for b in blocks])
-    _native.adam_mini_cols(params, grads, exp_avgs, _lane_v(blocks, sums, params, exp_avg_sqs, coeffs),
-                           [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks], coeffs)
+    step = kernel or _native.adam_mini_cols  # (looked up per call: tests wrap the module's)
+    step(params, grads, exp_avgs, _lane_v(blocks, sums, params, exp_avg_sqs, coeffs),
+         [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks], coeffs)
 
 
 def _column_sums(grads: list[Tensor], blocks: list[BlockView]) -> list[Tensor]:
@@ -586,6 +589,8 @@ def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
     (a masked call's sums are its own)."""
     p, layout = row[0], row[4]
     last = p.shape[-1] if p.dim() else 1
+    if _kind(layout) == "columns":  # a row of codes is a row of the view: the column kernel, row by row
+        return layout.view[1] == last and not mask_active(options["mask"], options["count_scale"])
     if _kind(layout) == "rows":
         return (p.dim() == 2 and not mask_active(options["mask"], options["count_scale"])
                 and max(k for _, k in layout.segments) * last <= _native.COMPACT_MAX_SPAN)
@@ -597,7 +602,14 @@ def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
 def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Any], exp_avg_sqs: list[Tensor],
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool) -> None:
+    columns = [i for i, layout in enumerate(layouts) if _kind(layout) == "columns"]  # (only unmasked: _compact_takes)
+    if columns:
+        _adam_mini_columns(*([col[i] for i in columns] for col in (params, grads, exp_avgs, exp_avg_sqs)),
+                           [BlockView(layouts[i]) for i in columns], [coeffs[i] for i in columns],
+                           kernel=_native.adam_mini_cols_compact)
     for row in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs):  # compact m: one pass, two masked
+        if _kind(row[4]) == "columns":
+            continue
         for p, g, m, v, blocks, c in _runs(*row):  # (runs only unmasked: _compact_takes)
             _native.adam_mini_compact(p, g, m, v, blocks, int(c.count), c, mask=mask, alpha=alpha, count_scale=count_scale)
 

@@ -373,3 +373,35 @@ int leanopt_adam_mini_compact(int nt, float *P, const float *G, void *M, float *
     }
     return 0;
 }
+
+/* Adam-mini's column blocks (leanopt_adam_mini_cols) over one float32 tensor of R rows of C
+ * elements whose momentum is compact in rows of the same C elements (fm as
+ * leanopt_adam_mini_compact's; blocks of B along the rows): each row's momentum is decoded
+ * into a buffer, stepped from every column's block v of this step (V, float32, only read:
+ * the caller moved it from leanopt_col_sq_sums) and encoded again, the rows split over the
+ * threads. Returns 0, 1 for a bad argument, 2 without memory. */
+int leanopt_adam_mini_cols_compact(int nt, float *P, const float *G, void *M, float *MS, int fm, const float *V, int64_t R,
+                                   int64_t C, int64_t B, const double *h, uint32_t key) {
+    if (nt < 1 || nt > 1024 || fm < 1 || fm > 3 || C < 1 || R < 0 || B < 1 || ((B & 1) && B < C)) return 1;
+    if ((B < C ? B : C) > COMPACT_MAX_BLOCK) return 1;
+    int use = R * C < SMALL || R < 2 ? 1 : (R < nt ? (int)R : nt), failed = 0;
+#pragma omp parallel num_threads(use) reduction(| : failed)
+    {
+        int tid = omp_get_thread_num(), n = omp_get_num_threads();
+        int64_t r0 = R * tid / n, r1 = R * (tid + 1) / n;
+        float *step = malloc((size_t)C * 2 * sizeof(float)); /* the columns' steps, then one row's m */
+        if (!step) {
+            failed = 1;
+        } else {
+            float *buf = step + C;
+            am_col_steps_f32(V, C, h, step);
+            for (int64_t r = r0; r < r1; ++r) {
+                amc_span(M, MS, fm, C, B, r, 1, buf, 0, key);
+                am_cols_apply_f32(P + r * C, G + r * C, buf, C, 0, 1, h, step);
+                amc_span(M, MS, fm, C, B, r, 1, buf, 1, key);
+            }
+        }
+        free(step);
+    }
+    return failed ? 2 : 0;
+}

@@ -159,15 +159,26 @@ static void SFX(am_col_sums)(const T *g, int64_t C, int64_t r0, int64_t r1, doub
         }                                                                               \
     }
 
-/* rows [r0, r1); step: C floats of scratch */
-static void SFX(am_cols)(T *p, const T *g, T *m, const T *v, int64_t C, int64_t r0, int64_t r1, const double *h,
-                         float *step) {
-    const float sign = (float)h[AM_SIGN], w = (float)h[AM_W], decay = (float)h[AM_DECAY];
+/* step_c of every column, from V (only read): C floats */
+static void SFX(am_col_steps)(const T *v, int64_t C, const double *h, float *step) {
     for (int64_t j = 0; j < C; ++j) step[j] = SFX(am_step_of)(v, j, h);
+}
+
+/* rows [r0, r1), by the steps of am_col_steps */
+static void SFX(am_cols_apply)(T *p, const T *g, T *m, int64_t C, int64_t r0, int64_t r1, const double *h,
+                               const float *step) {
+    const float sign = (float)h[AM_SIGN], w = (float)h[AM_W], decay = (float)h[AM_DECAY];
     if (w < 0.5f)
         AM_COLS_LOOP(AM_LERP_LOW)
     else
         AM_COLS_LOOP(AM_LERP_HIGH)
+}
+
+/* rows [r0, r1); step: C floats of scratch */
+static void SFX(am_cols)(T *p, const T *g, T *m, const T *v, int64_t C, int64_t r0, int64_t r1, const double *h,
+                         float *step) {
+    SFX(am_col_steps)(v, C, h, step);
+    SFX(am_cols_apply)(p, g, m, C, r0, r1, h, step);
 }
 #undef AM_COLS_LOOP
 
