@@ -208,6 +208,13 @@ def test_finished_runs_are_not_redone(data_dir, tmp_path):
     assert "2 runs, about 2.0 h on 2 CPU cores, 1 already finished: about 60 min left" in lines[0]
 
 
+def test_seeds_override_scales_the_preset_time_estimate():
+    preset = get_task("finetune")  # 2 seeds
+    one, three = get_task("finetune", seeds=(1,)), get_task("finetune", seeds=(0, 1, 2))
+    assert len(one.runs) * 2 == len(preset.runs) and one.minutes == pytest.approx(preset.minutes / 2)
+    assert three.minutes == pytest.approx(preset.minutes * 1.5)
+
+
 # -- schedule and claims logic ----------------------------------------------------------------
 
 
