@@ -1,6 +1,6 @@
 """Adam-mini's step on the layouts the C kernels took late, against the path they took before:
 
-    .venv/bin/python scripts/adam_mini_layout_speed.py [param|int8|int4|bf16] [gpt2]
+    .venv/bin/python scripts/adam_mini_layout_speed.py [param|int8|int4|bf16] [gpt2] [async]
 
 Default: fused QKV weights (torch's nn.MultiheadAttention ``in_proj_weight``: query and key
 heads, then value neurons, so blocks of unequal size) by the C kernel over each run of equal
@@ -8,7 +8,8 @@ blocks, against the eager path (with a state precision: the compact momentum's o
 against decode -> step -> encode), in four ``nn.TransformerEncoderLayer(768, 12 heads, 3072)``
 (28M parameters, 7M of them fused QKV). ``gpt2``: GPT-2's ``Conv1D`` weights (column blocks)
 with compact momentum, by the column kernel row of codes by row, against decode -> step ->
-encode, in a four-layer 768-wide transformers GPT-2 (28M parameters in Conv1D weights).
+encode, in a four-layer 768-wide transformers GPT-2 (28M parameters in Conv1D weights);
+``gpt2 async``: those with the asynchronous mask, whose column blocks stepped eagerly before.
 Float32, 2 threads; both arms step in turn in one process, 7 rounds after a warm-up, medians
 and the ratio to the C kernel."""
 
@@ -28,7 +29,7 @@ import leanopt
 am = importlib.import_module("leanopt.adam_mini")  # (leanopt.adam_mini is also the functional core's name)
 
 
-def arm(runs_in_c: bool, precision: str, gpt2: bool):
+def arm(runs_in_c: bool, precision: str, gpt2: bool, mask: str):
     torch.manual_seed(0)
     if gpt2:
         import transformers
@@ -40,10 +41,11 @@ def arm(runs_in_c: bool, precision: str, gpt2: bool):
         p.grad = torch.randn_like(p) * 1e-3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = leanopt.AdamMini(model, lr=1e-3, state_precision=precision)
+        opt = leanopt.AdamMini(model, lr=1e-3, state_precision=precision, mask=mask)
     takes, compact_takes = am.BACKENDS.native_takes, am.BACKENDS.compact_takes
     late = "columns" if gpt2 else "rows"  # the layout the C kernels took late
-    before = dataclasses.replace(am.BACKENDS, native_takes=takes if gpt2 else lambda row, o: am._kind(row[4]) != late and takes(row, o),
+    native_before = takes if gpt2 and mask == "none" else lambda row, o: am._kind(row[4]) != late and takes(row, o)
+    before = dataclasses.replace(am.BACKENDS, native_takes=native_before,
                                  compact_takes=lambda row, o: am._kind(row[4]) != late and compact_takes(row, o))
 
     def step() -> tuple[float, dict[str, int]]:
@@ -61,8 +63,8 @@ def arm(runs_in_c: bool, precision: str, gpt2: bool):
 def main() -> None:
     torch.set_num_threads(2)
     precision = sys.argv[1] if len(sys.argv) > 1 else "param"
-    gpt2 = "gpt2" in sys.argv[2:]
-    arms = {"C kernel": arm(True, precision, gpt2), "before": arm(False, precision, gpt2)}
+    gpt2, mask = "gpt2" in sys.argv[2:], "async" if "async" in sys.argv[2:] else "none"
+    arms = {"C kernel": arm(True, precision, gpt2, mask), "before": arm(False, precision, gpt2, mask)}
     for name, step in arms.items():
         print(f"{name}: backends {step()[1]}")
     times: dict[str, list[float]] = {k: [] for k in arms}

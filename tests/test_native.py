@@ -201,14 +201,15 @@ def test_autograd_sees_the_kernels_writes():
             loss.backward()
 
 
-@pytest.mark.parametrize("nthreads", [1, 3])
-def test_adam_mini_column_blocks_run_in_c(nthreads, monkeypatch):
+@pytest.mark.parametrize("nthreads,mask", [(1, "none"), (3, "none"), (1, "async"), (3, "sync")])
+def test_adam_mini_column_blocks_run_in_c(nthreads, mask, monkeypatch):
     # transformers' Conv1D stores (in, out): Adam-mini's blocks are runs of columns (c_attn's heads
-    # of 68 columns, then neurons); wide enough (272 x 1088) that the rows are split over threads
+    # of 68 columns, then neurons); wide enough (272 x 1088) that the rows are split over threads.
+    # With the mask: each column's v first, then the mask's two passes from each column's scale
     transformers = pytest.importorskip("transformers")
     seen = []
-    original = _native.adam_mini_cols
-    monkeypatch.setattr(_native, "adam_mini_cols", lambda *a, **k: (seen.append(len(a[0])), original(*a, **k))[1])
+    original = _native.adam_mini_cols if mask == "none" else _native.adam_mini_masked
+    monkeypatch.setattr(_native, original.__name__, lambda *a, **k: (seen.append(len(a[0])), original(*a, **k))[1])
 
     def gpt2():
         torch.manual_seed(0)
@@ -216,9 +217,13 @@ def test_adam_mini_column_blocks_run_in_c(nthreads, monkeypatch):
                                          eos_token_id=0)
         return transformers.GPT2LMHeadModel(config)
 
+    kw = dict(lr=1e-2, weight_decay=0.1, mask=mask)
     with threads(nthreads):
-        fused, opt = run("adam-mini", dict(lr=1e-2, weight_decay=0.1), True, model=gpt2(), steps=10)
-    eager, _ = run("adam-mini", dict(lr=1e-2, weight_decay=0.1), False, model=gpt2(), steps=10)
+        fused, opt = run("adam-mini", kw, True, model=gpt2(), steps=10)
+    eager, _ = run("adam-mini", kw, False, model=gpt2(), steps=10)
     assert opt.last_backends == {"native": len(fused)}
-    assert seen == [4] * 10  # c_attn, c_proj, c_fc, mlp.c_proj at every step
+    if mask == "none":
+        assert seen == [4] * 10  # c_attn, c_proj, c_fc, mlp.c_proj at every step
+    else:  # (and a call for the row layouts)
+        assert seen.count(4) == 10 and len(seen) == 20
     assert max_rel_diff(fused, eager) <= 1e-6

@@ -51,6 +51,7 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _MASKS = {"none": 0, "async": 1, "sync": 2}
+_GIVEN_COLUMNS = 2  # csrc/cpu_kernels.c: leanopt_adam_mini_masked's "given" for column blocks
 _ALPHAS = {"squared": 0, "root": 1, "none": 2}
 
 _lock = threading.Lock()
@@ -252,13 +253,16 @@ def adam_mini_rows(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
 def adam_mini_masked(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                      exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
                      hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool, given: bool = False,
-                     between: Callable[[Tensor], None] | None = None, whole: Sequence[int] | None = None) -> None:
+                     columns: bool = False, between: Callable[[Tensor], None] | None = None,
+                     whole: Sequence[int] | None = None) -> None:
     """Adam-mini's step with the mask component for tensors viewed as ``rows[i] × cols[i]``,
     one block per row, in two C passes: v and the mask sums, then p and m. ``given``:
     ``exp_avg_sqs[i]`` hold each row's v of this step already (a shard's rows) and are only
-    read. ``between``, ``whole``: as :func:`_two_passes`. The caller checked :func:`supports`."""
-    _two_passes(*_adam_mini_masked_call(params, grads, exp_avgs, exp_avg_sqs, rows, cols, hypers, given), mask, alpha,
-                count_scale, between, whole)
+    read. ``columns``: column blocks, ``exp_avg_sqs[i]`` holding each column's block v of this
+    step (only read). ``between``, ``whole``: as :func:`_two_passes`. The caller checked
+    :func:`supports`."""
+    _two_passes(*_adam_mini_masked_call(params, grads, exp_avgs, exp_avg_sqs, rows, cols, hypers, given, columns), mask,
+                alpha, count_scale, between, whole)
 
 
 def adam_mini_masked_pass(phase: int, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -277,12 +281,12 @@ def adam_mini_masked_pass(phase: int, params: Sequence[Tensor], grads: Sequence[
 
 def _adam_mini_masked_call(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                            exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
-                           hypers: Sequence[Sequence[float]], given: bool) -> tuple:
+                           hypers: Sequence[Sequence[float]], given: bool, columns: bool = False) -> tuple:
     """``leanopt_adam_mini_masked``'s arguments for :func:`_two_passes`: name, tensors, what
     each phase writes (v only when the kernel moves it), per-tensor arrays, lead arguments."""
     return ("leanopt_adam_mini_masked", (params, grads, exp_avgs, exp_avg_sqs),
-            ([] if given else list(exp_avg_sqs), [*params, *exp_avgs]),
-            ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), (int(given),))
+            ([] if given or columns else list(exp_avg_sqs), [*params, *exp_avgs]),
+            ((_int64s, rows), (_int64s, cols), (_doubles, hypers)), (_GIVEN_COLUMNS if columns else int(given),))
 
 
 def elementwise_masked(family: str, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],

@@ -278,11 +278,14 @@ def _adam_mini_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                       layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                       count_scale: bool) -> None:
     """The step by the C kernels: row layouts in one pass, two with the mask component (one
-    call per dtype); column blocks in two (:func:`_adam_mini_columns`)."""
+    call per dtype); column blocks in two (:func:`_adam_mini_columns`), three with the mask."""
     columns = [i for i, layout in enumerate(layouts) if _kind(layout) == "columns"]  # (one block, or one an element: rows)
     if columns:
+        kernel = None
+        if mask_active(mask, count_scale):  # v per column first, then the two passes of the mask
+            kernel = functools.partial(_masked_columns, mask=mask, alpha=alpha, count_scale=count_scale)
         _adam_mini_columns(*([col[i] for i in columns] for col in (params, grads, exp_avgs, exp_avg_sqs)),
-                           [BlockView(layouts[i]) for i in columns], [coeffs[i] for i in columns])
+                           [BlockView(layouts[i]) for i in columns], [coeffs[i] for i in columns], kernel=kernel)
         if len(columns) == len(params):
             return
         taken = set(columns)
@@ -363,6 +366,13 @@ def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list
          [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks], coeffs)
 
 
+def _masked_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], lane_v: list[Tensor],
+                    rows: list[int], cols: list[int], coeffs: list[AdamMiniStep], **options: Any) -> None:
+    """The masked step of column blocks (whole tensors) from each column's v of this step."""
+    native_two_pass(functools.partial(_native.adam_mini_masked, columns=True),
+                    [params, grads, exp_avgs, lane_v, rows, cols, coeffs], None, **options)
+
+
 def _column_sums(grads: list[Tensor], blocks: list[BlockView]) -> list[Tensor]:
     """Each column block's sum of g² over the elements held here (float64; one C pass)."""
     sums = _native.col_sq_sums(grads, [b.local_view[0] for b in blocks], [b.local_view[1] for b in blocks])
@@ -370,8 +380,7 @@ def _column_sums(grads: list[Tensor], blocks: list[BlockView]) -> list[Tensor]:
 
 
 def _native_takes(row: list[Any], options: dict[str, Any]) -> bool:
-    kind = _kind(row[4])
-    return kind in (*_NATIVE_KINDS, "rows") or (kind == "columns" and not mask_active(options["mask"], options["count_scale"]))
+    return _kind(row[4]) in (*_NATIVE_KINDS, "rows", "columns")
 
 
 def _lane_v(blocks: list[BlockView], sums: list[Tensor], params: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -449,8 +458,9 @@ def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool, pieces: list[Piece | None]) -> None:
     """The step of shards by the C kernels: row blocks by :func:`_adam_mini_sharded_rows`,
-    column blocks (no mask) by :func:`_adam_mini_columns`, their sums of g² crossing the ranks
-    in the rows' collective (one per group for the step, as on the eager path)."""
+    column blocks (no mask: their mask sums would take a collective of their own) by
+    :func:`_adam_mini_columns`, their sums of g² crossing the ranks in the rows' collective
+    (one per group for the step, as on the eager path)."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
     by_axis = [[i for i, b in enumerate(blocks) if b.layout.axis == axis] for axis in (0, 1)]
     rows, cols = ([[col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs)] for idx in by_axis)

@@ -357,12 +357,12 @@ int leanopt_adam_mini_compact(int nt, float *P, const float *G, void *M, float *
                 amc_span(M, MS, fm, L, B, s, rps, buf, 0, key);
                 if (pass == 1) {
                     double sums[3] = {0.0, 0.0, 0.0};
-                    am_mask_sums_f32(g, buf, v, C, 0, bps, h, mask, 0, sums);
+                    am_mask_sums_f32(g, buf, v, C, 0, bps, h, mask, 0, NULL, sums);
                     s0 += sums[0], s1 += sums[1], s2 += sums[2];
                     continue;
                 }
                 if (masked)
-                    am_mask_apply_f32(p, g, buf, v, C, 0, bps, h, mask, step, all);
+                    am_mask_apply_f32(p, g, buf, v, C, 0, bps, h, mask, step, all, NULL);
                 else
                     am_rows_f32(p, g, buf, v, C, 0, bps, h, 0);
                 amc_span(M, MS, fm, L, B, s, rps, buf, 1, key);

@@ -280,7 +280,7 @@ static void add_partials(double *partial, int nt, int T_, double *io) {
         TYPE *p_ = (TYPE *)P[t] + r * C[t], *m_ = (TYPE *)M[t] + r * C[t], *v_ = (TYPE *)V[t] + r;         \
         const TYPE *g_ = (const TYPE *)G[t] + r * C[t];                                                    \
         if (phase == PHASE_APPLY) {                                                                        \
-            am_mask_apply_##SFX_(p_ + j0, g_ + j0, m_ + j0, v_, j1 - j0, 0, 1, ht, mask, step, all);      \
+            am_mask_apply_##SFX_(p_ + j0, g_ + j0, m_ + j0, v_, j1 - j0, 0, 1, ht, mask, step, all, NULL); \
         } else {                                                                                           \
             if (!given) {                                                                                  \
                 sq[tid] = am_sq_sum_##SFX_(g_ + j0, j1 - j0);                                              \
@@ -291,7 +291,7 @@ static void add_partials(double *partial, int nt, int T_, double *io) {
                 }                                                                                          \
             }                                                                                              \
             double sums[3] = {0.0, 0.0, 0.0};                                                              \
-            am_mask_sums_##SFX_(g_ + j0, m_ + j0, v_, j1 - j0, 0, 1, ht, mask, 1, sums);                   \
+            am_mask_sums_##SFX_(g_ + j0, m_ + j0, v_, j1 - j0, 0, 1, ht, mask, 1, NULL, sums);             \
             for (int k = 0; k < 3; ++k) partial[((int64_t)tid * T_ + t) * 3 + k] += sums[k];              \
         }                                                                                                  \
     }
@@ -318,44 +318,68 @@ static void amm_wide_rows(int nt, int t, int T_, int dtype, void **P, void **G, 
  * (cpu_kernels_body.h, am_mask_*), in two calls: PHASE_SUMS moves v (unless given: V holds the
  * rows' v of this step, a shard's) and writes each tensor's three mask sums to io[3t..3t+2],
  * writing nothing else; PHASE_APPLY moves p and m by the step of the sums in io and the whole
- * tensor's size whole[t] (as leanopt_adam's). Rows of a tensor are split over the threads (one
- * thread for a small tensor; a wide tensor's rows one by one, each split over the threads).
- * Returns 0, 1 for bad arguments, 2 out of memory. */
+ * tensor's size whole[t] (as leanopt_adam's). given == GIVEN_COLUMNS: column blocks, V[t]
+ * holds each column's block v of this step (the caller moved it; only read). Rows of a tensor
+ * are split over the threads (one thread for a small tensor; a wide tensor's rows of blocks
+ * one by one, each split over the threads). Returns 0, 1 for bad arguments, 2 out of memory. */
+#define GIVEN_COLUMNS 2
+#define AMM_ROWS_WIDE(t) (given != GIVEN_COLUMNS && WIDE(R[t], C[t], nt))
 int leanopt_adam_mini_masked(int nt, int T_, int dtype, void **P, void **G, void **M, void **V, const int64_t *R,
                              const int64_t *C, const double *h, int given, int mask, int alpha, int count_scale, int phase,
                              double *io, const int64_t *whole) {
     if (nt < 1 || nt > 1024 || (phase != PHASE_SUMS && phase != PHASE_APPLY) || !io || !whole) return 1;
+    if (given < 0 || given > GIVEN_COLUMNS) return 1;
     double *partial = phase == PHASE_SUMS ? calloc((size_t)nt * T_ * 3 + 1, sizeof(double)) : NULL;
     if (phase == PHASE_SUMS && !partial) return 2;
-#pragma omp parallel num_threads(nt)
+    int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
     {
         int tid = omp_get_thread_num(), n = omp_get_num_threads();
         for (int t = 0; t < T_; ++t) {
             int64_t r0 = R[t] * tid / n, r1 = R[t] * (tid + 1) / n;
-            if (WIDE(R[t], C[t], nt)) continue; /* below */
+            if (AMM_ROWS_WIDE(t)) continue; /* below */
             if (R[t] * C[t] < SMALL) {
                 if (tid != t % n) continue;
                 r0 = 0, r1 = R[t];
             }
+            if (r0 >= r1) continue;
             const double *ht = h + (int64_t)t * AM_N;
+            float *cols = NULL; /* column blocks: each column's scale, this thread's copy */
+            if (given == GIVEN_COLUMNS) {
+                cols = malloc((size_t)C[t] * sizeof(float));
+                if (!cols) {
+                    failed = 1;
+                    continue;
+                }
+                if (dtype == 0)
+                    am_col_scales_f32(V[t], C[t], ht, cols);
+                else
+                    am_col_scales_bf16(V[t], C[t], ht, cols);
+            }
             if (phase == PHASE_SUMS) {
                 double *sums = partial + ((int64_t)tid * T_ + t) * 3;
                 if (dtype == 0)
-                    am_mask_sums_f32(G[t], M[t], V[t], C[t], r0, r1, ht, mask, given, sums);
+                    am_mask_sums_f32(G[t], M[t], V[t], C[t], r0, r1, ht, mask, given, cols, sums);
                 else
-                    am_mask_sums_bf16(G[t], M[t], V[t], C[t], r0, r1, ht, mask, given, sums);
-                continue;
+                    am_mask_sums_bf16(G[t], M[t], V[t], C[t], r0, r1, ht, mask, given, cols, sums);
+            } else {
+                int all;
+                float step = mask_step(io + 3 * t, whole[t], ht[AM_LR], alpha, count_scale, &all);
+                if (dtype == 0)
+                    am_mask_apply_f32(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, mask, step, all, cols);
+                else
+                    am_mask_apply_bf16(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, mask, bf16_to_f32(f32_to_bf16(step)), all,
+                                       cols);
             }
-            int all;
-            float step = mask_step(io + 3 * t, whole[t], ht[AM_LR], alpha, count_scale, &all);
-            if (dtype == 0)
-                am_mask_apply_f32(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, mask, step, all);
-            else
-                am_mask_apply_bf16(P[t], G[t], M[t], V[t], C[t], r0, r1, ht, mask, bf16_to_f32(f32_to_bf16(step)), all);
+            free(cols);
         }
     }
+    if (failed) {
+        free(partial);
+        return 2;
+    }
     for (int t = 0; t < T_; ++t) {
-        if (!WIDE(R[t], C[t], nt)) continue;
+        if (!AMM_ROWS_WIDE(t)) continue;
         const double *ht = h + (int64_t)t * AM_N;
         int all = 0;
         float step = 0.0f;
@@ -368,6 +392,7 @@ int leanopt_adam_mini_masked(int nt, int T_, int dtype, void **P, void **G, void
     if (phase == PHASE_SUMS) add_partials(partial, nt, T_, io);
     return 0;
 }
+#undef AMM_ROWS_WIDE
 
 /* [j0, j1): thread tid's share of n elements, in whole cache lines */
 static void share(int64_t n, int tid, int nt, int64_t *j0, int64_t *j1) {

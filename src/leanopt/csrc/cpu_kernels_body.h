@@ -187,15 +187,21 @@ static void SFX(am_cols)(T *p, const T *g, T *m, const T *v, int64_t C, int64_t 
  * Pass 1 (am_mask_sums) moves v (unless `given`: a shard's rows, v from every rank's sums) and
  * adds ||u||^2, ||phi u||^2, ||phi||_0 of the finite u^2 to sums[3]; it writes nothing else,
  * since the asynchronous phi needs the old m. Pass 2 (am_mask_apply) recomputes m_new, u and
- * phi and moves p and m. mask MASK_NONE (the count scale alone): no sums, phi = 1. */
+ * phi and moves p and m. mask MASK_NONE (the count scale alone): no sums, phi = 1.
+ * Column blocks (transformers' Conv1D): `cols` holds every column's scale (am_col_scales, from
+ * each column's block v of this step, which the caller moved); v is then not read. */
 static inline float SFX(am_mask_scale)(const T *v, int64_t r, const double *h) {
     return 1.0f / ((float)h[AM_BC1] * (sqrtf(LOAD(v, r)) / (float)h[AM_BC2_SQRT] + (float)h[AM_EPS]));
 }
 
-#define AMM_SUMS(LERP, PHI_M)                                                               \
+static void SFX(am_col_scales)(const T *v, int64_t C, const double *h, float *cols) {
+    for (int64_t j = 0; j < C; ++j) cols[j] = SFX(am_mask_scale)(v, j, h);
+}
+
+#define AMM_SUMS(LERP, PHI_M, SCALE)                                                        \
     _Pragma("omp simd reduction(+ : uu, su, count)") for (int64_t j = c; j < e; ++j) {      \
         float gj = sign * LOAD(gr, j), mo = LOAD(mr, j);                                    \
-        float mn = LERP(mo, gj), u = mn * scale;                                            \
+        float mn = LERP(mo, gj), u = mn * (SCALE);                                          \
         int phi = gj * PHI_M > 0.0f;                                                        \
         float q = u * u;                                                                    \
         int finite = q < INFINITY;                                                          \
@@ -204,63 +210,66 @@ static inline float SFX(am_mask_scale)(const T *v, int64_t r, const double *h) {
         su += f * kept;                                                                     \
         count += kept;                                                                      \
     }
+/* each (lerp form, mask) its own loop: a branch inside one leaves it scalar */
+#define AMM_FORMS(BODY, SCALE)             \
+    if (w < 0.5f && sync) {                \
+        BODY(AM_LERP_LOW, mn, SCALE)       \
+    } else if (w < 0.5f) {                 \
+        BODY(AM_LERP_LOW, mo, SCALE)       \
+    } else if (sync) {                     \
+        BODY(AM_LERP_HIGH, mn, SCALE)      \
+    } else {                               \
+        BODY(AM_LERP_HIGH, mo, SCALE)      \
+    }
 
 static void SFX(am_mask_sums)(const T *g, const T *m, T *v, int64_t C, int64_t r0, int64_t r1, const double *h, int mask,
-                              int given, double *sums) {
+                              int given, const float *cols, double *sums) {
     const float sign = (float)h[AM_SIGN], w = (float)h[AM_W];
     const int sync = mask == MASK_SYNC;
     for (int64_t r = r0; r < r1; ++r) {
-        if (!given) SFX(am_step)(v, r, SFX(am_sq_sum)(g + r * C, C), h);
+        if (!given && !cols) SFX(am_step)(v, r, SFX(am_sq_sum)(g + r * C, C), h);
         if (mask == MASK_NONE) continue;
-        const float scale = SFX(am_mask_scale)(v, r, h);
+        const float scale = cols ? 0.0f : SFX(am_mask_scale)(v, r, h);
         const T *gr = g + r * C, *mr = m + r * C;
         for (int64_t c = 0; c < C; c += AM_CHUNK) {
             int64_t e = c + AM_CHUNK < C ? c + AM_CHUNK : C;
             float uu = 0.0f, su = 0.0f, count = 0.0f;
-            /* each (lerp form, mask) its own loop: a branch inside one leaves it scalar */
-            if (w < 0.5f && sync) {
-                AMM_SUMS(AM_LERP_LOW, mn)
-            } else if (w < 0.5f) {
-                AMM_SUMS(AM_LERP_LOW, mo)
-            } else if (sync) {
-                AMM_SUMS(AM_LERP_HIGH, mn)
+            if (cols) {
+                AMM_FORMS(AMM_SUMS, cols[j])
             } else {
-                AMM_SUMS(AM_LERP_HIGH, mo)
+                AMM_FORMS(AMM_SUMS, scale)
             }
             sums[0] += uu, sums[1] += su, sums[2] += count;
         }
     }
 }
 
-#define AMM_APPLY(LERP, PHI_M)                                                              \
+#define AMM_APPLY(LERP, PHI_M, SCALE)                                                       \
     _Pragma("omp simd") for (int64_t j = 0; j < C; ++j) {                                   \
         float gj = sign * LOAD(gr, j), mo = LOAD(mr, j);                                    \
-        float mn = LERP(mo, gj), u = mn * scale;                                            \
+        float mn = LERP(mo, gj), u = mn * (SCALE);                                          \
         int phi = (gj * PHI_M > 0.0f) | all;                                                \
         STORE(pr, j, fmaf(-(u * (float)phi), step, LOAD(pr, j) * decay));                   \
         STORE(mr, j, mn);                                                                   \
     }
 
 static void SFX(am_mask_apply)(T *p, const T *g, T *m, const T *v, int64_t C, int64_t r0, int64_t r1, const double *h,
-                               int mask, float step, int all) {
+                               int mask, float step, int all, const float *cols) {
     const float sign = (float)h[AM_SIGN], w = (float)h[AM_W], decay = (float)h[AM_DECAY];
     const int sync = mask == MASK_SYNC;
     for (int64_t r = r0; r < r1; ++r) {
-        const float scale = SFX(am_mask_scale)(v, r, h);
         const T *gr = g + r * C;
         T *pr = p + r * C, *mr = m + r * C;
-        if (w < 0.5f && sync) {
-            AMM_APPLY(AM_LERP_LOW, mn)
-        } else if (w < 0.5f) {
-            AMM_APPLY(AM_LERP_LOW, mo)
-        } else if (sync) {
-            AMM_APPLY(AM_LERP_HIGH, mn)
+        if (cols) {
+            AMM_FORMS(AMM_APPLY, cols[j])
         } else {
-            AMM_APPLY(AM_LERP_HIGH, mo)
+            const float scale = SFX(am_mask_scale)(v, r, h);
+            AMM_FORMS(AMM_APPLY, scale)
         }
     }
 }
 #undef AMM_SUMS
+#undef AMM_FORMS
 #undef AMM_APPLY
 #undef AM_LERP_LOW
 #undef AM_LERP_HIGH
