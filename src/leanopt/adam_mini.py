@@ -353,11 +353,12 @@ def _adam_mini_columns(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                        blocks: list[BlockView], coeffs: list[AdamMiniStep], sums: list[Tensor] | None = None,
                        kernel: Callable[..., None] | None = None) -> None:
     """Blocks of columns (a transposed weight, transformers' ``Conv1D``; a shard of one) by
-    the C kernels, without the mask: each column's sum of g² (a pass: :func:`_column_sums`),
-    the blocks' sums (over the ranks for shards: one collective per group), v as the eager
-    path moves it, then the step from each column's block v (a second pass: ``kernel``,
-    :func:`leanopt._native.adam_mini_cols` by default, ``adam_mini_cols_compact`` for compact
-    momentum). ``sums``: the blocks' sums already taken (and summed over the ranks) by the caller."""
+    the C kernels: each column's sum of g² (a pass: :func:`_column_sums`), the blocks' sums
+    (over the ranks for shards: one collective per group), v as the eager path moves it, then
+    the step from each column's block v (``kernel``: :func:`leanopt._native.adam_mini_cols` by
+    default, one pass; ``adam_mini_cols_compact`` for compact momentum; :func:`_masked_columns`
+    with the mask, two). ``sums``: the blocks' sums already taken (and summed over the ranks)
+    by the caller."""
     if sums is None:
         sums = _column_sums(grads, blocks)
         all_reduce_sums(sums, [b.groups for b in blocks])
