@@ -697,10 +697,11 @@ class AdamMini(LeanOptimizer):
             Default ``mask="none"``; with a mask on, ``alpha`` and ``count_scale`` default
             to AlphaAdam's (``"squared"``, True).
         maximize: maximize the objective instead of minimizing it. Default False.
-        fused: which backend runs the step, as :class:`leanopt.AlphaAdam`: the C kernel
-            (unmasked blocks of consecutive rows: embeddings, heads, neurons of
-            ``nn.Linear``) one pass over memory per tensor, the compiled kernels two for
-            column blocks. Default None (the fastest).
+        fused: which backend runs the step, as :class:`leanopt.AlphaAdam`: on the CPU the
+            C kernels (blocks of consecutive rows -- embeddings, heads, neurons of
+            ``nn.Linear`` -- one pass over memory per tensor, two with the mask; column
+            blocks two, three with the mask), on CUDA the compiled kernels. Default None
+            (the fastest).
         skip_nonfinite: skip the step of a parameter whose gradient holds a NaN or an
             Inf (state untouched) and count it in ``nonfinite_skips``; without it, the
             non-finite value reaches that element only (``docs/algorithms.md`` §0). Default False.
