@@ -112,7 +112,8 @@ def crossing_samples(curve: list[list[float]], target: float) -> float | None:
 @dataclass
 class TargetSpeed:
     """Tokens-to-target: per common seed, the baseline's final validation loss is the
-    target; the speed-up is the baseline's tokens (wall seconds) to reach it over ours."""
+    target; the speed-up is the baseline's tokens to reach it over ours (``wall``: that
+    ratio priced by the steady-state cost of a micro-batch, :func:`_step_cost`)."""
 
     reached: int
     n: int

@@ -333,7 +333,8 @@ def get_task(
         firsts = {r.label: r for r in task.runs}
         runs = _seeded(list(firsts.values()), seeds)
     base = (adjust(task.base[0], True), task.base[1]) if task.base else None
-    # the estimate is the preset's, for its own runs: other seeds, more or fewer runs
+    # the estimate is the preset's, for its own runs: other seeds, more or fewer runs (roughly:
+    # a base pre-training or another preset's runs it counts do not scale with them)
     minutes = task.minutes * len(runs) / len(task.runs) if task.runs else task.minutes
     return replace(task, train=adjust(task.train, False), runs=runs, base=base, minutes=minutes)
 
