@@ -463,3 +463,38 @@ def test_the_gpt_loss_is_computed_at_least_in_float32_and_never_below_the_model(
     assert loss.dtype == loss_dtype
     assert all(p.bias.abs().sum() == 0 for p in model.modules() if isinstance(p, torch.nn.Linear) and p.bias is not None)
     assert sum(name.endswith("_proj.bias") for name, _ in model.named_parameters()) == 7 * 2  # 7 linears, 2 layers
+
+
+def test_pretrain_long_sets_each_gap_beside_pretrain_s_and_pairs_its_change_by_seed(tmp_path):
+    from leanopt.bench.report import Groups, _horizon_table
+    from leanopt.bench.tasks import shorter_runs
+    from leanopt.bench.train import fingerprint
+
+    long, short = get_task("pretrain-long"), get_task("pretrain")
+    assert long.shorter == "pretrain"
+    # pretrain's finished runs are found by key, optimizer, lr and their own fingerprint; a run of
+    # another configuration in that folder is not
+    finals = {("adamw", 0): 3.40, ("adamw", 1): 3.44, ("adam-mini", 0): 3.45, ("adam-mini", 1): 3.47}
+    by_key = {r.key: r for r in short.runs}
+    for (group, seed), final in finals.items():
+        run = by_key[f"{group}-s{seed}"]
+        folder = tmp_path / "pretrain" / "runs" / run.key
+        folder.mkdir(parents=True)
+        fp = fingerprint(short.train, run) if (group, seed) != ("adam-mini", 1) else "another configuration"
+        (folder / "summary.json").write_text(json.dumps({"fingerprint": fp, "group": group, "seed": seed,
+                                                         "final_val": final, "tokens": 2457600}))
+    found = shorter_runs(tmp_path, long)
+    assert found["task"] == "pretrain" and found["tokens"] == 1200 * 16 * 128
+    assert sorted((r["group"], r["seed"]) for r in found["runs"]) == [("adam-mini", 0), ("adamw", 0), ("adamw", 1)]
+    # Adam-mini's gap: +0.05 and +0.03 at 1 200 steps (seed 1's run put back), +0.01 and +0.02 at 6 000
+    found["runs"].append({"group": "adam-mini", "seed": 1, "final_val": 3.47, "tokens": 2457600})
+    runs = [{"group": g, "seed": s, "final_val": v, "tokens": 5 * 2457600}
+            for (g, s), v in {("adamw", 0): 3.00, ("adamw", 1): 3.02, ("adam-mini", 0): 3.01, ("adam-mini", 1): 3.04}.items()]
+    table = _horizon_table({"task": "pretrain-long", "shorter": found, "runs": runs}, Groups(runs))
+    row = next(line for line in table if line.startswith("| adam-mini |"))
+    cells = [c.strip() for c in row.split("|")[2:5]]
+    assert cells[0].startswith("Δ +0.0400") and "n=2" in cells[0]
+    assert cells[1].startswith("Δ +0.0150")
+    # moved: (0.01 - 0.05, 0.02 - 0.03) = (-0.04, -0.01): mean -0.025, t(1) = 12.706, sd 0.0212
+    half = 12.706 * math.sqrt(((-0.04 + 0.025) ** 2 + (-0.01 + 0.025) ** 2)) / math.sqrt(2)
+    assert cells[2] == f"Δ -0.0250, 95% CI [{-0.025 - half:+.4f}, {-0.025 + half:+.4f}], n=2"

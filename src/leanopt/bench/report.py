@@ -576,6 +576,31 @@ def _target_table(groups: Groups, base: str = "adamw") -> list[str]:
     return lines
 
 
+def _horizon_table(summary: dict, groups: Groups, base: str = "adamw") -> list[str]:
+    """Each run's paired gap to ``base`` at the shorter preset's length and at this one's,
+    and how it moved: per seed, (ours − base) here minus (ours − base) there, paired by seed
+    (both presets start every seed from the same init and data order)."""
+    short = Groups(summary["shorter"]["runs"])
+    tokens = (summary["shorter"]["tokens"], summary["runs"][0]["tokens"])
+    head = [f"{n / 1e6:.1f}M tokens ({name})" for n, name in zip(tokens, (summary["shorter"]["task"], summary["task"]))]
+    lines = [f"| run | Δ at {head[0]} | Δ at {head[1]} | gap moved (long − short) |", "|---|---|---|---|"]
+    for name in sorted(groups.by_group):
+        if name == base or name not in short or base not in short:
+            continue
+        gaps = []
+        for g in (short, groups):
+            gaps.append({s: o - b for s, o in stats.by_seed(g.by_group[name], final).items()
+                         if (b := stats.by_seed(g.by_group[base], final).get(s)) is not None})
+        cells = []
+        for g, gap in zip((short, groups), gaps):
+            d = stats.paired(stats.by_seed(g.by_group[name], final), stats.by_seed(g.by_group[base], final))
+            rel = f" ({100 * d.mean / g.mean(base, final):+.1f}%)" if d and math.isfinite(d.mean) else ""
+            cells.append(d.text() + rel if d else "-")
+        moved = stats.paired(gaps[1], gaps[0])
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {moved.text() if moved else '-'} |")
+    return lines
+
+
 def _scale_table(summary: dict, groups: Groups) -> list[str]:
     """Optimizer-state bytes of the runs' optimizers at real scale (``bench/memory.py``)."""
     scale = summary["memory_at_scale"]
@@ -674,6 +699,13 @@ def write_report(task_dir: str | Path) -> Path:
                   "median optimizer step. The runs' measured wall clocks (table above) were taken at different times on a "
                   "shared machine and vary with its load by more than the optimizers differ.", ""]
         lines += _target_table(groups) + [""]
+    if summary.get("shorter") and "adamw" in groups:
+        lines += ["## The gaps to AdamW by training length", "",
+                  f"The same runs (optimizer, lr, seed: the same init and data order) in `{summary['shorter']['task']}`, "
+                  "with its shorter schedule, and here. Δ: final validation loss minus AdamW's, paired by seed (in "
+                  "parentheses, relative to AdamW's loss). Gap moved: per seed, this preset's Δ minus the shorter one's, "
+                  "paired by seed; negative: the optimizer gained on AdamW with the longer training.", ""]
+        lines += _horizon_table(summary, groups) + [""]
     if summary.get("memory_at_scale"):
         lines += ["## Optimizer state at real scale", "",
                   "The same optimizers and arguments built on the meta device (shapes, no weights) for models of real "

@@ -79,6 +79,7 @@ class TaskSpec:
     scale_models: tuple[str, ...] = SCALE_MODELS  # models whose state bytes the report adds (bench/memory.py)
     minutes: float = 0.0  # the whole preset's wall time on 2 CPU cores, estimated from measured runs (0: short)
     runs_from: str = ""  # the preset whose run folders these runs live in (a run both have is trained once)
+    shorter: str = ""  # a preset of the same runs at a shorter length: the report sets its gaps beside these
 
     def validate(self) -> None:
         self.train.validate()
@@ -262,6 +263,7 @@ _add(TaskSpec(
     PRETRAIN_TRAIN.with_(micro_steps=6000, eval_every=200),
     _seeded(_pretrain_runs(["adamw", "adam-mini", "alpha-adam", "sgd-sai"]), (0, 1)),
     ("adam-mini-loss", "sgd-sai-loss", "alpha-adam-early"), minutes=300,  # 8 runs of 5x pretrain's, ~35 min each
+    shorter="pretrain",
 ))
 _add(TaskSpec(
     "sweep-pretrain", "the learning-rate sweep at pretrain's own horizon: each optimizer at its preset lr x 1/2, 1, 2, "
@@ -337,6 +339,24 @@ def get_task(
     # a base pre-training or another preset's runs it counts do not scale with them)
     minutes = task.minutes * len(runs) / len(task.runs) if task.runs else task.minutes
     return replace(task, train=adjust(task.train, False), runs=runs, base=base, minutes=minutes)
+
+
+def shorter_runs(out_dir: str | Path, task: TaskSpec) -> dict[str, Any]:
+    """The finished runs of ``task.shorter`` that are ``task``'s runs at that preset's length
+    (same key, optimizer, lr and arguments), as the report compares them: group, seed, final
+    validation loss, tokens."""
+    other = PRESETS[task.shorter]
+    by_key = {r.key: r for r in other.runs}
+    runs = []
+    for run in task.runs:
+        theirs = by_key.get(run.key)
+        if theirs is None or (theirs.optimizer, theirs.lr, theirs.kwargs) != (run.optimizer, run.lr, run.kwargs):
+            continue
+        done = finished(_run_dir(out_dir, other, theirs), other.train, theirs)
+        if done is not None:
+            runs.append({k: done[k] for k in ("group", "seed", "final_val", "tokens")})
+    return {"task": other.name, "tokens": other.train.micro_steps * other.train.micro_batch * other.train.seq_len,
+            "runs": runs}
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -449,6 +469,8 @@ def run_task(
         "runs": summaries,
         "wall_s": time.perf_counter() - t0,
     }
+    if task.shorter and dp.is_main:
+        summary["shorter"] = shorter_runs(out_dir, task)
     if task.kind in ("pretrain", "finetune") and dp.is_main:
         firsts = {r.label: r for r in task.runs}
         summary["memory_at_scale"] = state_at_scale([(r.label, r.optimizer, r.kwargs) for r in firsts.values()
