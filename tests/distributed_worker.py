@@ -48,12 +48,15 @@ UNEVEN = dict(vocab_size=97, dim=20, n_heads=5, n_kv_heads=1, mlp_hidden=45, tie
 TP_MODEL = dict(vocab_size=97, dim=24, n_heads=4, n_kv_heads=2, mlp_hidden=46, tie_embeddings=True, dtype=torch.float64)
 DCP_OPTIMIZERS = ["adam-mini", "sgd-sai", "alpha-adam", "cadamw", "lion", "adamw-pma", "lion-pma", "alpha-adam-int4"]
 FSDP_UNSUPPORTED = {"adafactor"}  # torch.optim.Adafactor itself fails on DTensor parameters
+# GPT-2's Conv1D weights alone: column blocks with no row layout beside them
+GPT2_ONLY = {"adam-mini+mask-columns": ("adam-mini", {"mask": "async", "alpha": "root", "columns_only": True})}
 # the mask component (whole-tensor sums) on optimizers whose default leaves it off
-VARIANTS = {"adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}), "sgd-sai+mask": ("sgd-sai", {"mask": "async"}),
+VARIANTS = {**GPT2_ONLY, "adam-mini+mask": ("adam-mini", {"mask": "async", "alpha": "root"}),
+            "sgd-sai+mask": ("sgd-sai", {"mask": "async"}),
             "lion+mask": ("lion", {"mask": "sync"}), "sgd-sai-released": ("sgd-sai", {"variant": "released"}),
             # adam-mini's own call form (parameter names with dim / n_heads) and its name rules given the model
             "adam-mini-names": ("adam-mini", {"named": True}), "adam-mini-partition-names": ("adam-mini", {"partition": "names"})}
-RUNS = leanopt.list_optimizers() + list(VARIANTS)
+RUNS = leanopt.list_optimizers() + [v for v in VARIANTS if v not in GPT2_ONLY]
 # compact state under DDP (replicated parameters: every rank quantizes the same averaged step)
 # (every matrix quantized -- vectors of under 64 elements stay full, as FSDP2 splits them along the rows
 # blocks run along --; blocks of 4: rows of 45 end in a ragged block, TP's 12 columns of o_proj per rank
@@ -101,6 +104,7 @@ def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, seed: int
     name, extra = {**VARIANTS, **PRECISION_RUNS}.get(run, (run, {}))
     extra = {**extra, **(opt_kw or {})}
     named = extra.pop("named", False)
+    columns_only = extra.pop("columns_only", False)
     model = gpt2_model(overrides.get("dtype", torch.float32)) if overrides.pop("gpt2", False) else tiny_model(**overrides)
     if wrap == "ddp" and world > 1:
         wrapped = DDP(model)
@@ -124,12 +128,13 @@ def build(run: str, wrap: str, world: int, opt_kw: dict | None = None, seed: int
         wrapped = model
     if seed is not None:
         torch.manual_seed(seed)
-    return model, wrapped, optimizer(run, model, wrapped, extra, named)
+    return model, wrapped, optimizer(run, model, wrapped, extra, named, columns_only)
 
 
-def optimizer(run: str, model, wrapped, extra: dict, named: bool):
+def optimizer(run: str, model, wrapped, extra: dict, named: bool, columns_only: bool = False):
     """The optimizer of ``run`` (a registry name, a VARIANTS or PRECISION_RUNS entry) over
-    ``wrapped``'s parameters, with ``extra`` arguments (``named``: adam-mini's call form)."""
+    ``wrapped``'s parameters, with ``extra`` arguments (``named``: adam-mini's call form;
+    ``columns_only``: Adam-mini over GPT-2's Conv1D weights alone)."""
     name = {**VARIANTS, **PRECISION_RUNS}.get(run, (run, {}))[0]
     cfg = model.config
     if extra.get("partition") == "names" or named:
@@ -142,6 +147,9 @@ def optimizer(run: str, model, wrapped, extra: dict, named: bool):
                       {"params": [(n, p) for n, p in every if "down_proj" in n], "state_precision": "param"}]
             kw = {"lr": CASES[name].lr, **CASES[name].kwargs, **extra}
             opt = leanopt.AdamMini(groups, model=model, **kw) if name == "adam-mini" else leanopt.create_optimizer(name, groups, **kw)
+        elif columns_only:
+            conv = [(n, p) for n, p in model.named_parameters() if ".c_" in n and n.endswith(".weight")]
+            opt = leanopt.AdamMini(conv, model=model, lr=CASES[name].lr, **CASES[name].kwargs, **extra)
         elif named:
             opt = leanopt.AdamMini(wrapped.named_parameters(), lr=CASES[name].lr, **CASES[name].kwargs, **extra)
         else:
@@ -411,8 +419,9 @@ if __name__ == "__main__":
             dp_rank, dp_world = {"uneven": (rank, world), "tp": (0, 1), "2d": (rank // 2, world // 2)}[mode]
             train_all(SHARDED_RUNS, wrap, world, model_kw, rank, dp_rank, dp_world, out)
             fast_on_shards(SHARDED_C, wrap, world, model_kw, rank, dp_rank, dp_world, out)
-            if mode == "uneven":  # Conv1D's column blocks, each cut by the row split
-                fast_on_shards(["adam-mini"], "fsdp", world, {"gpt2": True}, rank, rank, world, out, file="fast-gpt2.json")
+            if mode == "uneven":  # Conv1D's column blocks, each cut by the row split (with the mask: its sums too)
+                fast_on_shards(["adam-mini", "adam-mini+mask", "adam-mini+mask-columns"], "fsdp", world, {"gpt2": True},
+                               rank, rank, world, out, file="fast-gpt2.json")
             if mode == "tp":
                 errors = {"partial": partial_error(), **fsdp1_errors()}
                 if rank == 0:

@@ -268,14 +268,15 @@ def adam_mini_masked(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs
 def adam_mini_masked_pass(phase: int, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                           exp_avg_sqs: Sequence[Tensor], rows: Sequence[int], cols: Sequence[int],
                           hypers: Sequence[Sequence[float]], *, mask: str, alpha: str, count_scale: bool, given: bool,
-                          sums: Tensor, whole: Sequence[int] | None = None) -> None:
+                          sums: Tensor, whole: Sequence[int] | None = None, columns: bool = False) -> None:
     """One pass of :func:`adam_mini_masked`, for callers that run their own passes between the
     two (a shard's blocks held whole and split ones): phase 1 writes each tensor's mask sums to
-    ``sums`` (a ``(len(params), 3)`` float64 tensor) and, unless ``given``, moves v; phase 2
-    steps p and m from ``sums`` (``whole[i]``: tensor ``i``'s whole size). One dtype."""
+    ``sums`` (a ``(len(params), 3)`` float64 tensor) and, unless ``given`` (or ``columns``),
+    moves v; phase 2 steps p and m from ``sums`` (``whole[i]``: tensor ``i``'s whole size). One
+    dtype."""
     assert sums.dtype == torch.float64 and sums.is_contiguous() and tuple(sums.shape) == (len(params), 3)
     name, tensors, written, per_tensor, lead = _adam_mini_masked_call(params, grads, exp_avgs, exp_avg_sqs, rows, cols,
-                                                                      hypers, given)
+                                                                      hypers, given, columns)
     _masked_pass(name, tensors, written[phase - 1], per_tensor, lead, mask, alpha, count_scale, phase, sums, whole)
 
 

@@ -459,21 +459,65 @@ def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                        layouts: list[BlockLayout], coeffs: list[AdamMiniStep], *, mask: str, alpha: str,
                        count_scale: bool, pieces: list[Piece | None]) -> None:
     """The step of shards by the C kernels: row blocks by :func:`_adam_mini_sharded_rows`,
-    column blocks (no mask: their mask sums would take a collective of their own) by
-    :func:`_adam_mini_columns`, their sums of g² crossing the ranks in the rows' collective
-    (one per group for the step, as on the eager path)."""
+    column blocks by :func:`_adam_mini_columns`, or with the mask by :class:`_ColumnPasses`
+    around the rows' passes; their sums of g² cross the ranks in the rows' collective, their
+    mask sums in the rows' second (one collective per group per kind, as on the eager path)."""
     blocks = [BlockView(layout, piece) for layout, piece in zip(layouts, pieces, strict=True)]
     by_axis = [[i for i, b in enumerate(blocks) if b.layout.axis == axis] for axis in (0, 1)]
     rows, cols = ([[col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs)] for idx in by_axis)
     col_sums = _column_sums(cols[1], cols[4]) if by_axis[1] else []
     with_rows = (col_sums, [b.groups for b in cols[4]])
+    masked = by_axis[1] and mask_active(mask, count_scale)
+    columns = _ColumnPasses(*cols, col_sums, [pieces[i] for i in by_axis[1]], mask=mask, alpha=alpha,
+                            count_scale=count_scale) if masked else None
     if by_axis[0]:
         _adam_mini_sharded_rows(*rows, [pieces[i] for i in by_axis[0]], mask=mask, alpha=alpha, count_scale=count_scale,
-                                with_rows=with_rows)
+                                with_rows=with_rows, columns=columns)
     else:
         all_reduce_sums(*with_rows)
-    if by_axis[1]:
+        if columns is not None:
+            columns.first()
+            if needs_sums(mask):
+                all_reduce_sums(list(columns.sums), columns.groups)
+            columns.second()
+    if by_axis[1] and columns is None:
         _adam_mini_columns(*cols, sums=col_sums)
+
+
+class _ColumnPasses:
+    """Column blocks of shards with the mask component, stepped inside the rows' collectives:
+    :meth:`first`, once the blocks' sums of g² crossed the ranks, moves v and takes the mask
+    sums pass into :attr:`sums` (whose rows cross the ranks over :attr:`groups`), and
+    :meth:`second` steps from them. One C call per dtype and pass."""
+
+    def __init__(self, params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 blocks: list[BlockView], coeffs: list[AdamMiniStep], block_sums: list[Tensor], pieces: list[Piece],
+                 **options: Any) -> None:
+        order = sorted(range(len(params)), key=lambda i: str(params[i].dtype))  # each dtype's rows of sums side by side
+        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.blocks, self.coeffs, self.block_sums, pieces = (
+            [col[i] for i in order] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs, block_sums, pieces))
+        self.options = options
+        self.groups = [piece.groups for piece in pieces]
+        self.sums = torch.zeros(len(params), 3, dtype=torch.float64)
+        self.lane_v: list[Tensor] = []
+
+    def _pass(self, phase: int) -> None:
+        start = 0
+        for _, run in itertools.groupby(range(len(self.params)), key=lambda i: self.params[i].dtype):
+            idx = list(run)
+            _native.adam_mini_masked_pass(
+                phase, *([col[i] for i in idx] for col in (self.params, self.grads, self.exp_avgs, self.lane_v)),
+                [self.blocks[i].local_view[0] for i in idx], [self.blocks[i].local_view[1] for i in idx],
+                [self.coeffs[i] for i in idx], given=True, columns=True, sums=self.sums[start:start + len(idx)],
+                whole=[self.blocks[i].layout.numel for i in idx], **self.options)
+            start += len(idx)
+
+    def first(self) -> None:
+        self.lane_v = _lane_v(self.blocks, self.block_sums, self.params, self.exp_avg_sqs, self.coeffs)
+        self._pass(1)
+
+    def second(self) -> None:
+        self._pass(2)
 
 
 class _Flat(NamedTuple):
@@ -513,7 +557,8 @@ def _flat(blocks: list[BlockView], pieces: list[Piece], runs: list[_Rows]) -> _F
 def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                             exp_avg_sqs: list[Tensor], blocks: list[BlockView], coeffs: list[AdamMiniStep],
                             pieces: list[Piece], *, mask: str, alpha: str, count_scale: bool,
-                            with_rows: tuple[list[Tensor], list[tuple[object, ...]]] = ([], [])) -> None:
+                            with_rows: tuple[list[Tensor], list[tuple[object, ...]]] = ([], []),
+                            columns: _ColumnPasses | None = None) -> None:
     """Row blocks of shards in about the passes over memory of the unsharded step. The blocks a
     rank holds whole (most: FSDP2 cuts a tensor between rows, and a block is a run of rows) take
     the unsharded kernel's pass that moves their v (with the mask, its sums pass); the rows of
@@ -522,7 +567,8 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
     add nothing) and its sums of the split ones. Every rank then holds the whole new v, and
     the split blocks' rows step from it. With the mask, their sums pass follows, the mask's sums
     cross the ranks (a second collective), and every row takes the apply pass. ``with_rows``:
-    other sums (and their groups) to reduce in the same collective, in place."""
+    other sums (and their groups) to reduce in the same collective, in place; ``columns``: the
+    masked column blocks, whose passes run around the second."""
     batches: dict[tuple, list[int]] = {}  # one flat v per batch: one dtype and one beta2
     for i, (v, c) in enumerate(zip(exp_avg_sqs, coeffs)):
         batches.setdefault((v.dtype, params[i].dtype, c.beta2), []).append(i)
@@ -530,7 +576,8 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
         for k, idx in enumerate(batches.values()):
             _adam_mini_sharded_rows(*([col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks,
                                                                         coeffs, pieces)),
-                                    mask=mask, alpha=alpha, count_scale=count_scale, with_rows=with_rows if k == 0 else ([], []))
+                                    mask=mask, alpha=alpha, count_scale=count_scale, with_rows=with_rows if k == 0 else ([], []),
+                                    columns=columns if k == 0 else None)
         return
     runs = _rows_of(blocks, pieces)
     flat = _flat(blocks, pieces, runs)
@@ -560,13 +607,18 @@ def _adam_mini_sharded_rows(params: list[Tensor], grads: list[Tensor], exp_avgs:
     sums = torch.cat([sums, torch.zeros(len(other), 3, dtype=torch.float64)])
     if other:
         passes(1, *split, given=True, sums=sums[len(whole):])
+    if columns is not None:
+        columns.first()
     owner = torch.tensor([i for i, *_ in whole + other], dtype=torch.long)
-    if needs_sums(mask):  # each tensor's sums: its slabs', then the ranks'
+    if needs_sums(mask):  # each tensor's sums: its slabs', then the ranks' (and the column blocks')
         totals = torch.zeros(len(params), 3, dtype=torch.float64).index_add_(0, owner, sums)
-        all_reduce_sums(list(totals), [piece.groups for piece in pieces])
+        extra = (list(columns.sums), columns.groups) if columns is not None else ([], [])
+        all_reduce_sums(list(totals) + extra[0], [piece.groups for piece in pieces] + extra[1])
         sums = totals[owner]
     sizes = [pieces[i].numel for i, *_ in whole + other]
     passes(2, *(a + b for a, b in zip(held, split)), given=True, sums=sums, whole=sizes)
+    if columns is not None:
+        columns.second()
 
 
 def _shared_v(params: list[Tensor], other_grads: list[Tensor], exp_avg_sqs: list[Tensor], blocks: list[BlockView],
@@ -587,10 +639,6 @@ def _shared_v(params: list[Tensor], other_grads: list[Tensor], exp_avg_sqs: list
     new = torch.where(flat.anywhere, parts, split).to(exp_avg_sqs[0].dtype)
     torch._foreach_copy_([exp_avg_sqs[i] for i in flat.order], list(new.split(flat.sizes)))
     return new[flat.other_blocks].split([r1 - r0 for _, r0, r1 in other]) if other else ()
-
-
-def _sharded_takes(row: list[Any], options: dict[str, Any]) -> bool:
-    return row[4].axis == 0 or not mask_active(options["mask"], options["count_scale"])
 
 
 def _compact_takes(row: list[Any], options: dict[str, Any]) -> bool:
@@ -629,7 +677,7 @@ BACKENDS = Backends(streams=4, eager=adam_mini, compiled=_adam_mini_compiled, co
                     native=_adam_mini_native,
                     native_takes=_native_takes, compact=_adam_mini_compact, compact_takes=_compact_takes,
                     compact_formats=("int8", "int4", "bf16"),
-                    sharded=_adam_mini_sharded, sharded_takes=_sharded_takes)
+                    sharded=_adam_mini_sharded)
 
 
 PARTITIONS = ("auto", "model", "names", "plain")
