@@ -472,20 +472,29 @@ def test_pretrain_long_sets_each_gap_beside_pretrain_s_and_pairs_its_change_by_s
 
     long, short = get_task("pretrain-long"), get_task("pretrain")
     assert long.shorter == "pretrain"
-    # pretrain's finished runs are found by key, optimizer, lr and their own fingerprint; a run of
-    # another configuration in that folder is not
+    # pretrain's finished runs are found by label, run and their own fingerprint; a run of another
+    # configuration in that folder is not
     finals = {("adamw", 0): 3.40, ("adamw", 1): 3.44, ("adam-mini", 0): 3.45, ("adam-mini", 1): 3.47}
     by_key = {r.key: r for r in short.runs}
-    for (group, seed), final in finals.items():
-        run = by_key[f"{group}-s{seed}"]
-        folder = tmp_path / "pretrain" / "runs" / run.key
-        folder.mkdir(parents=True)
-        fp = fingerprint(short.train, run) if (group, seed) != ("adam-mini", 1) else "another configuration"
-        (folder / "summary.json").write_text(json.dumps({"fingerprint": fp, "group": group, "seed": seed,
-                                                         "final_val": final, "tokens": 2457600}))
+
+    def write(out, train, fingerprint_of=lambda group, seed: None):
+        for (group, seed), final in finals.items():
+            run = by_key[f"{group}-s{seed}"]
+            folder = out / "pretrain" / "runs" / run.key
+            folder.mkdir(parents=True)
+            fp = fingerprint_of(group, seed) or fingerprint(train, run)
+            (folder / "summary.json").write_text(json.dumps({"fingerprint": fp, "group": group, "seed": seed,
+                                                             "final_val": final, "tokens": 2457600}))
+
+    write(tmp_path, short.train, lambda group, seed: "another configuration" if (group, seed) == ("adam-mini", 1) else None)
     found = shorter_runs(tmp_path, long)
     assert found["task"] == "pretrain" and found["tokens"] == 1200 * 16 * 128
     assert sorted((r["group"], r["seed"]) for r in found["runs"]) == [("adam-mini", 0), ("adamw", 0), ("adamw", 1)]
+    # the command line's overrides (here --corpus and --seeds) reach the shorter preset's runs too
+    write(tmp_path / "src", get_task("pretrain", corpus="src").train)
+    assert shorter_runs(tmp_path / "src", get_task("pretrain-long", corpus="src", seeds=(1,)))["runs"] == [
+        {"group": g, "seed": 1, "final_val": finals[g, 1], "tokens": 2457600} for g in ("adamw", "adam-mini")]
+    assert shorter_runs(tmp_path / "src", long)["runs"] == []  # (those are not the default configuration's)
     # Adam-mini's gap: +0.05 and +0.03 at 1 200 steps (seed 1's run put back), +0.01 and +0.02 at 6 000
     found["runs"].append({"group": "adam-mini", "seed": 1, "final_val": 3.47, "tokens": 2457600})
     runs = [{"group": g, "seed": s, "final_val": v, "tokens": 5 * 2457600}

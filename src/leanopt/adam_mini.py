@@ -514,7 +514,8 @@ class _ColumnPasses:
 
     def first(self) -> None:
         self.lane_v = _lane_v(self.blocks, self.block_sums, self.params, self.exp_avg_sqs, self.coeffs)
-        self._pass(1)
+        if needs_sums(self.options["mask"]):  # (the count scale alone takes no sums)
+            self._pass(1)
 
     def second(self) -> None:
         self._pass(2)

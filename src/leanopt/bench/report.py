@@ -699,7 +699,7 @@ def write_report(task_dir: str | Path) -> Path:
                   "median optimizer step. The runs' measured wall clocks (table above) were taken at different times on a "
                   "shared machine and vary with its load by more than the optimizers differ.", ""]
         lines += _target_table(groups) + [""]
-    if summary.get("shorter") and "adamw" in groups:
+    if summary.get("shorter", {}).get("runs") and "adamw" in groups:
         lines += ["## The gaps to AdamW by training length", "",
                   f"The same runs (optimizer, lr, seed: the same init and data order) in `{summary['shorter']['task']}`, "
                   "with its shorter schedule, and here. Δ: final validation loss minus AdamW's, paired by seed (in "

@@ -25,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -343,20 +343,24 @@ def get_task(
 
 def shorter_runs(out_dir: str | Path, task: TaskSpec) -> dict[str, Any]:
     """The finished runs of ``task.shorter`` that are ``task``'s runs at that preset's length
-    (same key, optimizer, lr and arguments), as the report compares them: group, seed, final
-    validation loss, tokens."""
-    other = PRESETS[task.shorter]
-    by_key = {r.key: r for r in other.runs}
+    (the same run: optimizer, lr, arguments, seed), as the report compares them: group, seed,
+    final validation loss, tokens. The shorter preset's configuration is ``task``'s own, with
+    this invocation's overrides (device, corpus, model, bf16), in all but the fields in which
+    the two presets differ."""
+    mine, other = PRESETS[task.name], PRESETS[task.shorter]
+    differ = {f.name: getattr(other.train, f.name) for f in fields(other.train)
+              if getattr(other.train, f.name) != getattr(mine.train, f.name)}
+    train = replace(task.train, **differ)
+    by_label = {r.label: r for r in other.runs}
     runs = []
     for run in task.runs:
-        theirs = by_key.get(run.key)
-        if theirs is None or (theirs.optimizer, theirs.lr, theirs.kwargs) != (run.optimizer, run.lr, run.kwargs):
+        theirs = by_label.get(run.label)
+        if theirs is None or replace(theirs, seed=run.seed) != run:
             continue
-        done = finished(_run_dir(out_dir, other, theirs), other.train, theirs)
+        done = finished(_run_dir(out_dir, other, run), train, run)
         if done is not None:
             runs.append({k: done[k] for k in ("group", "seed", "final_val", "tokens")})
-    return {"task": other.name, "tokens": other.train.micro_steps * other.train.micro_batch * other.train.seq_len,
-            "runs": runs}
+    return {"task": other.name, "tokens": train.micro_steps * train.micro_batch * train.seq_len, "runs": runs}
 
 
 def environment(device: str) -> dict[str, Any]:
