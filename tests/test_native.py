@@ -201,11 +201,12 @@ def test_autograd_sees_the_kernels_writes():
             loss.backward()
 
 
-@pytest.mark.parametrize("nthreads,mask", [(1, "none"), (3, "none"), (1, "async"), (3, "sync")])
+@pytest.mark.parametrize("nthreads,mask", [(1, "none"), (3, "none"), (1, "async"), (3, "sync"), (3, "count")])
 def test_adam_mini_column_blocks_run_in_c(nthreads, mask, monkeypatch):
     # transformers' Conv1D stores (in, out): Adam-mini's blocks are runs of columns (c_attn's heads
     # of 68 columns, then neurons); wide enough (272 x 1088) that the rows are split over threads.
-    # With the mask: each column's v first, then the mask's two passes from each column's scale
+    # With the mask (or the count scale alone): each column's v first, then the mask's two passes
+    # from each column's scale
     transformers = pytest.importorskip("transformers")
     seen = []
     original = _native.adam_mini_cols if mask == "none" else _native.adam_mini_masked
@@ -217,7 +218,7 @@ def test_adam_mini_column_blocks_run_in_c(nthreads, mask, monkeypatch):
                                          eos_token_id=0)
         return transformers.GPT2LMHeadModel(config)
 
-    kw = dict(lr=1e-2, weight_decay=0.1, mask=mask)
+    kw = dict(lr=1e-2, weight_decay=0.1, **(dict(mask="none", count_scale=True) if mask == "count" else dict(mask=mask)))
     with threads(nthreads):
         fused, opt = run("adam-mini", kw, True, model=gpt2(), steps=10)
     eager, _ = run("adam-mini", kw, False, model=gpt2(), steps=10)
