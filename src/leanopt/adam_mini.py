@@ -467,7 +467,7 @@ def _adam_mini_sharded(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     rows, cols = ([[col[i] for i in idx] for col in (params, grads, exp_avgs, exp_avg_sqs, blocks, coeffs)] for idx in by_axis)
     col_sums = _column_sums(cols[1], cols[4]) if by_axis[1] else []
     with_rows = (col_sums, [b.groups for b in cols[4]])
-    masked = by_axis[1] and mask_active(mask, count_scale)
+    masked = bool(by_axis[1]) and mask_active(mask, count_scale)
     columns = _ColumnPasses(*cols, col_sums, [pieces[i] for i in by_axis[1]], mask=mask, alpha=alpha,
                             count_scale=count_scale) if masked else None
     if by_axis[0]:

@@ -393,6 +393,7 @@ int leanopt_adam_mini_masked(int nt, int T_, int dtype, void **P, void **G, void
     return 0;
 }
 #undef AMM_ROWS_WIDE
+#undef GIVEN_COLUMNS
 
 /* [j0, j1): thread tid's share of n elements, in whole cache lines */
 static void share(int64_t n, int tid, int nt, int64_t *j0, int64_t *j1) {
