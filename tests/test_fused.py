@@ -151,7 +151,7 @@ ONE_PASS = """
 import warnings, torch, leanopt
 from torch._inductor import metrics
 from torch._inductor.loop_body import LoopBody
-from helpers import fixed_gradient_steps, max_rel_diff, tiny_model
+from helpers import max_rel_diff, tiny_model
 torch._inductor.config.force_disable_caches = True  # generate the code here, not from the disk cache
 original = LoopBody.get_read_expr
 models = [tiny_model(vocab_size=64) for _ in range(2)]
@@ -205,7 +205,7 @@ def test_adam_mini_fused_qkv_rows_take_the_c_kernel(arch, mask):
 
 def test_adam_mini_masked_column_layout_of_one_element_blocks_keeps_its_mask():
     # a Conv1D of one input: a block per column is a block per element, which the masked C
-    # step takes as rows of one element (the column kernel has no mask: it must not get it)
+    # step takes as rows of one element (the column kernels' per-column v must not get it)
     from transformers.pytorch_utils import Conv1D
 
     def run(fused):

@@ -667,8 +667,9 @@ def _adam_mini_compact(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         _adam_mini_columns(*([col[i] for i in columns] for col in (params, grads, exp_avgs, exp_avg_sqs)),
                            [BlockView(layouts[i]) for i in columns], [coeffs[i] for i in columns],
                            kernel=_native.adam_mini_cols_compact)
-    for row in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs):  # compact m: one pass, two masked
-        if _kind(row[4]) == "columns":
+    taken = set(columns)
+    for i, row in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, layouts, coeffs)):  # compact m: one pass, two masked
+        if i in taken:
             continue
         for p, g, m, v, blocks, c in _runs(*row):  # (runs only unmasked: _compact_takes)
             _native.adam_mini_compact(p, g, m, v, blocks, int(c.count), c, mask=mask, alpha=alpha, count_scale=count_scale)

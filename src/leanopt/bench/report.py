@@ -587,13 +587,11 @@ def _horizon_table(summary: dict, groups: Groups, base: str = "adamw") -> list[s
     for name in sorted(groups.by_group):
         if name == base or name not in short or base not in short:
             continue
-        gaps = []
+        gaps, cells = [], []
         for g in (short, groups):
-            gaps.append({s: o - b for s, o in stats.by_seed(g.by_group[name], final).items()
-                         if (b := stats.by_seed(g.by_group[base], final).get(s)) is not None})
-        cells = []
-        for g, gap in zip((short, groups), gaps):
-            d = stats.paired(stats.by_seed(g.by_group[name], final), stats.by_seed(g.by_group[base], final))
+            mine, theirs = stats.by_seed(g.by_group[name], final), stats.by_seed(g.by_group[base], final)
+            gaps.append({s: mine[s] - theirs[s] for s in mine.keys() & theirs.keys()})
+            d = stats.paired(mine, theirs)
             rel = f" ({100 * d.mean / g.mean(base, final):+.1f}%)" if d and math.isfinite(d.mean) else ""
             cells.append(d.text() + rel if d else "-")
         moved = stats.paired(gaps[1], gaps[0])
