@@ -429,6 +429,53 @@ def test_a_sweep_extends_its_grid_until_the_winner_is_inside():
     assert masked.optimizer == "adam-mini" and masked.kwargs["mask"] == "async"
 
 
+def test_pretrain_lrs_follow_their_sweep():
+    """PRETRAIN_LRS against the kept runs of `sweep-pretrain` (docs/results/pretrain/runs):
+    an optimizer keeps its LRS entry when that lr's final loss is within stats.MARGIN of the
+    sweep's best, else it takes the winner, a run the sweep made (the same folder)."""
+    from leanopt.bench.stats import MARGIN
+    from leanopt.bench.tasks import LRS, PRETRAIN_LRS, _run, get_task, sweep_extension
+    from leanopt.bench.train import finished
+
+    kept = Path(__file__).resolve().parent.parent / "docs" / "results" / "pretrain" / "runs"
+    task = get_task("sweep-pretrain")
+    by_group: dict[str, list] = {}
+    for r in task.runs:
+        by_group.setdefault(r.group_name, []).append((r, finished(kept / r.key, task.train, r)))
+    complete = {}  # the groups whose grid, edge extensions included, is finished
+    while by_group:
+        group, pairs = by_group.popitem()
+        if any(s is None for _, s in pairs):
+            continue
+        extra = sweep_extension(*zip(*pairs))
+        if extra:
+            by_group[group] = pairs + [(r, finished(kept / r.key, task.train, r)) for r in extra]
+        else:
+            complete[group] = pairs
+    assert {"adamw", "adam-mini", "alpha-adam", "sgd-sai", "cadamw"} <= set(complete)
+    for name, pairs in complete.items():
+        loss = {r.lr: s["final_val"] for r, s in pairs}
+        best = min((lr for lr in loss if math.isfinite(loss[lr])), key=loss.get)
+        prior = next(loss[lr] for lr in loss if math.isclose(lr, LRS[name]))
+        want = LRS[name] if prior <= (1 + MARGIN) * loss[best] else best
+        assert PRETRAIN_LRS[name] == pytest.approx(want), name
+        assert _run(name, lrs=PRETRAIN_LRS).key in {r.key for r, _ in pairs}  # pretrain's seed 0 is that sweep run
+
+
+def test_the_sweep_table_sets_the_presets_lr_beside_the_winner():
+    from leanopt.bench.report import _sweep_table
+    from leanopt.bench.tasks import LRS
+
+    runs = [dict(group="adamw", lr=LRS["adamw"] * f, final_val=v) for f, v in ((0.5, 3.5), (1, 3.39), (2, 3.38), (4, 3.6))]
+    runs += [dict(group="lion", lr=LRS["lion"] * f, final_val=v) for f, v in ((0.5, 3.9), (1, 4.04), (2, float("nan")))]
+    for r in runs:
+        r.update(seed=0, label=r["group"])
+    adamw, lion = _sweep_table({"task": "sweep-pretrain", "runs": runs})[2:]
+    assert "| 0.004 |" in adamw and "+0.3% (within the 1% margin)" in adamw
+    assert "0.0032 → diverged" in lion and "| 0.0008 (at the grid's edge) |" in lion
+    assert lion.endswith("+3.6% |")  # the lr the presets use is 3.6 % worse: outside the margin
+
+
 def test_state_at_scale_counts_what_a_real_step_allocates():
     from leanopt.bench.memory import state_at_scale
     from leanopt.bench.speed import MODELS

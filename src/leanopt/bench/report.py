@@ -623,17 +623,28 @@ def _implementation(runs: list[dict]) -> str:
 
 
 def _sweep_table(summary: dict) -> list[str]:
-    from .tasks import LRS
+    """Per optimizer: the grid, its winner, and the lr the presets use with its loss's gap
+    to the winner's (tasks.PRETRAIN_LRS: a gap within stats.MARGIN keeps the shorter sweep's lr)."""
+    from .tasks import LRS, SWEEP_CHOOSES
 
+    chosen = SWEEP_CHOOSES.get(summary["task"], LRS)
     groups = Groups(summary["runs"])
-    lines = ["| optimizer | lr → final val loss | best lr | lr in the presets |", "|---|---|---|---|"]
+    lines = ["| optimizer | lr → final val loss | best lr | lr in the presets | its loss vs the best |", "|---|---|---|---|---|"]
     for name in groups.by_group:
         runs = sorted(groups.by_group[name], key=lambda r: r["lr"])
         cells = ", ".join(f"{r['lr']:.3g} → {_fmt(r['final_val'], digits=3)}" for r in runs)
         finite = [r for r in runs if math.isfinite(r["final_val"])]
-        best = min(finite, key=lambda r: r["final_val"])["lr"] if finite else float("nan")
-        edge = " (at the grid's edge)" if finite and best in (runs[0]["lr"], runs[-1]["lr"]) else ""
-        lines.append(f"| {name} | {cells} | {best:.3g}{edge} | {LRS.get(name, float('nan')):.3g} |")
+        best = min(finite, key=lambda r: r["final_val"]) if finite else None
+        edge = " (at the grid's edge)" if best is not None and best["lr"] in (runs[0]["lr"], runs[-1]["lr"]) else ""
+        used = chosen.get(name, float("nan"))
+        at_used = [r for r in finite if math.isclose(r["lr"], used)]
+        if best is None or not at_used:
+            gap = "—"
+        else:
+            rel = at_used[0]["final_val"] / best["final_val"] - 1
+            gap = f"{rel:+.1%}" + (f" (within the {stats.MARGIN:.0%} margin)" if rel <= stats.MARGIN else "")
+        best_lr = f"{best['lr']:.3g}{edge}" if best is not None else "—"
+        lines.append(f"| {name} | {cells} | {best_lr} | {used:.3g} | {gap} |")
     return lines
 
 
