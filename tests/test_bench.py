@@ -462,6 +462,15 @@ def test_pretrain_lrs_follow_their_sweep():
         assert _run(name, lrs=PRETRAIN_LRS).key in {r.key for r, _ in pairs}  # pretrain's seed 0 is that sweep run
 
 
+def test_state_at_scale_has_a_row_for_every_group_of_the_report():
+    from leanopt.bench.tasks import _run, scale_runs
+
+    # a run at another lr than its LRS entry is named after the lr and grouped under its optimizer
+    runs = (_run("adamw"), _run("lion", 1e-4, group="lion"), replace(_run("lion", 1e-4, group="lion"), seed=1))
+    task = replace(get_task("pretrain"), runs=runs)
+    assert scale_runs(task) == [("adamw", "adamw", runs[0].kwargs), ("lion", "lion", runs[1].kwargs)]
+
+
 def test_the_sweep_table_sets_the_presets_lr_beside_the_winner():
     from leanopt.bench.report import _sweep_table
     from leanopt.bench.tasks import LRS
@@ -470,7 +479,7 @@ def test_the_sweep_table_sets_the_presets_lr_beside_the_winner():
     runs += [dict(group="lion", lr=LRS["lion"] * f, final_val=v) for f, v in ((0.5, 3.9), (1, 4.04), (2, float("nan")))]
     for r in runs:
         r.update(seed=0, label=r["group"])
-    adamw, lion = _sweep_table({"task": "sweep-pretrain", "runs": runs})[2:]
+    adamw, lion = _sweep_table({"task": "sweep", "runs": runs})[2:]  # the sweep whose choices are LRS
     assert "| 0.004 |" in adamw and "+0.3% (within the 1% margin)" in adamw
     assert "0.0032 → diverged" in lion and "| 0.0008 (at the grid's edge) |" in lion
     assert lion.endswith("+3.6% |")  # the lr the presets use is 3.6 % worse: outside the margin

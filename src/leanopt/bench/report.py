@@ -752,7 +752,9 @@ def write_report(task_dir: str | Path) -> Path:
         + (f"; data-parallel over {env['world_size']} processes ({env['parallel'].upper()}: each rank reads its slice of "
            f"every micro-batch{', optimizer state sharded: the table gives the sum over ranks' if env['parallel'] == 'fsdp' else ''})"
            if env.get("world_size", 1) > 1 else ""),
-        f"- command: `{env['command']}`; total wall time of the invocation {summary['wall_s']:.0f} s",
+        f"- command: `{env['command']}`; wall time of this invocation {summary['wall_s']:.0f} s; the runs' own wall "
+        f"times add up to {sum(r.get('wall_s', 0.0) for r in summary['runs']):.0f} s (a resumed preset keeps the runs "
+        "finished by earlier invocations, and runs made beside other work take longer)",
         "",
     ]
     report = task_dir / "report.md"

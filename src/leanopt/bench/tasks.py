@@ -59,7 +59,7 @@ LRS: dict[str, float] = {
 # its LRS entry there unless that sweep's winner beats it by more than the claims' practical-
 # equivalence margin (stats.MARGIN, 1 %): a gap the verdicts would call "on par" is not worth a
 # preset that differs from the others. tests/test_bench.py checks this table against the kept runs.
-PRETRAIN_LRS: dict[str, float] = {**LRS}
+PRETRAIN_LRS: dict[str, float] = {**LRS, "lion": LRS["lion"] / 4}  # Lion: 3.532 at 4e-4 against 4.036 at 1.6e-3
 # the lr table each sweep chooses for (its report sets the choice beside the sweep's winner)
 SWEEP_CHOOSES: dict[str, dict[str, float]] = {"sweep": LRS, "sweep-pretrain": PRETRAIN_LRS}
 # the sweep grid: factors of two around a family default (SGD-SaI's momentum is an EMA,
@@ -376,6 +376,13 @@ def shorter_runs(out_dir: str | Path, task: TaskSpec) -> dict[str, Any]:
     return {"task": other.name, "tokens": train.micro_steps * train.micro_batch * train.seq_len, "runs": runs}
 
 
+def scale_runs(task: TaskSpec) -> list[tuple[str, str, dict[str, Any]]]:
+    """One ``(group, optimizer, arguments)`` per group of ``task``'s runs, as the report's
+    rows are keyed, for :func:`state_at_scale` (peers' optimizers cannot be built on meta)."""
+    firsts = {r.group_name: r for r in task.runs if not r.optimizer.startswith(PEER_PREFIX)}
+    return [(name, r.optimizer, r.kwargs) for name, r in firsts.items()]
+
+
 def environment(device: str) -> dict[str, Any]:
     import numpy
 
@@ -489,10 +496,7 @@ def run_task(
     if task.shorter and dp.is_main:
         summary["shorter"] = shorter_runs(out_dir, task)
     if task.kind in ("pretrain", "finetune") and dp.is_main:
-        firsts = {r.label: r for r in task.runs}
-        summary["memory_at_scale"] = state_at_scale([(r.label, r.optimizer, r.kwargs) for r in firsts.values()
-                                                     if not r.optimizer.startswith(PEER_PREFIX)],  # (peers: not on meta)
-                                                    task.scale_models)
+        summary["memory_at_scale"] = state_at_scale(scale_runs(task), task.scale_models)
     if not dp.is_main:
         return task_dir / "report.md"
     write_json(task_dir / "summary.json", summary)
