@@ -623,28 +623,29 @@ def _implementation(runs: list[dict]) -> str:
 
 
 def _sweep_table(summary: dict) -> list[str]:
-    """Per optimizer: the grid, its winner, and the lr the presets use with its loss's gap
-    to the winner's (tasks.PRETRAIN_LRS: a gap within stats.MARGIN keeps the shorter sweep's lr)."""
-    from .tasks import LRS, SWEEP_CHOOSES
+    """Per optimizer: the grid, its winner, the lr the grid is centred on with its loss's gap
+    to the winner's, and the lr the presets take (tasks.PRETRAIN_LRS: the centre, unless that
+    gap exceeds stats.MARGIN)."""
+    from .tasks import LRS, SWEEP_TABLES
 
-    chosen = SWEEP_CHOOSES.get(summary["task"], LRS)
+    centre, chosen = SWEEP_TABLES.get(summary["task"], (LRS, LRS))
     groups = Groups(summary["runs"])
-    lines = ["| optimizer | lr → final val loss | best lr | lr in the presets | its loss vs the best |", "|---|---|---|---|---|"]
+    lines = ["| optimizer | lr → final val loss | best lr | grid centre: its loss vs the best | lr in the presets |",
+             "|---|---|---|---|---|"]
     for name in groups.by_group:
         runs = sorted(groups.by_group[name], key=lambda r: r["lr"])
         cells = ", ".join(f"{r['lr']:.3g} → {_fmt(r['final_val'], digits=3)}" for r in runs)
         finite = [r for r in runs if math.isfinite(r["final_val"])]
         best = min(finite, key=lambda r: r["final_val"]) if finite else None
         edge = " (at the grid's edge)" if best is not None and best["lr"] in (runs[0]["lr"], runs[-1]["lr"]) else ""
-        used = chosen.get(name, float("nan"))
-        at_used = [r for r in finite if math.isclose(r["lr"], used)]
-        if best is None or not at_used:
-            gap = "—"
-        else:
-            rel = at_used[0]["final_val"] / best["final_val"] - 1
-            gap = f"{rel:+.1%}" + (f" (within the {stats.MARGIN:.0%} margin)" if rel <= stats.MARGIN else "")
+        mid = centre.get(name, float("nan"))
+        at_mid = [r for r in finite if math.isclose(r["lr"], mid)]
+        gap = ""
+        if best is not None and at_mid:
+            rel = at_mid[0]["final_val"] / best["final_val"] - 1
+            gap = f": {rel:+.1%}" + (f" (within the {stats.MARGIN:.0%} margin)" if rel <= stats.MARGIN else "")
         best_lr = f"{best['lr']:.3g}{edge}" if best is not None else "—"
-        lines.append(f"| {name} | {cells} | {best_lr} | {used:.3g} | {gap} |")
+        lines.append(f"| {name} | {cells} | {best_lr} | {mid:.3g}{gap} | {chosen.get(name, float('nan')):.3g} |")
     return lines
 
 

@@ -60,13 +60,15 @@ LRS: dict[str, float] = {
 # equivalence margin (stats.MARGIN, 1 %): a gap the verdicts would call "on par" is not worth a
 # preset that differs from the others. tests/test_bench.py checks this table against the kept runs.
 PRETRAIN_LRS: dict[str, float] = {**LRS, "lion": LRS["lion"] / 4}  # Lion: 3.532 at 4e-4 against 4.036 at 1.6e-3
-# the lr table each sweep chooses for (its report sets the choice beside the sweep's winner)
-SWEEP_CHOOSES: dict[str, dict[str, float]] = {"sweep": LRS, "sweep-pretrain": PRETRAIN_LRS}
 # the sweep grid: factors of two around a family default (SGD-SaI's momentum is an EMA,
 # so its lr is ~1/(1-μ) = 10x that of torch's undampened SGD momentum)
 SWEEP_CENTER = {"adamw": 4e-3, "adam-mini": 4e-3, "alpha-adam": 4e-3, "cadamw": 4e-3, "lion": 1.6e-3, "sgd-sai": 1.0, "sgd": 0.2,
                 "adam-mini-async": 4e-3, "sgd-sai-async": 1.0}
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# per sweep: the lrs its grid is centred on, and the table it chooses (its report sets both
+# beside the winner)
+SWEEP_TABLES: dict[str, tuple[dict[str, float], dict[str, float]]] = {"sweep": (SWEEP_CENTER, LRS),
+                                                                      "sweep-pretrain": (LRS, PRETRAIN_LRS)}
 FINETUNE_LR_FACTOR = 0.3
 DECAY = 2e-4  # lr·wd: the decoupled weight decay's strength per step at peak lr, for every optimizer
 
