@@ -429,6 +429,24 @@ def test_a_sweep_extends_its_grid_until_the_winner_is_inside():
     assert masked.optimizer == "adam-mini" and masked.kwargs["mask"] == "async"
 
 
+def test_the_finetune_sweep_varies_only_the_baselines_lr():
+    from leanopt.bench.tasks import sweep_extension
+
+    sweep, ft = get_task("sweep-finetune"), get_task("finetune")
+    assert sweep.train == ft.train and sweep.base == ft.base
+    mine = {r.key for r in ft.runs}
+    for r in sweep.runs:
+        own = next(o for o in ft.runs if o.label == r.group_name and o.seed == 0)  # finetune's run of that baseline
+        assert (r.key in mine) == (r.lr == own.lr)  # lr x 1 is finetune's own folder
+        assert (r.optimizer, r.accum, r.kwargs["betas"]) == (own.optimizer, own.accum, own.kwargs["betas"])
+        assert r.lr * r.kwargs["weight_decay"] == pytest.approx(own.lr * own.kwargs["weight_decay"])
+    # a winner at the upper edge: the next run doubles its lr and keeps its accumulation and betas
+    lion8 = [r for r in sweep.runs if r.group_name == "lion-accum8"]
+    (extra,) = sweep_extension(lion8, [{"final_val": v} for v in (3.0, 2.9, 2.8)])
+    assert (extra.accum, extra.kwargs["betas"], extra.label) == (8, (0.95, 0.98), "lion-accum8-lr0.00192")
+    assert extra.lr == pytest.approx(2 * lion8[-1].lr)
+
+
 def test_pretrain_lrs_follow_their_sweep():
     """PRETRAIN_LRS against the kept runs of `sweep-pretrain` (docs/results/pretrain/runs):
     an optimizer keeps its LRS entry when that lr's final loss is within stats.MARGIN of the

@@ -200,8 +200,15 @@ def sweep_extension(runs: list[RunSpec], summaries: list[dict[str, Any]]) -> lis
             lr = best.lr * 2
         else:
             continue
-        extra.append(replace(_run(group, lr, group=group), seed=best.seed))
+        extra.append(_at_lr(best, lr, group))
     return extra
+
+
+def _at_lr(run: RunSpec, lr: float, group: str) -> RunSpec:
+    """``run`` at another ``lr``, named after it, in ``group``, with the common weight-decay
+    strength (its other arguments, accumulation and seed kept)."""
+    kwargs = {**run.kwargs, **({"weight_decay": DECAY / lr} if "weight_decay" in run.kwargs else {})}
+    return replace(run, label=f"{group}-lr{lr:.3g}", lr=lr, kwargs=kwargs, group=group)
 
 
 def _base(train: TrainConfig, lr: float) -> tuple[TrainConfig, RunSpec]:
@@ -289,6 +296,17 @@ _add(TaskSpec(
     (), kind="sweep", minutes=215, runs_from="pretrain",  # 24 runs (8 of them pretrain's), 9 min each
 ))
 _add(_finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128, minutes=90))  # 24 runs, ~3.5 min
+_add(replace(
+    PRESETS["finetune"], name="sweep-finetune",
+    description="the learning-rate sweep at finetune's own horizon: the accumulation baselines (AdamW and Lion, K = 4 and 8; "
+    "PMA takes its baseline's lr) at finetune's lr x 1/2, 1, 2, one seed, extended by factors of two until the winner is "
+    "inside the grid (the lr x 1 runs are finetune's seed 0)",
+    # lr x 1 is exactly finetune's seed-0 run (same name, so the same folder: trained once)
+    runs=tuple(r if f == 1 else _at_lr(r, r.lr * f, r.label) for r in PRESETS["finetune"].runs if r.accum > 1 and r.seed == 0
+               for f in (0.5, 1, 2)),
+    claims=(), kind="sweep", minutes=45, runs_from="finetune",  # 12 runs (4 of them finetune's), ~3.5 min each
+))
+SWEEP_TABLES["sweep-finetune"] = ({r.label: r.lr for r in PRESETS["finetune"].runs if r.accum > 1},) * 2
 _add(TaskSpec(
     "robustness", "SGD-SaI's claim: a learning-rate x weight-decay grid (lr x 1/9..9, weight decay x 0, 1, 10) for SGD-SaI, "
     "AdamW, SGD-momentum and Adam-mini on a short pre-training",
@@ -452,7 +470,7 @@ def run_task(
     if task.base is not None:
         base_train, base_run = task.base
         log(f"[{task.name}] pre-training the base model on {base_corpus.name!r} (cached after the first time)")
-        cache = Path(out_dir) / "_base" / f"{task.name}-{base_run.key}"
+        cache = Path(out_dir) / "_base" / f"{task.runs_from or task.name}-{base_run.key}"  # (a sweep shares its preset's)
         train_run(cache, base_train, base_run, base_corpus, save_model=True, progress=progress, dp=dp, overwrite=overwrite,
                   log=log)
         init_state = torch.load(cache / "model.pt", weights_only=True)
