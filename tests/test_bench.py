@@ -447,16 +447,18 @@ def test_the_finetune_sweep_varies_only_the_baselines_lr():
     assert extra.lr == pytest.approx(2 * lion8[-1].lr)
 
 
-def test_pretrain_lrs_follow_their_sweep():
-    """PRETRAIN_LRS against the kept runs of `sweep-pretrain` (docs/results/pretrain/runs):
-    an optimizer keeps its LRS entry when that lr's final loss is within stats.MARGIN of the
-    sweep's best, else it takes the winner, a run the sweep made (the same folder)."""
+@pytest.mark.parametrize("sweep, preset", [("sweep-pretrain", "pretrain"), ("sweep-finetune", "finetune")])
+def test_presets_lrs_follow_their_sweep(sweep, preset):
+    """PRETRAIN_LRS and FINETUNE_LR_MOVES against the kept runs of the sweeps at those presets'
+    horizons (docs/results/PRESET/runs): a preset keeps the grid's centre (the shorter sweep's
+    lr, or finetune's default) when that lr's final loss is within stats.MARGIN of the sweep's
+    best, else it takes the winner, a run the sweep made (the same folder as its seed 0)."""
     from leanopt.bench.stats import MARGIN
-    from leanopt.bench.tasks import LRS, PRETRAIN_LRS, _run, get_task, sweep_extension
+    from leanopt.bench.tasks import SWEEP_TABLES, sweep_extension
     from leanopt.bench.train import finished
 
-    kept = Path(__file__).resolve().parent.parent / "docs" / "results" / "pretrain" / "runs"
-    task = get_task("sweep-pretrain")
+    kept = Path(__file__).resolve().parent.parent / "docs" / "results" / preset / "runs"
+    task, centre, chosen = get_task(sweep), *SWEEP_TABLES[sweep]
     by_group: dict[str, list] = {}
     for r in task.runs:
         by_group.setdefault(r.group_name, []).append((r, finished(kept / r.key, task.train, r)))
@@ -474,10 +476,11 @@ def test_pretrain_lrs_follow_their_sweep():
     for name, pairs in complete.items():
         loss = {r.lr: s["final_val"] for r, s in pairs}
         best = min((lr for lr in loss if math.isfinite(loss[lr])), key=loss.get)
-        prior = next(loss[lr] for lr in loss if math.isclose(lr, LRS[name]))
-        want = LRS[name] if prior <= (1 + MARGIN) * loss[best] else best
-        assert PRETRAIN_LRS[name] == pytest.approx(want), name
-        assert _run(name, lrs=PRETRAIN_LRS).key in {r.key for r, _ in pairs}  # pretrain's seed 0 is that sweep run
+        prior = next(loss[lr] for lr in loss if math.isclose(lr, centre[name]))
+        want = centre[name] if prior <= (1 + MARGIN) * loss[best] else best
+        assert chosen[name] == pytest.approx(want), name
+        own = next(r for r in get_task(preset).runs if r.group_name == name and r.seed == 0)
+        assert own.lr == pytest.approx(want) and own.key in {r.key for r, _ in pairs}  # the preset's seed 0 is that run
 
 
 def test_state_at_scale_has_a_row_for_every_group_of_the_report():

@@ -70,6 +70,11 @@ SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 SWEEP_TABLES: dict[str, tuple[dict[str, float], dict[str, float]]] = {"sweep": (SWEEP_CENTER, LRS),
                                                                       "sweep-pretrain": (LRS, PRETRAIN_LRS)}
 FINETUNE_LR_FACTOR = 0.3
+# finetune's accumulation baselines have a sweep at finetune's horizon (`sweep-finetune`): a
+# baseline, and the PMA runs beside it (which take its lr), keep FINETUNE_LR_FACTOR x its LRS
+# entry unless that sweep's winner beats it by more than stats.MARGIN; then they take the
+# winner, as this factor of the default (tests/test_bench.py checks it against the kept runs)
+FINETUNE_LR_MOVES: dict[str, float] = {}
 DECAY = 2e-4  # lr·wd: the decoupled weight decay's strength per step at peak lr, for every optimizer
 
 QUICK_MODEL = ModelSpec("demo", {"dim": 96, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128})
@@ -216,7 +221,8 @@ def _base(train: TrainConfig, lr: float) -> tuple[TrainConfig, RunSpec]:
 
 
 def _finetune_task(name: str, model: ModelSpec, base_micro: int, micro: int, batch: int, seq: int, device: str = "cpu",
-                   bf16: bool = False, minutes: float = 0.0) -> TaskSpec:
+                   bf16: bool = False, minutes: float = 0.0, moves: dict[str, float] | None = None) -> TaskSpec:
+    """``moves``: :data:`FINETUNE_LR_MOVES` where this preset's horizon was swept."""
     base_train = TrainConfig("python", model, seq_len=seq, micro_batch=16 if device == "cpu" else 32, micro_steps=base_micro,
                              eval_every=base_micro // 10, device=device, bf16=bf16)
     # eval_every: 25 validations, a multiple of both K
@@ -225,8 +231,11 @@ def _finetune_task(name: str, model: ModelSpec, base_micro: int, micro: int, bat
                      warmup_frac=0.0, device=device, bf16=bf16, init_from="base")
     runs = []
     for k in (4, 8):
-        runs += _pma_pair_runs("adamw", "adamw-pma", k, LRS["adamw"] * FINETUNE_LR_FACTOR, ("paper", "released"))
-        runs += _pma_pair_runs("lion", "lion-pma", k, LRS["lion"] * FINETUNE_LR_FACTOR, ("paper", "released"))
+        for base in ("adamw", "lion"):
+            move = (moves or {}).get(f"{base}-accum{k}", 1.0)
+            pair = _pma_pair_runs(base, f"{base}-pma", k, LRS[base] * FINETUNE_LR_FACTOR * move, ("paper", "released"))
+            # a moved lr names the runs after it: the baseline's is then the sweep's run (same folder)
+            runs += pair if move == 1.0 else [_at_lr(r, r.lr, r.label) for r in pair]
     return TaskSpec(name, "PMA's claim: fine-tune a model pre-trained on Python code on Shakespeare; K-step accumulation "
                     f"against PMA with period K, same micro-batches ({micro // 8} optimizer steps at K = 8)", ft,
                     _seeded(runs, (0, 1)), ("pma-speedup",), base=_base(base_train, LRS["adamw"]), kind="finetune",
@@ -295,18 +304,21 @@ _add(TaskSpec(
     tuple(r for n in PRETRAIN if n in LRS for r in (_run(n, LRS[n] / 2, group=n), _run(n), _run(n, LRS[n] * 2, group=n))),
     (), kind="sweep", minutes=215, runs_from="pretrain",  # 24 runs (8 of them pretrain's), 9 min each
 ))
-_add(_finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128, minutes=90))  # 24 runs, ~3.5 min
+_add(_finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128, minutes=90,  # 24 runs, ~3.5 min
+                    moves=FINETUNE_LR_MOVES))
+_FINETUNE_DEFAULT = _finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128)  # unmoved lrs
 _add(replace(
     PRESETS["finetune"], name="sweep-finetune",
     description="the learning-rate sweep at finetune's own horizon: the accumulation baselines (AdamW and Lion, K = 4 and 8; "
     "PMA takes its baseline's lr) at finetune's lr x 1/2, 1, 2, one seed, extended by factors of two until the winner is "
     "inside the grid (the lr x 1 runs are finetune's seed 0)",
     # lr x 1 is exactly finetune's seed-0 run (same name, so the same folder: trained once)
-    runs=tuple(r if f == 1 else _at_lr(r, r.lr * f, r.label) for r in PRESETS["finetune"].runs if r.accum > 1 and r.seed == 0
+    runs=tuple(r if f == 1 else _at_lr(r, r.lr * f, r.label) for r in _FINETUNE_DEFAULT.runs if r.accum > 1 and r.seed == 0
                for f in (0.5, 1, 2)),
     claims=(), kind="sweep", minutes=45, runs_from="finetune",  # 12 runs (4 of them finetune's), ~3.5 min each
 ))
-SWEEP_TABLES["sweep-finetune"] = ({r.label: r.lr for r in PRESETS["finetune"].runs if r.accum > 1},) * 2
+SWEEP_TABLES["sweep-finetune"] = ({r.label: r.lr for r in _FINETUNE_DEFAULT.runs if r.accum > 1},
+                                  {r.group_name: r.lr for r in PRESETS["finetune"].runs if r.accum > 1})
 _add(TaskSpec(
     "robustness", "SGD-SaI's claim: a learning-rate x weight-decay grid (lr x 1/9..9, weight decay x 0, 1, 10) for SGD-SaI, "
     "AdamW, SGD-momentum and Adam-mini on a short pre-training",
