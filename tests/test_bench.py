@@ -432,14 +432,22 @@ def test_a_sweep_extends_its_grid_until_the_winner_is_inside():
 def test_the_finetune_sweep_varies_only_the_baselines_lr():
     from leanopt.bench.tasks import sweep_extension
 
+    from leanopt.bench.tasks import _FINETUNE_DEFAULT
+
     sweep, ft = get_task("sweep-finetune"), get_task("finetune")
     assert sweep.train == ft.train and sweep.base == ft.base
     mine = {r.key for r in ft.runs}
     for r in sweep.runs:
-        own = next(o for o in ft.runs if o.label == r.group_name and o.seed == 0)  # finetune's run of that baseline
-        assert (r.key in mine) == (r.lr == own.lr)  # lr x 1 is finetune's own folder
-        assert (r.optimizer, r.accum, r.kwargs["betas"]) == (own.optimizer, own.accum, own.kwargs["betas"])
-        assert r.lr * r.kwargs["weight_decay"] == pytest.approx(own.lr * own.kwargs["weight_decay"])
+        default = next(o for o in _FINETUNE_DEFAULT.runs if o.label == r.group_name and o.seed == 0)
+        used = next(o for o in ft.runs if o.group_name == r.group_name and o.seed == 0)  # finetune's run of that baseline
+        assert (r.key in mine) == (r.lr == used.lr)  # the run at finetune's lr is finetune's own folder
+        assert r.lr / default.lr in (0.5, 1.0, 2.0)
+        assert (r.optimizer, r.accum, r.kwargs["betas"]) == (default.optimizer, default.accum, default.kwargs["betas"])
+        assert r.lr * r.kwargs["weight_decay"] == pytest.approx(default.lr * default.kwargs["weight_decay"])
+    for r in ft.runs:  # PMA takes its baseline's lr, moved or not
+        k = r.accum if r.accum > 1 else r.kwargs["period"]
+        baseline = next(o for o in ft.runs if o.group_name == f"{r.optimizer.removesuffix('-pma')}-accum{k}" and o.seed == r.seed)
+        assert r.lr == baseline.lr, r.key
     # a winner at the upper edge: the next run doubles its lr and keeps its accumulation and betas
     lion8 = [r for r in sweep.runs if r.group_name == "lion-accum8"]
     (extra,) = sweep_extension(lion8, [{"final_val": v} for v in (3.0, 2.9, 2.8)])

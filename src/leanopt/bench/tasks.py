@@ -74,7 +74,7 @@ FINETUNE_LR_FACTOR = 0.3
 # baseline, and the PMA runs beside it (which take its lr), keep FINETUNE_LR_FACTOR x its LRS
 # entry unless that sweep's winner beats it by more than stats.MARGIN; then they take the
 # winner, as this factor of the default (tests/test_bench.py checks it against the kept runs)
-FINETUNE_LR_MOVES: dict[str, float] = {}
+FINETUNE_LR_MOVES: dict[str, float] = {"adamw-accum4": 4.0, "adamw-accum8": 4.0, "lion-accum8": 2.0}
 DECAY = 2e-4  # lr·wd: the decoupled weight decay's strength per step at peak lr, for every optimizer
 
 QUICK_MODEL = ModelSpec("demo", {"dim": 96, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128})
@@ -311,8 +311,8 @@ _add(replace(
     PRESETS["finetune"], name="sweep-finetune",
     description="the learning-rate sweep at finetune's own horizon: the accumulation baselines (AdamW and Lion, K = 4 and 8; "
     "PMA takes its baseline's lr) at finetune's lr x 1/2, 1, 2, one seed, extended by factors of two until the winner is "
-    "inside the grid (the lr x 1 runs are finetune's seed 0)",
-    # lr x 1 is exactly finetune's seed-0 run (same name, so the same folder: trained once)
+    "inside the grid (the run at finetune's lr is finetune's seed 0)",
+    # lr x 1 is the default lr's seed-0 run, finetune's own where its lr did not move (same name: trained once)
     runs=tuple(r if f == 1 else _at_lr(r, r.lr * f, r.label) for r in _FINETUNE_DEFAULT.runs if r.accum > 1 and r.seed == 0
                for f in (0.5, 1, 2)),
     claims=(), kind="sweep", minutes=45, runs_from="finetune",  # 12 runs (4 of them finetune's), ~3.5 min each
