@@ -65,10 +65,6 @@ PRETRAIN_LRS: dict[str, float] = {**LRS, "lion": LRS["lion"] / 4}  # Lion: 3.532
 SWEEP_CENTER = {"adamw": 4e-3, "adam-mini": 4e-3, "alpha-adam": 4e-3, "cadamw": 4e-3, "lion": 1.6e-3, "sgd-sai": 1.0, "sgd": 0.2,
                 "adam-mini-async": 4e-3, "sgd-sai-async": 1.0}
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
-# per sweep: the lrs its grid is centred on, and the table it chooses (its report sets both
-# beside the winner)
-SWEEP_TABLES: dict[str, tuple[dict[str, float], dict[str, float]]] = {"sweep": (SWEEP_CENTER, LRS),
-                                                                      "sweep-pretrain": (LRS, PRETRAIN_LRS)}
 FINETUNE_LR_FACTOR = 0.3
 # finetune's accumulation baselines have a sweep at finetune's horizon (`sweep-finetune`): a
 # baseline, and the PMA runs beside it (which take its lr), keep FINETUNE_LR_FACTOR x its LRS
@@ -137,17 +133,23 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 
+def _at_lr(run: RunSpec, lr: float, group: str) -> RunSpec:
+    """``run`` at another ``lr``, named after it, in ``group``, with the common weight-decay
+    strength (its other arguments, accumulation and seed kept)."""
+    kwargs = {**run.kwargs, **({"weight_decay": DECAY / lr} if "weight_decay" in run.kwargs else {})}
+    return replace(run, label=f"{group}-lr{lr:.3g}", lr=lr, kwargs=kwargs, group=group)
+
+
 def _run(label: str, lr: float | None = None, group: str = "", lrs: dict[str, float] = LRS) -> RunSpec:
     """The run ``label`` (an optimizer or a :data:`VARIANTS` entry) at ``lr`` (default: its
-    entry in ``lrs``), with the common weight-decay strength. A run at an lr other than its
-    :data:`LRS` entry is named after its lr and grouped under ``label``, so a horizon's own lr
-    (:data:`PRETRAIN_LRS`) shares its folder with the sweep run that chose it."""
+    entry in ``lrs``), with the common weight-decay strength. A run in a ``group``, or at an
+    lr other than its :data:`LRS` entry, is named after its lr (:func:`_at_lr`, grouped under
+    ``label`` by default), so a horizon's own lr (:data:`PRETRAIN_LRS`) shares its folder with
+    the sweep run that chose it."""
     optimizer, extra, lr_of = VARIANTS.get(label, (label, {}, label))
+    default = RunSpec(label, optimizer, LRS[lr_of], {**_opt_kwargs(optimizer, LRS[lr_of]), **extra})
     lr = lrs[lr_of] if lr is None else lr
-    if not group and not math.isclose(lr, LRS[lr_of]):
-        group = label
-    name = f"{label}-lr{lr:.3g}" if group else label
-    return RunSpec(name, optimizer, lr, {**_opt_kwargs(optimizer, lr), **extra}, group=group)
+    return _at_lr(default, lr, group or label) if group or not math.isclose(lr, LRS[lr_of]) else default
 
 
 def _pretrain_runs(names: list[str], lrs: dict[str, float] = LRS) -> list[RunSpec]:
@@ -207,13 +209,6 @@ def sweep_extension(runs: list[RunSpec], summaries: list[dict[str, Any]]) -> lis
             continue
         extra.append(_at_lr(best, lr, group))
     return extra
-
-
-def _at_lr(run: RunSpec, lr: float, group: str) -> RunSpec:
-    """``run`` at another ``lr``, named after it, in ``group``, with the common weight-decay
-    strength (its other arguments, accumulation and seed kept)."""
-    kwargs = {**run.kwargs, **({"weight_decay": DECAY / lr} if "weight_decay" in run.kwargs else {})}
-    return replace(run, label=f"{group}-lr{lr:.3g}", lr=lr, kwargs=kwargs, group=group)
 
 
 def _base(train: TrainConfig, lr: float) -> tuple[TrainConfig, RunSpec]:
@@ -304,9 +299,9 @@ _add(TaskSpec(
     tuple(r for n in PRETRAIN if n in LRS for r in (_run(n, LRS[n] / 2, group=n), _run(n), _run(n, LRS[n] * 2, group=n))),
     (), kind="sweep", minutes=215, runs_from="pretrain",  # 24 runs (8 of them pretrain's), 9 min each
 ))
-_add(_finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128, minutes=90,  # 24 runs, ~3.5 min
-                    moves=FINETUNE_LR_MOVES))
-_FINETUNE_DEFAULT = _finetune_task("finetune", DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128)  # unmoved lrs
+_FINETUNE_SHAPE = dict(model=DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128)
+_add(_finetune_task("finetune", **_FINETUNE_SHAPE, minutes=90, moves=FINETUNE_LR_MOVES))  # 24 runs, ~3.5 min
+_FINETUNE_DEFAULT = _finetune_task("finetune", **_FINETUNE_SHAPE)  # its lrs before sweep-finetune moved them
 _add(replace(
     PRESETS["finetune"], name="sweep-finetune",
     description="the learning-rate sweep at finetune's own horizon: the accumulation baselines (AdamW and Lion, K = 4 and 8; "
@@ -317,8 +312,6 @@ _add(replace(
                for f in (0.5, 1, 2)),
     claims=(), kind="sweep", minutes=45, runs_from="finetune",  # 12 runs (4 of them finetune's), ~3.5 min each
 ))
-SWEEP_TABLES["sweep-finetune"] = ({r.label: r.lr for r in _FINETUNE_DEFAULT.runs if r.accum > 1},
-                                  {r.group_name: r.lr for r in PRESETS["finetune"].runs if r.accum > 1})
 _add(TaskSpec(
     "robustness", "SGD-SaI's claim: a learning-rate x weight-decay grid (lr x 1/9..9, weight decay x 0, 1, 10) for SGD-SaI, "
     "AdamW, SGD-momentum and Adam-mini on a short pre-training",
@@ -331,6 +324,13 @@ _add(TaskSpec(
     TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=100, eval_every=20, eval_batches=8),
     tuple(_sweep_runs(SWEEP_CENTER, SWEEP_FACTORS)), (), kind="sweep",
 ))
+# per sweep: the lrs its grid is centred on, and the table it chooses (its report sets both beside the winner)
+SWEEP_TABLES: dict[str, tuple[dict[str, float], dict[str, float]]] = {
+    "sweep": (SWEEP_CENTER, LRS),
+    "sweep-pretrain": (LRS, PRETRAIN_LRS),
+    "sweep-finetune": ({r.label: r.lr for r in _FINETUNE_DEFAULT.runs if r.accum > 1},
+                       {r.group_name: r.lr for r in PRESETS["finetune"].runs if r.accum > 1}),
+}
 _add(TaskSpec(
     "pretrain-gpu", "pretrain on a GPU: a GPT-2-small-sized model (124M), bf16 autocast, seq 512",
     TrainConfig("python", GPU_MODEL, seq_len=512, micro_batch=32, micro_steps=2000, eval_every=100, eval_batches=16,
