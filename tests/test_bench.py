@@ -514,6 +514,23 @@ def test_the_sweep_table_sets_the_presets_lr_beside_the_winner():
     assert "| 0.0016: +3.6% |" in lion  # the centre is 3.6 % worse than the winner: outside the margin
 
 
+def test_a_sweeps_results_table_has_a_row_per_lr_not_a_mean_over_lrs():
+    from leanopt.bench.report import Groups, _results_section
+
+    def run(group, label, lr, loss):
+        curve = [[16 * i, 2048 * i, loss + 1.0 / i] for i in range(1, 6)]
+        return dict(group=group, label=label, lr=lr, seed=0, final_val=loss, samples=80, val_curve=curve,
+                    state_bytes=1024, opt_step_ms=1.0, wall_s=10.0, implementation="fused")
+
+    runs = [run("adamw", "adamw-lr0.001", 1e-3, 3.5), run("adamw", "adamw", 2e-3, 3.4), run("adamw", "adamw-lr0.004", 4e-3, 6.0)]
+    rows = [line for line in _results_section({"runs": runs}, Groups(runs), "sweep") if line.startswith("| adamw")]
+    cells = [r.split(" | ") for r in rows]
+    assert [c[:2] for c in cells] == [["| adamw", "1"], ["| adamw-lr0.001", "1"], ["| adamw-lr0.004", "1"]]
+    assert [c[5] for c in cells] == ["3.4000", "3.5000", "6.0000"]  # each run's own final loss, not a mean over lrs
+    grid = _results_section({"runs": runs}, Groups(runs), "robustness")
+    assert "| run | cells |" in grid[2] and "| adamw | 3 |" in grid[4]  # robustness: a group is its grid, not seeds
+
+
 def test_state_at_scale_counts_what_a_real_step_allocates():
     from leanopt.bench.memory import state_at_scale
     from leanopt.bench.speed import MODELS

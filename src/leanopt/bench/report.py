@@ -540,9 +540,9 @@ def _fmt(v: float, spread: float | None = None, digits: int = 4) -> str:
     return f"{v:.{digits}f}" + (f" ± {spread / 2:.{digits}f}" if spread else "")
 
 
-def _results_table(groups: Groups) -> list[str]:
+def _results_table(groups: Groups, count: str = "seeds") -> list[str]:
     lines = [
-        "| run | seeds | val loss 20% | 40% | 60% | final (100%) | optimizer state | state / AdamW | opt. step (median) "
+        f"| run | {count} | val loss 20% | 40% | 60% | final (100%) | optimizer state | state / AdamW | opt. step (median) "
         "| share of the training step | tokens/s | wall | implementation |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -561,6 +561,18 @@ def _results_table(groups: Groups) -> list[str]:
             f" | {groups.mean(name, lambda r: r['wall_s']):.0f} s | {_implementation(groups.by_group[name])} |"
         )
     return lines
+
+
+def _results_section(summary: dict, groups: Groups, kind: str) -> list[str]:
+    """The results table and what its rows are: a sweep's group holds one optimizer at several
+    lrs and robustness' its grid cells, so only elsewhere are a group's runs seeds."""
+    if kind == "sweep":
+        by_run = Groups([{**r, "group": r["label"]} for r in summary["runs"]])
+        return ["One row per run (one seed, one lr).", ""] + _results_table(by_run, "runs")
+    if kind == "robustness":
+        return ["Values are means over an optimizer's grid cells (one seed, lr x weight decay); ± is half the spread "
+                "(max - min) over the cells: the grid's range, not noise.", ""] + _results_table(groups, "cells")
+    return ["Values are means over seeds; ± is half the spread (max - min).", ""] + _results_table(groups)
 
 
 def _target_table(groups: Groups, base: str = "adamw") -> list[str]:
@@ -698,8 +710,7 @@ def write_report(task_dir: str | Path) -> Path:
         lines += ["", f"Verdict rules (`leanopt/bench/stats.py`): {rule}", ""]
     if kind == "sweep":
         lines += ["## Learning-rate sweep", ""] + _sweep_table(summary) + [""]
-    lines += ["## Results", "", "Values are means over seeds; ± is half the spread (max - min).", ""]
-    lines += _results_table(groups) + [""]
+    lines += ["## Results", ""] + _results_section(summary, groups, kind) + [""]
     if kind == "pretrain" and "adamw" in groups:
         lines += ["## Tokens to AdamW's final loss", "",
                   "Per seed, the tokens at which each run first reaches AdamW's final validation loss of the same seed "
