@@ -320,7 +320,7 @@ _add(TaskSpec(
 ))
 _add(TaskSpec(
     "sweep", "the learning-rate sweep behind every preset's lr: each optimizer at lr x 1/4..4 around its family "
-    "default, 100 steps of the quick pre-training; the best final val loss wins",
+    "default, 100 steps of the quick pre-training; the best final val loss wins unless the default is within 1% of it",
     TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=100, eval_every=20, eval_batches=8),
     tuple(_sweep_runs(SWEEP_CENTER, SWEEP_FACTORS)), (), kind="sweep",
 ))
