@@ -429,6 +429,26 @@ def test_a_sweep_extends_its_grid_until_the_winner_is_inside():
     assert masked.optimizer == "adam-mini" and masked.kwargs["mask"] == "async"
 
 
+def test_the_long_sweep_is_centred_on_pretrain_long_s_own_runs():
+    from leanopt.bench.config import fingerprint
+    from leanopt.bench.tasks import SWEEP_TABLES
+
+    sweep, long = get_task("sweep-long"), get_task("pretrain-long")
+    assert sweep.train == long.train and sweep.runs_from == "pretrain-long"
+    own = {r.key: fingerprint(long.train, r) for r in long.runs if r.seed == 0}
+    centre, chosen = SWEEP_TABLES["sweep-long"]
+    for group in {r.group_name for r in long.runs}:
+        grid = sorted((r for r in sweep.runs if r.group_name == group), key=lambda r: r.lr)
+        assert [r.lr / chosen[group] for r in grid] == pytest.approx([0.5, 1, 2]) and chosen[group] == centre[group]
+        # lr x 1 is pretrain-long's seed-0 run (same folder, same configuration: trained once)
+        assert own[grid[1].key] == fingerprint(sweep.train, grid[1])
+        assert all(r.key not in own for r in (grid[0], grid[2]))
+        assert {k: v for k, v in grid[0].kwargs.items() if k != "weight_decay"} == \
+            {k: v for k, v in grid[1].kwargs.items() if k != "weight_decay"}
+        if "weight_decay" in grid[1].kwargs:  # the same decay strength lr x wd at every lr
+            assert [r.lr * r.kwargs["weight_decay"] for r in grid] == pytest.approx([grid[1].lr * grid[1].kwargs["weight_decay"]] * 3)
+
+
 def test_the_finetune_sweep_varies_only_the_baselines_lr():
     from leanopt.bench.tasks import sweep_extension
 

@@ -283,11 +283,13 @@ _add(TaskSpec(
                            + (["adamw-torchao8bit"] if importlib.util.find_spec("torchao") else []), PRETRAIN_LRS), (0, 1, 2)),
     ("state-precision",), minutes=380, runs_from="pretrain",  # 30 runs of its own and pretrain's 12, ~9 min each
 ))
+PRETRAIN_LONG_TRAIN = PRETRAIN_TRAIN.with_(micro_steps=6000, eval_every=200)
+LONG = ["adamw", "adam-mini", "alpha-adam", "sgd-sai"]
 _add(TaskSpec(
     "pretrain-long", "pretrain's model and data for 5x the tokens (6 000 steps, 12.3 M tokens): AdamW, Adam-mini, "
     "AlphaAdam and SGD-SaI, 2 seeds, to see whether each gap to AdamW shrinks or grows with training length",
-    PRETRAIN_TRAIN.with_(micro_steps=6000, eval_every=200),
-    _seeded(_pretrain_runs(["adamw", "adam-mini", "alpha-adam", "sgd-sai"], PRETRAIN_LRS), (0, 1)),
+    PRETRAIN_LONG_TRAIN,
+    _seeded(_pretrain_runs(LONG, PRETRAIN_LRS), (0, 1)),
     ("adam-mini-loss", "sgd-sai-loss", "alpha-adam-early"), minutes=300,  # 8 runs of 5x pretrain's, ~35 min each
     shorter="pretrain",
 ))
@@ -298,6 +300,15 @@ _add(TaskSpec(
     # the run at PRETRAIN_LRS's lr is exactly pretrain's seed-0 run (same name, so the same folder: trained once)
     tuple(r for n in PRETRAIN if n in LRS for r in (_run(n, LRS[n] / 2, group=n), _run(n), _run(n, LRS[n] * 2, group=n))),
     (), kind="sweep", minutes=215, runs_from="pretrain",  # 24 runs (8 of them pretrain's), 9 min each
+))
+_add(TaskSpec(
+    "sweep-long", "does the optimum move with 5x the tokens? pretrain-long's optimizers at their lr x 1/2, 1, 2 "
+    "at its horizon, one seed, extended by factors of two until the winner is inside the grid (the run at its lr "
+    "is pretrain-long's seed 0)",
+    PRETRAIN_LONG_TRAIN,
+    tuple(r for n in LONG for r in (_run(n, PRETRAIN_LRS[n] / 2, group=n), _run(n, lrs=PRETRAIN_LRS),
+                                    _run(n, PRETRAIN_LRS[n] * 2, group=n))),
+    (), kind="sweep", minutes=300, runs_from="pretrain-long",  # 8 runs of its own, ~35 min each
 ))
 _FINETUNE_SHAPE = dict(model=DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128)
 _add(_finetune_task("finetune", **_FINETUNE_SHAPE, minutes=90, moves=FINETUNE_LR_MOVES))  # 24 runs, ~3.5 min
@@ -328,6 +339,7 @@ _add(TaskSpec(
 SWEEP_TABLES: dict[str, tuple[dict[str, float], dict[str, float]]] = {
     "sweep": (SWEEP_CENTER, LRS),
     "sweep-pretrain": (LRS, PRETRAIN_LRS),
+    "sweep-long": ({n: PRETRAIN_LRS[n] for n in LONG}, {r.group_name: r.lr for r in PRESETS["pretrain-long"].runs}),
     "sweep-finetune": ({r.label: r.lr for r in _FINETUNE_DEFAULT.runs if r.accum > 1},
                        {r.group_name: r.lr for r in PRESETS["finetune"].runs if r.accum > 1}),
 }
