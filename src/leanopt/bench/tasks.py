@@ -3,8 +3,9 @@
 Learning rates are part of the presets and come from one documented sweep, itself a
 preset (``leanopt bench sweep``): every optimizer on the same short pre-training, its
 lr on a grid of factors of two around a family default, the best final validation loss
-wins. The table :data:`LRS` holds the winners; nothing is tuned by hand per optimizer.
-The presets at pretrain's horizon use :data:`PRETRAIN_LRS`, which a second sweep at that
+wins (the default where it is within the claims' 1 % margin of the best, as in the sweeps
+at longer horizons). The table :data:`LRS` holds the winners; nothing is tuned by hand
+per optimizer. The presets at pretrain's horizon use :data:`PRETRAIN_LRS`, which a second sweep at that
 horizon (``leanopt bench sweep-pretrain``) may move, by the rule stated beside it.
 Fine-tuning uses the same rule for every optimizer: ``FINETUNE_LR_FACTOR`` × its
 pre-training lr, and the PMA optimizers use their baseline's lr (as the PMA paper, which
