@@ -186,6 +186,12 @@ def _sweep_runs(centers: dict[str, float], factors: tuple[float, ...]) -> list[R
     return [_run(n, centers[n] * f, group=n) for n in centers for f in factors]
 
 
+def _horizon_sweep_runs(names: list[str], lrs: dict[str, float]) -> tuple[RunSpec, ...]:
+    """A sweep at a preset's own horizon: each of ``names`` at lr x 1/2, 1, 2 around ``lrs``. The
+    run at lr x 1 has the name the preset's run at that lr has, so they share a folder (trained once)."""
+    return tuple(r for n in names for r in (_run(n, lrs[n] / 2, group=n), _run(n, lrs=lrs), _run(n, lrs[n] * 2, group=n)))
+
+
 SWEEP_MAX_RUNS = 9  # lrs per optimizer at most, edge extensions included
 
 
@@ -298,8 +304,7 @@ _add(TaskSpec(
     "sweep-pretrain", "the learning-rate sweep at pretrain's own horizon: each optimizer at its preset lr x 1/2, 1, 2, "
     "one seed, extended by factors of two until the winner is inside the grid (the run at pretrain's lr is pretrain's seed 0)",
     PRETRAIN_TRAIN,
-    # the run at PRETRAIN_LRS's lr is exactly pretrain's seed-0 run (same name, so the same folder: trained once)
-    tuple(r for n in PRETRAIN if n in LRS for r in (_run(n, LRS[n] / 2, group=n), _run(n), _run(n, LRS[n] * 2, group=n))),
+    _horizon_sweep_runs([n for n in PRETRAIN if n in LRS], LRS),
     (), kind="sweep", minutes=215, runs_from="pretrain",  # 24 runs (8 of them pretrain's), 9 min each
 ))
 _add(TaskSpec(
@@ -307,8 +312,7 @@ _add(TaskSpec(
     "at its horizon, one seed, extended by factors of two until the winner is inside the grid (the run at its lr "
     "is pretrain-long's seed 0)",
     PRETRAIN_LONG_TRAIN,
-    tuple(r for n in LONG for r in (_run(n, PRETRAIN_LRS[n] / 2, group=n), _run(n, lrs=PRETRAIN_LRS),
-                                    _run(n, PRETRAIN_LRS[n] * 2, group=n))),
+    _horizon_sweep_runs(LONG, PRETRAIN_LRS),
     (), kind="sweep", minutes=300, runs_from="pretrain-long",  # 8 runs of its own, ~35 min each
 ))
 _FINETUNE_SHAPE = dict(model=DEMO_MODEL, base_micro=1200, micro=1600, batch=8, seq=128)
