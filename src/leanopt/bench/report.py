@@ -717,6 +717,11 @@ def write_report(task_dir: str | Path) -> Path:
         else:
             rule = ("Δ is the paired difference per seed (same init and data), with its 95% Student-t CI over the n "
                     "common seeds, judged against a margin of 1% of the baseline; one seed gives no CI, hence inconclusive.")
+            if kind == "finetune":
+                rule += (" The PMA claims judge speed-ups in samples to the baseline's final loss: the geometric mean over "
+                         "seeds with a 95% t interval on the log ratios; ~2x holds when the CI's lower end is at least 1.5x "
+                         "and fails when its upper end is below 1.2x; a run that reaches the target on no seed fails, on "
+                         "only some seeds is inconclusive; the claim holds or fails only when every row agrees.")
         lines += ["", f"Verdict rules (`leanopt/bench/stats.py`): {rule}", ""]
     if kind == "sweep":
         lines += ["## Learning-rate sweep", ""] + _sweep_table(summary) + [""]
