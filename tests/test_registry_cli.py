@@ -49,6 +49,14 @@ def test_model_gives_adam_mini_its_structure_and_params_do_not():
     assert all(r.blocks == 1 for r in plain.describe_partition())
 
 
+def test_model_given_twice_is_taken_once_and_another_model_is_refused():
+    model = tiny_model()
+    twice = leanopt.create_optimizer("adam-mini", model, model=model)  # the model= of AdamMini's own signature
+    assert [r.blocks for r in twice.describe_partition()] == [r.blocks for r in leanopt.create_optimizer("adam-mini", model).describe_partition()]
+    with pytest.raises(ValueError, match="model= names another module"):
+        leanopt.create_optimizer("adam-mini", model, model=tiny_model())
+
+
 def test_frozen_parameters_are_left_out():
     model = tiny_model()
     model.embed_tokens.weight.requires_grad_(False)

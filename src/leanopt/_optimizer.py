@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -195,11 +196,26 @@ def _named_group(group: Mapping[str, Any]) -> dict[str, Any]:
     if "params" not in group:
         raise ValueError("param group has no 'params' entry")
     ps = group["params"]
+    if isinstance(ps, (set, frozenset)):  # torch's refusal, before list() would fix an order that varies between runs
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of tensors "
+                        "in sets will change between runs. Please use a list instead.")
     ps = [ps] if isinstance(ps, Tensor) else list(ps)
     group["params"], names = _split_named(ps)
     if names is not None:
         group["param_names"] = names
     return group
+
+
+def _run_load_pre_hooks(opt: torch.optim.Optimizer, state_dict: Any) -> Any:
+    """torch's first act in ``load_state_dict``: a shallow copy through each pre-hook, which
+    may return a replacement."""
+    if isinstance(state_dict, Mapping):
+        state_dict = dict(state_dict)
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        out = hook(opt, state_dict)
+        if out is not None:
+            state_dict = out
+    return state_dict
 
 
 # --------------------------------------------------------------------------------------
@@ -305,12 +321,19 @@ class LeanOptimizer(torch.optim.Optimizer):
         ``ValueError`` naming the parameter, with this optimizer unchanged. The precision
         arguments (``state_precision``, ``state_block_size``, ``state_min_size``,
         ``stochastic_rounding``) stay this optimizer's: a state saved at another precision is
-        converted to it, with a one-line note."""
+        converted to it, with a one-line note. The ``register_load_state_dict_pre_hook`` hooks
+        run first, as in torch, so the checks see the dict they return (a hook may mend an
+        older checkpoint)."""
+        state_dict = _run_load_pre_hooks(self, state_dict)
         self._check_loadable(state_dict)
         # how this optimizer stores its state is its own (the saved state is converted to it);
         # every other hyperparameter comes from the checkpoint, as in torch
         kept = [{k: g[k] for k in _precision.precision_checks() if k in g} for g in self.param_groups]
-        super().load_state_dict(state_dict)
+        hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
+        try:  # (their handles keep the dict itself, put back unchanged)
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         for group, own in zip(self.param_groups, kept):
             group.update(own)
             if _precision.uses_rounding(group):
@@ -382,12 +405,12 @@ class LeanOptimizer(torch.optim.Optimizer):
 
     # -- stepping -----------------------------------------------------------------------
     def _grads(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """Params of ``group`` that have a gradient, and those gradients (sparse rejected).
+        """Params of ``group`` that have a gradient and elements, and those gradients (sparse rejected).
         With ``skip_nonfinite``, a parameter whose gradient holds a NaN or an Inf is left
         out (its state untouched) and counted in ``group["nonfinite_skips"]``."""
         params, grads = [], []
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None or p.numel() == 0:  # no elements: nothing to step, and no block or scale to form
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(

@@ -78,6 +78,10 @@ def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any], **kw
         model = unwrap_model(model_or_params)
         named = trainable_named_parameters(model)
         if info.structure_aware:
+            given = args.pop("model", model)
+            if unwrap_model(given) is not model:
+                raise ValueError(f"create_optimizer({info.name!r}, ...): model= names another module than the one "
+                                 "given as model_or_params; pass the model once")
             return info.factory(named, model=model, **args)
         return info.factory(named if info.named else [p for _, p in named], **args)
     return info.factory(model_or_params, **args)
