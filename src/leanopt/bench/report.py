@@ -546,7 +546,7 @@ def _results_table(groups: Groups, count: str = "seeds") -> list[str]:
         "| share of the training step | tokens/s | wall | implementation |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    adamw_state = groups.mean("adamw", lambda r: r["state_bytes"]) if "adamw" in groups else None
+    adamw_state = _adamw_state(groups)
     for name in sorted(groups.by_group):
         cells = [_fmt(groups.mean(name, val_at(f)), groups.spread(name, val_at(f))) for f in (0.2, 0.4, 0.6)]
         cells.append(_fmt(groups.mean(name, final), groups.spread(name, final)))
@@ -567,6 +567,16 @@ IMPLEMENTATION_NOTE = (
     "implementation: what stepped the parameters in a run's last step: leanopt's backends with the number of tensors "
     "each stepped (native: the C kernels; native-compact: the C kernels over int8/int4/bf16 state; compiled: "
     "torch.compile'd kernels; eager: the reference in torch ops), or a torch optimizer's fused / foreach / for-loop.")
+
+
+def _adamw_state(groups: Groups) -> float | None:
+    """AdamW's optimizer-state bytes: its group's, else those of any full-precision AdamW run
+    (a sweep's at another lr, an accumulation baseline: the same state)."""
+    if "adamw" in groups:
+        return groups.mean("adamw", lambda r: r["state_bytes"])
+    sizes = [r["state_bytes"] for runs in groups.by_group.values() for r in runs
+             if r.get("optimizer") == "adamw" and not r.get("kwargs", {}).get("state_precision")]
+    return sum(sizes) / len(sizes) if sizes else None
 
 
 def _results_section(summary: dict, groups: Groups, kind: str) -> list[str]:
