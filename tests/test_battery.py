@@ -575,6 +575,36 @@ def test_a_state_of_another_optimizer_class_is_refused_unchanged(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_state_saved_by_torch_adamw_is_refused_or_loaded_with_a_warning(name):
+    """A state without a class (torch's, another library's) is loaded as torch would load it
+    where its entries fit, with a warning naming the settings that are not this optimizer's;
+    a leanopt state that lost its class (an older checkpoint) loads silently."""
+    if not is_leanopt(name):
+        pytest.skip("torch.optim loads any state with matching group sizes (torch's own convention)")
+    source_model, model = tiny_model(), tiny_model()
+    source = torch.optim.AdamW(source_model.parameters(), lr=1e-3)
+    train(source_model, source, 1)
+    opt = make(name, model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            opt.load_state_dict(source.state_dict())
+            loaded = True
+        except ValueError:
+            loaded = False
+    said = [str(w.message) for w in caught if "records no optimizer class" in str(w.message)]
+    assert not loaded or (said and "amsgrad" in said[0])
+    own = make(name, tiny_model())
+    train(model, opt := make(name, model), 1)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["optimizer_class"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        own.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_a_state_for_other_shapes_is_refused_unchanged(name):
     if not is_leanopt(name):
         pytest.skip("torch.optim checks only group sizes (torch's own convention)")

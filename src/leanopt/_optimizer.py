@@ -206,6 +206,11 @@ def _named_group(group: Mapping[str, Any]) -> dict[str, Any]:
     return group
 
 
+# keys any optimizer's groups may carry: torch's, and those lr schedulers add
+_GROUP_KEYS_OF_ANY_OPTIMIZER = {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
+                                "max_momentum"}
+
+
 def _run_load_pre_hooks(opt: torch.optim.Optimizer, state_dict: Any) -> Any:
     """torch's first act in ``load_state_dict``: a shallow copy through each pre-hook, which
     may return a replacement."""
@@ -373,6 +378,14 @@ class LeanOptimizer(torch.optim.Optimizer):
                 if isinstance(value, Tensor) and want is not None and tuple(value.shape) != want:
                     raise ValueError(f"{me}.load_state_dict: state {key!r} of parameter {self.param_name(p)!r} has shape "
                                      f"{tuple(value.shape)}, expected {want}; {self._shape_hint(key)}")
+        if all(g.get("optimizer_class") is None for g in saved_groups):
+            # torch's optimizers load any state whose group sizes fit, so a foreign one is loaded, but said
+            known = set(self.defaults) | {k for g in self.param_groups for k in g} | _GROUP_KEYS_OF_ANY_OPTIMIZER
+            foreign = sorted({k for g in saved_groups for k in g} - known)
+            if foreign:
+                warnings.warn(f"{me}.load_state_dict: this state records no optimizer class and has settings {me} does not "
+                              f"have ({', '.join(map(str, foreign))}): was it saved by another optimizer? It is loaded as "
+                              "torch would load it, its hyperparameters included", stacklevel=3)
 
     def _shape_hint(self, key: str) -> str:
         return "the state was saved for other parameters"
