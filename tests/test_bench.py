@@ -553,9 +553,11 @@ def test_a_sweeps_results_table_has_a_row_per_lr_not_a_mean_over_lrs():
     assert "| run | cells |" in grid[2] and "| adamw | 3 |" in grid[4]  # robustness: a group is its grid, not seeds
     # no group named adamw (accumulation baselines): the state ratio is still to AdamW's, not to nothing
     accum = [dict(run("adamw-accum4", "adamw-accum4", 2e-3, 3.4), optimizer="adamw", kwargs={}),
+             dict(run("adamw-int8", "adamw-int8", 2e-3, 3.4), optimizer="adamw", kwargs={"state_precision": "int8"},
+                  state_bytes=256),  # compact: not AdamW's state
              dict(run("lion-accum4", "lion-accum4", 2e-4, 3.5), optimizer="lion", kwargs={}, state_bytes=512)]
     ratios = [line.split(" | ")[7] for line in _results_section({"runs": accum}, Groups(accum), "finetune") if line.startswith("| ")]
-    assert ratios[-2:] == ["1.000x", "0.500x"]
+    assert ratios[-3:] == ["1.000x", "0.250x", "0.500x"]
 
 
 def test_state_at_scale_counts_what_a_real_step_allocates():

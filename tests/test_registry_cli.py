@@ -53,8 +53,9 @@ def test_model_given_twice_is_taken_once_and_another_model_is_refused():
     model = tiny_model()
     twice = leanopt.create_optimizer("adam-mini", model, model=model)  # the model= of AdamMini's own signature
     assert [r.blocks for r in twice.describe_partition()] == [r.blocks for r in leanopt.create_optimizer("adam-mini", model).describe_partition()]
-    with pytest.raises(ValueError, match="model= names another module"):
-        leanopt.create_optimizer("adam-mini", model, model=tiny_model())
+    for other in (tiny_model(), None):
+        with pytest.raises(ValueError, match=r"model=\w+ is not the module given as model_or_params"):
+            leanopt.create_optimizer("adam-mini", model, model=other)
 
 
 def test_frozen_parameters_are_left_out():

@@ -30,6 +30,7 @@ import os
 import sys
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -206,17 +207,28 @@ def _named_group(group: Mapping[str, Any]) -> dict[str, Any]:
     return group
 
 
-# keys any optimizer's groups may carry: torch's, and those lr schedulers add
+# keys any optimizer's groups may carry: torch's, those lr schedulers add, and leanopt's own
 _GROUP_KEYS_OF_ANY_OPTIMIZER = {"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
-                                "max_momentum"}
+                                "max_momentum", "optimizer_class", "nonfinite_skips", "rounding_seed", "rounding_step"}
 
 
-def _run_load_pre_hooks(opt: torch.optim.Optimizer, state_dict: Any) -> Any:
-    """torch's first act in ``load_state_dict``: a shallow copy through each pre-hook, which
-    may return a replacement."""
-    if isinstance(state_dict, Mapping):
-        state_dict = dict(state_dict)
-    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+@contextmanager
+def _hooks_set_aside(opt: torch.optim.Optimizer, attr: str):
+    """Yields the hooks of ``attr`` (e.g. ``_optimizer_state_dict_post_hooks``) with the
+    optimizer's own dict empty meanwhile, so that torch's method leaves them to the caller,
+    who runs them at the point torch's order puts them; put back after, the same dict (its
+    handles still remove from it)."""
+    hooks = getattr(opt, attr)
+    setattr(opt, attr, OrderedDict())
+    try:
+        yield hooks
+    finally:
+        setattr(opt, attr, hooks)
+
+
+def _run_hooks(opt: torch.optim.Optimizer, hooks: Mapping[Any, Callable], state_dict: Any) -> Any:
+    """``state_dict`` through each of the state-dict ``hooks``, which may return a replacement."""
+    for hook in hooks.values():
         out = hook(opt, state_dict)
         if out is not None:
             state_dict = out
@@ -309,10 +321,13 @@ class LeanOptimizer(torch.optim.Optimizer):
     _element_kinds: dict[str, str] = {"exp_avg": MOMENT, "exp_avg_sq": SECOND, "momentum_buffer": MOMENT}
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        for group in sd["param_groups"]:  # so that loading into another class is caught
+        """torch's ``state_dict``, each group naming the class that saved it (so that loading
+        into another class is caught); the post-hooks see it whole, and may replace it."""
+        with _hooks_set_aside(self, "_optimizer_state_dict_post_hooks") as post:
+            sd = super().state_dict()
+        for group in sd["param_groups"]:
             group["optimizer_class"] = type(self).__name__
-        return sd
+        return _run_hooks(self, post, sd)
 
     def _expected_shape(self, p: Tensor, key: str) -> tuple[int, ...] | None:
         """The shape state ``key`` of ``p`` must have (None: not checked)."""
@@ -326,26 +341,26 @@ class LeanOptimizer(torch.optim.Optimizer):
         ``ValueError`` naming the parameter, with this optimizer unchanged. The precision
         arguments (``state_precision``, ``state_block_size``, ``state_min_size``,
         ``stochastic_rounding``) stay this optimizer's: a state saved at another precision is
-        converted to it, with a one-line note. The ``register_load_state_dict_pre_hook`` hooks
-        run first, as in torch, so the checks see the dict they return (a hook may mend an
-        older checkpoint)."""
-        state_dict = _run_load_pre_hooks(self, state_dict)
-        self._check_loadable(state_dict)
-        # how this optimizer stores its state is its own (the saved state is converted to it);
-        # every other hyperparameter comes from the checkpoint, as in torch
-        kept = [{k: g[k] for k in _precision.precision_checks() if k in g} for g in self.param_groups]
-        hooks, self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_pre_hooks, OrderedDict()
-        try:  # (their handles keep the dict itself, put back unchanged)
+        converted to it, with a one-line note. As in torch, the load pre-hooks run first (so
+        the checks see the dict they return: a hook may mend an older checkpoint) and the
+        post-hooks last, on the finished load."""
+        with _hooks_set_aside(self, "_optimizer_load_state_dict_pre_hooks") as pre, \
+                _hooks_set_aside(self, "_optimizer_load_state_dict_post_hooks") as post:
+            state_dict = _run_hooks(self, pre, dict(state_dict) if isinstance(state_dict, Mapping) else state_dict)
+            self._check_loadable(state_dict)
+            # how this optimizer stores its state is its own (the saved state is converted to it);
+            # every other hyperparameter comes from the checkpoint, as in torch
+            kept = [{k: g[k] for k in _precision.precision_checks() if k in g} for g in self.param_groups]
             super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks = hooks
-        for group, own in zip(self.param_groups, kept):
-            group.update(own)
-            if _precision.uses_rounding(group):
-                group.setdefault("rounding_seed", _precision.new_seed())
-                group.setdefault("rounding_step", 0)
-                self._seeds_agreed = False
-        self._restore_compact(state_dict)
+            for group, own in zip(self.param_groups, kept):
+                group.update(own)
+                if _precision.uses_rounding(group):
+                    group.setdefault("rounding_seed", _precision.new_seed())
+                    group.setdefault("rounding_step", 0)
+                    self._seeds_agreed = False
+            self._restore_compact(state_dict)
+        for hook in post.values():
+            hook(self)
 
     def _check_loadable(self, state_dict: Mapping[str, Any]) -> None:
         me = type(self).__name__
@@ -383,9 +398,13 @@ class LeanOptimizer(torch.optim.Optimizer):
             known = set(self.defaults) | {k for g in self.param_groups for k in g} | _GROUP_KEYS_OF_ANY_OPTIMIZER
             foreign = sorted({k for g in saved_groups for k in g} - known)
             if foreign:
+                used = set(self._state_keys) | {"step"}
+                unused = sorted({k for st in state_dict["state"].values() for k in st} - used, key=str)
                 warnings.warn(f"{me}.load_state_dict: this state records no optimizer class and has settings {me} does not "
                               f"have ({', '.join(map(str, foreign))}): was it saved by another optimizer? It is loaded as "
-                              "torch would load it, its hyperparameters included", stacklevel=3)
+                              "torch would load it: its hyperparameters (but not the state precision) and its state"
+                              + (f", including entries {me} does not use ({', '.join(map(str, unused))})" if unused else ""),
+                              UserWarning, stacklevel=user_stacklevel())
 
     def _shape_hint(self, key: str) -> str:
         return "the state was saved for other parameters"

@@ -80,7 +80,7 @@ def create_optimizer(name: str, model_or_params: nn.Module | Iterable[Any], **kw
         if info.structure_aware:
             given = args.pop("model", model)
             if unwrap_model(given) is not model:
-                raise ValueError(f"create_optimizer({info.name!r}, ...): model= names another module than the one "
+                raise ValueError(f"create_optimizer({info.name!r}, ...): model={type(given).__name__} is not the module "
                                  "given as model_or_params; pass the model once")
             return info.factory(named, model=model, **args)
         return info.factory(named if info.named else [p for _, p in named], **args)

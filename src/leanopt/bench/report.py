@@ -285,9 +285,10 @@ def claim_pma_k1(g, s):
     if "adamw-pma-k1" not in g or "adamw" not in g:
         return Verdict(claim, paper, "needs runs of both", MISSING)
     # Same seeds, same data, same betas. The benchmark's AdamW is torch's fused kernel; on
-    # the CPU AdamW-PMA's C kernel rounds in its order (tests/test_pma_lion.py), but another
-    # device or build may not, and training amplifies last-bit differences: so the check is
-    # the on-par rule, with the curve's largest difference shown beside it.
+    # the CPU AdamW-PMA's C kernel matched it bit for bit in the tests here (they allow 1e-6:
+    # tests/test_pma_lion.py), but another device or build may not, and training amplifies
+    # last-bit differences: so the check is the on-par rule, with the curve's largest
+    # difference shown beside it.
     pairs = [(a, b) for a in g.by_group["adamw-pma-k1"] for b in g.by_group["adamw"] if a["seed"] == b["seed"]]
     if not pairs:
         return Verdict(claim, paper, "no common seed", MISSING)
@@ -565,8 +566,10 @@ def _results_table(groups: Groups, count: str = "seeds") -> list[str]:
 
 IMPLEMENTATION_NOTE = (
     "implementation: what stepped the parameters in a run's last step: leanopt's backends with the number of tensors "
-    "each stepped (native: the C kernels; native-compact: the C kernels over int8/int4/bf16 state; compiled: "
-    "torch.compile'd kernels; eager: the reference in torch ops), or a torch optimizer's fused / foreach / for-loop.")
+    "each stepped (native: the C kernels; native-compact: the C kernels over int8/int4/bf16 state; native-sharded: the "
+    "C kernels on FSDP2/TP shards; compiled: torch.compile'd kernels; compiled-compact: those over compact state; "
+    "eager: the reference in torch ops), a torch optimizer's fused / foreach / for-loop, or a peer library's package "
+    "and class (torchao AdamW8bit); ? for runs made before it was recorded.")
 
 
 def _adamw_state(groups: Groups) -> float | None:
