@@ -196,6 +196,31 @@ def test_a_peer_optimizer_runs_and_resumes_in_the_bench(data_dir, tmp_path):
     assert ao["state_bytes"] < 0.75 * adamw["state_bytes"]  # 8-bit codes for the tensors it quantizes
 
 
+def test_an_interim_report_names_what_is_left_and_trains_nothing(data_dir, tmp_path):
+    from leanopt.bench.tasks import _at_lr, sweep_extension
+    from leanopt.bench.train import finished
+
+    base = (RunSpec("adamw", "adamw", 4e-3), RunSpec("sgd", "sgd", 0.1))
+    runs = tuple(r if f == 1 else _at_lr(r, r.lr * f, r.label) for r in base for f in (0.5, 1, 2))
+    task = replace(smoke(), kind="sweep", claims=(), runs=runs)
+    quiet = dict(progress=False, log=lambda s: None)
+    with pytest.raises(ConfigError, match="nothing to report"):
+        run_task(task, tmp_path, data_dir, so_far=True, **quiet)
+    done = runs[:4]  # adamw's grid, and sgd at lr 0.05
+    run_task(replace(task, runs=done, kind="pretrain"), tmp_path, data_dir, **quiet)
+    run_task(task, tmp_path, data_dir, so_far=True, **quiet)
+    summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
+    # adamw's grid is finished: its edge extension, if its winner is at an edge, is the one run of it left
+    grid = [(r, finished(tmp_path / "smoke" / "runs" / r.key, task.train, r)) for r in done[:3]]
+    left = [r.key for r in runs[4:]] + [r.key for r in sweep_extension(*map(list, zip(*grid)))]
+    assert sorted(u["key"] for u in summary["unfinished"]) == sorted(left)
+    assert sorted(r["key"] for r in summary["runs"]) == sorted(r.key for r in done)
+    assert not any((tmp_path / "smoke" / "runs" / key).exists() for key in left)  # nothing trained
+    report = (tmp_path / "smoke" / "report.md").read_text()
+    assert f"**Interim report** (`leanopt bench smoke --so-far`): 4 runs finished, {len(left)} not" in report
+    assert "| sgd | 0.05 → " in report and "grid unfinished (lr 0.1, 0.2 to come)" in report
+
+
 def test_finished_runs_are_not_redone(data_dir, tmp_path):
     # the estimate printed up front counts what is left: one of two runs finished, half the time
     task = replace(smoke(), runs=smoke().runs[:2], minutes=120)

@@ -151,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         # progress bars only for a person watching: not in logs, pipes or CI
         report = run_task(task, args.out, args.data_dir, progress=not args.no_progress and sys.stderr.isatty(), dp=dp,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, so_far=args.so_far)
     finally:
         if dp.active:
             torch.distributed.destroy_process_group()
@@ -224,6 +224,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when stderr is not a terminal)")
     p.add_argument("--overwrite", action="store_true",
                    help="rerun runs whose folder holds another configuration, moving the old folder aside (never deleted)")
+    p.add_argument("--so-far", action="store_true",
+                   help="train nothing: an interim report of the runs finished so far, naming the others")
     p.add_argument("--parallel", choices=list(PARALLEL_MODES), default=None,
                    help="under torchrun: DistributedDataParallel (default), FSDP2 sharding, tensor parallelism, or "
                         "FSDP2 x TP (TP over pairs of ranks); each data-parallel rank reads its slice of every micro-batch")

@@ -665,10 +665,13 @@ def _sweep_table(summary: dict) -> list[str]:
 
     centre, chosen = SWEEP_TABLES.get(summary["task"], (LRS, LRS))
     groups = Groups(summary["runs"])
+    open_groups: dict[str, list[float]] = {}  # an interim report's unfinished grids: the lrs to come
+    for u in summary.get("unfinished", ()):
+        open_groups.setdefault(u["group"], []).append(u["lr"])
     lines = ["| optimizer | lr → final val loss | best lr | grid centre: its loss vs the best | lr in the presets |",
              "|---|---|---|---|---|"]
-    for name in groups.by_group:
-        runs = sorted(groups.by_group[name], key=lambda r: r["lr"])
+    for name in list(groups.by_group) + [g for g in open_groups if g not in groups.by_group]:
+        runs = sorted(groups.by_group.get(name, ()), key=lambda r: r["lr"])
         cells = ", ".join(f"{r['lr']:.3g} → {_fmt(r['final_val'], digits=3)}" for r in runs)
         finite = [r for r in runs if math.isfinite(r["final_val"])]
         best = min(finite, key=lambda r: r["final_val"]) if finite else None
@@ -680,6 +683,9 @@ def _sweep_table(summary: dict) -> list[str]:
             rel = at_mid[0]["final_val"] / best["final_val"] - 1
             gap = f": {rel:+.1%}" + (f" (within the {stats.MARGIN:.0%} margin)" if rel <= stats.MARGIN else "")
         best_lr = f"{best['lr']:.3g}{edge}" if best is not None else "—"
+        if name in open_groups:
+            best_lr = f"grid unfinished (lr {', '.join(f'{lr:.3g}' for lr in sorted(open_groups[name]))} to come)"
+            gap += " so far" if gap else ""
         lines.append(f"| {name} | {cells} | {best_lr} | {mid:.3g}{gap} | {chosen.get(name, float('nan')):.3g} |")
     return lines
 
@@ -719,6 +725,12 @@ def write_report(task_dir: str | Path) -> Path:
     env = summary["environment"]
     train = summary["train"]
     lines = [f"# leanopt benchmark: `{summary['task']}`", "", summary["description"], ""]
+    if "unfinished" in summary:
+        left = summary["unfinished"]
+        lines += [f"**Interim report** (`leanopt bench {summary['task']} --so-far`): {len(summary['runs'])} runs finished, "
+                  f"{len(left)} not" + (f" ({', '.join(u['key'] for u in left)})" if left else "")
+                  + f". `leanopt bench {summary['task']}` trains the rest (interrupted runs resume) and replaces this report.",
+                  ""]
     if verdicts:
         lines += ["## Claims", "", "| claim | paper | measured here | verdict |", "|---|---|---|---|"]
         lines += [f"| {v.claim} | {v.paper} | {v.measured} | **{v.verdict}** |" for v in verdicts]

@@ -460,6 +460,28 @@ def _duration(minutes: float) -> str:
     return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
+def finished_so_far(task: TaskSpec, out_dir: str | Path) -> tuple[list[dict[str, Any]], list[RunSpec]]:
+    """The summaries of ``task``'s finished runs and the runs not finished; a sweep's edge
+    extensions count where the grid they extend is finished (else they are not yet known)."""
+    done: dict[str, tuple[RunSpec, dict[str, Any]]] = {}
+    unfinished: list[RunSpec] = []
+    pending = list(task.runs)
+    while pending:
+        for run in pending:
+            s = finished(_run_dir(out_dir, task, run), task.train, run)
+            if s is None:
+                unfinished.append(run)
+            else:
+                done[run.key] = (run, s)
+        pending = []
+        if task.kind == "sweep":
+            open_groups = {r.group_name for r in unfinished}
+            closed = [(r, s) for r, s in done.values() if r.group_name not in open_groups]
+            if closed:
+                pending = [r for r in sweep_extension(*map(list, zip(*closed))) if r.key not in done]
+    return [s for _, s in done.values()], unfinished
+
+
 def run_task(
     task: TaskSpec,
     out_dir: str | Path,
@@ -470,14 +492,18 @@ def run_task(
     stop_after: int | None = None,
     dp: DataParallel = DataParallel(),
     overwrite: bool = False,
+    so_far: bool = False,
 ) -> Path:
     """Run every run of ``task`` (finished runs are kept, interrupted ones resume), then
     write ``summary.json`` and the report. All checks happen before any training. A run
     folder of another configuration is refused, or with ``overwrite`` moved aside.
-    ``dp``: this rank of a data-parallel run; rank 0 writes and logs."""
+    ``dp``: this rank of a data-parallel run; rank 0 writes and logs. ``so_far``: train
+    nothing; an interim report of the runs finished so far, naming the others."""
     from .report import write_report
 
     task.validate()
+    if so_far and not dp.is_main:
+        return Path(out_dir) / task.name / "report.md"
     dp.check(task.train.micro_batch)
     if task.base is not None:
         dp.check(task.base[0].micro_batch)
@@ -496,7 +522,7 @@ def run_task(
     t0 = time.perf_counter()
 
     init_state = None
-    if task.base is not None:
+    if task.base is not None and not so_far:
         base_train, base_run = task.base
         log(f"[{task.name}] pre-training the base model on {base_corpus.name!r} (cached after the first time)")
         cache = Path(out_dir) / "_base" / f"{task.runs_from or task.name}-{base_run.key}"  # (a sweep shares its preset's)
@@ -505,7 +531,14 @@ def run_task(
         init_state = torch.load(cache / "model.pt", weights_only=True)
 
     runs, summaries = list(task.runs), []
-    if task.minutes:
+    unfinished: list[RunSpec] = []
+    if so_far:
+        summaries, unfinished = finished_so_far(task, out_dir)
+        if not summaries:
+            raise ConfigError(f"no run of {task.name!r} has finished in {task_dir} yet: nothing to report")
+        runs = []  # nothing to train
+        log(f"[{task.name}] interim report: {len(summaries)} runs finished, {len(unfinished)} not")
+    elif task.minutes:
         left = sum(finished(_run_dir(out_dir, task, run), task.train, run) is None for run in runs)
         so_far = (f", {len(runs) - left} already finished: about {_duration(task.minutes * left / len(runs))} left"
                   if left < len(runs) else "")
@@ -542,6 +575,8 @@ def run_task(
         "runs": summaries,
         "wall_s": time.perf_counter() - t0,
     }
+    if so_far:
+        summary["unfinished"] = [{"key": r.key, "group": r.group_name, "lr": r.lr, "seed": r.seed} for r in unfinished]
     if task.shorter and dp.is_main:
         summary["shorter"] = shorter_runs(out_dir, task)
     if task.kind in ("pretrain", "finetune") and dp.is_main:
