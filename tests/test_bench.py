@@ -231,6 +231,8 @@ def test_finished_runs_are_not_redone(data_dir, tmp_path):
     run_task(task, tmp_path, data_dir, progress=False, log=lines.append)
     assert path.stat().st_mtime_ns == before
     assert "2 runs, about 2.0 h on 2 CPU cores, 1 already finished: about 60 min left" in lines[0]
+    assert "unfinished" not in json.loads((tmp_path / "smoke" / "summary.json").read_text())  # a whole report, not an interim one
+    assert "Interim report" not in (tmp_path / "smoke" / "report.md").read_text()
 
 
 def test_seeds_override_scales_the_preset_time_estimate():

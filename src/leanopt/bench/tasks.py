@@ -540,9 +540,9 @@ def run_task(
         log(f"[{task.name}] interim report: {len(summaries)} runs finished, {len(unfinished)} not")
     elif task.minutes:
         left = sum(finished(_run_dir(out_dir, task, run), task.train, run) is None for run in runs)
-        so_far = (f", {len(runs) - left} already finished: about {_duration(task.minutes * left / len(runs))} left"
-                  if left < len(runs) else "")
-        log(f"[{task.name}] {len(runs)} runs, about {_duration(task.minutes)} on 2 CPU cores{so_far} "
+        already = (f", {len(runs) - left} already finished: about {_duration(task.minutes * left / len(runs))} left"
+                   if left < len(runs) else "")
+        log(f"[{task.name}] {len(runs)} runs, about {_duration(task.minutes)} on 2 CPU cores{already} "
             "(finished runs are kept: an interrupted invocation resumes where it stopped)")
     bar = None
     if progress:
