@@ -516,34 +516,26 @@ def test_presets_lrs_follow_their_sweep(sweep, preset):
     stats.MARGIN of the sweep's best, else it takes the winner; at the longer horizons that
     winner is a run the sweep made, the same folder as the preset's seed 0."""
     from leanopt.bench.stats import MARGIN
-    from leanopt.bench.tasks import SWEEP_TABLES, sweep_extension
-    from leanopt.bench.train import finished
+    from leanopt.bench.tasks import SWEEP_TABLES, finished_so_far
 
-    kept = Path(__file__).resolve().parent.parent / "docs" / "results" / (preset or sweep) / "runs"
+    results = Path(__file__).resolve().parent.parent / "docs" / "results"  # its runs are in results/(preset or sweep)/runs
     task, centre, chosen = get_task(sweep), *SWEEP_TABLES[sweep]
-    by_group: dict[str, list] = {}
-    for r in task.runs:
-        by_group.setdefault(r.group_name, []).append((r, finished(kept / r.key, task.train, r)))
-    complete = {}  # the groups whose grid, edge extensions included, is finished
-    while by_group:
-        group, pairs = by_group.popitem()
-        if any(s is None for _, s in pairs):
-            continue
-        extra = sweep_extension(*zip(*pairs))
-        if extra:
-            by_group[group] = pairs + [(r, finished(kept / r.key, task.train, r)) for r in extra]
-        else:
-            complete[group] = pairs
+    summaries, unfinished = finished_so_far(task, results)  # edge extensions included where their grid is finished
+    complete: dict[str, list[dict]] = {}  # the groups whose grid is finished
+    for s in summaries:
+        complete.setdefault(s["group"], []).append(s)
+    for r in unfinished:
+        complete.pop(r.group_name, None)
     assert set(complete) == (SWEEPS_KEPT[sweep] or {r.group_name for r in task.runs})  # the whole sweep is kept, or that part
-    for name, pairs in complete.items():
-        loss = {r.lr: s["final_val"] for r, s in pairs}
+    for name, runs in complete.items():
+        loss = {s["lr"]: s["final_val"] for s in runs}
         best = min((lr for lr in loss if math.isfinite(loss[lr])), key=loss.get)
         prior = next(loss[lr] for lr in loss if math.isclose(lr, centre[name]))
         want = centre[name] if prior <= (1 + MARGIN) * loss[best] else best
         assert chosen[name] == pytest.approx(want), name
         if preset:
             own = next(r for r in get_task(preset).runs if r.group_name == name and r.seed == 0)
-            assert own.lr == pytest.approx(want) and own.key in {r.key for r, _ in pairs}  # the preset's seed 0 is that run
+            assert own.lr == pytest.approx(want) and own.key in {s["key"] for s in runs}  # the preset's seed 0 is that run
 
 
 def test_state_at_scale_has_a_row_for_every_group_of_the_report():
