@@ -456,20 +456,23 @@ def test_a_sweep_extends_its_grid_until_the_winner_is_inside():
     assert masked.optimizer == "adam-mini" and masked.kwargs["mask"] == "async"
 
 
-def test_the_long_sweep_is_centred_on_pretrain_long_s_own_runs():
+def test_the_long_sweep_is_centred_on_pretrain_s_lrs_and_holds_pretrain_long_s_seed_0():
     from leanopt.bench.config import fingerprint
-    from leanopt.bench.tasks import SWEEP_TABLES
+    from leanopt.bench.tasks import SWEEP_TABLES, _at_lr
 
     sweep, long = get_task("sweep-long"), get_task("pretrain-long")
     assert sweep.train == long.train and sweep.runs_from == "pretrain-long"
-    own = {r.key: fingerprint(long.train, r) for r in long.runs if r.seed == 0}
     centre, chosen = SWEEP_TABLES["sweep-long"]
     for group in {r.group_name for r in long.runs}:
+        assert centre[group] == next(r.lr for r in get_task("pretrain").runs if r.group_name == group)  # pretrain's lr
         grid = sorted((r for r in sweep.runs if r.group_name == group), key=lambda r: r.lr)
-        assert [r.lr / chosen[group] for r in grid] == pytest.approx([0.5, 1, 2]) and chosen[group] == centre[group]
-        # lr x 1 is pretrain-long's seed-0 run (same folder, same configuration: trained once)
-        assert own[grid[1].key] == fingerprint(sweep.train, grid[1])
-        assert all(r.key not in own for r in (grid[0], grid[2]))
+        assert [r.lr / centre[group] for r in grid] == pytest.approx([0.5, 1, 2])
+        # pretrain-long's seed 0 is the sweep's run at the lr it chose (same folder, same configuration:
+        # trained once), a run of the grid or the edge extension that named the same lr
+        mine = next(r for r in long.runs if r.group_name == group and r.seed == 0)
+        assert mine.lr == pytest.approx(chosen[group])
+        theirs = next((r for r in grid if r.key == mine.key), None) or _at_lr(grid[-1], mine.lr, group)
+        assert (theirs.key, fingerprint(sweep.train, theirs)) == (mine.key, fingerprint(long.train, mine))
         assert {k: v for k, v in grid[0].kwargs.items() if k != "weight_decay"} == \
             {k: v for k, v in grid[1].kwargs.items() if k != "weight_decay"}
         if "weight_decay" in grid[1].kwargs:  # the same decay strength lr x wd at every lr
@@ -632,6 +635,7 @@ def test_pretrain_long_sets_each_gap_beside_pretrain_s_and_pairs_its_change_by_s
     # configuration in that folder is not
     finals = {("adamw", 0): 3.40, ("adamw", 1): 3.44, ("adam-mini", 0): 3.45, ("adam-mini", 1): 3.47}
     by_key = {r.key: r for r in short.runs}
+    lr = {g: next(r.lr for r in short.runs if r.group_name == g) for g in ("adamw", "adam-mini")}
 
     def write(out, train, fingerprint_of=lambda group, seed: None):
         for (group, seed), final in finals.items():
@@ -649,17 +653,43 @@ def test_pretrain_long_sets_each_gap_beside_pretrain_s_and_pairs_its_change_by_s
     # the command line's overrides (here --corpus and --seeds) reach the shorter preset's runs too
     write(tmp_path / "src", get_task("pretrain", corpus="src").train)
     assert shorter_runs(tmp_path / "src", get_task("pretrain-long", corpus="src", seeds=(1,)))["runs"] == [
-        {"group": g, "seed": 1, "final_val": finals[g, 1], "tokens": 2457600} for g in ("adamw", "adam-mini")]
+        {"lr": lr[g], "group": g, "seed": 1, "final_val": finals[g, 1], "tokens": 2457600} for g in ("adamw", "adam-mini")]
     assert shorter_runs(tmp_path / "src", long)["runs"] == []  # (those are not the default configuration's)
     # Adam-mini's gap: +0.05 and +0.03 at 1 200 steps (seed 1's run put back), +0.01 and +0.02 at 6 000
-    found["runs"].append({"group": "adam-mini", "seed": 1, "final_val": 3.47, "tokens": 2457600})
-    runs = [{"group": g, "seed": s, "final_val": v, "tokens": 5 * 2457600}
+    found["runs"].append({"lr": lr["adam-mini"], "group": "adam-mini", "seed": 1, "final_val": 3.47, "tokens": 2457600})
+    runs = [{"lr": lr[g], "group": g, "seed": s, "final_val": v, "tokens": 5 * 2457600}
             for (g, s), v in {("adamw", 0): 3.00, ("adamw", 1): 3.02, ("adam-mini", 0): 3.01, ("adam-mini", 1): 3.04}.items()]
     table = _horizon_table({"task": "pretrain-long", "shorter": found, "runs": runs}, Groups(runs))
-    row = next(line for line in table if line.startswith("| adam-mini |"))
+    row = next(line for line in table if line.startswith("| adam-mini |"))  # same lr at both lengths: no lr named
     cells = [c.strip() for c in row.split("|")[2:5]]
     assert cells[0].startswith("Δ +0.0400") and "n=2" in cells[0]
     assert cells[1].startswith("Δ +0.0150")
     # moved: (0.01 - 0.05, 0.02 - 0.03) = (-0.04, -0.01): mean -0.025, t(1) = 12.706, sd 0.0212
     half = 12.706 * math.sqrt(((-0.04 + 0.025) ** 2 + (-0.01 + 0.025) ** 2)) / math.sqrt(2)
     assert cells[2] == f"Δ -0.0250, 95% CI [{-0.025 - half:+.4f}, {-0.025 + half:+.4f}], n=2"
+
+
+def test_the_gaps_by_length_pair_an_optimizer_whose_lr_moved_with_its_own_runs(tmp_path):
+    """SGD-SaI takes another lr in pretrain-long than in pretrain (LONG_LRS): its gap at each
+    length is at that length's lr, from the same seeds, and the row says so."""
+    from leanopt.bench.report import Groups, _horizon_table
+    from leanopt.bench.tasks import LONG_LRS, PRETRAIN_LRS, shorter_runs
+    from leanopt.bench.train import fingerprint
+
+    long, short = get_task("pretrain-long", seeds=(0,)), get_task("pretrain")
+    assert LONG_LRS["sgd-sai"] != PRETRAIN_LRS["sgd-sai"]
+    finals = {"adamw": 3.40, "sgd-sai": 4.10, "alpha-adam-sync": 3.30}  # alpha-adam-sync: not a group of pretrain-long's
+    for run in short.runs:
+        if run.seed == 0 and run.group_name in finals:
+            folder = tmp_path / "pretrain" / "runs" / run.key
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps({"fingerprint": fingerprint(short.train, run), "group": run.group_name,
+                                                             "seed": 0, "final_val": finals[run.group_name], "tokens": 1}))
+    found = shorter_runs(tmp_path, long)
+    assert {(r["group"], r["lr"]) for r in found["runs"]} == {("adamw", PRETRAIN_LRS["adamw"]), ("sgd-sai", PRETRAIN_LRS["sgd-sai"])}
+    runs = [{"lr": r.lr, "group": r.group_name, "seed": 0, "final_val": {"adamw": 3.0, "sgd-sai": 3.5}[r.group_name], "tokens": 5}
+            for r in long.runs if r.group_name in ("adamw", "sgd-sai")]
+    table = _horizon_table({"task": "pretrain-long", "shorter": found, "runs": runs}, Groups(runs))
+    (row,) = [line for line in table if line.startswith("| sgd-sai")]
+    assert row.startswith(f"| sgd-sai (lr {PRETRAIN_LRS['sgd-sai']:.3g} → {LONG_LRS['sgd-sai']:.3g}) | Δ +0.7000")
+    assert "Δ +0.5000" in row

@@ -630,7 +630,9 @@ def _horizon_table(summary: dict, groups: Groups, base: str = "adamw") -> list[s
             rel = f" ({100 * d.mean / g.mean(base, final):+.1f}%)" if d and math.isfinite(d.mean) else ""
             cells.append(d.text() + rel if d else "-")
         moved = stats.paired(gaps[1], gaps[0])
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {moved.text() if moved else '-'} |")
+        lrs = [" / ".join(f"{x:.3g}" for x in sorted({r.get("lr", math.nan) for r in g.by_group[name]})) for g in (short, groups)]
+        label = name if lrs[0] == lrs[1] or "nan" in lrs[0] + lrs[1] else f"{name} (lr {lrs[0]} → {lrs[1]})"
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {moved.text() if moved else '-'} |")
     return lines
 
 
@@ -762,8 +764,9 @@ def write_report(task_dir: str | Path) -> Path:
         lines += _target_table(groups) + [""]
     if summary.get("shorter", {}).get("runs") and "adamw" in groups:
         lines += ["## The gaps to AdamW by training length", "",
-                  f"The same runs (optimizer, lr, seed: the same init and data order) in `{summary['shorter']['task']}`, "
-                  "with its shorter schedule, and here. Δ: final validation loss minus AdamW's, paired by seed (in "
+                  f"The same runs (optimizer, arguments, seed: the same init and data order) in "
+                  f"`{summary['shorter']['task']}`, with its shorter schedule, and here, each at the lr its own horizon's "
+                  "sweep chose (a row names the lrs where they differ). Δ: final validation loss minus AdamW's, paired by seed (in "
                   "parentheses, relative to AdamW's loss). Gap moved: per seed, this preset's Δ minus the shorter one's, "
                   "paired by seed; negative: the optimizer gained on AdamW with the longer training.", ""]
         lines += _horizon_table(summary, groups) + [""]
