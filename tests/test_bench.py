@@ -283,6 +283,20 @@ def test_claim_verdicts_follow_the_paired_rules():
     assert evaluate_claims({"claims": ["sgd-sai-loss"], "runs": base})[0].verdict == "not measured"
 
 
+def test_memory_claims_read_any_full_precision_adamw_run_as_the_results_table_does():
+    from leanopt.bench.report import MISSING, Groups, _adamw_state, evaluate_claims
+
+    mini = [{"group": "adam-mini", "optimizer": "adam-mini", "seed": 0, "state_bytes": 510, "final_val": 3.0}]
+    accum = [{"group": "adamw-accum4", "optimizer": "adamw", "seed": 0, "state_bytes": 1000, "final_val": 3.0}]
+    int8 = [{"group": "adamw-int8", "optimizer": "adamw", "kwargs": {"state_precision": "int8"}, "seed": 0, "state_bytes": 260,
+             "final_val": 3.0}]
+    (v,) = evaluate_claims({"claims": ["adam-mini-memory"], "runs": mini + accum + int8})  # no group named "adamw"
+    assert v.verdict == "holds" and "0.510x AdamW's" in v.measured
+    assert _adamw_state(Groups(mini + accum + int8)) == 1000  # compact state is not AdamW's
+    (v,) = evaluate_claims({"claims": ["adam-mini-memory"], "runs": mini + int8})
+    assert v.verdict == MISSING and "needs runs" in v.measured
+
+
 def test_state_precision_claims_compare_each_optimizer_with_its_full_precision_self():
     runs = []
     for seed, level in enumerate((3.00, 3.40, 3.20)):  # a wide spread that moves every arm together

@@ -206,9 +206,10 @@ def _combination_claim(groups: Groups, ours: str, unmasked: str, claim: str) -> 
 
 
 def _memory_claim(groups: Groups, ours: str, claim: str, paper: str) -> Verdict:
-    if ours not in groups or "adamw" not in groups:
+    adamw = _adamw_state(groups)  # the results table's denominator too
+    if ours not in groups or adamw is None:
         return Verdict(claim, paper, "needs runs of both optimizers", MISSING)
-    ratio = groups.mean(ours, lambda r: r["state_bytes"]) / groups.mean("adamw", lambda r: r["state_bytes"])
+    ratio = groups.mean(ours, lambda r: r["state_bytes"]) / adamw
     verdict = HOLDS if ratio <= 0.55 else (FAILS if ratio > 0.75 else INCONCLUSIVE)
     return Verdict(claim, paper, f"optimizer state {ratio:.3f}x AdamW's ({1 - ratio:.1%} less)", verdict)
 
