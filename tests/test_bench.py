@@ -472,7 +472,7 @@ def test_a_sweep_extends_its_grid_until_the_winner_is_inside():
 
 def test_the_long_sweep_is_centred_on_pretrain_s_lrs_and_holds_pretrain_long_s_seed_0():
     from leanopt.bench.config import fingerprint
-    from leanopt.bench.tasks import SWEEP_TABLES, _at_lr
+    from leanopt.bench.tasks import SWEEP_TABLES, _at_lr, _but_lr
 
     sweep, long = get_task("sweep-long"), get_task("pretrain-long")
     assert sweep.train == long.train and sweep.runs_from == "pretrain-long"
@@ -485,12 +485,13 @@ def test_the_long_sweep_is_centred_on_pretrain_s_lrs_and_holds_pretrain_long_s_s
         # trained once), a run of the grid or the edge extension that named the same lr
         mine = next(r for r in long.runs if r.group_name == group and r.seed == 0)
         assert mine.lr == pytest.approx(chosen[group])
-        theirs = next((r for r in grid if r.key == mine.key), None) or _at_lr(grid[-1], mine.lr, group)
+        theirs = next((r for r in grid if r.key == mine.key), None)
+        if theirs is None:  # an edge extension: a factor of two, or several, beyond the grid
+            edge = grid[-1] if mine.lr > grid[-1].lr else grid[0]
+            assert math.log2(mine.lr / edge.lr) == pytest.approx(round(math.log2(mine.lr / edge.lr)))
+            theirs = _at_lr(edge, mine.lr, group)
         assert (theirs.key, fingerprint(sweep.train, theirs)) == (mine.key, fingerprint(long.train, mine))
-        assert {k: v for k, v in grid[0].kwargs.items() if k != "weight_decay"} == \
-            {k: v for k, v in grid[1].kwargs.items() if k != "weight_decay"}
-        if "weight_decay" in grid[1].kwargs:  # the same decay strength lr x wd at every lr
-            assert [r.lr * r.kwargs["weight_decay"] for r in grid] == pytest.approx([grid[1].lr * grid[1].kwargs["weight_decay"]] * 3)
+        assert len({_but_lr(r) for r in grid + [mine]}) == 1  # the same arguments and decay strength lr x wd
 
 
 def test_the_finetune_sweep_varies_only_the_baselines_lr():
@@ -703,6 +704,11 @@ def test_the_gaps_by_length_pair_an_optimizer_whose_lr_moved_with_its_own_runs(t
     assert {(r["group"], r["lr"]) for r in found["runs"]} == {("adamw", PRETRAIN_LRS["adamw"]), ("sgd-sai", PRETRAIN_LRS["sgd-sai"])}
     runs = [{"lr": r.lr, "group": r.group_name, "seed": 0, "final_val": {"adamw": 3.0, "sgd-sai": 3.5}[r.group_name], "tokens": 5}
             for r in long.runs if r.group_name in ("adamw", "sgd-sai")]
+    # the same group with other arguments (here AlphaAdam's mask) or another decay strength is not that run
+    for other in ({"mask": "async"}, {"weight_decay": 1.0}):
+        changed = replace(long, runs=tuple(replace(r, kwargs={**r.kwargs, **other}) if r.group_name == "sgd-sai" else r
+                                           for r in long.runs))
+        assert {r["group"] for r in shorter_runs(tmp_path, changed)["runs"]} == {"adamw"}, other
     table = _horizon_table({"task": "pretrain-long", "shorter": found, "runs": runs}, Groups(runs))
     (row,) = [line for line in table if line.startswith("| sgd-sai")]
     assert row.startswith(f"| sgd-sai (lr {PRETRAIN_LRS['sgd-sai']:.3g} → {LONG_LRS['sgd-sai']:.3g}) | Δ +0.7000")

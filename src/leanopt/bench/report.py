@@ -662,7 +662,7 @@ def _implementation(runs: list[dict]) -> str:
 
 def _sweep_table(summary: dict) -> list[str]:
     """Per optimizer: the grid, its winner, the lr the grid is centred on with its loss's gap
-    to the winner's, and the lr the presets take (tasks.PRETRAIN_LRS: the centre, unless that
+    to the winner's, and the lr the presets take (tasks.SWEEP_TABLES: the centre, unless that
     gap exceeds stats.MARGIN)."""
     from .tasks import LRS, SWEEP_TABLES
 
@@ -765,7 +765,7 @@ def write_report(task_dir: str | Path) -> Path:
         lines += _target_table(groups) + [""]
     if summary.get("shorter", {}).get("runs") and "adamw" in groups:
         lines += ["## The gaps to AdamW by training length", "",
-                  f"The same runs (optimizer, arguments, seed: the same init and data order) in "
+                  f"Each optimizer's runs (the same arguments and seeds: the same init and data order) in "
                   f"`{summary['shorter']['task']}`, with its shorter schedule, and here, each at the lr its own horizon's "
                   "sweep chose (a row names the lrs where they differ). Δ: final validation loss minus AdamW's, paired by seed (in "
                   "parentheses, relative to AdamW's loss). Gap moved: per seed, this preset's Δ minus the shorter one's, "

@@ -96,7 +96,7 @@ class TaskSpec:
     scale_models: tuple[str, ...] = SCALE_MODELS  # models whose state bytes the report adds (bench/memory.py)
     minutes: float = 0.0  # the whole preset's wall time on 2 CPU cores, estimated from measured runs (0: short)
     runs_from: str = ""  # the preset whose run folders these runs live in (a run both have is trained once)
-    shorter: str = ""  # a preset of the same runs at a shorter length: the report sets its gaps beside these
+    shorter: str = ""  # a preset of these optimizers at a shorter length: the report sets its gaps beside these
 
     def validate(self) -> None:
         self.train.validate()
@@ -352,14 +352,16 @@ SWEEP_TABLES: dict[str, tuple[dict[str, float], dict[str, float]]] = {
     "sweep-finetune": ({r.label: r.lr for r in _FINETUNE_DEFAULT.runs if r.accum > 1},
                        {r.group_name: r.lr for r in PRESETS["finetune"].runs if r.accum > 1}),
 }
-# Sized for one GPU in well under 10 minutes (scripts/gpu-check runs it): 8 runs of 400 micro-batches
-# of 16 x 512 tokens, ~6e12 FLOPs a step. Estimated, not yet measured: no GPU has run it. The lrs are
-# the small model's (LRS), not tuned at 124M.
+# Sized for one GPU in well under 10 minutes (scripts/gpu-check runs it): 8 runs of 400 micro-batches of
+# 16 x 512 tokens, the GPT-2-small shape at the corpus's 4 096-token vocabulary (91M parameters, ~4.5e12
+# FLOPs a step). Estimated, not yet measured: no GPU has run it. The lrs are the small model's (LRS), not
+# tuned at this size. A checkpoint (model and state, ~1 GB) every 200 micro-batches, not at every validation.
 _add(TaskSpec(
-    "pretrain-gpu", "pre-training on a GPU: a GPT-2-small-sized model (124M), bf16 autocast, seq 512, 400 micro-batches "
-    "of 8 192 tokens; AdamW, Adam-mini, SGD-SaI and AlphaAdam, 2 seeds each (paired), their default (compiled) path",
+    "pretrain-gpu", "pre-training on a GPU: the GPT-2-small shape (91M parameters with the corpus's 4 096-token "
+    "vocabulary), bf16 autocast, seq 512, 400 micro-batches of 8 192 tokens; AdamW, Adam-mini, SGD-SaI and AlphaAdam, "
+    "2 seeds each (paired), their default (compiled) path",
     TrainConfig("python", GPU_MODEL, seq_len=512, micro_batch=16, micro_steps=400, eval_every=20, eval_batches=8,
-                bf16=True, device="cuda"),
+                bf16=True, device="cuda", checkpoint_every=200),
     _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam"]), (0, 1)),
     CORE_CLAIMS,
 ))
@@ -430,8 +432,10 @@ def shorter_runs(out_dir: str | Path, task: TaskSpec) -> dict[str, Any]:
 
 
 def _but_lr(run: RunSpec) -> tuple:
-    # weight decay follows the lr (DECAY / lr), so it is left out with it
-    return run.optimizer, run.accum, sorted((k, repr(v)) for k, v in run.kwargs.items() if k != "weight_decay")
+    """What makes a run apart from its lr and seed. Weight decay follows the lr (``DECAY / lr``),
+    so its strength ``lr·wd`` stands for it."""
+    kwargs = {k: float(f"{run.lr * v:.6g}") if k == "weight_decay" else v for k, v in run.kwargs.items()}
+    return run.optimizer, run.accum, tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
 
 
 def scale_runs(task: TaskSpec) -> list[tuple[str, str, dict[str, Any]]]:
