@@ -521,14 +521,14 @@ def test_the_finetune_sweep_varies_only_the_baselines_lr():
 
 
 # sweep-long is kept in part (its runs take ~45 min each): the optimizers whose grids are finished
-SWEEPS_KEPT = {"sweep": None, "sweep-pretrain": None, "sweep-finetune": None,
+SWEEPS_KEPT = {"sweep": None, "sweep-quick": None, "sweep-pretrain": None, "sweep-finetune": None,
                "sweep-long": {"adamw", "adam-mini", "alpha-adam"}}  # SGD-SaI's needs lr 8
 
 
-@pytest.mark.parametrize("sweep, preset", [("sweep", None), ("sweep-pretrain", "pretrain"), ("sweep-finetune", "finetune"),
-                                           ("sweep-long", "pretrain-long")])
+@pytest.mark.parametrize("sweep, preset", [("sweep", None), ("sweep-quick", "quick"), ("sweep-pretrain", "pretrain"),
+                                           ("sweep-finetune", "finetune"), ("sweep-long", "pretrain-long")])
 def test_presets_lrs_follow_their_sweep(sweep, preset):
-    """LRS, PRETRAIN_LRS, FINETUNE_LR_MOVES and pretrain-long's lrs against the kept runs of
+    """LRS, quick's lrs, PRETRAIN_LRS, FINETUNE_LR_MOVES and LONG_LRS against the kept runs of
     their sweeps (docs/results/PRESET/runs): a table keeps the grid's centre (the family
     default, the shorter sweep's lr, or finetune's default) when that lr's final loss is within
     stats.MARGIN of the sweep's best, else it takes the winner; at the longer horizons that

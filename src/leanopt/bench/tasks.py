@@ -270,12 +270,17 @@ _add(TaskSpec(
     + tuple(_pma_pair_runs("adamw", "adamw-pma", 2, LRS["adamw"])),
     CORE_CLAIMS + ("pma-k1", "pma-speedup"), scale_models=("tiny",),
 ))
+QUICK = ["adamw", "adam-mini", "sgd-sai", "alpha-adam"]
+QUICK_TRAIN = TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=240, eval_every=12, eval_batches=8)
 _add(TaskSpec(
     "quick", "what `./run demo` runs: AdamW, Adam-mini, SGD-SaI and AlphaAdam, 2 seeds each (paired), on Python "
     "source, a 1.1M-parameter GPT, 240 steps (PMA's claims: the pretrain and finetune presets)",
-    TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=240, eval_every=12, eval_batches=8),
-    _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam"]), (0, 1)),
-    CORE_CLAIMS, minutes=9,
+    QUICK_TRAIN, _seeded(_pretrain_runs(QUICK), (0, 1)), CORE_CLAIMS, minutes=7,  # 8 runs, ~50 s each
+))
+_add(TaskSpec(
+    "sweep-quick", "the learning-rate sweep at quick's own horizon (240 steps): its optimizers at their lr x 1/2, 1, 2, "
+    "one seed, extended by factors of two until the winner is inside the grid (the run at quick's lr is quick's seed 0)",
+    QUICK_TRAIN, _horizon_sweep_runs(QUICK, LRS), (), kind="sweep", minutes=7, runs_from="quick",  # 8 runs of its own
 ))
 _add(TaskSpec(
     "pretrain", "pre-training on Python source, 1 200 steps of 2 048 tokens: AdamW, Adam-mini, SGD-SaI, AlphaAdam (async "
@@ -347,6 +352,7 @@ _add(TaskSpec(
 # per sweep: the lrs its grid is centred on, and the table it chooses (its report sets both beside the winner)
 SWEEP_TABLES: dict[str, tuple[dict[str, float], dict[str, float]]] = {
     "sweep": (SWEEP_CENTER, LRS),
+    "sweep-quick": ({n: LRS[n] for n in QUICK}, {r.group_name: r.lr for r in PRESETS["quick"].runs}),
     "sweep-pretrain": (LRS, PRETRAIN_LRS),
     "sweep-long": ({n: PRETRAIN_LRS[n] for n in LONG}, {n: LONG_LRS[n] for n in LONG}),
     "sweep-finetune": ({r.label: r.lr for r in _FINETUNE_DEFAULT.runs if r.accum > 1},
