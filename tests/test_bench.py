@@ -520,9 +520,9 @@ def test_the_finetune_sweep_varies_only_the_baselines_lr():
     assert extra.lr == pytest.approx(2 * lion8[-1].lr)
 
 
-# sweep-long is kept in part (its runs take ~45 min each): the optimizers whose grids are finished
-SWEEPS_KEPT = {"sweep": None, "sweep-quick": None, "sweep-pretrain": None, "sweep-finetune": None,
-               "sweep-long": {"adamw", "adam-mini", "alpha-adam"}}  # SGD-SaI's needs lr 8
+# every sweep is kept whole (sweep-long's runs in pretrain-long's folder: ~45 min each); a sweep
+# kept in part names the optimizers whose grids are finished
+SWEEPS_KEPT = {"sweep": None, "sweep-quick": None, "sweep-pretrain": None, "sweep-finetune": None, "sweep-long": None}
 
 
 @pytest.mark.parametrize("sweep, preset", [("sweep", None), ("sweep-quick", "quick"), ("sweep-pretrain", "pretrain"),

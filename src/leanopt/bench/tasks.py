@@ -63,7 +63,8 @@ LRS: dict[str, float] = {
 # preset that differs from the others. tests/test_bench.py checks this table against the kept runs.
 PRETRAIN_LRS: dict[str, float] = {**LRS, "lion": LRS["lion"] / 4}  # Lion: 3.532 at 4e-4 against 4.036 at 1.6e-3
 # pretrain-long's horizon (6 000 steps) has one too, `sweep-long`, centred on PRETRAIN_LRS, same rule.
-# SGD-SaI's optimum moved up with the tokens: at lr 2 it ends 8.1 % behind lr 4 (3.301 against 3.053)
+# SGD-SaI's optimum moved up with the tokens: at lr 2 it ends 8.1 % behind lr 4 (3.301 against 3.053;
+# lr 8: 4.218), the others' stayed
 LONG_LRS: dict[str, float] = {**PRETRAIN_LRS, "sgd-sai": 4.0}
 # the sweep grid: factors of two around a family default (SGD-SaI's momentum is an EMA,
 # so its lr is ~1/(1-μ) = 10x that of torch's undampened SGD momentum)
