@@ -30,7 +30,7 @@ from leanopt.registry import state_bytes  # noqa: E402
 from helpers import batch, tiny_model  # noqa: E402
 from test_battery import CASES  # noqa: E402
 
-STEPS = 10
+STEPS = 6  # the DCP tests save after 3, mid-period, and the next 3 cross PMA's large step (period 4); 10 cost the suite ~100 s
 GLOBAL_BATCH = 12  # divides by 1, 2, 3 and 4 data-parallel ranks
 # 3 heads of 8 rows and 24-element norms: split 12/12 over two ranks, the middle head
 # and every norm block straddle the shards. float64, so that comparisons see the math and

@@ -141,7 +141,7 @@ def test_fsdp2_nonfinite_gradients_follow_the_rule(fsdp_results, name, skip):
     (("2d", 4, "tp"), ("tp", 2, "tp"), ("none", 1, "tp")),
 ], ids=["fsdp-3-2-1-3", "fsdp+tp-4-tp-2-1"])
 def test_dcp_checkpoints_move_across_world_sizes_and_layouts(tmp_path, chain):
-    # the first saves after 5 of 10 steps and trains on (the reference); each next loads the
+    # the first saves after 3 of 6 steps and trains on (the reference); each next loads the
     # previous one's checkpoint, saves it again in its own layout and trains the same 5 steps
     outs = [tmp_path / f"run{i}" for i in range(len(chain))]
     for i, (wrap, world, shapes) in enumerate(chain):
@@ -234,7 +234,7 @@ def sharded_results(request, tmp_path_factory):
 
 @pytest.mark.parametrize("name", SHARDED_RUNS)
 def test_every_sharded_layout_equals_one_process(sharded_results, name):
-    """≤ 1e-5 relative difference after 10 float64 steps: the statistics see the whole
+    """≤ 1e-5 relative difference after 6 float64 steps: the statistics see the whole
     tensor however it is split (uneven rows, empty shards, Shard(1) columns, strided rows)."""
     mode, world, out = sharded_results
     distributed = torch.load(out / f"{name}.pt", weights_only=True)
@@ -245,7 +245,7 @@ def test_every_sharded_layout_equals_one_process(sharded_results, name):
 def test_tensor_parallel_placements_on_any_split_equal_one_process(tmp_path):
     """Megatron's placements on 3 ranks, where nothing divides (7/7/6 query rows, 2/2/0 key
     rows, 7/7/6 output and embedding columns, 15-column MLP shards) and biases are
-    sharded or replicated: every optimizer and variant equals one process (float64, 10 steps).
+    sharded or replicated: every optimizer and variant equals one process (float64, 6 steps).
     No parallel style runs such splits (the heads would not divide), so the placements are set
     by hand and each step's gradients come from a plain replica: the optimizer's side of
     uneven tensor parallelism."""
@@ -324,7 +324,7 @@ def check_fast(fast: dict) -> None:
     """By default every tensor of every run stepped in C on its shard -- elementwise steps by
     the plain kernels, steps with a statistic across the shards by the sharded C step (C
     passes around one collective) -- and the result equals the eager reference's to float32
-    rounding after 10 steps of the same gradients (≤ 1e-6, as unsharded in test_native.py)."""
+    rounding after 6 steps of the same gradients (≤ 1e-6, as unsharded in test_native.py)."""
     for name, r in fast.items():
         used = r["backends"]
         assert sum(used.values()) == r["eager_backends"]["eager"], (name, r)
