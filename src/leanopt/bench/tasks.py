@@ -123,6 +123,8 @@ def _seeded(runs: list[RunSpec], seeds: tuple[int, ...]) -> tuple[RunSpec, ...]:
     return tuple(replace(r, seed=s) for s in seeds for r in runs)
 
 
+# the four optimizers of the papers' central claims (CORE_CLAIMS): quick, precision, pretrain-gpu
+CORE = ["adamw", "adam-mini", "sgd-sai", "alpha-adam"]
 # runs that are an optimizer with arguments: label -> (optimizer, arguments, whose lr)
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "alpha-adam-sync": ("alpha-adam", {"mask": "sync"}, "alpha-adam"),
@@ -131,8 +133,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "adam-mini-async": ("adam-mini", {"mask": "async"}, "adam-mini-async"),
     "sgd-sai-async": ("sgd-sai", {"mask": "async"}, "sgd-sai-async"),
     # compact optimizer state (leanopt.precision) at the full-precision optimizer's lr
-    **{f"{n}-{prec}": (n, {"state_precision": prec}, n) for n in ("adamw", "adam-mini", "sgd-sai", "alpha-adam")
-       for prec in ("int8", "bf16")},
+    **{f"{n}-{prec}": (n, {"state_precision": prec}, n) for n in CORE for prec in ("int8", "bf16")},
     "adam-mini-int4": ("adam-mini", {"state_precision": "int4"}, "adam-mini"),
     # a peer's 8-bit AdamW (torchao, where installed), at AdamW's lr
     "adamw-torchao8bit": ("torchao:AdamW8bit", {}, "adamw"),
@@ -271,17 +272,16 @@ _add(TaskSpec(
     + tuple(_pma_pair_runs("adamw", "adamw-pma", 2, LRS["adamw"])),
     CORE_CLAIMS + ("pma-k1", "pma-speedup"), scale_models=("tiny",),
 ))
-QUICK = ["adamw", "adam-mini", "sgd-sai", "alpha-adam"]
 QUICK_TRAIN = TrainConfig("python", QUICK_MODEL, seq_len=128, micro_batch=16, micro_steps=240, eval_every=12, eval_batches=8)
 _add(TaskSpec(
     "quick", "what `./run demo` runs: AdamW, Adam-mini, SGD-SaI and AlphaAdam, 2 seeds each (paired), on Python "
     "source, a 1.1M-parameter GPT, 240 steps (PMA's claims: the pretrain and finetune presets)",
-    QUICK_TRAIN, _seeded(_pretrain_runs(QUICK), (0, 1)), CORE_CLAIMS, minutes=7,  # 8 runs, ~50 s each
+    QUICK_TRAIN, _seeded(_pretrain_runs(CORE), (0, 1)), CORE_CLAIMS, minutes=7,  # 8 runs, ~50 s each
 ))
 _add(TaskSpec(
     "sweep-quick", "the learning-rate sweep at quick's own horizon (240 steps): its optimizers at their lr x 1/2, 1, 2, "
     "one seed, extended by factors of two until the winner is inside the grid (the run at quick's lr is quick's seed 0)",
-    QUICK_TRAIN, _horizon_sweep_runs(QUICK, LRS), (), kind="sweep", minutes=7, runs_from="quick",  # 8 runs of its own
+    QUICK_TRAIN, _horizon_sweep_runs(CORE, LRS), (), kind="sweep", minutes=7, runs_from="quick",  # 8 runs of its own
 ))
 _add(TaskSpec(
     "pretrain", "pre-training on Python source, 1 200 steps of 2 048 tokens: AdamW, Adam-mini, SGD-SaI, AlphaAdam (async "
@@ -289,14 +289,13 @@ _add(TaskSpec(
     "the 1.8M-parameter demo GPT",
     PRETRAIN_TRAIN, _seeded(_pretrain_runs(PRETRAIN, PRETRAIN_LRS), (0, 1, 2)), PRETRAIN_CLAIMS, minutes=270,  # 9 min a run
 ))
-PRECISION = ["adamw", "adam-mini", "sgd-sai", "alpha-adam"]
 _add(TaskSpec(
     "precision", "compact optimizer state against full precision: AdamW, Adam-mini, SGD-SaI and AlphaAdam with int8 and "
     "bf16 state, Adam-mini with int4 momenta, beside their full-precision selves (and torchao's AdamW8bit where installed); "
     "pretrain's model, data and horizon, "
     "3 seeds (the full-precision runs are pretrain's own: run folders shared, trained once)",
     PRETRAIN_TRAIN,
-    _seeded(_pretrain_runs([v for n in PRECISION for v in (n, f"{n}-int8", f"{n}-bf16")] + ["adam-mini-int4"]
+    _seeded(_pretrain_runs([v for n in CORE for v in (n, f"{n}-int8", f"{n}-bf16")] + ["adam-mini-int4"]
                            + (["adamw-torchao8bit"] if importlib.util.find_spec("torchao") else []), PRETRAIN_LRS), (0, 1, 2)),
     ("state-precision",), minutes=380, runs_from="pretrain",  # 30 runs of its own and pretrain's 12, ~9 min each
 ))
@@ -353,7 +352,7 @@ _add(TaskSpec(
 # per sweep: the lrs its grid is centred on, and the table it chooses (its report sets both beside the winner)
 SWEEP_TABLES: dict[str, tuple[dict[str, float], dict[str, float]]] = {
     "sweep": (SWEEP_CENTER, LRS),
-    "sweep-quick": ({n: LRS[n] for n in QUICK}, {r.group_name: r.lr for r in PRESETS["quick"].runs}),
+    "sweep-quick": ({n: LRS[n] for n in CORE}, {r.group_name: r.lr for r in PRESETS["quick"].runs}),
     "sweep-pretrain": (LRS, PRETRAIN_LRS),
     "sweep-long": ({n: PRETRAIN_LRS[n] for n in LONG}, {n: LONG_LRS[n] for n in LONG}),
     "sweep-finetune": ({r.label: r.lr for r in _FINETUNE_DEFAULT.runs if r.accum > 1},
@@ -369,8 +368,7 @@ _add(TaskSpec(
     "2 seeds each (paired), their default (compiled) path",
     TrainConfig("python", GPU_MODEL, seq_len=512, micro_batch=16, micro_steps=400, eval_every=20, eval_batches=8,
                 bf16=True, device="cuda", checkpoint_every=200),
-    _seeded(_pretrain_runs(["adamw", "adam-mini", "sgd-sai", "alpha-adam"]), (0, 1)),
-    CORE_CLAIMS,
+    _seeded(_pretrain_runs(CORE), (0, 1)), CORE_CLAIMS,
 ))
 _add(_finetune_task("finetune-gpu", GPU_MODEL, base_micro=2000, micro=1600, batch=16, seq=512, device="cuda", bf16=True))
 
