@@ -631,8 +631,9 @@ def _horizon_table(summary: dict, groups: Groups, base: str = "adamw") -> list[s
             rel = f" ({100 * d.mean / g.mean(base, final):+.1f}%)" if d and math.isfinite(d.mean) else ""
             cells.append(d.text() + rel if d else "-")
         moved = stats.paired(gaps[1], gaps[0])
-        lrs = [" / ".join(f"{x:.3g}" for x in sorted({r.get("lr", math.nan) for r in g.by_group[name]})) for g in (short, groups)]
-        label = name if lrs[0] == lrs[1] or "nan" in lrs[0] + lrs[1] else f"{name} (lr {lrs[0]} → {lrs[1]})"
+        there, here = ({r.get("lr") for r in g.by_group[name]} for g in (short, groups))  # no "lr": a summary from before it
+        label = name if there == here or None in there | here else \
+            f"{name} (lr {' / '.join(f'{x:.3g}' for x in sorted(there))} → {' / '.join(f'{x:.3g}' for x in sorted(here))})"
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {moved.text() if moved else '-'} |")
     return lines
 
